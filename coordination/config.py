@@ -1,0 +1,262 @@
+"""Config: ``coordination/config/system.json`` and ``worker-types.json``.
+
+Each system key is declared once in :data:`SYSTEM_KEYS` with its default, type and a line of
+documentation; ``harness init`` writes the defaults with those lines under ``_comments``, and
+docs/coordination.md carries the same table. Loading validates every key and raises
+:class:`ConfigError` naming the file and the key. Keys starting with ``_`` are comments.
+Loaded files are cached per process and re-read when their inode, size or mtime changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, CorruptFileError
+from .paths import Home
+from .store import Durability, read_json
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    check: Check
+    expect: str
+    doc: str
+
+
+def _num(lo: float = 0, hi: float = float("inf")) -> Check:
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _int(lo: int = 0, hi: int = 2**62) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _choice(*options: str) -> Check:
+    return lambda v: v in options
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+SYSTEM_KEYS: tuple[Key, ...] = (
+    Key("durability", "fsync", _choice("fsync", "none"), '"fsync" or "none"',
+        "fsync: every published file and appended line is fsynced (crash-durable). none: "
+        "still atomic (publish by rename) but a power loss may lose recent writes."),
+    Key("lock_timeout_s", 30, _num(0.01), "number > 0",
+        "How long a command waits for a lock before failing with exit 75."),
+    Key("default_max_attempts", 3, _int(1, 1000), "integer 1..1000",
+        "max_attempts of a task that does not set its own."),
+    Key("retry_backoff_base_s", 2, _num(0), "number >= 0",
+        "Retry delay after attempt n is base * 2**(n-1), capped, with jitter."),
+    Key("retry_backoff_max_s", 300, _num(0), "number >= 0", "Cap of the retry delay."),
+    Key("retry_jitter", 0.25, _num(0, 1), "number 0..1",
+        "Retry delay is multiplied by a random factor in [1-j, 1+j]."),
+    Key("max_queue_depth", 1000, _int(1), "integer >= 1",
+        "Backpressure: `harness task add` exits 75 while more tasks than this are queued."),
+    Key("max_description_bytes", 65536, _int(1), "integer >= 1",
+        "Largest accepted task description (UTF-8 bytes)."),
+    Key("max_command_bytes", 131072, _int(1), "integer >= 1",
+        "Largest accepted command (sum of argv element bytes)."),
+    Key("max_depends_on", 100, _int(0), "integer >= 0", "Most dependencies one task may name."),
+    Key("heartbeat_interval_s", 5, _num(0.05), "number > 0",
+        "How often a busy worker refreshes heartbeat_at in its spec."),
+    Key("heartbeat_timeout_s", 60, _num(0.1), "number > 0",
+        "A worker whose heartbeat is older than this is presumed dead; its task is reclaimed."),
+    Key("worker_stall_timeout_s", 900, _num(0.1), "number > 0",
+        "A task whose worker reports no progress for this long is stopped and retried."),
+    Key("stop_grace_s", 30, _num(0), "number >= 0",
+        "On SIGTERM a worker lets its current task run this long before handing it back."),
+    Key("kill_grace_s", 5, _num(0), "number >= 0",
+        "After SIGTERM to a task's process group (timeout, cancel), SIGKILL follows this late."),
+    Key("task_log_max_bytes", 10 * 1024 * 1024, _int(1024), "integer >= 1024",
+        "Cap of logs/tasks/<task_id>.log; output beyond it is dropped and the cut is marked."),
+    Key("idle_exit_s", 0, _num(0), "number >= 0",
+        "A worker idle this long exits (exit_reason idle); 0 means never."),
+    Key("safety_recheck_s", 30, _num(0.1), "number > 0",
+        "Idle daemons re-check the queue this often even without an inotify wake-up."),
+    Key("env_allowlist", ["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME",
+                          "SHELL", "TERM", "TMPDIR"], _str_list, "list of strings",
+        "Environment variables a task inherits from its worker (worker types may add keys)."),
+    Key("min_workers", 1, _int(0), "integer >= 0", "Autoscaling floor."),
+    Key("max_workers", 4, _int(0), "integer >= 0", "Autoscaling ceiling."),
+    Key("max_concurrent_workers", 16, _int(1), "integer >= 1",
+        "Hard cap on running workers, whatever max_workers says."),
+    Key("scale_up_threshold", 2.0, _num(0), "number >= 0",
+        "Scale up while queued/workers is above this ratio."),
+    Key("scale_down_threshold", 0.5, _num(0), "number >= 0",
+        "Scale down while queued/workers is below this ratio."),
+    Key("scale_cooldown_s", 60, _num(0), "number >= 0", "Minimum time between scale operations."),
+    Key("warm_pool", 1, _int(0), "integer >= 0", "Idle workers kept ready above the demand."),
+    Key("actuator", "auto", _choice("auto", "systemd", "process"),
+        '"auto", "systemd" or "process"', "How the supervisor starts and stops workers."),
+)
+
+_SYSTEM_BY_NAME = {k.name: k for k in SYSTEM_KEYS}
+
+DEFAULT_WORKER_TYPES: dict[str, Any] = {
+    "_comments": {
+        "types": "Map of worker type name to its settings.",
+        "command_template": "argv list with {description} {task_id} {priority} {worker_type} "
+                            "{correlation_id} placeholders, substituted per element (no shell);"
+                            " null: tasks must carry their own command.",
+        "env_allowlist": "Extra environment keys passed to tasks of this type (e.g. API keys).",
+        "default_budget": "Token budget per task (from the result file's tokens_used); null: none.",
+        "timeout_s": "Default task timeout; null: none.",
+        "limits": "setrlimit caps: memory_mb (RLIMIT_AS), cpu_seconds, processes (RLIMIT_NPROC).",
+    },
+    "version": 1,
+    "types": {
+        "default": {
+            "description": "Runs the task's own argv.",
+            "command_template": None,
+            "env_allowlist": [],
+            "default_budget": None,
+            "timeout_s": None,
+            "limits": {"memory_mb": None, "cpu_seconds": None, "processes": None},
+        },
+        "shell": {
+            "description": "Runs the description as a bash script (explicit opt-in to a shell).",
+            "command_template": ["bash", "-c", "{description}"],
+            "env_allowlist": [],
+            "default_budget": None,
+            "timeout_s": 3600,
+            "limits": {"memory_mb": None, "cpu_seconds": None, "processes": None},
+        },
+    },
+}
+
+_TYPE_KEYS: dict[str, tuple[Check, str]] = {
+    "description": (lambda v: isinstance(v, str), "string"),
+    "command_template": (lambda v: v is None or (_str_list(v) and len(v) > 0),
+                         "null or non-empty list of strings"),
+    "env_allowlist": (_str_list, "list of strings"),
+    "default_budget": (lambda v: v is None or _int(0)(v), "null or integer >= 0"),
+    "timeout_s": (lambda v: v is None or _num(0.001)(v), "null or number > 0"),
+    "max_attempts": (lambda v: v is None or _int(1, 1000)(v), "null or integer 1..1000"),
+    "cwd": (lambda v: v is None or isinstance(v, str), "null or string"),
+    "limits": (lambda v: isinstance(v, dict), "object"),
+}
+_LIMIT_KEYS = ("memory_mb", "cpu_seconds", "processes")
+
+
+def default_system() -> dict[str, Any]:
+    doc = {k.name: k.doc for k in SYSTEM_KEYS}
+    return {"_comments": doc, "version": 1, **{k.name: k.default for k in SYSTEM_KEYS}}
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """Validated system.json values (every key present, defaults filled in)."""
+
+    values: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def durability(self) -> Durability:
+        return self.values["durability"]  # type: ignore[no-any-return]
+
+    @property
+    def lock_timeout(self) -> float:
+        return float(self.values["lock_timeout_s"])
+
+
+def validate_system(path: Path, raw: Any) -> SystemConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    values: dict[str, Any] = {k.name: k.default for k in SYSTEM_KEYS}
+    for name, value in raw.items():
+        if name.startswith("_") or name == "version":
+            continue
+        key = _SYSTEM_BY_NAME.get(name)
+        if key is None:
+            raise ConfigError(f"{path}: unknown key {name!r} (known keys: docs/coordination.md)")
+        if not key.check(value):
+            raise ConfigError(f"{path}: key {name!r} must be {key.expect}, got {value!r}")
+        values[name] = value
+    if values["min_workers"] > values["max_workers"]:
+        raise ConfigError(f"{path}: key 'min_workers' ({values['min_workers']}) exceeds "
+                          f"'max_workers' ({values['max_workers']})")
+    return SystemConfig(values)
+
+
+def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("types"), dict):
+        raise ConfigError(f"{path}: must be an object with a 'types' object")
+    types: dict[str, dict[str, Any]] = {}
+    for name, spec in raw["types"].items():
+        where = f"{path}: types.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be an object")
+        clean: dict[str, Any] = {"description": "", "command_template": None,
+                                 "env_allowlist": [], "default_budget": None,
+                                 "timeout_s": None, "max_attempts": None, "cwd": None,
+                                 "limits": {}}
+        for key, value in spec.items():
+            if key.startswith("_"):
+                continue
+            rule = _TYPE_KEYS.get(key)
+            if rule is None:
+                raise ConfigError(f"{where}: unknown key {key!r}")
+            if not rule[0](value):
+                raise ConfigError(f"{where}.{key} must be {rule[1]}, got {value!r}")
+            clean[key] = value
+        for lk, lv in clean["limits"].items():
+            if lk not in _LIMIT_KEYS:
+                raise ConfigError(f"{where}.limits: unknown key {lk!r} (known: {_LIMIT_KEYS})")
+            if lv is not None and not _int(1)(lv):
+                raise ConfigError(f"{where}.limits.{lk} must be null or integer >= 1")
+        types[name] = clean
+    return types
+
+
+_cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
+
+
+def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_default: Any) -> Any:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return validate(path, missing_default)
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _cache.get(str(path))
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    try:
+        raw = read_json(path)
+    except CorruptFileError as exc:
+        raise ConfigError(str(exc)) from None
+    value = validate(path, raw)
+    _cache[str(path)] = (sig, value)
+    return value
+
+
+def load_system(home: Home) -> SystemConfig:
+    """The validated system config (defaults when the file is absent)."""
+    return _load_cached(home.system_config, validate_system, {})  # type: ignore[no-any-return]
+
+
+def load_worker_types(home: Home) -> dict[str, dict[str, Any]]:
+    """Validated worker types by name (the built-in defaults when the file is absent)."""
+    return _load_cached(  # type: ignore[no-any-return]
+        home.worker_types_config, validate_worker_types, DEFAULT_WORKER_TYPES)
+
+
+def config_reference_markdown() -> str:
+    """The system.json key table, as embedded in docs/coordination.md."""
+    rows = ["| key | default | type | meaning |", "| --- | --- | --- | --- |"]
+    for k in SYSTEM_KEYS:
+        default = str(k.default).replace("'", '"') if not isinstance(k.default, str) \
+            else f'"{k.default}"'
+        rows.append(f"| `{k.name}` | `{default}` | {k.expect} | {k.doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,81 @@
+"""Dashboard events: one envelope for every line of ``coordination/dashboard-events.jsonl``.
+
+Envelope (every key always present, in this order): ``event_id``, ``timestamp``, ``type``,
+``severity``, ``source``, ``message``, ``task_id``, ``worker_id``, ``correlation_id``,
+``data`` (an object, ``{}`` when empty). scripts/emit-event.sh writes the same envelope.
+Lines are appended whole under ``locks/events.lock`` (see :func:`store.append_line`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+from . import clock
+from .config import load_system
+from .errors import UsageError
+from .locks import lock_for
+from .paths import Home
+from .store import append_line, dumps
+
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
+EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+MAX_MESSAGE_BYTES = 16384
+MAX_DATA_BYTES = 65536
+ENVELOPE_FIELDS = ("event_id", "timestamp", "type", "severity", "source", "message",
+                   "task_id", "worker_id", "correlation_id", "data")
+
+
+def default_source() -> str:
+    return f"harness[{os.getpid()}]@{socket.gethostname()}"
+
+
+def make_event(event_type: str, *, severity: str = "info", source: str | None = None,
+               message: str = "", task_id: str | None = None, worker_id: str | None = None,
+               correlation_id: str | None = None, data: dict[str, Any] | None = None,
+               now: float | None = None) -> dict[str, Any]:
+    """Build a validated event envelope; raises :class:`UsageError` naming the bad field."""
+    if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
+        raise UsageError(f"event type {event_type!r} must match {EVENT_TYPE_RE.pattern}")
+    if severity not in SEVERITIES:
+        raise UsageError(f"unknown severity {severity!r}; use one of {', '.join(SEVERITIES)}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError("event data must be a JSON object")
+    if len(message.encode()) > MAX_MESSAGE_BYTES:
+        raise UsageError(f"event message is over {MAX_MESSAGE_BYTES} bytes")
+    if len(dumps(data)) > MAX_DATA_BYTES:
+        raise UsageError(f"event data is over {MAX_DATA_BYTES} bytes of JSON")
+    ts = clock.now() if now is None else now
+    return {
+        "event_id": clock.new_event_id(ts), "timestamp": clock.iso(ts), "type": event_type,
+        "severity": severity, "source": source or default_source(), "message": message,
+        "task_id": task_id, "worker_id": worker_id, "correlation_id": correlation_id,
+        "data": data,
+    }
+
+
+def append_events(home: Home, events: list[dict[str, Any]]) -> None:
+    """Append built events, each as one whole line, under the events lock."""
+    if not events:
+        return
+    cfg = load_system(home)
+    with lock_for(home.lock_path("events")).held_for(cfg.lock_timeout):
+        for event in events:
+            append_line(home.events_file, event, "none")
+        if cfg.durability == "fsync" and home.events_file.exists():
+            fd = os.open(home.events_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+
+def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:
+    """Build, append and return one event (see :func:`make_event` for the fields)."""
+    event = make_event(event_type, **fields)
+    append_events(home, [event])
+    return event

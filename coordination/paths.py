@@ -1,0 +1,171 @@
+"""Where every file of a harness home lives (docs/coordination.md, "Layout").
+
+A :class:`Home` only computes paths; it creates directories only in :meth:`Home.create`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NotInitialized
+
+#: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
+LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor")
+
+
+def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The home directory: ``explicit`` (``--home``), else ``$HARNESS_HOME``, else systemd's
+    ``$STATE_DIRECTORY`` (its first entry), else ``$XDG_STATE_HOME/harness`` (default
+    ``~/.local/state/harness``). The path is made absolute but not created."""
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    env = os.environ.get("HARNESS_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    state_dir = os.environ.get("STATE_DIRECTORY")
+    if state_dir:
+        return Path(state_dir.split(":")[0]).absolute()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser().absolute() / "harness"
+
+
+@dataclass(frozen=True)
+class Home:
+    """The paths of one harness home. Cheap to build; touches no file."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, explicit: str | os.PathLike[str] | None = None) -> Home:
+        return cls(resolve_home(explicit))
+
+    # -- coordination/ -------------------------------------------------------------------
+    @property
+    def coordination(self) -> Path:
+        return self.root / "coordination"
+
+    @property
+    def queue_file(self) -> Path:
+        return self.coordination / "task-queue.json"
+
+    @property
+    def queue_prev_file(self) -> Path:
+        """The previous revision of the queue, kept as a hard link for ``doctor --repair``."""
+        return self.coordination / "task-queue.prev.json"
+
+    @property
+    def inbox(self) -> Path:
+        return self.coordination / "inbox"
+
+    @property
+    def inbox_rejected(self) -> Path:
+        return self.inbox / "rejected"
+
+    @property
+    def inbox_ingested(self) -> Path:
+        """Requests drained by the latest queue revision, kept until the next one so that
+        ``doctor --repair`` can rebuild it from ``task-queue.prev.json``."""
+        return self.inbox / ".ingested"
+
+    @property
+    def history_file(self) -> Path:
+        return self.coordination / "task-history.jsonl"
+
+    @property
+    def dead_letters(self) -> Path:
+        return self.coordination / "dead-letters"
+
+    @property
+    def specs_active(self) -> Path:
+        return self.coordination / "worker-specs" / "active"
+
+    @property
+    def specs_completed(self) -> Path:
+        return self.coordination / "worker-specs" / "completed"
+
+    @property
+    def events_file(self) -> Path:
+        return self.coordination / "dashboard-events.jsonl"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.coordination / "metrics-snapshots.jsonl"
+
+    @property
+    def control_file(self) -> Path:
+        return self.coordination / "control.json"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.coordination / "config"
+
+    @property
+    def system_config(self) -> Path:
+        return self.config_dir / "system.json"
+
+    @property
+    def worker_types_config(self) -> Path:
+        return self.config_dir / "worker-types.json"
+
+    @property
+    def locks(self) -> Path:
+        return self.coordination / "locks"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.coordination / "quarantine"
+
+    def lock_path(self, name: str) -> Path:
+        if name not in LOCK_NAMES:
+            raise ValueError(f"unknown lock {name!r}; known: {', '.join(LOCK_NAMES)}")
+        return self.locks / f"{name}.lock"
+
+    # -- logs/ and results/ --------------------------------------------------------------
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def task_logs(self) -> Path:
+        return self.logs / "tasks"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def task_log(self, task_id: str) -> Path:
+        return self.task_logs / f"{task_id}.log"
+
+    def result_dir(self, task_id: str) -> Path:
+        return self.results / task_id
+
+    def dead_letter(self, task_id: str) -> Path:
+        return self.dead_letters / f"{task_id}.json"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def directories(self) -> tuple[Path, ...]:
+        return (
+            self.coordination, self.inbox, self.inbox_rejected, self.inbox_ingested,
+            self.dead_letters,
+            self.specs_active, self.specs_completed, self.config_dir, self.locks,
+            self.quarantine, self.logs, self.task_logs, self.results,
+        )
+
+    def create(self) -> None:
+        """Create every directory and lock file (idempotent; never truncates a lock file)."""
+        for d in self.directories():
+            d.mkdir(parents=True, exist_ok=True)
+        for name in LOCK_NAMES:
+            fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT, 0o664)
+            os.close(fd)
+
+    def require(self) -> Home:
+        """Return self if initialised, else raise :class:`NotInitialized` naming the path."""
+        if not self.system_config.is_file():
+            raise NotInitialized(
+                f"{self.root} is not an initialised harness home "
+                f"(missing {self.system_config}); run `harness init --home {self.root}`"
+            )
+        return self

@@ -1,0 +1,848 @@
+"""The task queue: the one API the daemons and the CLI use (docs/coordination.md, "Queue").
+
+Files
+- ``task-queue.json``: live tasks only (queued, running), republished by rename under
+  ``locks/queue.lock`` after every change; the previous revision stays as
+  ``task-queue.prev.json`` (a hard link) for ``harness doctor --repair``.
+- ``inbox/<task_id>.json``: task requests from producers, published by rename with no lock.
+  Whoever next holds the queue lock drains the whole inbox in the same commit (group
+  commit), then unlinks the drained files. Unparseable or invalid requests move to
+  ``inbox/rejected/`` with a ``.reason`` file.
+- ``task-history.jsonl``: one record per finished attempt (``final`` false) and per terminal
+  task (``final`` true), appended under ``locks/history.lock``.
+- ``dead-letters/<task_id>.json``: tasks that failed after ``max_attempts``, one per file
+  (requeue and purge are O(1)); written only under the queue lock.
+
+Ordering (commit first, then side effects): history and dead letters are written before the
+queue stops listing a task, so a crash never loses one (at-least-once: a task may show in
+both for an instant; ``doctor`` reports and repairs that). Inbox files are unlinked only
+after the queue holding their tasks is durable. Events are appended after the lock is
+released.
+
+Each public method of :class:`TaskQueue` states its guarantee; tests/test_queue_contract.py
+runs the same suite against any backend that implements :class:`QueueBackend`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import clock
+from .config import load_system, load_worker_types
+from .control import paused_types, read_control
+from .errors import (
+    Backpressure,
+    CorruptFileError,
+    InvalidTransition,
+    NotFound,
+    UsageError,
+)
+from .events import append_events, make_event
+from .locks import lock_for
+from .paths import Home
+from .store import (
+    append_line,
+    dumps,
+    iter_jsonl,
+    parse_json,
+    read_json,
+    replace_bytes,
+    replace_json,
+)
+from .tasks import (
+    PRIORITIES,
+    PRIORITY_RANK,
+    REQUEST_FIELDS,
+    check_priority,
+    check_stored_task,
+    check_task_id,
+    new_task,
+)
+
+QUEUE_FORMAT_VERSION = 1
+SOURCE = "queue"
+
+
+@dataclass
+class EnqueueResult:
+    """What became of one enqueued request."""
+
+    task: dict[str, Any]
+    created: bool  # False: deduplicated onto an existing live task (``task`` is that one)
+
+
+@dataclass
+class _Loaded:
+    """The parsed queue file and the per-task JSON we publish (cache for unchanged tasks)."""
+
+    sig: tuple[int, int, int] | None
+    revision: int
+    tasks: dict[str, dict[str, Any]]
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Txn:
+    """One locked section: the tasks plus what to write and emit when it commits."""
+
+    state: _Loaded
+    now: float
+    changed: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    drop_dead_letters: list[str] = field(default_factory=list)
+    inbox_done: list[Path] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dedup: dict[str, str] = field(default_factory=dict)  # new task_id -> existing task_id
+
+    def touch(self, task: dict[str, Any]) -> None:
+        task["updated_at"] = clock.iso(self.now)
+        self.state.blobs.pop(task["task_id"], None)
+        self.changed = True
+
+    def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
+              severity: str = "info", **data: Any) -> None:
+        self.events.append(make_event(
+            event_type, severity=severity, source=SOURCE, message=message,
+            task_id=task["task_id"] if task else None,
+            worker_id=task.get("worker_id") if task else None,
+            correlation_id=task.get("correlation_id") if task else None,
+            data=data, now=self.now))
+
+
+class QueueBackend(Protocol):
+    """The queue contract. Every method is atomic with respect to every other caller."""
+
+    def enqueue(self, request: dict[str, Any], *, force: bool = False,
+                now: float | None = None) -> EnqueueResult: ...
+    def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
+                      now: float | None = None) -> list[EnqueueResult]: ...
+    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
+              now: float | None = None) -> dict[str, Any] | None: ...
+    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                 result: dict[str, Any] | None = None,
+                 now: float | None = None) -> dict[str, Any]: ...
+    def fail(self, task_id: str, worker_id: str | None, *, error: str,
+             exit_code: int | None = None, retry: bool = True,
+             result: dict[str, Any] | None = None,
+             now: float | None = None) -> dict[str, Any]: ...
+    def release(self, task_id: str, worker_id: str, *, reason: str,
+                now: float | None = None) -> dict[str, Any]: ...
+    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
+               now: float | None = None) -> dict[str, Any]: ...
+    def reprioritize(self, task_id: str, priority: str, *,
+                     now: float | None = None) -> dict[str, Any]: ...
+    def requeue_dead(self, task_id: str, *, now: float | None = None) -> dict[str, Any]: ...
+    def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]: ...
+    def get(self, task_id: str) -> dict[str, Any] | None: ...
+    def live_tasks(self) -> list[dict[str, Any]]: ...
+    def dead_letters(self) -> list[dict[str, Any]]: ...
+
+
+class TaskQueue:
+    """The file backend of :class:`QueueBackend` over one harness home.
+
+    One instance per process and home is enough (it caches the parsed queue and re-reads
+    it only when the file's inode, size or mtime changed, e.g. after another process or an
+    operator holding ``flock`` replaced it).
+    """
+
+    def __init__(self, home: Home) -> None:
+        self.home = home.require()
+        self._loaded: _Loaded | None = None
+        self._lock = lock_for(home.lock_path("queue"))
+
+    # ------------------------------------------------------------------ loading / saving
+    def _sig(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.home.queue_file)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> _Loaded:
+        """The current queue; raises CorruptFileError (naming file and position) if bad."""
+        sig = self._sig()
+        if self._loaded is not None and self._loaded.sig == sig:
+            return self._loaded
+        if sig is None:
+            self._loaded = _Loaded(None, 0, {})
+            return self._loaded
+        path = self.home.queue_file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self._loaded = _Loaded(None, 0, {})
+            return self._loaded
+        raw = parse_json(path, data)
+        if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
+            raise CorruptFileError(path, "top level must be an object with a 'tasks' list")
+        tasks: dict[str, dict[str, Any]] = {}
+        for index, task in enumerate(raw["tasks"]):
+            problems = check_stored_task(task, f"tasks[{index}]")
+            if problems:
+                raise CorruptFileError(path, "; ".join(problems))
+            if task["task_id"] in tasks:
+                raise CorruptFileError(path, f"tasks[{index}]: duplicate task_id "
+                                             f"{task['task_id']}")
+            tasks[task["task_id"]] = task
+        revision = raw.get("revision", 0)
+        self._loaded = _Loaded(sig, revision if isinstance(revision, int) else 0, tasks)
+        return self._loaded
+
+    def _publish(self, state: _Loaded, now: float, durability: str) -> None:
+        blobs = state.blobs
+        parts = []
+        for task_id, task in state.tasks.items():
+            blob = blobs.get(task_id)
+            if blob is None:
+                blob = blobs[task_id] = dumps(task)
+            parts.append(blob)
+        for stale in set(blobs) - set(state.tasks):
+            del blobs[stale]
+        state.revision += 1
+        head = dumps({"version": QUEUE_FORMAT_VERSION, "revision": state.revision,
+                      "updated_at": clock.iso(now)})
+        data = head[:-1] + b',"tasks":[\n' + b",\n".join(parts) + b"\n]}\n"
+        queue, prev = self.home.queue_file, self.home.queue_prev_file
+        if state.sig is not None:
+            # Keep the revision we are replacing for doctor --repair (hard link: no copy).
+            tmp_prev = prev.with_name(f".{prev.name}.tmp-{os.getpid()}")
+            try:
+                os.link(queue, tmp_prev)
+                os.replace(tmp_prev, prev)
+            except OSError:
+                try:
+                    os.unlink(tmp_prev)
+                except FileNotFoundError:
+                    pass
+        replace_bytes(queue, data, "fsync" if durability == "fsync" else "none")
+        state.sig = self._sig()
+
+    def _transaction(self, now: float | None, body: Any, *, drain: bool = True) -> Any:
+        """Run ``body(txn)`` under the queue lock, commit, then emit events.
+
+        Commit order: history lines, dead-letter files, the queue file, then inbox unlinks;
+        events only after all of it. Any exception leaves every file as it was (the cache is
+        dropped so the next call re-reads the disk).
+        """
+        cfg = load_system(self.home)
+        ts = clock.now() if now is None else now
+        with self._lock.held_for(cfg.lock_timeout):
+            try:
+                txn = _Txn(self._load(), ts)
+                if drain:
+                    self._drain_inbox(txn)
+                out = body(txn)
+                self._commit(txn, cfg.durability)
+            except BaseException:
+                self._loaded = None
+                raise
+        self._after_commit(txn)
+        return out
+
+    def _commit(self, txn: _Txn, durability: str) -> None:
+        dur = "fsync" if durability == "fsync" else "none"
+        if txn.history:
+            with lock_for(self.home.lock_path("history")).held_for(
+                    load_system(self.home).lock_timeout):
+                for record in txn.history:
+                    append_line(self.home.history_file, record, dur)
+        for task in txn.dead_letters:
+            replace_json(self.home.dead_letter(task["task_id"]), task, dur, pretty=True)
+        if txn.changed:
+            self._publish(txn.state, txn.now, durability)
+            self._rotate_ingested()
+        for task_id in txn.drop_dead_letters:
+            try:
+                os.unlink(self.home.dead_letter(task_id))
+            except FileNotFoundError:
+                pass
+        keep = self.home.inbox_ingested if txn.changed else None
+        for path in txn.inbox_done:
+            try:
+                if keep is not None:
+                    os.replace(path, keep / path.name)
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _rotate_ingested(self) -> None:
+        """Forget the requests of the revision that just became ``task-queue.prev.json``:
+        it contains them, so a repair no longer needs them."""
+        try:
+            names = os.listdir(self.home.inbox_ingested)
+        except FileNotFoundError:
+            self.home.inbox_ingested.mkdir(parents=True, exist_ok=True)
+            return
+        for name in names:
+            try:
+                os.unlink(self.home.inbox_ingested / name)
+            except FileNotFoundError:
+                pass
+
+    def _after_commit(self, txn: _Txn) -> None:
+        if txn.events:
+            append_events(self.home, txn.events)
+
+    # ------------------------------------------------------------------ inbox
+    def submit(self, request: dict[str, Any], *, now: float | None = None,
+               durable: bool = False) -> str:
+        """Validate ``request`` and publish it in the inbox without taking the queue lock.
+
+        Returns the task id. The task becomes visible in task-queue.json at the next queue
+        operation by any process. ``durable`` fsyncs the inbox file (needed when nothing
+        else will acknowledge the task, as in create-task.sh's contract).
+        """
+        ts = clock.now() if now is None else now
+        cfg = load_system(self.home)
+        task = new_task(dict(request), worker_types=load_worker_types(self.home),
+                        limits=cfg.values, now=ts, where="request")
+        stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
+        path = self.home.inbox / f"{task['task_id']}.json"
+        if path.exists():
+            raise UsageError(f"task id {task['task_id']} is already pending in the inbox")
+        replace_bytes(path, dumps(stored) + b"\n", "fsync" if durable else "none")
+        return str(task["task_id"])
+
+    def _drain_inbox(self, txn: _Txn) -> None:
+        try:
+            names = sorted(e.name for e in os.scandir(self.home.inbox)
+                           if e.name.endswith(".json") and not e.name.startswith(".")
+                           and e.is_file())
+        except FileNotFoundError:
+            return
+        if not names:
+            return
+        cfg = load_system(self.home)
+        types = load_worker_types(self.home)
+        tasks = txn.state.tasks
+        accepted: list[dict[str, Any]] = []
+        for name in names:
+            path = self.home.inbox / name
+            where = f"{path}"
+            stem = name[:-5]
+            if stem in tasks:
+                txn.inbox_done.append(path)  # committed before a crash; unlink is pending
+                continue
+            try:
+                request = read_json(path)
+                if isinstance(request, dict) and "task_id" not in request:
+                    request["task_id"] = stem
+                task = new_task(request, worker_types=types, limits=cfg.values, now=txn.now,
+                                where=where)
+                if task["task_id"] != stem:
+                    raise UsageError(f"{where}: task_id {task['task_id']!r} differs from the "
+                                     "file name")
+            except FileNotFoundError:
+                continue
+            except (CorruptFileError, UsageError) as exc:
+                self._reject(txn, path, str(exc))
+                continue
+            accepted.append(task)
+        self._admit(txn, accepted)
+
+    def _reject(self, txn: _Txn, path: Path, reason: str) -> None:
+        target = self.home.inbox_rejected / path.name
+        try:
+            replace_bytes(target.with_suffix(".reason"), reason.encode() + b"\n", "none")
+            os.replace(path, target)
+        except FileNotFoundError:
+            return
+        txn.event("inbox_rejected", reason, severity="warning", file=str(target))
+
+    def _admit(self, txn: _Txn, batch: list[dict[str, Any]]) -> None:
+        """Add validated new tasks: dedup, dependency and cycle checks, then queue them."""
+        tasks = txn.state.tasks
+        by_dedup = {t["dedup_key"]: t["task_id"] for t in tasks.values() if t.get("dedup_key")}
+        group_ids = {t["task_id"] for t in batch}
+        unknown_deps = {d for t in batch for d in t["depends_on"]
+                        if d not in tasks and d not in group_ids}
+        completed = self._completed_ids(unknown_deps) if unknown_deps else set()
+        inbox = self.home.inbox
+        for task in batch:
+            path = inbox / f"{task['task_id']}.json"
+            key = task.get("dedup_key")
+            if key and key in by_dedup:
+                existing = tasks[by_dedup[key]]
+                txn.dedup[task["task_id"]] = existing["task_id"]
+                txn.inbox_done.append(path)
+                txn.event("task_deduplicated", f"dedup_key {key} is held by "
+                          f"{existing['task_id']}", existing, duplicate_task_id=task["task_id"])
+                continue
+            missing = [d for d in task["depends_on"]
+                       if d not in tasks and d not in group_ids and d not in completed]
+            if missing:
+                self._reject(txn, path, f"{path}: depends_on names unknown or unfinished-"
+                             f"but-not-completed task(s): {', '.join(missing)}")
+                group_ids.discard(task["task_id"])
+                continue
+            tasks[task["task_id"]] = task
+            if key:
+                by_dedup[key] = task["task_id"]
+            txn.touch(task)
+            txn.inbox_done.append(path)
+            txn.event("task_enqueued", f"{task['priority']} task queued", task,
+                      priority=task["priority"], worker_type=task["worker_type"])
+        # Only a new task can close a cycle: older ones were checked when they arrived.
+        cycle = self._find_cycle(tasks) if any(t["depends_on"] for t in batch) else []
+        if cycle:
+            for task_id in cycle:
+                task = tasks.get(task_id)
+                if task is not None and task["task_id"] in group_ids:
+                    del tasks[task_id]
+                    path = inbox / f"{task_id}.json"
+                    txn.inbox_done.remove(path)
+                    txn.events = [e for e in txn.events if e["task_id"] != task_id]
+                    self._reject(txn, path, f"{path}: depends_on forms a cycle: "
+                                 f"{' -> '.join(cycle)}")
+
+    @staticmethod
+    def _find_cycle(tasks: dict[str, dict[str, Any]]) -> list[str]:
+        """A dependency cycle among live tasks, as a list of ids ([] when acyclic)."""
+        state: dict[str, int] = {}
+        for root in tasks:
+            if state.get(root):
+                continue
+            stack: list[tuple[str, Iterable[str]]] = [(root, iter(tasks[root]["depends_on"]))]
+            path = [root]
+            state[root] = 1
+            while stack:
+                node, deps = stack[-1]
+                for dep in deps:
+                    if dep not in tasks:
+                        continue
+                    if state.get(dep) == 1:
+                        return [*path[path.index(dep):], dep]
+                    if not state.get(dep):
+                        state[dep] = 1
+                        path.append(dep)
+                        stack.append((dep, iter(tasks[dep]["depends_on"])))
+                        break
+                else:
+                    state[node] = 2
+                    stack.pop()
+                    path.pop()
+        return []
+
+    def _completed_ids(self, wanted: set[str]) -> set[str]:
+        """Which of ``wanted`` have a final ``completed`` record in history (streams)."""
+        found: set[str] = set()
+        for _, record in iter_jsonl(self.home.history_file):
+            if record and record.get("final") and record.get("task_id") in wanted \
+                    and record.get("status") == "completed":
+                found.add(record["task_id"])
+        return found
+
+    # ------------------------------------------------------------------ producers
+    def enqueue(self, request: dict[str, Any], *, force: bool = False,
+                now: float | None = None) -> EnqueueResult:
+        """Add one task and return once it is durable and visible in task-queue.json.
+
+        Raises UsageError on bad input (nothing is queued), Backpressure (exit 75) when
+        more than ``max_queue_depth`` tasks are queued and ``force`` is False. With a
+        ``dedup_key`` held by a live task, returns that task with ``created`` False.
+        """
+        return self.enqueue_batch([request], force=force, now=now)[0]
+
+    def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
+                      now: float | None = None) -> list[EnqueueResult]:
+        """Add many tasks in one commit; all requests are validated before any is queued."""
+        ts = clock.now() if now is None else now
+        cfg = load_system(self.home)
+        if not force:
+            self._check_backpressure(cfg.values["max_queue_depth"], len(requests))
+        types = load_worker_types(self.home)
+        validated = []
+        seen: set[str] = set()
+        for index, request in enumerate(requests):
+            where = "request" if len(requests) == 1 else f"request[{index}]"
+            task = new_task(dict(request), worker_types=types, limits=cfg.values, now=ts,
+                            where=where)
+            if task["task_id"] in seen:
+                raise UsageError(f"{where}: duplicate task_id {task['task_id']} in the batch")
+            seen.add(task["task_id"])
+            validated.append(task)
+        ids = []
+        for task in validated:
+            stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
+            path = self.home.inbox / f"{task['task_id']}.json"
+            if os.path.exists(path):
+                raise UsageError(f"task id {task['task_id']} is already pending in the inbox")
+            # Not fsynced: the caller is acknowledged only after the queue commit below.
+            replace_bytes(path, dumps(stored) + b"\n", "none")
+            ids.append(task["task_id"])
+
+        def body(txn: _Txn) -> list[EnqueueResult]:
+            return [self._resolve(txn, task_id) for task_id in ids]
+
+        results: list[EnqueueResult] = self._transaction(ts, body)
+        return results
+
+    def _resolve(self, txn: _Txn, task_id: str) -> EnqueueResult:
+        tasks = txn.state.tasks
+        if task_id in tasks:
+            return EnqueueResult(dict(tasks[task_id]), True)
+        existing = txn.dedup.get(task_id)
+        if existing is None:
+            reason_file = self.home.inbox_rejected / f"{task_id}.reason"
+            if reason_file.exists():
+                raise UsageError(reason_file.read_text().strip())
+            # Drained by another holder: it was deduplicated, or it already finished.
+            found = self.get(task_id)
+            if found is not None:
+                return EnqueueResult(found, True)
+            raise NotFound(f"task {task_id} vanished from the inbox without trace")
+        return EnqueueResult(dict(tasks[existing]), False)
+
+    def _check_backpressure(self, limit: int, adding: int) -> None:
+        queued = sum(1 for t in self._load_unlocked().values() if t["status"] == "queued")
+        if queued + adding > limit:
+            raise Backpressure(
+                f"backpressure: {queued} tasks queued, max_queue_depth is {limit}; retry later"
+                " or pass --force")
+
+    def _load_unlocked(self) -> dict[str, dict[str, Any]]:
+        """A consistent snapshot read without the lock (publish by rename guarantees it)."""
+        return self._load().tasks
+
+    def ingest(self, *, now: float | None = None) -> int:
+        """Drain the inbox into the queue; returns how many tasks were added."""
+        def body(txn: _Txn) -> int:
+            return sum(1 for e in txn.events if e["type"] == "task_enqueued")
+        count: int = self._transaction(now, body)
+        return count
+
+    # ------------------------------------------------------------------ workers
+    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
+              now: float | None = None) -> dict[str, Any] | None:
+        """Atomically take the best runnable task for ``worker_id``; None when none is.
+
+        Best: highest priority, then oldest ``created_at``, then task_id. Runnable: queued,
+        ``not_before`` passed, every ``depends_on`` finished, its type among ``types`` (when
+        given) and not paused. The task becomes ``running`` with ``attempts`` + 1.
+        """
+        wanted = set(types) if types is not None else None
+        ts = clock.now() if now is None else now
+        paused = paused_types(read_control(self.home), ts)
+
+        def body(txn: _Txn) -> dict[str, Any] | None:
+            tasks = txn.state.tasks
+            best: dict[str, Any] | None = None
+            best_key: tuple[int, str, str] | None = None
+            now_iso = clock.iso(txn.now)
+            for task in tasks.values():
+                if task["status"] != "queued":
+                    continue
+                wtype = task.get("worker_type") or "default"
+                if (wanted is not None and wtype not in wanted) or wtype in paused:
+                    continue
+                nb = task.get("not_before")
+                if nb is not None and nb > now_iso:
+                    continue
+                if any(dep in tasks for dep in task.get("depends_on") or ()):
+                    continue
+                key = (PRIORITY_RANK[task["priority"]], task["created_at"] or "",
+                       task["task_id"])
+                if best_key is None or key < best_key:
+                    best, best_key = task, key
+            if best is None:
+                return None
+            best.update(status="running", worker_id=worker_id, started_at=now_iso,
+                        completed_at=None, attempts=best["attempts"] + 1, exit_code=None)
+            txn.touch(best)
+            txn.event("task_claimed", f"attempt {best['attempts']}/{best['max_attempts']}",
+                      best, attempt=best["attempts"])
+            return dict(best)
+
+        claimed: dict[str, Any] | None = self._transaction(ts, body)
+        return claimed
+
+    def _running(self, txn: _Txn, task_id: str, worker_id: str | None) -> dict[str, Any]:
+        task = txn.state.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} is not live (see `harness task show {task_id}`)")
+        if task["status"] != "running":
+            raise InvalidTransition(f"task {task_id} is {task['status']}, not running")
+        if worker_id is not None and task.get("worker_id") != worker_id:
+            raise InvalidTransition(f"task {task_id} is held by {task.get('worker_id')}, "
+                                    f"not {worker_id}")
+        return task
+
+    def _history_record(self, txn: _Txn, task: dict[str, Any], *, final: bool, outcome: str,
+                        result: dict[str, Any] | None = None) -> None:
+        record = dict(task)
+        record.update(final=final, outcome=outcome, recorded_at=clock.iso(txn.now),
+                      result=result)
+        txn.history.append(record)
+
+    def _finish(self, txn: _Txn, task: dict[str, Any], status: str, outcome: str,
+                result: dict[str, Any] | None = None) -> None:
+        """Move a task out of the live queue into history (and dead letters if failed),
+        cancelling live tasks that depend on it unless it completed."""
+        task.update(status=status, completed_at=clock.iso(txn.now),
+                    updated_at=clock.iso(txn.now))
+        self._history_record(txn, task, final=True, outcome=outcome, result=result)
+        if status == "failed":
+            txn.dead_letters.append(dict(task))
+        del txn.state.tasks[task["task_id"]]
+        txn.changed = True
+        if status != "completed":
+            for other in list(txn.state.tasks.values()):
+                if task["task_id"] in (other.get("depends_on") or ()) \
+                        and other["status"] == "queued":
+                    other["last_error"] = f"dependency {task['task_id']} ended {status}"
+                    self._finish(txn, other, "cancelled", "dependency_failed")
+                    txn.event("task_cancelled", other["last_error"], other, severity="warning")
+
+    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                 result: dict[str, Any] | None = None,
+                 now: float | None = None) -> dict[str, Any]:
+        """Mark a running task completed: it leaves the queue for a final history record.
+
+        Raises NotFound / InvalidTransition when the task is not running under
+        ``worker_id`` (e.g. it was reclaimed meanwhile); nothing changes then.
+        """
+        def body(txn: _Txn) -> dict[str, Any]:
+            task = self._running(txn, task_id, worker_id)
+            task.update(exit_code=exit_code, last_error=None)
+            self._finish(txn, task, "completed", "completed", result)
+            txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
+                      exit_code=exit_code)
+            return dict(task)
+        done: dict[str, Any] = self._transaction(now, body)
+        return done
+
+    def backoff(self, attempts: int, cfg_values: dict[str, Any]) -> float:
+        """Retry delay after ``attempts`` attempts: exponential, capped, with jitter."""
+        base = float(cfg_values["retry_backoff_base_s"])
+        delay = min(base * (2 ** max(attempts - 1, 0)), float(cfg_values["retry_backoff_max_s"]))
+        jitter = float(cfg_values["retry_jitter"])
+        return delay * random.uniform(1 - jitter, 1 + jitter)
+
+    def fail(self, task_id: str, worker_id: str | None, *, error: str,
+             exit_code: int | None = None, retry: bool = True,
+             result: dict[str, Any] | None = None, outcome: str = "failed",
+             now: float | None = None) -> dict[str, Any]:
+        """Record a failed attempt of a running task.
+
+        With attempts left and ``retry``, the task is queued again with ``not_before`` set
+        by :meth:`backoff` (history gets a non-final record). Otherwise it becomes
+        ``failed``: a final history record and a dead letter. ``worker_id`` None skips the
+        owner check (used by reclaim). Returns the task as it now is.
+        """
+        cfg = load_system(self.home).values
+
+        def body(txn: _Txn) -> dict[str, Any]:
+            task = self._running(txn, task_id, worker_id)
+            task.update(exit_code=exit_code, last_error=error[:4096])
+            if retry and task["attempts"] < task["max_attempts"] \
+                    and not task.get("cancel_requested"):
+                self._history_record(txn, dict(task, status="failed"), final=False,
+                                     outcome=outcome, result=result)
+                delay = self.backoff(task["attempts"], cfg)
+                task.update(status="queued", worker_id=None,
+                            not_before=clock.iso(txn.now + delay))
+                txn.touch(task)
+                txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
+                          f"{error[:200]}; retry in {delay:.1f}s", task, severity="warning",
+                          attempt=task["attempts"], delay_s=round(delay, 3), outcome=outcome)
+            elif task.get("cancel_requested"):
+                self._finish(txn, task, "cancelled", "cancelled", result)
+                txn.event("task_cancelled", "cancelled while running", task)
+            else:
+                self._finish(txn, task, "failed", outcome, result)
+                txn.event("task_failed", f"failed after {task['attempts']} attempt(s): "
+                          f"{error[:200]}", task, severity="error", outcome=outcome)
+                txn.event("task_dead_lettered", "moved to dead letters", task,
+                          severity="warning")
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def release(self, task_id: str, worker_id: str, *, reason: str,
+                now: float | None = None) -> dict[str, Any]:
+        """Hand a running task back to the queue without spending an attempt (graceful
+        worker shutdown). Returns the queued task."""
+        def body(txn: _Txn) -> dict[str, Any]:
+            task = self._running(txn, task_id, worker_id)
+            if task.get("cancel_requested"):
+                self._finish(txn, task, "cancelled", "cancelled")
+                txn.event("task_cancelled", "cancelled while running", task)
+                return dict(task)
+            self._history_record(txn, dict(task, status="queued"), final=False,
+                                 outcome="released")
+            task.update(status="queued", worker_id=None, attempts=task["attempts"] - 1,
+                        last_error=reason)
+            txn.touch(task)
+            txn.event("task_released", reason, task)
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def reclaim(self, task_id: str, *, reason: str, now: float | None = None) -> dict[str, Any]:
+        """Take a running task back from a worker proven dead: the attempt counts, so it is
+        queued again or dead-lettered exactly like a failure (``outcome`` reclaimed)."""
+        return self.fail(task_id, None, error=f"reclaimed: {reason}", outcome="reclaimed",
+                         now=now)
+
+    # ------------------------------------------------------------------ operators
+    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
+               now: float | None = None) -> dict[str, Any]:
+        """Cancel a live task. Queued: finished at once (``cancelled``). Running: sets
+        ``cancel_requested``; its worker stops it and records the cancellation."""
+        def body(txn: _Txn) -> dict[str, Any]:
+            task = txn.state.tasks.get(task_id)
+            if task is None:
+                raise NotFound(f"task {task_id} is not live; only queued or running tasks "
+                               "can be cancelled")
+            if task["status"] == "queued":
+                task["last_error"] = reason
+                self._finish(txn, task, "cancelled", "cancelled")
+                txn.event("task_cancelled", reason, task)
+            elif not task.get("cancel_requested"):
+                task["cancel_requested"] = True
+                txn.touch(task)
+                txn.event("task_cancel_requested", reason, task)
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def reprioritize(self, task_id: str, priority: str, *,
+                     now: float | None = None) -> dict[str, Any]:
+        """Change the priority of a live task (claims pick it up at once)."""
+        check_priority(priority)
+
+        def body(txn: _Txn) -> dict[str, Any]:
+            task = txn.state.tasks.get(task_id)
+            if task is None:
+                raise NotFound(f"task {task_id} is not live")
+            old = task["priority"]
+            if old != priority:
+                task["priority"] = priority
+                txn.touch(task)
+                txn.event("task_reprioritized", f"{old} -> {priority}", task, old=old,
+                          new=priority)
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
+                     now: float | None = None) -> dict[str, Any]:
+        """Move a dead letter back into the queue as a fresh queued task (attempts reset,
+        ``not_before`` cleared); the dead-letter file is removed after the queue commit."""
+        check_task_id(task_id)
+
+        def body(txn: _Txn) -> dict[str, Any]:
+            path = self.home.dead_letter(task_id)
+            try:
+                task = read_json(path)
+            except FileNotFoundError:
+                raise NotFound(f"no dead letter {task_id} ({path})") from None
+            if task_id in txn.state.tasks:
+                raise InvalidTransition(f"task {task_id} is already live")
+            task.update(status="queued", worker_id=None, not_before=None, started_at=None,
+                        completed_at=None, cancel_requested=False, exit_code=None)
+            if reset_attempts:
+                task["attempts"] = 0
+            txn.state.tasks[task_id] = task
+            txn.touch(task)
+            txn.drop_dead_letters.append(task_id)
+            txn.event("task_requeued", "requeued from dead letters", task)
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]:
+        """Delete dead letters (all when ``task_ids`` is None); returns the ids removed.
+        Their final history records stay."""
+        ids = [d["task_id"] for d in self.dead_letters()] if task_ids is None \
+            else [check_task_id(t) for t in task_ids]
+
+        def body(txn: _Txn) -> list[str]:
+            removed = [t for t in ids if self.home.dead_letter(t).exists()]
+            txn.drop_dead_letters.extend(removed)
+            if removed:
+                txn.event("dlq_purged", f"purged {len(removed)} dead letter(s)",
+                          task_ids=removed[:100], count=len(removed))
+            return removed
+        out: list[str] = self._transaction(None, body, drain=False)
+        return out
+
+    # ------------------------------------------------------------------ reads
+    def live_tasks(self) -> list[dict[str, Any]]:
+        """Queued and running tasks, in file order (a consistent snapshot, no lock)."""
+        return [dict(t) for t in self._load().tasks.values()]
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        """The task as live, else its newest final history record, else its dead letter;
+        None when unknown. The history lookup streams the file."""
+        live = self._load().tasks.get(task_id)
+        if live is not None:
+            return dict(live)
+        dead = self.home.dead_letter(task_id)
+        if dead.exists():
+            try:
+                return dict(read_json(dead))
+            except FileNotFoundError:
+                pass
+        found = None
+        for _, record in iter_jsonl(self.home.history_file):
+            if record and record.get("task_id") == task_id and record.get("final"):
+                found = record
+        return found
+
+    def history_of(self, task_id: str) -> list[dict[str, Any]]:
+        """Every history record of ``task_id`` in file order ([] when none)."""
+        return [r for _, r in iter_jsonl(self.home.history_file)
+                if r is not None and r.get("task_id") == task_id]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter, oldest task id first ([] when none)."""
+        out = []
+        try:
+            names = sorted(n for n in os.listdir(self.home.dead_letters)
+                           if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                out.append(read_json(self.home.dead_letters / name))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Counts by status and priority, oldest queued age, inbox and dead-letter sizes."""
+        ts = clock.now() if now is None else now
+        tasks = self._load().tasks.values()
+        by_status = {"queued": 0, "running": 0}
+        by_priority = {p: {"queued": 0, "running": 0} for p in PRIORITIES}
+        oldest: str | None = None
+        for t in tasks:
+            by_status[t["status"]] += 1
+            by_priority[t["priority"]][t["status"]] += 1
+            if t["status"] == "queued" and (oldest is None or t["created_at"] < oldest):
+                oldest = t["created_at"]
+        try:
+            inbox = sum(1 for n in os.listdir(self.home.inbox)
+                        if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
+            inbox = 0
+        try:
+            dead = sum(1 for n in os.listdir(self.home.dead_letters) if n.endswith(".json"))
+        except FileNotFoundError:
+            dead = 0
+        return {
+            "live": len(self._load().tasks), "by_status": by_status,
+            "by_priority": by_priority, "inbox_pending": inbox, "dead_letters": dead,
+            "oldest_queued_at": oldest,
+            "oldest_queued_age_s": round(ts - clock.parse_iso(oldest), 3) if oldest else None,
+            "revision": self._load().revision,
+        }

@@ -1,0 +1,217 @@
+"""Store primitives: publish-by-rename JSON, whole-line JSONL appends, tolerant readers.
+
+Guarantees
+- :func:`replace_bytes` / :func:`replace_json`: readers see the old file or the new file,
+  never a torn one. The new content is written to a hidden temp file in the same directory
+  (``.NAME.tmp-PID-RANDOM``), fsynced, renamed over the target, and the directory fsynced
+  (with ``durability="none"`` both fsyncs are skipped: atomic, but not crash-durable).
+  On any failure (ENOSPC included) the temp file is removed and the old file is untouched.
+- :func:`append_line`: one ``write(2)`` of one whole line with O_APPEND; callers hold the
+  resource's lock so a rotating janitor never loses or duplicates it.
+- :func:`read_jsonl`: never raises on bad content; a torn or garbage line is skipped and
+  counted in :attr:`JsonlRead.bad_lines`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from .errors import CorruptFileError, DiskFull, HarnessError
+
+Durability = Literal["fsync", "none"]
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes (orjson; non-str keys rejected)."""
+    return orjson.dumps(obj)
+
+
+def dumps_pretty(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_write_error(path: Path, exc: OSError) -> None:
+    if exc.errno in _DISK_FULL:
+        raise DiskFull(f"{path}: no space left ({os.strerror(exc.errno or 0)}); the previous "
+                       f"version is intact. Free space (`harness janitor run`) and retry.") from exc
+    raise HarnessError(f"{path}: write failed: {exc.strerror or exc}") from exc
+
+
+def replace_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> None:
+    """Atomically publish ``data`` as ``path`` (see module docstring)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if durability == "fsync":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        _raise_write_error(path, exc)
+    if durability == "fsync":
+        fsync_dir(path.parent)
+
+
+def replace_json(path: Path, obj: Any, durability: Durability = "fsync",
+                 pretty: bool = False) -> None:
+    replace_bytes(path, dumps_pretty(obj) if pretty else dumps(obj) + b"\n", durability)
+
+
+def read_json(path: Path) -> Any:
+    """Parse ``path``; raise :class:`CorruptFileError` naming file, line and column.
+
+    Raises FileNotFoundError when the file does not exist (callers decide what absent means).
+    """
+    data = path.read_bytes()
+    return parse_json(path, data)
+
+
+def parse_json(path: Path, data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptFileError(
+            path, f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): "
+                  f"{exc.msg}; the file was not modified (see `harness doctor --repair`)"
+        ) from None
+
+
+def append_line(path: Path, obj: Any, durability: Durability = "fsync") -> None:
+    """Append ``obj`` as one JSON line with one write. The caller holds the file's lock."""
+    line = dumps(obj) + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                # A short write (disk full mid-line) would leave a torn line: cut it off.
+                os.ftruncate(fd, os.fstat(fd).st_size - written)
+                raise OSError(errno.ENOSPC, "short write")
+            if durability == "fsync":
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _raise_write_error(path, exc)
+
+
+@dataclass
+class JsonlRead:
+    """What :func:`read_jsonl` found: the parsed objects and how many lines were bad."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+    bad_line_numbers: list[int] = field(default_factory=list)
+    torn_tail: bool = False
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """Yield ``(line_number, object_or_None)`` streaming; None marks a bad line.
+
+    A missing file yields nothing. A final line without newline is yielded as bad (torn).
+    """
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally below, generator-safe
+    except FileNotFoundError:
+        return
+    try:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                yield number, None
+                continue
+            stripped = raw.strip()
+            if not stripped:
+                continue
+            try:
+                obj = orjson.loads(stripped)
+            except orjson.JSONDecodeError:
+                yield number, None
+                continue
+            yield number, obj if isinstance(obj, dict) else None
+    finally:
+        fh.close()
+
+
+def read_jsonl(path: Path) -> JsonlRead:
+    """Read a whole JSONL file (see :func:`iter_jsonl`); an absent file reads as empty."""
+    result = JsonlRead()
+    for number, obj in iter_jsonl(path):
+        if obj is None:
+            result.bad_lines += 1
+            result.bad_line_numbers.append(number)
+        else:
+            result.records.append(obj)
+    if result.bad_line_numbers:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 1))
+                result.torn_tail = fh.read(1) not in (b"\n", b"")
+        except OSError:
+            pass
+    return result
+
+
+def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict[str, Any]]:
+    """The last ``limit`` parseable records, reading the file backwards (cheap on big files)."""
+    if limit <= 0:
+        return []
+    try:
+        fh = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return []
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos, buf = size, b""
+        lines: list[bytes] = []
+        while pos > 0 and len(lines) <= limit:
+            step = min(chunk, pos)
+            pos -= step
+            fh.seek(pos)
+            buf = fh.read(step) + buf
+            parts = buf.split(b"\n")
+            buf = parts[0]
+            lines = parts[1:] + lines
+        if pos == 0 and buf:
+            lines = [buf, *lines]
+    out: list[dict[str, Any]] = []
+    for raw in reversed(lines):
+        if len(out) >= limit:
+            break
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    out.reverse()
+    return out

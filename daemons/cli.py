@@ -1,0 +1,569 @@
+"""``harness``: the click CLI and composition root of the daemons.
+
+Exit codes: 0 ok, 1 error, 2 usage or bad input, 75 temporary failure (busy lock,
+backpressure). Every read command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from coordination import clock
+from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.errors import EXIT_USAGE, HarnessError, NotFound, UsageError
+from coordination.events import SEVERITIES, emit
+from coordination.paths import Home
+from coordination.store import replace_json, tail_jsonl
+from coordination.tasks import PRIORITIES, STATUSES
+
+from .context import CliContext, json_option, pass_ctx, print_json
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class HarnessGroup(click.Group):
+    """Maps :class:`HarnessError` to its exit code with a one-line message on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HarnessError as exc:
+            click.echo(f"harness: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # `harness ... | head` is fine
+            sys.stderr.close()
+            ctx.exit(0)
+
+
+@click.group(cls=HarnessGroup, context_settings=CONTEXT_SETTINGS)
+@click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar=None, help="Harness home. Default: $HARNESS_HOME, else systemd's "
+              "$STATE_DIRECTORY, else $XDG_STATE_HOME/harness.")
+@click.version_option(package_name="harness")
+@click.pass_context
+def cli(ctx: click.Context, home_dir: Path | None) -> None:
+    """File-based coordination of worker fleets under systemd.
+
+    \b
+    Exit codes: 0 ok, 1 error, 2 usage or bad input, 75 temporary failure
+    (a busy lock or backpressure: retry later).
+    The file contract is docs/coordination.md; operations are in docs/runbook.md.
+    """
+    ctx.obj = CliContext(Home.at(home_dir))
+
+
+# ---------------------------------------------------------------------------- init
+@cli.command()
+@click.option("--force", is_flag=True, help="Rewrite config files that already exist.")
+@json_option
+@pass_ctx
+def init(obj: CliContext, force: bool, as_json: bool) -> None:
+    """Create the home: directories, lock files, and commented default config.
+
+    Idempotent: existing config files are kept unless --force.
+    """
+    home = obj.home
+    home.create()
+    written = []
+    for path, content in ((home.system_config, default_system()),
+                          (home.worker_types_config, DEFAULT_WORKER_TYPES)):
+        if force or not path.exists():
+            replace_json(path, content, pretty=True)
+            written.append(str(path))
+    if as_json:
+        print_json({"home": str(home.root), "written": written})
+    else:
+        click.echo(f"home {home.root} ready" + (f"; wrote {', '.join(written)}" if written
+                                                 else " (config kept)"))
+
+
+# ---------------------------------------------------------------------------- task
+@cli.group()
+def task() -> None:
+    """Add, inspect, cancel and retry tasks."""
+
+
+def _parse_ts_option(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("+"):
+        try:
+            return clock.iso(clock.now() + float(value[1:].rstrip("s")))
+        except ValueError:
+            raise UsageError(f"{name}: {value!r} is not +SECONDS") from None
+    try:
+        clock.parse_iso(value)
+    except ValueError:
+        raise UsageError(f"{name}: {value!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ or +SECONDS") \
+            from None
+    return value
+
+
+def _read_batch(source: str) -> list[dict[str, Any]]:
+    stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+    requests = []
+    try:
+        for number, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise UsageError(f"{source}: line {number}: invalid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise UsageError(f"{source}: line {number}: a task request must be an object")
+            requests.append(obj)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    return requests
+
+
+@task.command("add", context_settings={"ignore_unknown_options": False})
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("-d", "--description", default="", help="What the task is for.")
+@click.option("-p", "--priority", type=click.Choice(PRIORITIES), default="medium",
+              show_default=True)
+@click.option("-t", "--type", "worker_type", default="default", show_default=True,
+              help="Worker type (coordination/config/worker-types.json).")
+@click.option("--max-attempts", type=click.IntRange(1, 1000), help="Default: system.json.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), help="Seconds.")
+@click.option("--depends-on", multiple=True, help="Task id that must complete first "
+              "(repeatable).")
+@click.option("--dedup-key", help="If a live task holds this key, return it instead.")
+@click.option("--not-before", help="Earliest start: a timestamp or +SECONDS.")
+@click.option("--correlation-id", help="Groups related tasks and events.")
+@click.option("--budget", type=click.IntRange(min=0), help="Token budget for the task.")
+@click.option("--from-file", "from_file", help="Enqueue a JSONL batch of task requests "
+              "('-' for stdin) in one commit.")
+@click.option("--force", is_flag=True, help="Enqueue even under backpressure.")
+@json_option
+@pass_ctx
+def task_add(obj: CliContext, command: tuple[str, ...], description: str, priority: str,
+             worker_type: str, max_attempts: int | None, timeout_s: float | None,
+             depends_on: tuple[str, ...], dedup_key: str | None, not_before: str | None,
+             correlation_id: str | None, budget: int | None, from_file: str | None,
+             force: bool, as_json: bool) -> None:
+    """Enqueue a task; the argv follows `--`. Prints the task id (or the task with --json).
+
+    \b
+    Returns once the task is visible in coordination/task-queue.json.
+    Exit 75 when more than max_queue_depth tasks are queued (unless --force).
+    Examples:
+      harness task add --priority high -- ./run-agent.sh --repo foo
+      harness task add --type shell -d 'make test'
+      harness task add --from-file tasks.jsonl
+    """
+    queue = obj.queue()
+    if from_file:
+        if command:
+            raise UsageError("--from-file and a command after -- are mutually exclusive")
+        results = queue.enqueue_batch(_read_batch(from_file), force=force)
+        if as_json:
+            print_json([dict(r.task, created=r.created) for r in results])
+        else:
+            for r in results:
+                click.echo(r.task["task_id"])
+        return
+    request: dict[str, Any] = {
+        "description": description, "priority": priority, "worker_type": worker_type,
+        "command": list(command) or None, "max_attempts": max_attempts,
+        "timeout_s": timeout_s, "depends_on": list(depends_on), "dedup_key": dedup_key,
+        "not_before": _parse_ts_option(not_before, "--not-before"),
+        "correlation_id": correlation_id, "budget": budget,
+    }
+    result = queue.enqueue({k: v for k, v in request.items() if v not in (None, [])},
+                           force=force)
+    if as_json:
+        print_json(dict(result.task, created=result.created))
+    else:
+        click.echo(result.task["task_id"])
+        if not result.created:
+            click.echo(f"deduplicated: dedup_key {dedup_key} is held by this live task",
+                       err=True)
+
+
+def _task_line(t: dict[str, Any]) -> str:
+    argv = " ".join(t.get("command") or [])
+    return (f"{t['task_id']}  {t['status']:<9} {t['priority']:<8} "
+            f"{t['attempts']}/{t['max_attempts']}  {t.get('worker_id') or '-':<24} "
+            f"{(t.get('description') or argv)[:60]}")
+
+
+@task.command("list")
+@click.option("--status", type=click.Choice(("queued", "running")), help="Only this status.")
+@click.option("--priority", type=click.Choice(PRIORITIES))
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many.")
+@json_option
+@pass_ctx
+def task_list(obj: CliContext, status: str | None, priority: str | None, limit: int | None,
+              as_json: bool) -> None:
+    """List live tasks (queued and running), highest priority first, then oldest."""
+    from coordination.tasks import PRIORITY_RANK
+
+    tasks = [t for t in obj.queue().live_tasks()
+             if (status is None or t["status"] == status)
+             and (priority is None or t["priority"] == priority)]
+    tasks.sort(key=lambda t: (PRIORITY_RANK[t["priority"]], t["created_at"], t["task_id"]))
+    tasks = tasks[:limit] if limit else tasks
+    if as_json:
+        print_json(tasks)
+        return
+    for t in tasks:
+        click.echo(_task_line(t))
+    if not tasks:
+        click.echo("no live tasks", err=True)
+
+
+@task.command("show")
+@click.argument("task_id")
+@click.option("--history", "with_history", is_flag=True, help="Include every history record.")
+@json_option
+@pass_ctx
+def task_show(obj: CliContext, task_id: str, with_history: bool, as_json: bool) -> None:
+    """Show one task: live, else its final history record, else its dead letter."""
+    queue = obj.queue()
+    found = queue.get(task_id)
+    if found is None:
+        raise NotFound(f"no task {task_id} (not live, not in history, not a dead letter)")
+    out: dict[str, Any] = dict(found)
+    if with_history:
+        out["history"] = queue.history_of(task_id)
+    if as_json:
+        print_json(out)
+        return
+    for key, value in out.items():
+        if key != "history":
+            click.echo(f"{key:>16}: {orjson.dumps(value).decode()}")
+    for record in out.get("history", []):
+        click.echo(f"  history: {record.get('recorded_at')} {record.get('outcome')} "
+                   f"attempt {record.get('attempts')} {record.get('last_error') or ''}")
+
+
+@task.command("cancel")
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--reason", default="cancelled by operator", show_default=True)
+@json_option
+@pass_ctx
+def task_cancel(obj: CliContext, task_ids: tuple[str, ...], reason: str, as_json: bool) -> None:
+    """Cancel tasks: queued ones at once, running ones via their worker (cancel_requested)."""
+    queue = obj.queue()
+    out = [queue.cancel(t, reason=reason) for t in task_ids]
+    if as_json:
+        print_json(out)
+        return
+    for t in out:
+        state = "cancelled" if t["status"] == "cancelled" else "cancel requested (running)"
+        click.echo(f"{t['task_id']}: {state}")
+
+
+@task.command("retry")
+@click.argument("task_ids", nargs=-1, required=True)
+@json_option
+@pass_ctx
+def task_retry(obj: CliContext, task_ids: tuple[str, ...], as_json: bool) -> None:
+    """Queue failed tasks again from the dead letters (attempts reset)."""
+    queue = obj.queue()
+    out = [queue.requeue_dead(t) for t in task_ids]
+    if as_json:
+        print_json(out)
+    else:
+        for t in out:
+            click.echo(f"{t['task_id']}: queued")
+
+
+@task.command("set-priority")
+@click.argument("task_id")
+@click.argument("priority", type=click.Choice(PRIORITIES))
+@json_option
+@pass_ctx
+def task_set_priority(obj: CliContext, task_id: str, priority: str, as_json: bool) -> None:
+    """Reprioritise a live task."""
+    t = obj.queue().reprioritize(task_id, priority)
+    if as_json:
+        print_json(t)
+    else:
+        click.echo(f"{t['task_id']}: {t['priority']}")
+
+
+# ---------------------------------------------------------------------------- queue
+@cli.group()
+def queue() -> None:
+    """Queue-wide operations."""
+
+
+@queue.command("stats")
+@json_option
+@pass_ctx
+def queue_stats(obj: CliContext, as_json: bool) -> None:
+    """Counts by status and priority, oldest queued age, inbox and dead letters."""
+    stats = obj.queue().stats()
+    if as_json:
+        print_json(stats)
+        return
+    s = stats["by_status"]
+    click.echo(f"live {stats['live']}: queued {s['queued']}, running {s['running']}; "
+               f"inbox {stats['inbox_pending']}; dead letters {stats['dead_letters']}")
+    for p, counts in stats["by_priority"].items():
+        click.echo(f"  {p:<8} queued {counts['queued']:>6}  running {counts['running']:>4}")
+    if stats["oldest_queued_age_s"] is not None:
+        click.echo(f"oldest queued: {stats['oldest_queued_at']} "
+                   f"({stats['oldest_queued_age_s']:.1f}s ago)")
+
+
+@queue.command("ingest")
+@json_option
+@pass_ctx
+def queue_ingest(obj: CliContext, as_json: bool) -> None:
+    """Drain the inbox now (create-task.sh leaves tasks there for the next queue holder)."""
+    count = obj.queue().ingest()
+    if as_json:
+        print_json({"ingested": count})
+    else:
+        click.echo(f"ingested {count} task(s)")
+
+
+# ---------------------------------------------------------------------------- dlq
+@cli.group()
+def dlq() -> None:
+    """Dead letters: tasks that failed after max_attempts."""
+
+
+@dlq.command("list")
+@json_option
+@pass_ctx
+def dlq_list(obj: CliContext, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    letters = obj.queue().dead_letters()
+    if as_json:
+        print_json(letters)
+        return
+    for t in letters:
+        click.echo(f"{t['task_id']}  {t.get('completed_at')}  attempts {t['attempts']}  "
+                   f"{(t.get('last_error') or '')[:70]}")
+    if not letters:
+        click.echo("no dead letters", err=True)
+
+
+@dlq.command("requeue")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead letter.")
+@json_option
+@pass_ctx
+def dlq_requeue(obj: CliContext, task_ids: tuple[str, ...], requeue_all: bool,
+                as_json: bool) -> None:
+    """Put dead letters back in the queue (attempts reset)."""
+    queue = obj.queue()
+    if requeue_all == bool(task_ids):
+        raise UsageError("give task ids or --all (not both)")
+    ids = [t["task_id"] for t in queue.dead_letters()] if requeue_all else list(task_ids)
+    out = [queue.requeue_dead(t) for t in ids]
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(f"requeued {len(out)} task(s)")
+
+
+@dlq.command("purge")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation with --all.")
+@json_option
+@pass_ctx
+def dlq_purge(obj: CliContext, task_ids: tuple[str, ...], purge_all: bool, yes: bool,
+              as_json: bool) -> None:
+    """Delete dead letters (their final history records stay)."""
+    if purge_all == bool(task_ids):
+        raise UsageError("give task ids or --all (not both)")
+    if purge_all and not yes and not click.confirm("Delete every dead letter?"):
+        raise UsageError("not confirmed")
+    removed = obj.queue().purge_dead(None if purge_all else list(task_ids))
+    if as_json:
+        print_json({"purged": removed})
+    else:
+        click.echo(f"purged {len(removed)} dead letter(s)")
+
+
+# ---------------------------------------------------------------------------- events
+@cli.group()
+def events() -> None:
+    """Emit and read dashboard events (coordination/dashboard-events.jsonl)."""
+
+
+@events.command("emit")
+@click.option("--type", "event_type", required=True, help="Event type, e.g. deploy_started.")
+@click.option("--severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
+@click.option("--message", default="")
+@click.option("--source", default="cli", show_default=True)
+@click.option("--task", "task_id")
+@click.option("--worker", "worker_id")
+@click.option("--correlation", "correlation_id")
+@click.option("--data", "data_json", help="A JSON object.")
+@json_option
+@pass_ctx
+def events_emit(obj: CliContext, event_type: str, severity: str, message: str, source: str,
+                task_id: str | None, worker_id: str | None, correlation_id: str | None,
+                data_json: str | None, as_json: bool) -> None:
+    """Append one event in the standard envelope; prints its event_id."""
+    obj.home.require()
+    data = None
+    if data_json is not None:
+        try:
+            data = orjson.loads(data_json)
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"--data: invalid JSON: {exc.msg}") from None
+    event = emit(obj.home, event_type, severity=severity, message=message, source=source,
+                 task_id=task_id, worker_id=worker_id, correlation_id=correlation_id,
+                 data=data)
+    if as_json:
+        print_json(event)
+    else:
+        click.echo(event["event_id"])
+
+
+def _event_matches(e: dict[str, Any], types: tuple[str, ...], min_severity: str | None,
+                   task_id: str | None, worker_id: str | None, correlation: str | None,
+                   since: str | None) -> bool:
+    if types and e.get("type") not in types:
+        return False
+    if min_severity and SEVERITIES.index(e.get("severity", "info")) < \
+            SEVERITIES.index(min_severity):
+        return False
+    if task_id and e.get("task_id") != task_id:
+        return False
+    if worker_id and e.get("worker_id") != worker_id:
+        return False
+    if correlation and e.get("correlation_id") != correlation:
+        return False
+    return not (since and (e.get("timestamp") or "") < since)
+
+
+def _format_event(e: dict[str, Any]) -> str:
+    ids = " ".join(f"{k}={e[k]}" for k in ("task_id", "worker_id") if e.get(k))
+    return (f"{e.get('timestamp')} {e.get('severity', '?'):<8} {e.get('type')}"
+            f"  {e.get('message', '')}  {ids}").rstrip()
+
+
+@events.command("tail")
+@click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
+@click.option("--severity", type=click.Choice(SEVERITIES), help="At least this severity.")
+@click.option("--task", "task_id")
+@click.option("--worker", "worker_id")
+@click.option("--correlation")
+@click.option("--since", help="Timestamp, or -SECONDS for 'that long ago'.")
+@json_option
+@pass_ctx
+def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...],
+                severity: str | None, task_id: str | None, worker_id: str | None,
+                correlation: str | None, since: str | None, as_json: bool) -> None:
+    """Print the last events (newest last), optionally filtered and followed."""
+    home = obj.home.require()
+    if since and since.startswith("-"):
+        since = clock.iso(clock.now() - float(since[1:].rstrip("s")))
+
+    def keep(e: dict[str, Any]) -> bool:
+        return _event_matches(e, types, severity, task_id, worker_id, correlation, since)
+
+    filtered = any((types, severity, task_id, worker_id, correlation, since))
+    # Filtering reads further back; the file is read backwards, not loaded whole.
+    window = tail_jsonl(home.events_file, lines * 50 if filtered else lines)
+    shown = [e for e in window if keep(e)][-lines:]
+    emit_line = (lambda e: sys.stdout.write(orjson.dumps(e).decode() + "\n")) if as_json \
+        else (lambda e: click.echo(_format_event(e)))
+    if as_json and not follow:
+        print_json(shown)
+        return
+    for e in shown:
+        emit_line(e)
+    if not follow:
+        return
+    sys.stdout.flush()
+    path = home.events_file
+    position = path.stat().st_size if path.exists() else 0
+    try:
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < position:  # rotated by the janitor: start from the new file's top
+                position = 0
+            if size > position:
+                with open(path, "rb") as fh:
+                    fh.seek(position)
+                    chunk = fh.read(size - position)
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                position += len(complete)
+                for raw in complete.splitlines():
+                    try:
+                        e = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(e, dict) and keep(e):
+                        emit_line(e)
+                sys.stdout.flush()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        return
+
+
+# ---------------------------------------------------------------------------- doctor
+@cli.command()
+@click.option("--repair", is_flag=True, help="Fix what can be fixed safely (quarantine "
+              "corrupt files, restore the last good queue, reclaim orphans, re-ingest inbox).")
+@json_option
+@pass_ctx
+def doctor(obj: CliContext, repair: bool, as_json: bool) -> None:
+    """Check every invariant of the home (an fsck). Exit 0 when no errors remain, 1 else.
+
+    Warnings are states a crash legitimately leaves (the supervisor or --repair clears
+    them); errors are broken invariants.
+    """
+    from coordination.doctor import check
+
+    report = check(obj.home, repair=repair)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        for f in report.findings:
+            mark = " (repaired)" if f.repaired else ""
+            click.echo(f"{f.level:<7} {f.code}: {f.message}{mark}")
+        verdict = "clean" if report.clean else ("ok (warnings)" if report.ok else "ERRORS")
+        click.echo(f"doctor: {verdict}: {len(report.open('error'))} error(s), "
+                   f"{len(report.open('warning'))} warning(s)")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _register_plugins() -> None:
+    """Commands that live beside their daemons register themselves here."""
+    import importlib
+
+    for name in ("daemons.worker_commands", "daemons.bench"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(cli)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    """Console entry point; click usage errors exit 2."""
+    try:
+        cli(standalone_mode=True)
+    except HarnessError as exc:  # raised outside a command (e.g. while parsing)
+        click.echo(f"harness: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+__all__ = ["EXIT_USAGE", "STATUSES", "cli", "main"]
