@@ -43,6 +43,10 @@ def _choice(*options: str) -> Check:
     return lambda v: v in options
 
 
+def _pair() -> Check:
+    return lambda v: isinstance(v, list) and len(v) == 2 and all(_num()(x) for x in v)
+
+
 def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -98,6 +102,64 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     Key("warm_pool", 1, _int(0), "integer >= 0", "Idle workers kept ready above the demand."),
     Key("actuator", "auto", _choice("auto", "systemd", "process"),
         '"auto", "systemd" or "process"', "How the supervisor starts and stops workers."),
+    Key("systemd_scope", "user", _choice("user", "system"), '"user" or "system"',
+        "Which systemd manager the systemd actuator drives (systemctl --user or system)."),
+    Key("supervisor_tick_s", 2, _num(0.05), "number > 0",
+        "The supervisor reconciles at least this often (besides inotify wake-ups)."),
+    # -- health and circuit breaker (supervisor) -----------------------------------------
+    Key("health_window_s", 900, _num(1), "number >= 1",
+        "Success rate for health is computed over finished attempts in this window."),
+    Key("circuit_failure_rate", 0.5, _num(0, 1), "number 0..1",
+        "A worker type whose failure rate in circuit_window_s exceeds this is paused."),
+    Key("circuit_min_tasks", 5, _int(1), "integer >= 1",
+        "The circuit breaker judges a type only after this many attempts in the window."),
+    Key("circuit_window_s", 300, _num(1), "number >= 1", "Circuit breaker window."),
+    Key("circuit_cooldown_s", 300, _num(0), "number >= 0",
+        "How long an open circuit keeps its worker type paused."),
+    # -- janitor: rotation and retention --------------------------------------------------
+    Key("events_max_bytes", 50 * 1024 * 1024, _int(1024), "integer >= 1024",
+        "Rotate dashboard-events.jsonl above this size."),
+    Key("events_max_lines", 200_000, _int(10), "integer >= 10",
+        "Rotate dashboard-events.jsonl above this many lines."),
+    Key("events_keep_lines", 20_000, _int(0), "integer >= 0",
+        "Newest lines left in the live events file after a rotation."),
+    Key("metrics_max_bytes", 20 * 1024 * 1024, _int(1024), "integer >= 1024",
+        "Rotate metrics-snapshots.jsonl above this size."),
+    Key("metrics_max_lines", 50_000, _int(10), "integer >= 10",
+        "Rotate metrics-snapshots.jsonl above this many lines."),
+    Key("metrics_keep_lines", 10_080, _int(0), "integer >= 0",
+        "Newest snapshots left live after a rotation (a week of minutes)."),
+    Key("history_max_bytes", 100 * 1024 * 1024, _int(1024), "integer >= 1024",
+        "Rotate task-history.jsonl above this size."),
+    Key("history_max_lines", 500_000, _int(10), "integer >= 10",
+        "Rotate task-history.jsonl above this many lines."),
+    Key("history_keep_lines", 50_000, _int(0), "integer >= 0",
+        "Newest history records left live after a rotation."),
+    Key("archive_generations", 5, _int(1, 1000), "integer 1..1000",
+        "Compressed archives kept per JSONL file (NAME.1.jsonl.gz is the newest)."),
+    Key("retention_completed_specs_days", 7, _num(0), "number >= 0",
+        "Completed worker specs older than this are pruned."),
+    Key("retention_results_days", 30, _num(0), "number >= 0",
+        "results/<task_id>/ of finished tasks older than this are pruned."),
+    Key("retention_task_logs_days", 14, _num(0), "number >= 0",
+        "logs/tasks/<task_id>.log of finished tasks older than this are pruned."),
+    # -- observability: metrics and `harness check` thresholds ----------------------------
+    Key("metrics_textfile", None, lambda v: v is None or isinstance(v, str), "null or path",
+        "Also write the Prometheus exposition atomically here (node_exporter textfile)."),
+    Key("check_queue_depth", [500, 900], _pair(), "[warning, critical]",
+        "harness check: queued tasks."),
+    Key("check_error_rate", [0.2, 0.5], _pair(), "[warning, critical]",
+        "harness check: failed / finished attempts over health_window_s."),
+    Key("check_stalled_workers", [1, 3], _pair(), "[warning, critical]",
+        "harness check: stalled workers."),
+    Key("check_p95_duration_s", [1800, 3600], _pair(), "[warning, critical]",
+        "harness check: p95 task duration over health_window_s."),
+    Key("check_disk_free_mb", [1024, 256], _pair(), "[warning, critical] (lower is worse)",
+        "harness check: free space on the home's filesystem."),
+    Key("check_file_mb", [100, 500], _pair(), "[warning, critical]",
+        "harness check: size of any single coordination file."),
+    Key("check_events_file_mb", [50, 200], _pair(), "[warning, critical]",
+        "harness check: size of dashboard-events.jsonl."),
 )
 
 _SYSTEM_BY_NAME = {k.name: k for k in SYSTEM_KEYS}

@@ -317,7 +317,7 @@ def _drop_live(queue: Any, task_id: str, now: float) -> None:
     """Finish an interrupted move: remove a live task whose final record is written."""
     def body(txn: Any) -> None:
         if task_id in txn.state.tasks:
-            del txn.state.tasks[task_id]
+            txn.state.remove(task_id)
             txn.changed = True
     queue._transaction(now, body, drain=False)
 
@@ -377,8 +377,8 @@ def _cut_torn_tail(home: Home, path: Path, now: float) -> None:
     """Move a torn last line to ``NAME.corrupt`` (under the file's lock)."""
     lock = {"dashboard-events.jsonl": "events", "metrics-snapshots.jsonl": "metrics",
             "task-history.jsonl": "history"}[path.name]
-    with lock_for(home.lock_path(lock)).held_for(load_system(home).lock_timeout):
-        with open(path, "rb+") as fh:
+    with lock_for(home.lock_path(lock)).held_for(load_system(home).lock_timeout), \
+            open(path, "rb+") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             block = min(size, 1 << 20)

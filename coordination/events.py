@@ -18,7 +18,7 @@ from .config import load_system
 from .errors import UsageError
 from .locks import lock_for
 from .paths import Home
-from .store import append_line, dumps
+from .store import append_bytes, dumps
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -63,15 +63,9 @@ def append_events(home: Home, events: list[dict[str, Any]]) -> None:
     if not events:
         return
     cfg = load_system(home)
+    data = b"".join(dumps(event) + b"\n" for event in events)
     with lock_for(home.lock_path("events")).held_for(cfg.lock_timeout):
-        for event in events:
-            append_line(home.events_file, event, "none")
-        if cfg.durability == "fsync" and home.events_file.exists():
-            fd = os.open(home.events_file, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+        append_bytes(home.events_file, data, cfg.durability)
 
 
 def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:

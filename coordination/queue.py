@@ -39,6 +39,7 @@ from .errors import (
     Backpressure,
     CorruptFileError,
     InvalidTransition,
+    LockTimeout,
     NotFound,
     UsageError,
 )
@@ -46,7 +47,8 @@ from .events import append_events, make_event
 from .locks import lock_for
 from .paths import Home
 from .store import (
-    append_line,
+    Durability,
+    append_bytes,
     dumps,
     iter_jsonl,
     parse_json,
@@ -83,7 +85,39 @@ class _Loaded:
     sig: tuple[int, int, int] | None
     revision: int
     tasks: dict[str, dict[str, Any]]
+    # Serialised tasks in file order. Only tasks marked dirty are serialised again, and a
+    # rewritten entry keeps its place, so publishing is one C-level join, not a Python loop.
     blobs: dict[str, bytes] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    status_of: dict[str, str] = field(default_factory=dict)  # status as last published
+    queued: int = 0
+
+    def __post_init__(self) -> None:
+        self.dirty.update(self.tasks)
+
+    def queued_count(self) -> int:
+        """Queued tasks as of the last publish or load (O(1))."""
+        if self.dirty:
+            self.flush()
+        return self.queued
+
+    def remove(self, task_id: str) -> None:
+        del self.tasks[task_id]
+        self.dirty.add(task_id)
+
+    def flush(self) -> None:
+        """Serialise dirty tasks and keep ``queued`` in step (O(dirty))."""
+        for task_id in self.dirty:
+            old = self.status_of.pop(task_id, None)
+            self.queued -= old == "queued"
+            task = self.tasks.get(task_id)
+            if task is None:
+                self.blobs.pop(task_id, None)
+                continue
+            self.blobs[task_id] = dumps(task)
+            self.status_of[task_id] = task["status"]
+            self.queued += task["status"] == "queued"
+        self.dirty.clear()
 
 
 @dataclass
@@ -102,7 +136,7 @@ class _Txn:
 
     def touch(self, task: dict[str, Any]) -> None:
         task["updated_at"] = clock.iso(self.now)
-        self.state.blobs.pop(task["task_id"], None)
+        self.state.dirty.add(task["task_id"])
         self.changed = True
 
     def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
@@ -196,15 +230,8 @@ class TaskQueue:
         return self._loaded
 
     def _publish(self, state: _Loaded, now: float, durability: str) -> None:
-        blobs = state.blobs
-        parts = []
-        for task_id, task in state.tasks.items():
-            blob = blobs.get(task_id)
-            if blob is None:
-                blob = blobs[task_id] = dumps(task)
-            parts.append(blob)
-        for stale in set(blobs) - set(state.tasks):
-            del blobs[stale]
+        state.flush()
+        parts = state.blobs.values()
         state.revision += 1
         head = dumps({"version": QUEUE_FORMAT_VERSION, "revision": state.revision,
                       "updated_at": clock.iso(now)})
@@ -247,12 +274,12 @@ class TaskQueue:
         return out
 
     def _commit(self, txn: _Txn, durability: str) -> None:
-        dur = "fsync" if durability == "fsync" else "none"
+        dur: Durability = "fsync" if durability == "fsync" else "none"
         if txn.history:
             with lock_for(self.home.lock_path("history")).held_for(
                     load_system(self.home).lock_timeout):
-                for record in txn.history:
-                    append_line(self.home.history_file, record, dur)
+                append_bytes(self.home.history_file,
+                             b"".join(dumps(r) + b"\n" for r in txn.history), dur)
         for task in txn.dead_letters:
             replace_json(self.home.dead_letter(task["task_id"]), task, dur, pretty=True)
         if txn.changed:
@@ -323,7 +350,7 @@ class TaskQueue:
         cfg = load_system(self.home)
         types = load_worker_types(self.home)
         tasks = txn.state.tasks
-        accepted: list[dict[str, Any]] = []
+        accepted: list[tuple[dict[str, Any], Path | None]] = []
         for name in names:
             path = self.home.inbox / name
             where = f"{path}"
@@ -345,7 +372,7 @@ class TaskQueue:
             except (CorruptFileError, UsageError) as exc:
                 self._reject(txn, path, str(exc))
                 continue
-            accepted.append(task)
+            accepted.append((task, path))
         self._admit(txn, accepted)
 
     def _reject(self, txn: _Txn, path: Path, reason: str) -> None:
@@ -357,51 +384,66 @@ class TaskQueue:
             return
         txn.event("inbox_rejected", reason, severity="warning", file=str(target))
 
-    def _admit(self, txn: _Txn, batch: list[dict[str, Any]]) -> None:
-        """Add validated new tasks: dedup, dependency and cycle checks, then queue them."""
+    def _admit(self, txn: _Txn, batch: list[tuple[dict[str, Any], Path | None]]) -> None:
+        """Add validated new tasks: dedup, dependency and cycle checks, then queue them.
+
+        A task from an inbox file (path given) that fails a check is rejected into
+        ``inbox/rejected/``; a direct request (path None) raises UsageError, which aborts
+        the whole transaction (a batch is all-or-nothing).
+        """
         tasks = txn.state.tasks
-        by_dedup = {t["dedup_key"]: t["task_id"] for t in tasks.values() if t.get("dedup_key")}
-        group_ids = {t["task_id"] for t in batch}
-        unknown_deps = {d for t in batch for d in t["depends_on"]
+        by_dedup = {t["dedup_key"]: t["task_id"] for t in tasks.values() if t.get("dedup_key")} \
+            if any(t.get("dedup_key") for t, _ in batch) else {}
+        group_ids = {t["task_id"] for t, _ in batch}
+        unknown_deps = {d for t, _ in batch for d in t["depends_on"]
                         if d not in tasks and d not in group_ids}
         completed = self._completed_ids(unknown_deps) if unknown_deps else set()
-        inbox = self.home.inbox
-        for task in batch:
-            path = inbox / f"{task['task_id']}.json"
+        sources: dict[str, Path | None] = {}
+        for task, path in batch:
+            if task["task_id"] in tasks:
+                raise UsageError(f"task id {task['task_id']} is already live")
             key = task.get("dedup_key")
             if key and key in by_dedup:
                 existing = tasks[by_dedup[key]]
                 txn.dedup[task["task_id"]] = existing["task_id"]
-                txn.inbox_done.append(path)
+                if path is not None:
+                    txn.inbox_done.append(path)
                 txn.event("task_deduplicated", f"dedup_key {key} is held by "
                           f"{existing['task_id']}", existing, duplicate_task_id=task["task_id"])
                 continue
             missing = [d for d in task["depends_on"]
                        if d not in tasks and d not in group_ids and d not in completed]
             if missing:
-                self._reject(txn, path, f"{path}: depends_on names unknown or unfinished-"
-                             f"but-not-completed task(s): {', '.join(missing)}")
+                reason = (f"{path or 'request'}: depends_on names unknown or not-completed "
+                          f"task(s): {', '.join(missing)}")
+                if path is None:
+                    raise UsageError(reason)
+                self._reject(txn, path, reason)
                 group_ids.discard(task["task_id"])
                 continue
             tasks[task["task_id"]] = task
+            sources[task["task_id"]] = path
             if key:
                 by_dedup[key] = task["task_id"]
             txn.touch(task)
-            txn.inbox_done.append(path)
+            if path is not None:
+                txn.inbox_done.append(path)
             txn.event("task_enqueued", f"{task['priority']} task queued", task,
                       priority=task["priority"], worker_type=task["worker_type"])
         # Only a new task can close a cycle: older ones were checked when they arrived.
-        cycle = self._find_cycle(tasks) if any(t["depends_on"] for t in batch) else []
+        cycle = self._find_cycle(tasks) if any(t["depends_on"] for t, _ in batch) else []
         if cycle:
+            reason = f"depends_on forms a cycle: {' -> '.join(cycle)}"
             for task_id in cycle:
-                task = tasks.get(task_id)
-                if task is not None and task["task_id"] in group_ids:
-                    del tasks[task_id]
-                    path = inbox / f"{task_id}.json"
-                    txn.inbox_done.remove(path)
-                    txn.events = [e for e in txn.events if e["task_id"] != task_id]
-                    self._reject(txn, path, f"{path}: depends_on forms a cycle: "
-                                 f"{' -> '.join(cycle)}")
+                if task_id not in tasks or task_id not in sources:
+                    continue
+                path = sources[task_id]
+                if path is None:
+                    raise UsageError(f"request: {reason}")
+                txn.state.remove(task_id)
+                txn.inbox_done.remove(path)
+                txn.events = [e for e in txn.events if e["task_id"] != task_id]
+                self._reject(txn, path, f"{path}: {reason}")
 
     @staticmethod
     def _find_cycle(tasks: dict[str, dict[str, Any]]) -> list[str]:
@@ -469,21 +511,40 @@ class TaskQueue:
                 raise UsageError(f"{where}: duplicate task_id {task['task_id']} in the batch")
             seen.add(task["task_id"])
             validated.append(task)
-        ids = []
+        ids = [task["task_id"] for task in validated]
+        if len(validated) > 1 or self._try_lock():
+            # Uncontended (or a batch, which is one commit anyway): admit directly under the
+            # lock, draining whatever other producers left in the inbox in the same commit.
+            try:
+                def direct(txn: _Txn) -> list[EnqueueResult]:
+                    self._admit(txn, [(dict(task), None) for task in validated])
+                    return [self._resolve(txn, task_id) for task_id in ids]
+                results: list[EnqueueResult] = self._transaction(ts, direct)
+            finally:
+                if len(validated) == 1:
+                    self._lock.release()
+            return results
+        # Contended: publish in the inbox, then wait for the lock. Whoever holds it now
+        # drains our request in its commit (group commit), so the wait is usually short.
         for task in validated:
             stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
             path = self.home.inbox / f"{task['task_id']}.json"
-            if os.path.exists(path):
-                raise UsageError(f"task id {task['task_id']} is already pending in the inbox")
             # Not fsynced: the caller is acknowledged only after the queue commit below.
             replace_bytes(path, dumps(stored) + b"\n", "none")
-            ids.append(task["task_id"])
 
         def body(txn: _Txn) -> list[EnqueueResult]:
             return [self._resolve(txn, task_id) for task_id in ids]
 
-        results: list[EnqueueResult] = self._transaction(ts, body)
+        results = self._transaction(ts, body)
         return results
+
+    def _try_lock(self) -> bool:
+        """Take the queue lock if nobody holds it; never waits."""
+        try:
+            self._lock.acquire(timeout=0)
+        except LockTimeout:
+            return False
+        return True
 
     def _resolve(self, txn: _Txn, task_id: str) -> EnqueueResult:
         tasks = txn.state.tasks
@@ -502,15 +563,11 @@ class TaskQueue:
         return EnqueueResult(dict(tasks[existing]), False)
 
     def _check_backpressure(self, limit: int, adding: int) -> None:
-        queued = sum(1 for t in self._load_unlocked().values() if t["status"] == "queued")
+        queued = self._load().queued_count()
         if queued + adding > limit:
             raise Backpressure(
                 f"backpressure: {queued} tasks queued, max_queue_depth is {limit}; retry later"
                 " or pass --force")
-
-    def _load_unlocked(self) -> dict[str, dict[str, Any]]:
-        """A consistent snapshot read without the lock (publish by rename guarantees it)."""
-        return self._load().tasks
 
     def ingest(self, *, now: float | None = None) -> int:
         """Drain the inbox into the queue; returns how many tasks were added."""
@@ -591,7 +648,7 @@ class TaskQueue:
         self._history_record(txn, task, final=True, outcome=outcome, result=result)
         if status == "failed":
             txn.dead_letters.append(dict(task))
-        del txn.state.tasks[task["task_id"]]
+        txn.state.remove(task["task_id"])
         txn.changed = True
         if status != "completed":
             for other in list(txn.state.tasks.values()):
@@ -624,7 +681,7 @@ class TaskQueue:
         base = float(cfg_values["retry_backoff_base_s"])
         delay = min(base * (2 ** max(attempts - 1, 0)), float(cfg_values["retry_backoff_max_s"]))
         jitter = float(cfg_values["retry_jitter"])
-        return delay * random.uniform(1 - jitter, 1 + jitter)
+        return float(delay * random.uniform(1 - jitter, 1 + jitter))
 
     def fail(self, task_id: str, worker_id: str | None, *, error: str,
              exit_code: int | None = None, retry: bool = True,

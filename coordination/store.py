@@ -105,14 +105,26 @@ def parse_json(path: Path, data: bytes) -> Any:
 
 def append_line(path: Path, obj: Any, durability: Durability = "fsync") -> None:
     """Append ``obj`` as one JSON line with one write. The caller holds the file's lock."""
-    line = dumps(obj) + b"\n"
+    append_bytes(path, dumps(obj) + b"\n", durability)
+
+
+def append_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> None:
+    """Append whole lines (``data`` ends with a newline) with one ``write(2)``.
+
+    The caller holds the file's lock. A short write (disk full mid-line) is cut off again,
+    so the file never keeps a torn line; then :class:`DiskFull` is raised.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            written = os.write(fd, line)
-            if written != len(line):
-                # A short write (disk full mid-line) would leave a torn line: cut it off.
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
+            start = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+            if written != len(data):
+                os.ftruncate(fd, start)
                 raise OSError(errno.ENOSPC, "short write")
             if durability == "fsync":
                 os.fdatasync(fd)

@@ -121,7 +121,7 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or \
             not 1 <= max_attempts <= 1000:
         raise _fail(f"{where}.max_attempts", f"must be an integer 1..1000, got {max_attempts!r}")
-    timeout_s = request.get("timeout_s", None)
+    timeout_s = request.get("timeout_s")
     if timeout_s is None:
         timeout_s = wtype.get("timeout_s")
     if timeout_s is not None and (not isinstance(timeout_s, int | float)

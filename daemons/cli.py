@@ -544,7 +544,9 @@ def _register_plugins() -> None:
     """Commands that live beside their daemons register themselves here."""
     import importlib
 
-    for name in ("daemons.worker_commands", "daemons.bench"):
+    for name in ("daemons.worker_commands", "daemons.supervisor_commands",
+                 "daemons.janitor_commands", "daemons.observability_commands",
+                 "daemons.bench"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
