@@ -37,7 +37,7 @@ def make_event(event_type: str, *, severity: str = "info", source: str | None = 
                correlation_id: str | None = None, data: dict[str, Any] | None = None,
                now: float | None = None) -> dict[str, Any]:
     """Build a validated event envelope; raises :class:`UsageError` naming the bad field."""
-    if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
+    if not isinstance(event_type, str) or not EVENT_TYPE_RE.fullmatch(event_type):
         raise UsageError(f"event type {event_type!r} must match {EVENT_TYPE_RE.pattern}")
     if severity not in SEVERITIES:
         raise UsageError(f"unknown severity {severity!r}; use one of {', '.join(SEVERITIES)}")

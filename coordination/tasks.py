@@ -43,7 +43,7 @@ def _fail(where: str, msg: str) -> UsageError:
 
 
 def check_task_id(task_id: Any, where: str = "task_id") -> str:
-    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
         raise _fail(where, f"{task_id!r} is not a valid task id (letters, digits, '.', '_', "
                            "'-', at most 128 characters, not starting with a dot)")
     return task_id
@@ -146,7 +146,7 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
                         "YYYY-MM-DDTHH:MM:SS.mmmZ") from None
     for key in ("correlation_id", "dedup_key"):
         value = request.get(key)
-        if value is not None and (not isinstance(value, str) or not _TOKEN_RE.match(value)):
+        if value is not None and (not isinstance(value, str) or not _TOKEN_RE.fullmatch(value)):
             raise _fail(f"{where}.{key}", f"{value!r} must be 1-256 characters of letters, "
                         "digits and ._:/@+-")
     budget = request.get("budget")
@@ -181,7 +181,7 @@ def check_stored_task(task: Any, where: str) -> list[str]:
                            "max_attempts") if f not in task]
     if missing:
         problems.append(f"{where}: missing field(s) {', '.join(missing)}")
-    if not isinstance(task.get("task_id"), str) or not TASK_ID_RE.match(task.get("task_id", "")):
+    if not isinstance(task.get("task_id"), str) or not TASK_ID_RE.fullmatch(task.get("task_id", "")):
         problems.append(f"{where}.task_id: invalid {task.get('task_id')!r}")
     if task.get("status") not in LIVE_STATUSES:
         problems.append(f"{where}.status: {task.get('status')!r} is not a live status")
