@@ -9,6 +9,7 @@ Loaded files are cached per process and re-read when their inode, size or mtime 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     Key("retry_jitter", 0.25, _num(0, 1), "number 0..1",
         "Retry delay is multiplied by a random factor in [1-j, 1+j]."),
     Key("max_queue_depth", 1000, _int(1), "integer >= 1",
-        "Backpressure: `harness task add` exits 75 while more tasks than this are queued."),
+        "Backpressure: `harness task add` exits 75 when accepting would leave more than this"
+        " many tasks queued (the inbox is still drained)."),
     Key("max_description_bytes", 65536, _int(1), "integer >= 1",
         "Largest accepted task description (UTF-8 bytes)."),
     Key("max_command_bytes", 131072, _int(1), "integer >= 1",
@@ -318,7 +320,29 @@ def config_reference_markdown() -> str:
     """The system.json key table, as embedded in docs/coordination.md."""
     rows = ["| key | default | type | meaning |", "| --- | --- | --- | --- |"]
     for k in SYSTEM_KEYS:
-        default = str(k.default).replace("'", '"') if not isinstance(k.default, str) \
-            else f'"{k.default}"'
-        rows.append(f"| `{k.name}` | `{default}` | {k.expect} | {k.doc} |")
+        default = json.dumps(k.default)
+        doc = k.doc.replace("<", "&lt;").replace(">", "&gt;")
+        rows.append(f"| `{k.name}` | `{default}` | {k.expect} | {doc} |")
     return "\n".join(rows)
+
+
+def update_doc_table(doc: Path) -> bool:
+    """Rewrite the config table between the ``config-table`` markers of ``doc``.
+
+    Returns True when the file changed. Run ``python -m coordination.config FILE``.
+    """
+    begin, end = "<!-- config-table:begin -->", "<!-- config-table:end -->"
+    text = doc.read_text()
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{config_reference_markdown()}\n{end}{tail}"
+    if new != text:
+        doc.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:] or ["docs/coordination.md"]:
+        print(f"{name}: {'updated' if update_doc_table(Path(name)) else 'unchanged'}")

@@ -54,6 +54,10 @@ def paused_types(state: dict[str, Any], now: float) -> set[str]:
     out = set()
     for name, info in state.get("paused_types", {}).items():
         until = info.get("until") if isinstance(info, dict) else None
-        if until is None or clock.parse_iso(until) > now:
+        try:
+            expired = until is not None and clock.parse_iso(until) <= now
+        except ValueError:
+            expired = False  # an unreadable end date keeps the pause (fail closed)
+        if not expired:
             out.add(name)
     return out

@@ -166,17 +166,22 @@ def _check_queue(home: Home, report: Report, repair: bool,
     from .store import dumps
 
     replace_bytes(path, dumps(data) + b"\n", load_system(home).durability)
-    # The requests drained by the lost revision wait in inbox/.ingested: drain them again,
-    # except those that already finished (their final history record exists).
-    replayed = []
+    # The tasks the lost revision admitted wait in inbox/.ingested/rev-N.jsonl: add them
+    # again, except those that already finished (their final history record exists).
+    replayed: list[dict[str, Any]] = []
     if home.inbox_ingested.is_dir():
-        names = [n for n in os.listdir(home.inbox_ingested) if n.endswith(".json")]
-        finished = _final_records(home, {n[:-5] for n in names})
-        for name in names:
-            if name[:-5] in finished or name[:-5] in prev_tasks:
-                continue
-            os.replace(home.inbox_ingested / name, home.inbox / name)
-            replayed.append(name[:-5])
+        kept = [r for n in sorted(os.listdir(home.inbox_ingested)) if n.endswith(".jsonl")
+                for _, r in iter_jsonl(home.inbox_ingested / n) if r and r.get("task_id")]
+        finished = _final_records(home, {t["task_id"] for t in kept})
+        replayed = [t for t in kept
+                    if t["task_id"] not in finished and t["task_id"] not in prev_tasks]
+    if replayed:
+        def body(txn: Any) -> None:
+            for task in replayed:
+                task.update(status="queued", worker_id=None)
+                txn.state.tasks[task["task_id"]] = task
+                txn.touch(task)
+        q._transaction(now, body, drain=False)
     q.ingest(now=now)
     finding.repaired = True
     finding.message += f" -> quarantined as {moved.name}, restored {source}, re-ingested inbox"

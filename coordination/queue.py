@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .control import paused_types, read_control
 from .errors import (
     Backpressure,
     CorruptFileError,
+    HarnessError,
     InvalidTransition,
     LockTimeout,
     NotFound,
@@ -88,12 +90,12 @@ class _Loaded:
     # Serialised tasks in file order. Only tasks marked dirty are serialised again, and a
     # rewritten entry keeps its place, so publishing is one C-level join, not a Python loop.
     blobs: dict[str, bytes] = field(default_factory=dict)
-    dirty: set[str] = field(default_factory=set)
+    dirty: dict[str, None] = field(default_factory=dict)  # ordered: new tasks append in order
     status_of: dict[str, str] = field(default_factory=dict)  # status as last published
     queued: int = 0
 
     def __post_init__(self) -> None:
-        self.dirty.update(self.tasks)
+        self.dirty.update(dict.fromkeys(self.tasks))
 
     def queued_count(self) -> int:
         """Queued tasks as of the last publish or load (O(1))."""
@@ -103,7 +105,7 @@ class _Loaded:
 
     def remove(self, task_id: str) -> None:
         del self.tasks[task_id]
-        self.dirty.add(task_id)
+        self.dirty[task_id] = None
 
     def flush(self) -> None:
         """Serialise dirty tasks and keep ``queued`` in step (O(dirty))."""
@@ -133,10 +135,11 @@ class _Txn:
     inbox_done: list[Path] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     dedup: dict[str, str] = field(default_factory=dict)  # new task_id -> existing task_id
+    admitted: list[dict[str, Any]] = field(default_factory=list)
 
     def touch(self, task: dict[str, Any]) -> None:
         task["updated_at"] = clock.iso(self.now)
-        self.state.dirty.add(task["task_id"])
+        self.state.dirty[task["task_id"]] = None
         self.changed = True
 
     def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
@@ -239,7 +242,8 @@ class TaskQueue:
         queue, prev = self.home.queue_file, self.home.queue_prev_file
         if state.sig is not None:
             # Keep the revision we are replacing for doctor --repair (hard link: no copy).
-            tmp_prev = prev.with_name(f".{prev.name}.tmp-{os.getpid()}")
+            suffix = f"{os.getpid()}-{random.getrandbits(24):06x}"
+            tmp_prev = prev.with_name(f".{prev.name}.tmp-{suffix}")
             try:
                 os.link(queue, tmp_prev)
                 os.replace(tmp_prev, prev)
@@ -251,12 +255,16 @@ class TaskQueue:
         replace_bytes(queue, data, "fsync" if durability == "fsync" else "none")
         state.sig = self._sig()
 
-    def _transaction(self, now: float | None, body: Any, *, drain: bool = True) -> Any:
+    def _transaction(self, now: float | None, body: Any, *, drain: bool = True,
+                     events_out: list[dict[str, Any]] | None = None) -> Any:
         """Run ``body(txn)`` under the queue lock, commit, then emit events.
 
-        Commit order: history lines, dead-letter files, the queue file, then inbox unlinks;
-        events only after all of it. Any exception leaves every file as it was (the cache is
-        dropped so the next call re-reads the disk).
+        Commit order: history lines, dead-letter files, the queue file, the admitted-task
+        record for repair, then dead-letter and inbox unlinks; events only after all of it,
+        once this process no longer holds the lock (with ``events_out`` the caller takes
+        the events and appends them after releasing an outer hold of the lock). Any
+        exception before the queue file is published leaves the queue as it was (the cache
+        is dropped so the next call re-reads the disk).
         """
         cfg = load_system(self.home)
         ts = clock.now() if now is None else now
@@ -270,7 +278,10 @@ class TaskQueue:
             except BaseException:
                 self._loaded = None
                 raise
-        self._after_commit(txn)
+        if events_out is not None:
+            events_out.extend(txn.events)
+        else:
+            self._emit(txn.events)
         return out
 
     def _commit(self, txn: _Txn, durability: str) -> None:
@@ -284,39 +295,52 @@ class TaskQueue:
             replace_json(self.home.dead_letter(task["task_id"]), task, dur, pretty=True)
         if txn.changed:
             self._publish(txn.state, txn.now, durability)
-            self._rotate_ingested()
+            self._keep_admitted(txn)
         for task_id in txn.drop_dead_letters:
             try:
                 os.unlink(self.home.dead_letter(task_id))
             except FileNotFoundError:
                 pass
-        keep = self.home.inbox_ingested if txn.changed else None
         for path in txn.inbox_done:
             try:
-                if keep is not None:
-                    os.replace(path, keep / path.name)
-                else:
-                    os.unlink(path)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
-    def _rotate_ingested(self) -> None:
-        """Forget the requests of the revision that just became ``task-queue.prev.json``:
-        it contains them, so a repair no longer needs them."""
+    def _keep_admitted(self, txn: _Txn) -> None:
+        """Keep the tasks this revision admitted in ``inbox/.ingested/rev-N.jsonl``.
+
+        ``task-queue.prev.json`` lacks them, so ``doctor --repair`` needs them to rebuild a
+        lost current revision. The file of the previous revision goes: the revision that
+        just became ``prev`` contains its tasks. Not fsynced: it matters only if the queue
+        file is also lost, and the queue file itself was fsynced.
+        """
+        folder = self.home.inbox_ingested
         try:
-            names = os.listdir(self.home.inbox_ingested)
+            names = os.listdir(folder)
         except FileNotFoundError:
-            self.home.inbox_ingested.mkdir(parents=True, exist_ok=True)
-            return
+            folder.mkdir(parents=True, exist_ok=True)
+            names = []
         for name in names:
             try:
-                os.unlink(self.home.inbox_ingested / name)
+                os.unlink(folder / name)
             except FileNotFoundError:
                 pass
+        if txn.admitted:
+            data = b"".join(dumps(t) + b"\n" for t in txn.admitted)
+            replace_bytes(folder / f"rev-{txn.state.revision}.jsonl", data, "none")
 
-    def _after_commit(self, txn: _Txn) -> None:
-        if txn.events:
-            append_events(self.home, txn.events)
+    def _emit(self, events: list[dict[str, Any]]) -> None:
+        """Append events of a committed change. The change is durable already, so failing
+        here must not fail the caller (a retrying producer would enqueue twice): the
+        problem is reported on stderr instead."""
+        if not events:
+            return
+        try:
+            append_events(self.home, events)
+        except HarnessError as exc:
+            print(f"harness: warning: {len(events)} event(s) not recorded: {exc}",
+                  file=sys.stderr)
 
     # ------------------------------------------------------------------ inbox
     def submit(self, request: dict[str, Any], *, now: float | None = None,
@@ -422,6 +446,7 @@ class TaskQueue:
                 group_ids.discard(task["task_id"])
                 continue
             tasks[task["task_id"]] = task
+            txn.admitted.append(task)
             sources[task["task_id"]] = path
             if key:
                 by_dedup[key] = task["task_id"]
@@ -441,6 +466,7 @@ class TaskQueue:
                 if path is None:
                     raise UsageError(f"request: {reason}")
                 txn.state.remove(task_id)
+                txn.admitted = [t for t in txn.admitted if t["task_id"] != task_id]
                 txn.inbox_done.remove(path)
                 txn.events = [e for e in txn.events if e["task_id"] != task_id]
                 self._reject(txn, path, f"{path}: {reason}")
@@ -515,18 +541,24 @@ class TaskQueue:
         if len(validated) > 1 or self._try_lock():
             # Uncontended (or a batch, which is one commit anyway): admit directly under the
             # lock, draining whatever other producers left in the inbox in the same commit.
+            events: list[dict[str, Any]] = []
             try:
                 def direct(txn: _Txn) -> list[EnqueueResult]:
                     self._admit(txn, [(dict(task), None) for task in validated])
                     return [self._resolve(txn, task_id) for task_id in ids]
-                results: list[EnqueueResult] = self._transaction(ts, direct)
+                results: list[EnqueueResult] = self._transaction(ts, direct,
+                                                                 events_out=events)
             finally:
                 if len(validated) == 1:
                     self._lock.release()
+            self._emit(events)
             return results
         # Contended: publish in the inbox, then wait for the lock. Whoever holds it now
         # drains our request in its commit (group commit), so the wait is usually short.
+        live = self._load().tasks
         for task in validated:
+            if task["task_id"] in live:
+                raise UsageError(f"task id {task['task_id']} is already live")
             stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
             path = self.home.inbox / f"{task['task_id']}.json"
             # Not fsynced: the caller is acknowledged only after the queue commit below.
@@ -838,7 +870,7 @@ class TaskQueue:
         return [dict(t) for t in self._load().tasks.values()]
 
     def get(self, task_id: str) -> dict[str, Any] | None:
-        """The task as live, else its newest final history record, else its dead letter;
+        """The task as live, else its dead letter, else its newest final history record;
         None when unknown. The history lookup streams the file."""
         live = self._load().tasks.get(task_id)
         if live is not None:

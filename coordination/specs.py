@@ -26,27 +26,33 @@ from .locks import lock_for
 from .paths import Home
 from .store import read_json, replace_json
 
-SPEC_STATES = ("starting", "idle", "busy", "draining", "stopping")
+SPEC_STATES = ("starting", "idle", "busy", "draining", "stopping", "stopped")
 EXIT_REASONS = ("idle", "max_tasks", "max_uptime", "drained", "signal", "error", "crashed",
                 "once")
 
 
 def process_start_time(pid: int) -> float | None:
-    """psutil's create_time of ``pid``, or None when there is no such process."""
+    """psutil's create_time of ``pid``; None when there is no such process.
+
+    Raises :class:`psutil.AccessDenied` when the process exists but cannot be inspected,
+    which is not a proof of death (callers fail closed).
+    """
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-    except psutil.AccessDenied:
         return None
 
 
 def new_spec(worker_id: str, instance: str, now: float, *, types: list[str] | None = None,
              unit: str | None = None, pid: int | None = None) -> dict[str, Any]:
     pid = os.getpid() if pid is None else pid
+    try:
+        started = process_start_time(pid)
+    except psutil.AccessDenied:
+        started = None
     return {
         "version": 1, "worker_id": worker_id, "instance": instance, "pid": pid,
-        "process_start_time": process_start_time(pid), "hostname": socket.gethostname(),
+        "process_start_time": started, "hostname": socket.gethostname(),
         "unit": unit, "types": types, "state": "starting", "started_at": clock.iso(now),
         "heartbeat_at": clock.iso(now), "progress": 0, "current_task_id": None,
         "task_started_at": None, "tasks_done": 0, "tasks_failed": 0, "tokens_used": 0,
@@ -131,7 +137,10 @@ def liveness(spec: dict[str, Any], now: float, heartbeat_timeout_s: float) -> st
     except ValueError:
         beat = None
     if spec.get("hostname") == socket.gethostname() and isinstance(spec.get("pid"), int):
-        started = process_start_time(spec["pid"])
+        try:
+            started = process_start_time(spec["pid"])
+        except psutil.AccessDenied:
+            return None  # it exists and we may not look: no proof of anything
         if started is None:
             return f"pid {spec['pid']} is gone"
         recorded = spec.get("process_start_time")

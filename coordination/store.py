@@ -115,6 +115,7 @@ def append_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> N
     so the file never keeps a torn line; then :class:`DiskFull` is raised.
     """
     try:
+        created = durability == "fsync" and not os.path.exists(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             start = os.fstat(fd).st_size
@@ -130,6 +131,8 @@ def append_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> N
                 os.fdatasync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_dir(path.parent)  # the new directory entry must survive a crash too
     except OSError as exc:
         _raise_write_error(path, exc)
 

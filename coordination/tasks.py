@@ -38,6 +38,11 @@ REQUEST_FIELDS = frozenset({
 })
 
 
+def _first_set(*values: Any) -> Any:
+    """The first value that is not None (0 and "" count as set, and are then validated)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _fail(where: str, msg: str) -> UsageError:
     return UsageError(f"{where}: {msg}")
 
@@ -116,8 +121,8 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
     if size > limits["max_command_bytes"]:
         raise _fail(f"{where}.command", f"is {size} bytes; the limit is "
                     f"{limits['max_command_bytes']} (max_command_bytes)")
-    max_attempts = request.get("max_attempts") or wtype.get("max_attempts") \
-        or limits["default_max_attempts"]
+    max_attempts = _first_set(request.get("max_attempts"), wtype.get("max_attempts"),
+                              limits["default_max_attempts"])
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or \
             not 1 <= max_attempts <= 1000:
         raise _fail(f"{where}.max_attempts", f"must be an integer 1..1000, got {max_attempts!r}")
@@ -140,7 +145,8 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
     not_before = request.get("not_before")
     if not_before is not None:
         try:
-            clock.parse_iso(not_before)
+            # Normalise to the canonical millisecond form so text order is time order.
+            not_before = clock.iso(clock.parse_iso(not_before))
         except ValueError:
             raise _fail(f"{where}.not_before", f"{not_before!r} is not a UTC timestamp "
                         "YYYY-MM-DDTHH:MM:SS.mmmZ") from None
@@ -155,9 +161,9 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
                                or budget < 0):
         raise _fail(f"{where}.budget", f"must be a non-negative integer, got {budget!r}")
-    created_at = request.get("created_at") or clock.iso(now)
+    created_at = request.get("created_at")
     try:
-        clock.parse_iso(created_at)
+        created_at = clock.iso(now if created_at is None else clock.parse_iso(created_at))
     except ValueError:
         raise _fail(f"{where}.created_at", f"{created_at!r} is not a UTC timestamp") from None
     return {
@@ -181,7 +187,8 @@ def check_stored_task(task: Any, where: str) -> list[str]:
                            "max_attempts") if f not in task]
     if missing:
         problems.append(f"{where}: missing field(s) {', '.join(missing)}")
-    if not isinstance(task.get("task_id"), str) or not TASK_ID_RE.fullmatch(task.get("task_id", "")):
+    task_id = task.get("task_id")
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
         problems.append(f"{where}.task_id: invalid {task.get('task_id')!r}")
     if task.get("status") not in LIVE_STATUSES:
         problems.append(f"{where}.status: {task.get('status')!r} is not a live status")

@@ -1,0 +1,1098 @@
+"""Metrics, health, checks and timelines computed from the coordination files.
+
+Pure computation over the home (docs/observability.md): no long loop, no subprocess. The
+daemons and the CLI (``harness metrics``, ``status``, ``check``, ``timeline``, ``dashboard``,
+``report``) call these functions; the supervisor imports :func:`compute_health` (the one
+health rule) and may publish :func:`health_document` as ``coordination/health.json``.
+
+Cost bounds (so that ``harness status`` and ``harness check`` stay fast on a large home)
+- History: only the newest records are read, backwards, until a record older than the
+  window (minus :data:`WINDOW_SLACK_S`) is met or :data:`HISTORY_TAIL_MAX_BYTES` (8 MiB) have
+  been read; the result says whether the window was complete.
+- Events: the alert list scans the newest :data:`ALERT_SCAN_LINES` lines (``tail_jsonl``).
+- Counters (``harness_tasks_total`` and friends) are cumulative and incremental: every
+  snapshot stores a cursor (history inode and byte offset, newest ``recorded_at``; completed
+  spec mtimes) and the next one reads only what was appended since. A rotation of the
+  history file (new inode or smaller size) is detected and the new file is counted from its
+  first record newer than the cursor, so the counters stay monotonic.
+
+Stalled workers (approximation, until the supervisor publishes its own list): a ``busy``
+spec whose ``heartbeat_at`` is older than ``heartbeat_timeout_s``; or whose
+``progress_at`` (or ``progress_updated_at``), when the worker reports one, is older than
+``worker_stall_timeout_s``; or, without such a timestamp, whose task has run longer than
+``worker_stall_timeout_s`` while ``progress`` is still 0/null.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import clock
+from .config import SystemConfig, load_system
+from .control import paused_types, read_control
+from .errors import CorruptFileError, HarnessError, NotFound
+from .events import emit
+from .locks import lock_for
+from .paths import Home
+from .redact import redact
+from .specs import read_specs
+from .store import append_line, read_json, replace_json, tail_jsonl
+from .tasks import PRIORITIES
+
+SNAPSHOT_VERSION = 1
+#: Newest bytes of task-history.jsonl that a window computation reads at most.
+HISTORY_TAIL_MAX_BYTES = 8 << 20
+#: Records may be appended slightly out of time order by concurrent processes.
+WINDOW_SLACK_S = 300.0
+#: Newest event lines scanned for the "last alerts" of status and dashboard.
+ALERT_SCAN_LINES = 2000
+ALERT_SEVERITIES = ("warning", "error", "critical")
+#: Health rule (see :func:`compute_health`).
+HEALTHY_SUCCESS_RATE = 0.8
+UNHEALTHY_SUCCESS_RATE = 0.5
+UNHEALTHY_STALLED = 2
+HEALTH_STATES = ("healthy", "degraded", "unhealthy")
+LEVELS = ("ok", "warning", "critical")
+WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping")
+EVENT_SOURCE = "harness-check"
+_MB = 1024 * 1024
+_EVENTS_NAME = Home(Path("/")).events_file.name
+
+
+def health_file(home: Home) -> Path:
+    """``coordination/health.json``, published by the supervisor."""
+    return home.coordination / "health.json"
+
+
+def check_state_file(home: Home) -> Path:
+    """``coordination/check-state.json``: the levels ``harness check`` last reported."""
+    return home.coordination / "check-state.json"
+
+
+# ---------------------------------------------------------------------------- small helpers
+def ts_of(value: Any) -> float | None:
+    """Epoch seconds of a contract timestamp, None when absent or malformed."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return clock.parse_iso(value)
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) with linear interpolation; None for no values."""
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def iter_lines_reverse(path: Path, max_bytes: int, chunk: int = 1 << 18
+                       ) -> Iterator[bytes]:
+    """Complete lines of ``path``, newest first, reading at most ``max_bytes`` from its end.
+
+    A line cut by the byte limit is not yielded; a missing file yields nothing.
+    """
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally, generator-safe
+    except FileNotFoundError:
+        return
+    try:
+        pos = os.fstat(fh.fileno()).st_size
+        carry = b""
+        spent = 0
+        while pos > 0 and spent < max_bytes:
+            step = min(chunk, pos, max_bytes - spent)
+            pos -= step
+            spent += step
+            fh.seek(pos)
+            parts = (fh.read(step) + carry).split(b"\n")
+            carry = parts[0]
+            for raw in reversed(parts[1:]):
+                if raw.strip():
+                    yield raw
+        if pos == 0 and carry.strip():
+            yield carry
+    finally:
+        fh.close()
+
+
+def _loads(raw: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+@dataclass
+class HistoryWindow:
+    """History records with ``recorded_at`` in ``[since, now]``, oldest first."""
+
+    records: list[dict[str, Any]]
+    complete: bool  # False: the byte limit was reached before the window's start
+
+
+def history_window(home: Home, since: float, max_bytes: int = HISTORY_TAIL_MAX_BYTES
+                   ) -> HistoryWindow:
+    """The history records recorded since ``since`` (bounded backwards read)."""
+    since_iso = clock.iso(since)
+    stop_iso = clock.iso(since - WINDOW_SLACK_S)
+    out: list[dict[str, Any]] = []
+    complete = False
+    try:
+        size = home.history_file.stat().st_size
+    except FileNotFoundError:
+        return HistoryWindow([], True)
+    for raw in iter_lines_reverse(home.history_file, max_bytes):
+        record = _loads(raw)
+        if record is None:
+            continue
+        recorded = record.get("recorded_at")
+        if not isinstance(recorded, str):
+            continue
+        if recorded < stop_iso:
+            complete = True
+            break
+        if recorded >= since_iso:
+            out.append(record)
+    else:
+        complete = size <= max_bytes
+    out.reverse()
+    return HistoryWindow(out, complete)
+
+
+# ---------------------------------------------------------------------------- attempts
+def attempt_result(record: dict[str, Any]) -> str | None:
+    """``completed`` or ``failed`` for a record that ends an attempt; None otherwise
+    (released attempts, cancellations and dependency failures are not attempts' results)."""
+    status = record.get("status")
+    if status == "completed":
+        return "completed"
+    if status == "failed" and record.get("started_at"):
+        return "failed"
+    return None
+
+
+def attempt_duration(record: dict[str, Any]) -> float | None:
+    """Seconds from the attempt's ``started_at`` to its ``recorded_at``."""
+    start, end = ts_of(record.get("started_at")), ts_of(record.get("recorded_at"))
+    if start is None or end is None:
+        return None
+    return max(0.0, end - start)
+
+
+def queue_wait(record: dict[str, Any]) -> float | None:
+    """Seconds the attempt waited to be claimed: from ``created_at`` (first attempt) or its
+    ``not_before`` (a retry, or a deferred first attempt) to ``started_at``."""
+    started = ts_of(record.get("started_at"))
+    if started is None:
+        return None
+    not_before = ts_of(record.get("not_before"))
+    attempts = record.get("attempts")
+    if isinstance(attempts, int) and attempts > 1:
+        base = not_before
+    else:
+        created = ts_of(record.get("created_at"))
+        base = created if not_before is None or created is None else max(created, not_before)
+    if base is None:
+        return None
+    return max(0.0, started - base)
+
+
+def tokens_of(record: dict[str, Any]) -> float | None:
+    result = record.get("result")
+    if isinstance(result, dict):
+        return _number(result.get("tokens_used"))
+    return None
+
+
+@dataclass
+class WindowStats:
+    window_s: float
+    completed_1m: int = 0
+    failed_1m: int = 0
+    completed: int = 0
+    failed: int = 0
+    durations: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    tokens: float = 0.0
+    complete: bool = True
+
+    @property
+    def success_rate(self) -> float | None:
+        total = self.completed + self.failed
+        return None if total == 0 else self.completed / total
+
+    @property
+    def error_rate(self) -> float | None:
+        total = self.completed + self.failed
+        return None if total == 0 else self.failed / total
+
+
+def window_stats(records: Iterable[dict[str, Any]], now: float, window_s: float,
+                 complete: bool = True) -> WindowStats:
+    """Throughput, success rate, durations, waits and tokens of the attempts that ended in
+    ``(now - window_s, now]`` (and the last minute for the per-minute rates)."""
+    stats = WindowStats(window_s, complete=complete)
+    since, minute = now - window_s, now - 60.0
+    for record in records:
+        recorded = ts_of(record.get("recorded_at"))
+        if recorded is None or recorded < since or recorded > now + 1:
+            continue
+        tokens = tokens_of(record)
+        if tokens is not None:
+            stats.tokens += tokens
+        result = attempt_result(record)
+        if result is None:
+            continue
+        if result == "completed":
+            stats.completed += 1
+            stats.completed_1m += recorded >= minute
+        else:
+            stats.failed += 1
+            stats.failed_1m += recorded >= minute
+        duration = attempt_duration(record)
+        if duration is not None:
+            stats.durations.append(duration)
+        wait = queue_wait(record)
+        if wait is not None:
+            stats.waits.append(wait)
+    return stats
+
+
+# ---------------------------------------------------------------------------- workers
+def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float,
+                 stall_timeout_s: float) -> str | None:
+    """Why a busy worker counts as stalled (module docstring), or None."""
+    if spec.get("state") != "busy":
+        return None
+    beat = ts_of(spec.get("heartbeat_at"))
+    if beat is not None and now - beat > heartbeat_timeout_s:
+        return f"heartbeat {now - beat:.0f}s old (limit {heartbeat_timeout_s:g}s)"
+    progress_at = ts_of(spec.get("progress_at") or spec.get("progress_updated_at"))
+    if progress_at is not None:
+        if now - progress_at > stall_timeout_s:
+            return f"no progress for {now - progress_at:.0f}s (limit {stall_timeout_s:g}s)"
+        return None
+    started = ts_of(spec.get("task_started_at"))
+    if started is not None and now - started > stall_timeout_s and not spec.get("progress"):
+        return (f"task running {now - started:.0f}s with no progress reported "
+                f"(limit {stall_timeout_s:g}s)")
+    return None
+
+
+def worker_rows(home: Home, cfg: SystemConfig, now: float) -> list[dict[str, Any]]:
+    """One row per active spec: id, state, task, heartbeat age, stalled and why."""
+    rows: list[dict[str, Any]] = []
+    hb_limit = float(cfg["heartbeat_timeout_s"])
+    stall_limit = float(cfg["worker_stall_timeout_s"])
+    for read in read_specs(home):
+        spec = read.spec
+        if spec is None:
+            rows.append({"worker_id": read.path.stem, "state": "unreadable", "error": read.error,
+                         "current_task_id": None, "heartbeat_age_s": None,
+                         "task_age_s": None, "stalled": False, "stall_reason": None})
+            continue
+        beat = ts_of(spec.get("heartbeat_at"))
+        started = ts_of(spec.get("task_started_at"))
+        reason = stall_reason(spec, now, hb_limit, stall_limit)
+        rows.append({
+            "worker_id": spec.get("worker_id"), "instance": spec.get("instance"),
+            "state": spec.get("state"), "current_task_id": spec.get("current_task_id"),
+            "heartbeat_at": spec.get("heartbeat_at"),
+            "heartbeat_age_s": _round(None if beat is None else now - beat, 1),
+            "task_started_at": spec.get("task_started_at"),
+            "task_age_s": _round(None if started is None or not spec.get("current_task_id")
+                                 else now - started, 1),
+            "progress": spec.get("progress"), "tasks_done": spec.get("tasks_done"),
+            "tasks_failed": spec.get("tasks_failed"), "tokens_used": spec.get("tokens_used"),
+            "pid": spec.get("pid"), "unit": spec.get("unit"),
+            "stalled": reason is not None, "stall_reason": reason,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------- health
+def compute_health(success_rate: float | None, stalled_workers: Sequence[str],
+                   window_s: float | None = None) -> tuple[str, list[str]]:
+    """The health rule shared with the supervisor: ``(state, reasons)``.
+
+    healthy: success rate >= 80% (or no finished attempt in the window) and no stalled
+    worker; unhealthy: success rate < 50% or more than 2 stalled workers; else degraded.
+    ``success_rate`` is completed / (completed + failed) attempts over ``health_window_s``.
+    """
+    reasons: list[str] = []
+    over = f" over {window_s:g}s" if window_s else ""
+    stalled = len(stalled_workers)
+    unhealthy = degraded = False
+    if success_rate is not None and success_rate < UNHEALTHY_SUCCESS_RATE:
+        unhealthy = True
+        reasons.append(f"success rate {success_rate:.0%} < {UNHEALTHY_SUCCESS_RATE:.0%}{over}")
+    elif success_rate is not None and success_rate < HEALTHY_SUCCESS_RATE:
+        degraded = True
+        reasons.append(f"success rate {success_rate:.0%} < {HEALTHY_SUCCESS_RATE:.0%}{over}")
+    if stalled > UNHEALTHY_STALLED:
+        unhealthy = True
+    elif stalled:
+        degraded = True
+    if stalled:
+        names = ", ".join(list(stalled_workers)[:5]) + (", ..." if stalled > 5 else "")
+        reasons.append(f"{stalled} stalled worker(s): {names}")
+    state = "unhealthy" if unhealthy else "degraded" if degraded else "healthy"
+    return state, reasons
+
+
+def health_stale_after(cfg: SystemConfig) -> float:
+    """A health.json older than this is ignored (its supervisor is presumed gone)."""
+    return max(60.0, 10.0 * float(cfg["supervisor_tick_s"]))
+
+
+def read_health_file(home: Home) -> dict[str, Any] | None:
+    """The supervisor's health.json, None when absent or unreadable."""
+    try:
+        raw = read_json(health_file(home))
+    except (FileNotFoundError, CorruptFileError):
+        return None
+    if not isinstance(raw, dict) or raw.get("health") not in HEALTH_STATES:
+        return None
+    return raw
+
+
+def health_document(success_rate: float | None, stalled_workers: Sequence[str], *,
+                    backpressure: bool, now: float, window_s: float | None = None,
+                    circuits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A health.json document (the supervisor's format) for the given inputs."""
+    state, reasons = compute_health(success_rate, stalled_workers, window_s)
+    return {"version": 1, "updated_at": clock.iso(now), "health": state,
+            "success_rate": _round(success_rate, 4), "stalled_workers": list(stalled_workers),
+            "reasons": reasons, "backpressure": backpressure, "circuits": circuits or {}}
+
+
+# ---------------------------------------------------------------------------- observation
+@dataclass
+class Observation:
+    """Everything status, snapshot and check need, read once."""
+
+    now: float
+    cfg: SystemConfig
+    queue: dict[str, Any]
+    workers: list[dict[str, Any]]
+    window: WindowStats
+    health: dict[str, Any]
+    backpressure: bool
+    paused: dict[str, Any]
+    circuits: dict[str, Any]
+    disk: dict[str, Any]
+    files: dict[str, int]
+
+
+def file_sizes(home: Home) -> dict[str, int]:
+    """Bytes of every regular, non-hidden file directly in coordination/."""
+    out = {}
+    try:
+        with os.scandir(home.coordination) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    out[entry.name] = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return {}
+    return dict(sorted(out.items()))
+
+
+def disk_usage(home: Home) -> dict[str, Any]:
+    usage = shutil.disk_usage(home.root)
+    return {"free_bytes": usage.free, "total_bytes": usage.total,
+            "free_mb": round(usage.free / _MB, 1)}
+
+
+def observe(home: Home, now: float | None = None) -> Observation:
+    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError."""
+    from .queue import TaskQueue  # the queue module is the heaviest import; keep it local
+
+    home.require()
+    ts = clock.now() if now is None else now
+    cfg = load_system(home)
+    stats = TaskQueue(home).stats(ts)
+    window_s = float(cfg["health_window_s"])
+    hist = history_window(home, ts - window_s)
+    window = window_stats(hist.records, ts, window_s, hist.complete)
+    workers = worker_rows(home, cfg, ts)
+    max_depth = int(cfg["max_queue_depth"])
+    queued = int(stats["by_status"]["queued"])
+    backpressure = queued > max_depth
+    control = read_control(home)
+    active_pauses = paused_types(control, ts)
+    paused = {name: info for name, info in control.get("paused_types", {}).items()
+              if name in active_pauses}
+    supervisor = read_health_file(home)
+    age = None if supervisor is None else ts_of(supervisor.get("updated_at"))
+    fresh = supervisor is not None and age is not None \
+        and ts - age <= health_stale_after(cfg)
+    computed_stalled = [str(w["worker_id"]) for w in workers if w["stalled"]]
+    circuits: dict[str, Any] = {}
+    if fresh and supervisor is not None:
+        stalled = [str(s) for s in supervisor.get("stalled_workers") or []]
+        for w in workers:
+            if w["worker_id"] in stalled and not w["stalled"]:
+                w.update(stalled=True, stall_reason="reported by the supervisor")
+        raw_circuits = supervisor.get("circuits")
+        circuits = dict(raw_circuits) if isinstance(raw_circuits, dict) else {}
+        health: dict[str, Any] = {"state": supervisor["health"],
+                  "reasons": [str(r) for r in supervisor.get("reasons") or []],
+                  "source": "supervisor", "updated_at": supervisor.get("updated_at"),
+                  "success_rate": supervisor.get("success_rate"),
+                  "stalled_workers": sorted(set(stalled) | set(computed_stalled))}
+        backpressure = bool(supervisor.get("backpressure", backpressure)) or backpressure
+    else:
+        state, reasons = compute_health(window.success_rate, computed_stalled, window_s)
+        if supervisor is not None:
+            reasons.append(f"health.json is stale (updated {supervisor.get('updated_at')}); "
+                           "computed from the files")
+        health = {"state": state, "reasons": reasons, "source": "computed",
+                  "updated_at": clock.iso(ts), "success_rate": _round(window.success_rate, 4),
+                  "stalled_workers": computed_stalled}
+    queue = {
+        "queued": queued, "running": int(stats["by_status"]["running"]),
+        "live": stats["live"],
+        "by_priority": {p: dict(stats["by_priority"].get(p, {"queued": 0, "running": 0}))
+                        for p in PRIORITIES},
+        "inbox_pending": stats["inbox_pending"], "dead_letters": stats["dead_letters"],
+        "oldest_queued_at": stats["oldest_queued_at"],
+        "oldest_queued_age_s": stats["oldest_queued_age_s"],
+        "max_queue_depth": max_depth,
+    }
+    return Observation(ts, cfg, queue, workers, window, health, backpressure, paused,
+                       circuits, disk_usage(home), file_sizes(home))
+
+
+# ---------------------------------------------------------------------------- snapshot
+def _worker_counts(obs: Observation) -> dict[str, Any]:
+    counts: dict[str, Any] = {"active": len(obs.workers)}
+    for state in WORKER_STATES:
+        counts[state] = sum(1 for w in obs.workers if w["state"] == state)
+    stalled = sorted(set(obs.health.get("stalled_workers") or []))
+    counts["stalled"] = len(stalled)
+    counts["stalled_ids"] = stalled
+    return counts
+
+
+def snapshot_from(obs: Observation, counters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics snapshot (one line of metrics-snapshots.jsonl) of an observation."""
+    w = obs.window
+    per_min = w.window_s / 60.0
+    snap: dict[str, Any] = {
+        "version": SNAPSHOT_VERSION,
+        "timestamp": clock.iso(obs.now),
+        "window_s": w.window_s,
+        "queue": obs.queue,
+        "workers": _worker_counts(obs),
+        "throughput": {
+            "completed_1m": w.completed_1m, "failed_1m": w.failed_1m,
+            "completed_per_min_1m": float(w.completed_1m),
+            "failed_per_min_1m": float(w.failed_1m),
+            "completed_window": w.completed, "failed_window": w.failed,
+            "completed_per_min_window": round(w.completed / per_min, 3),
+            "failed_per_min_window": round(w.failed / per_min, 3),
+        },
+        "success_rate": _round(w.success_rate, 4),
+        "error_rate": _round(w.error_rate, 4),
+        "durations": {
+            "task_p50_s": _round(percentile(w.durations, 0.5)),
+            "task_p95_s": _round(percentile(w.durations, 0.95)),
+            "task_samples": len(w.durations),
+            "wait_p50_s": _round(percentile(w.waits, 0.5)),
+            "wait_p95_s": _round(percentile(w.waits, 0.95)),
+            "wait_samples": len(w.waits),
+        },
+        "tokens": {"window": w.tokens,
+                   "total": None if counters is None else counters.get("tokens_total")},
+        "backpressure": obs.backpressure,
+        "health": {k: obs.health[k] for k in ("state", "reasons", "source", "updated_at")},
+        "paused_types": sorted(obs.paused),
+        "circuits": obs.circuits,
+        "disk": obs.disk,
+        "files": obs.files,
+        "history_window_complete": w.complete,
+    }
+    if counters is not None:
+        snap["counters"] = counters
+    return snap
+
+
+def last_snapshot(home: Home) -> dict[str, Any] | None:
+    found = tail_jsonl(home.metrics_file, 1)
+    return found[-1] if found else None
+
+
+def recent_snapshots(home: Home, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` snapshots, oldest first (a backwards read)."""
+    return [s for s in tail_jsonl(home.metrics_file, limit) if isinstance(s.get("timestamp"),
+                                                                         str)]
+
+
+def build_snapshot(home: Home, now: float | None = None, *, counters: bool = True,
+                   previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A snapshot of the home now (not appended). ``counters`` adds the cumulative counters,
+    continued from ``previous`` (default: the last stored snapshot)."""
+    obs = observe(home, now)
+    totals = None
+    if counters:
+        prev = previous if previous is not None else last_snapshot(home)
+        totals = update_counters(home, (prev or {}).get("counters"))
+    return snapshot_from(obs, totals)
+
+
+def take_snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
+    """Build a snapshot and append it to metrics-snapshots.jsonl under locks/metrics.lock."""
+    home.require()
+    cfg = load_system(home)
+    with lock_for(home.lock_path("metrics")).held_for(cfg.lock_timeout):
+        snap = build_snapshot(home, now)
+        append_line(home.metrics_file, snap, cfg.durability)
+    return snap
+
+
+# ---------------------------------------------------------------------------- counters
+def empty_counters() -> dict[str, Any]:
+    return {"history": {"inode": None, "offset": 0, "last_recorded_at": None},
+            "tasks_total": {}, "attempts_total": {"completed": 0, "failed": 0},
+            "duration": {"sum_s": 0.0, "count": 0}, "wait": {"sum_s": 0.0, "count": 0},
+            "tokens_total": 0.0,
+            "worker_exits": {"counts": {}, "mtime_ns": 0, "names": []}}
+
+
+def _count_record(c: dict[str, Any], record: dict[str, Any]) -> None:
+    if record.get("final"):
+        outcome = str(record.get("outcome") or record.get("status") or "unknown")
+        c["tasks_total"][outcome] = c["tasks_total"].get(outcome, 0) + 1
+    result = attempt_result(record)
+    if result is not None:
+        c["attempts_total"][result] = c["attempts_total"].get(result, 0) + 1
+        duration = attempt_duration(record)
+        if duration is not None:
+            c["duration"]["sum_s"] += duration
+            c["duration"]["count"] += 1
+        wait = queue_wait(record)
+        if wait is not None:
+            c["wait"]["sum_s"] += wait
+            c["wait"]["count"] += 1
+    tokens = tokens_of(record)
+    if tokens is not None:
+        c["tokens_total"] += tokens
+    recorded = record.get("recorded_at")
+    last = c["history"]["last_recorded_at"]
+    if isinstance(recorded, str) and (last is None or recorded > last):
+        c["history"]["last_recorded_at"] = recorded
+
+
+def update_counters(home: Home, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The cumulative counters: ``previous`` plus what history and completed specs gained
+    since its cursor (see the module docstring). Never mutates ``previous``."""
+    c = empty_counters()
+    if isinstance(previous, dict):
+        try:
+            c = orjson.loads(orjson.dumps(previous))
+            for key, value in empty_counters().items():
+                c.setdefault(key, value)
+        except (TypeError, orjson.JSONDecodeError):
+            c = empty_counters()
+    cursor = c["history"]
+    path = home.history_file
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        offset = int(cursor.get("offset") or 0)
+        rotated = cursor.get("inode") not in (None, st.st_ino) or st.st_size < offset
+        floor = cursor.get("last_recorded_at") if rotated else None
+        if rotated or cursor.get("inode") is None:
+            offset = 0
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # torn or still being written: read it next time
+                offset += len(raw)
+                record = _loads(raw)
+                if record is None:
+                    continue
+                if floor is not None and not str(record.get("recorded_at") or "") > floor:
+                    continue
+                _count_record(c, record)
+        cursor.update(inode=st.st_ino, offset=offset)
+    _count_exits(home, c["worker_exits"])
+    c["duration"]["sum_s"] = round(c["duration"]["sum_s"], 3)
+    c["wait"]["sum_s"] = round(c["wait"]["sum_s"], 3)
+    return c
+
+
+def _count_exits(home: Home, state: dict[str, Any]) -> None:
+    """Add completed specs newer than the (mtime_ns, names at that mtime) cursor."""
+    counts: dict[str, int] = state.setdefault("counts", {})
+    cursor_ns = int(state.get("mtime_ns") or 0)
+    seen = set(state.get("names") or [])
+    newest, names_at_newest = cursor_ns, set(seen)
+    try:
+        entries = list(os.scandir(home.specs_completed))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            mtime = entry.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+        if mtime < cursor_ns or (mtime == cursor_ns and entry.name in seen):
+            continue
+        try:
+            spec = read_json(Path(entry.path))
+        except (FileNotFoundError, CorruptFileError):
+            continue
+        reason = str(spec.get("exit_reason") or "unknown") if isinstance(spec, dict) \
+            else "unknown"
+        counts[reason] = counts.get(reason, 0) + 1
+        if mtime > newest:
+            newest, names_at_newest = mtime, {entry.name}
+        elif mtime == newest:
+            names_at_newest.add(entry.name)
+    state["mtime_ns"] = newest
+    state["names"] = sorted(names_at_newest)
+
+
+# ---------------------------------------------------------------------------- status
+def recent_alerts(home: Home, limit: int = 5, scan: int = ALERT_SCAN_LINES
+                  ) -> list[dict[str, Any]]:
+    """The newest warning+ events among the last ``scan`` lines (redacted), oldest first."""
+    found = [e for e in tail_jsonl(home.events_file, scan)
+             if e.get("severity") in ALERT_SEVERITIES]
+    return [redact(e) for e in found[-limit:]] if limit > 0 else []
+
+
+def recent_events(home: Home, limit: int) -> list[dict[str, Any]]:
+    return [redact(e) for e in tail_jsonl(home.events_file, limit)]
+
+
+def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]:
+    snap = snapshot_from(obs)
+    status: dict[str, Any] = redact({
+        "timestamp": snap["timestamp"], "home": str(home.root),
+        "health": obs.health, "backpressure": obs.backpressure,
+        "queue": obs.queue, "workers": obs.workers, "worker_counts": snap["workers"],
+        "throughput": snap["throughput"], "success_rate": snap["success_rate"],
+        "durations": snap["durations"],
+        "paused_types": obs.paused, "circuits": obs.circuits,
+        "alerts": recent_alerts(home, alerts),
+        "disk": obs.disk, "history_window_complete": obs.window.complete,
+    })
+    return status
+
+
+def collect_status(home: Home, now: float | None = None, alerts: int = 5) -> dict[str, Any]:
+    """The one-glance summary of ``harness status --json`` (bounded reads, redacted)."""
+    return status_from(observe(home, now), home, alerts)
+
+
+# ---------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class CheckDef:
+    name: str
+    key: str          # system.json key with [warning, critical]
+    lower_is_worse: bool
+    unit: str
+    doc: str
+
+
+CHECKS: tuple[CheckDef, ...] = (
+    CheckDef("queue_depth", "check_queue_depth", False, "", "queued tasks"),
+    CheckDef("error_rate", "check_error_rate", False, "",
+             "failed / finished attempts over health_window_s"),
+    CheckDef("stalled_workers", "check_stalled_workers", False, "", "stalled workers"),
+    CheckDef("p95_duration_s", "check_p95_duration_s", False, "s",
+             "p95 attempt duration over health_window_s"),
+    CheckDef("disk_free_mb", "check_disk_free_mb", True, "MB", "free space of the home"),
+    CheckDef("file_mb", "check_file_mb", False, "MB", "largest coordination file"),
+    CheckDef("events_file_mb", "check_events_file_mb", False, "MB",
+             "dashboard-events.jsonl"),
+)
+
+
+def _check_value(check: CheckDef, snap: dict[str, Any]) -> tuple[float | None, str]:
+    files: dict[str, int] = snap.get("files") or {}
+    if check.name == "queue_depth":
+        return float(snap["queue"]["queued"]), ""
+    if check.name == "error_rate":
+        return _number(snap.get("error_rate")), ""
+    if check.name == "stalled_workers":
+        return float(snap["workers"]["stalled"]), ", ".join(snap["workers"]["stalled_ids"][:5])
+    if check.name == "p95_duration_s":
+        return _number(snap["durations"]["task_p95_s"]), ""
+    if check.name == "disk_free_mb":
+        return _number(snap["disk"]["free_mb"]), ""
+    if check.name == "file_mb":
+        if not files:
+            return 0.0, ""
+        name = max(files, key=lambda n: files[n])
+        return round(files[name] / _MB, 3), name
+    if check.name == "events_file_mb":
+        return round(files.get(_EVENTS_NAME, 0) / _MB, 3), ""
+    raise ValueError(check.name)
+
+
+def evaluate_checks(snap: dict[str, Any], cfg: SystemConfig) -> list[dict[str, Any]]:
+    """One result per :data:`CHECKS` entry: name, value, thresholds, level, detail."""
+    out = []
+    for check in CHECKS:
+        warn, crit = (float(x) for x in cfg[check.key])
+        value, detail = _check_value(check, snap)
+        level = "ok"
+        if value is not None:
+            if check.lower_is_worse:
+                level = "critical" if value <= crit else "warning" if value <= warn else "ok"
+            else:
+                level = "critical" if value >= crit else "warning" if value >= warn else "ok"
+        out.append({"name": check.name, "value": value, "warning": warn, "critical": crit,
+                    "level": level, "lower_is_worse": check.lower_is_worse,
+                    "unit": check.unit, "detail": detail, "doc": check.doc})
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "U"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def check_summary(results: list[dict[str, Any]]) -> tuple[str, int, str]:
+    """``(STATUS, exit code, first line)`` in the monitoring-plugin format."""
+    worst = max((LEVELS.index(r["level"]) for r in results), default=0)
+    status = ("OK", "WARNING", "CRITICAL")[worst]
+    bad = sorted((r for r in results if r["level"] != "ok"),
+                 key=lambda r: -LEVELS.index(r["level"]))
+    if bad:
+        text = ", ".join(
+            f"{r['name']}={_fmt(r['value'])}"
+            f" ({'crit' if r['level'] == 'critical' else 'warn'} "
+            f"{_fmt(r['critical'] if r['level'] == 'critical' else r['warning'])})"
+            + (f" [{r['detail']}]" if r["detail"] else "")
+            for r in bad)
+    else:
+        text = f"{len(results)} checks ok"
+    perf = " ".join(f"{r['name']}={_fmt(r['value'])}{r['unit'] if r['value'] is not None else ''};"
+                    f"{_fmt(r['warning'])};{_fmt(r['critical'])}" for r in results)
+    return status, worst, f"HARNESS {status} - {text} | {perf}"
+
+
+@dataclass
+class CheckRun:
+    status: str
+    exit_code: int
+    summary: str
+    results: list[dict[str, Any]]
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.exit_code, "summary": self.summary,
+                "checks": self.results, "alerts": self.alerts,
+                "recoveries": self.recoveries, "notes": self.notes}
+
+
+def read_check_state(home: Home) -> dict[str, Any]:
+    try:
+        raw = read_json(check_state_file(home))
+    except FileNotFoundError:
+        return {"version": 1, "updated_at": None, "checks": {}}
+    if not isinstance(raw, dict) or not isinstance(raw.get("checks"), dict):
+        raise CorruptFileError(check_state_file(home), "must be an object with 'checks'")
+    return raw
+
+
+def run_check(home: Home, now: float | None = None, *, emit_events: bool = True) -> CheckRun:
+    """Evaluate every threshold and record level transitions.
+
+    Under locks/metrics.lock, compares each level with coordination/check-state.json
+    (published by rename): a level that rose emits one ``performance_alert`` event, one that
+    fell emits ``performance_recovered``; a level that stays the same emits nothing.
+    Raises HarnessError (the CLI maps it to UNKNOWN) when the home cannot be read.
+    """
+    ts = clock.now() if now is None else now
+    home.require()
+    cfg = load_system(home)
+    snap = snapshot_from(observe(home, ts))
+    results = evaluate_checks(snap, cfg)
+    status, code, summary = check_summary(results)
+    run = CheckRun(status, code, summary, results)
+    with lock_for(home.lock_path("metrics")).held_for(cfg.lock_timeout):
+        try:
+            state = read_check_state(home)
+        except CorruptFileError as exc:
+            run.notes.append(f"{exc}; starting from a clean state")
+            state = {"version": 1, "updated_at": None, "checks": {}}
+        previous: dict[str, Any] = state["checks"]
+        current: dict[str, Any] = {}
+        for r in results:
+            before = previous.get(r["name"]) if isinstance(previous.get(r["name"]), dict) \
+                else None
+            old = before.get("level") if before and before.get("level") in LEVELS else "ok"
+            since = before.get("since") if before and old == r["level"] else clock.iso(ts)
+            current[r["name"]] = {"level": r["level"], "since": since, "value": r["value"]}
+            if LEVELS.index(r["level"]) > LEVELS.index(old):
+                run.alerts.append(_transition_event("performance_alert", r, old))
+            elif LEVELS.index(r["level"]) < LEVELS.index(old):
+                run.recoveries.append(_transition_event("performance_recovered", r, old))
+        replace_json(check_state_file(home),
+                     {"version": 1, "updated_at": clock.iso(ts), "checks": current},
+                     cfg.durability, pretty=True)
+        if emit_events:
+            for fields in run.alerts + run.recoveries:
+                try:
+                    emit(home, fields["type"], severity=fields["severity"],
+                         source=EVENT_SOURCE, message=fields["message"], data=fields["data"],
+                         now=ts)
+                except HarnessError as exc:
+                    run.notes.append(f"could not emit {fields['type']}: {exc}")
+    return run
+
+
+def _transition_event(kind: str, r: dict[str, Any], old: str) -> dict[str, Any]:
+    level = r["level"]
+    value = _fmt(r["value"])
+    unit = r["unit"]
+    if kind == "performance_alert":
+        threshold = r["critical"] if level == "critical" else r["warning"]
+        cmp = "<=" if r["lower_is_worse"] else ">="
+        message = (f"{r['name']}={value}{unit} {cmp} {level} threshold {_fmt(threshold)}{unit}"
+                   + (f" ({r['detail']})" if r["detail"] else ""))
+        severity = "critical" if level == "critical" else "warning"
+    else:
+        threshold = r["critical"] if old == "critical" else r["warning"]
+        message = (f"{r['name']}={value}{unit} cleared its {old} threshold "
+                   f"{_fmt(threshold)}{unit} (now {level})")
+        severity = "info"
+    return {"type": kind, "severity": severity, "message": message,
+            "data": {"check": r["name"], "level": level, "previous": old, "value": r["value"],
+                     "warning": r["warning"], "critical": r["critical"]}}
+
+
+# ---------------------------------------------------------------------------- timeline
+KIND_RANK = {"task": 0, "worker": 1, "attempt": 2, "history": 3, "event": 4, "log": 5}
+
+
+def _scan_jsonl(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file whose raw line contains one of ``needles`` (a byte-level
+    prefilter, so only candidate lines are parsed)."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with fh:
+        for raw in fh:
+            if any(n in raw for n in needles):
+                record = _loads(raw)
+                if record is not None:
+                    yield record
+
+
+def _archives(home: Home, stem: str) -> list[Path]:
+    """Rotated gzip archives of ``stem`` (``NAME.N.jsonl.gz``), oldest first."""
+    found: list[tuple[int, Path]] = []
+    for folder in (home.coordination, home.coordination / "archive"):
+        for path in folder.glob(f"{stem}.*.jsonl.gz"):
+            middle = path.name[len(stem) + 1:-len(".jsonl.gz")]
+            if middle.isdigit():
+                found.append((int(middle), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _scan_gzip(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            for raw in fh:
+                if any(n in raw for n in needles):
+                    record = _loads(raw)
+                    if record is not None:
+                        yield record
+    except (OSError, EOFError):
+        return
+
+
+def _scan_all(home: Home, path: Path, needles: Sequence[bytes], archives: bool
+              ) -> Iterator[dict[str, Any]]:
+    if archives:
+        for archive in _archives(home, path.name[:-len(".jsonl")]):
+            yield from _scan_gzip(archive, needles)
+    yield from _scan_jsonl(path, needles)
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = 1 << 16) -> list[str]:
+    """The last ``count`` lines of a text file (bounded backwards read)."""
+    lines: list[str] = []
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return []
+    with open(path, "rb") as fh:
+        start = max(0, size - max_bytes)
+        fh.seek(start)
+        data = fh.read()
+    parts = data.decode(errors="replace").split("\n")
+    if start > 0:
+        parts = parts[1:]  # the first line is probably cut
+    if parts and parts[-1] == "":
+        parts.pop()
+    lines = parts[-count:] if count > 0 else []
+    return lines
+
+
+def _history_summary(r: dict[str, Any]) -> str:
+    attempt = f"attempt {r.get('attempts')}/{r.get('max_attempts')}"
+    outcome = r.get("outcome")
+    error = f": {r['last_error']}" if r.get("last_error") else ""
+    if r.get("final"):
+        exit_code = f", exit {r['exit_code']}" if r.get("exit_code") is not None else ""
+        return f"task {r.get('status')} ({outcome}; {attempt}{exit_code}){error}"
+    return f"{attempt} ended {outcome} -> {r.get('status')}{error}"
+
+
+def build_timeline(home: Home, task_id: str | None = None, correlation_id: str | None = None,
+                   *, log_lines: int = 20, archives: bool = False) -> dict[str, Any]:
+    """One ordered story of a task (or every task of a correlation id): its history
+    records, its events, the workers involved and the tail of its log, by timestamp.
+    Everything is redacted. Raises NotFound when nothing mentions the id."""
+    from .queue import TaskQueue
+
+    if (task_id is None) == (correlation_id is None):
+        raise ValueError("give exactly one of task_id and correlation_id")
+    home.require()
+    live = [t for t in TaskQueue(home).live_tasks()
+            if (task_id is not None and t["task_id"] == task_id)
+            or (correlation_id is not None and t.get("correlation_id") == correlation_id)]
+    needles = [(task_id or correlation_id or "").encode()]
+    history = [r for r in _scan_all(home, home.history_file, needles, archives)
+               if (task_id is not None and r.get("task_id") == task_id)
+               or (correlation_id is not None and r.get("correlation_id") == correlation_id)]
+    task_ids = {task_id} if task_id else set()
+    task_ids.update(str(r["task_id"]) for r in history if r.get("task_id"))
+    task_ids.update(t["task_id"] for t in live)
+    event_needles = [n.encode() for n in sorted(task_ids)] + needles
+    events = [e for e in _scan_all(home, home.events_file, event_needles, archives)
+              if e.get("task_id") in task_ids
+              or (correlation_id is not None and e.get("correlation_id") == correlation_id)]
+    entries: list[dict[str, Any]] = []
+
+    def add(timestamp: Any, kind: str, summary: str, *, task: Any = None, worker: Any = None,
+            severity: str | None = None, data: Any = None) -> None:
+        entries.append({"timestamp": timestamp if isinstance(timestamp, str) else None,
+                        "kind": kind, "task_id": task, "worker_id": worker,
+                        "severity": severity, "summary": summary, "data": data})
+
+    created: dict[str, Any] = {}
+    for t in [*history, *live]:
+        created.setdefault(t["task_id"], t)
+    for tid, t in sorted(created.items()):
+        add(t.get("created_at"), "task",
+            f"task created: {t.get('priority')} {t.get('worker_type')} "
+            f"{(t.get('description') or ' '.join(t.get('command') or []))[:120]}".rstrip(),
+            task=tid, data={"correlation_id": t.get("correlation_id"),
+                            "max_attempts": t.get("max_attempts")})
+    claimed = {(e.get("task_id"), (e.get("data") or {}).get("attempt")) for e in events
+               if e.get("type") == "task_claimed"}
+    for r in history:
+        if r.get("started_at") and (r.get("task_id"), r.get("attempts")) not in claimed:
+            add(r.get("started_at"), "attempt", f"attempt {r.get('attempts')} started",
+                task=r.get("task_id"), worker=r.get("worker_id"))
+        add(r.get("recorded_at"), "history", _history_summary(r), task=r.get("task_id"),
+            worker=r.get("worker_id"),
+            severity="info" if r.get("status") == "completed" else "warning",
+            data={k: r.get(k) for k in ("final", "outcome", "status", "attempts",
+                                        "exit_code", "last_error", "result")})
+    for e in events:
+        add(e.get("timestamp"), "event", f"{e.get('type')}: {e.get('message') or ''}".rstrip(),
+            task=e.get("task_id"), worker=e.get("worker_id"), severity=e.get("severity"),
+            data={"type": e.get("type"), "source": e.get("source"), "data": e.get("data")})
+    for t in live:
+        add(t.get("updated_at"), "task", f"now {t['status']} (attempt {t.get('attempts')}/"
+            f"{t.get('max_attempts')})", task=t["task_id"], worker=t.get("worker_id"))
+    workers = {str(x.get("worker_id")) for x in [*history, *events, *live]
+               if x.get("worker_id")}
+    for worker_id in sorted(workers):
+        for folder, state in ((home.specs_active, "active"),
+                              (home.specs_completed, "completed")):
+            try:
+                spec = read_json(folder / f"{worker_id}.json")
+            except (FileNotFoundError, CorruptFileError, OSError):
+                continue
+            if not isinstance(spec, dict):
+                continue
+            add(spec.get("started_at"), "worker",
+                f"worker started (instance {spec.get('instance')}, pid {spec.get('pid')})",
+                worker=worker_id)
+            if state == "completed":
+                add(spec.get("completed_at"), "worker",
+                    f"worker exited: {spec.get('exit_reason')}", worker=worker_id,
+                    severity="info" if spec.get("exit_reason") not in ("crashed", "error")
+                    else "warning")
+            else:
+                add(spec.get("heartbeat_at"), "worker",
+                    f"last heartbeat ({spec.get('state')}, task "
+                    f"{spec.get('current_task_id') or '-'})", worker=worker_id)
+            break
+    for tid in sorted(task_ids):
+        log = home.task_log(tid)
+        lines = tail_lines(log, log_lines)
+        if lines:
+            add(clock.iso(log.stat().st_mtime), "log",
+                f"last {len(lines)} line(s) of {log}", task=tid, data={"lines": lines})
+    if not entries:
+        what = f"task {task_id}" if task_id else f"correlation id {correlation_id}"
+        raise NotFound(f"nothing in the home mentions {what} (history, events, queue)")
+    order = {id(e): i for i, e in enumerate(entries)}
+    entries.sort(key=lambda e: (e["timestamp"] is None, e["timestamp"] or "",
+                                KIND_RANK[e["kind"]], order[id(e)]))
+    out: dict[str, Any] = {"task_id": task_id, "correlation_id": correlation_id,
+                           "task_ids": sorted(task_ids), "workers": sorted(workers),
+                           "entries": entries}
+    redacted: dict[str, Any] = redact(out)
+    return redacted
+
+
+__all__ = [
+    "CHECKS", "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "UNHEALTHY_STALLED",
+    "UNHEALTHY_SUCCESS_RATE", "CheckRun", "Observation", "build_snapshot", "build_timeline",
+    "check_summary", "collect_status", "compute_health", "evaluate_checks", "health_document",
+    "history_window", "observe", "percentile", "recent_alerts", "run_check",
+    "snapshot_from", "stall_reason", "take_snapshot", "update_counters", "window_stats",
+]
