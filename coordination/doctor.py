@@ -29,7 +29,7 @@ from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, read_specs
-from .store import iter_jsonl, read_json, replace_bytes
+from .store import iter_jsonl, read_json, replace_bytes, replace_json
 from .tasks import check_stored_task
 
 STALE_TEMP_S = 3600.0
@@ -224,19 +224,28 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
                     f.repaired = True
     # Interrupted terminal moves: a live task with a final record of the same attempt.
     finals = _final_records(home, set(tasks))
+    interrupted: set[str] = set()
     for task_id, record in finals.items():
         task = tasks[task_id]
-        if record.get("attempts") != task.get("attempts"):
+        if record.get("attempts") != task.get("attempts") \
+                or record.get("started_at") != task.get("started_at"):
             continue  # requeued from dead letters since: the record is of an older run
+        interrupted.add(task_id)
         f = report.add("warning", "interrupted_finish",
                        f"task {task_id} is {task['status']} in the queue but history has its "
                        f"final record ({record.get('status')}): a crash interrupted the move",
                        home.queue_file)
         if repair and queue is not None:
+            if record.get("status") == "failed" and not home.dead_letter(task_id).exists():
+                # The crash came before the dead letter was written: write it now.
+                letter = {k: v for k, v in record.items()
+                          if k not in ("final", "outcome", "recorded_at", "result")}
+                replace_json(home.dead_letter(task_id), letter,
+                             load_system(home).durability, pretty=True)
             _drop_live(queue, task_id, now)
             f.repaired = True
             tasks.pop(task_id, None)
-    for task_id in sorted(dead_ids & set(tasks)):
+    for task_id in sorted(dead_ids & set(tasks) - interrupted):
         report.add("error", "dead_and_live", f"task {task_id} is both live and a dead letter",
                    home.dead_letter(task_id))
     # dedup keys unique among live tasks
@@ -391,6 +400,8 @@ def _cut_torn_tail(home: Home, path: Path, now: float) -> None:
             tail = fh.read(block)
             cut = tail.rfind(b"\n") + 1
             fragment = tail[cut:]
+            if not fragment:  # the line was whole by the time we held the lock
+                return
             with open(path.with_name(path.name + ".corrupt"), "ab") as out:
                 out.write(fragment + b"\n")
             fh.truncate(size - block + cut)

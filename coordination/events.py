@@ -18,6 +18,7 @@ from .config import load_system
 from .errors import UsageError
 from .locks import lock_for
 from .paths import Home
+from .redact import redact, redact_text
 from .store import append_bytes, dumps
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
@@ -36,7 +37,10 @@ def make_event(event_type: str, *, severity: str = "info", source: str | None = 
                message: str = "", task_id: str | None = None, worker_id: str | None = None,
                correlation_id: str | None = None, data: dict[str, Any] | None = None,
                now: float | None = None) -> dict[str, Any]:
-    """Build a validated event envelope; raises :class:`UsageError` naming the bad field."""
+    """Build a validated event envelope; raises :class:`UsageError` naming the bad field.
+
+    ``message`` and ``data`` are redacted (coordination/redact.py) before they are checked
+    and stored: secret-looking keys and token shapes never reach the events file."""
     if not isinstance(event_type, str) or not EVENT_TYPE_RE.fullmatch(event_type):
         raise UsageError(f"event type {event_type!r} must match {EVENT_TYPE_RE.pattern}")
     if severity not in SEVERITIES:
@@ -45,6 +49,8 @@ def make_event(event_type: str, *, severity: str = "info", source: str | None = 
         data = {}
     if not isinstance(data, dict):
         raise UsageError("event data must be a JSON object")
+    message = redact_text(message)
+    data = redact(data)
     if len(message.encode()) > MAX_MESSAGE_BYTES:
         raise UsageError(f"event message is over {MAX_MESSAGE_BYTES} bytes")
     if len(dumps(data)) > MAX_DATA_BYTES:

@@ -48,6 +48,7 @@ from .errors import (
 from .events import append_events, make_event
 from .locks import lock_for
 from .paths import Home
+from .redact import redact, redact_text
 from .store import (
     Durability,
     append_bytes,
@@ -564,8 +565,10 @@ class TaskQueue:
             # Not fsynced: the caller is acknowledged only after the queue commit below.
             replace_bytes(path, dumps(stored) + b"\n", "none")
 
+        keys = {task["task_id"]: task.get("dedup_key") for task in validated}
+
         def body(txn: _Txn) -> list[EnqueueResult]:
-            return [self._resolve(txn, task_id) for task_id in ids]
+            return [self._resolve(txn, task_id, keys[task_id]) for task_id in ids]
 
         results = self._transaction(ts, body)
         return results
@@ -578,7 +581,8 @@ class TaskQueue:
             return False
         return True
 
-    def _resolve(self, txn: _Txn, task_id: str) -> EnqueueResult:
+    def _resolve(self, txn: _Txn, task_id: str,
+                 dedup_key: str | None = None) -> EnqueueResult:
         tasks = txn.state.tasks
         if task_id in tasks:
             return EnqueueResult(dict(tasks[task_id]), True)
@@ -591,6 +595,11 @@ class TaskQueue:
             found = self.get(task_id)
             if found is not None:
                 return EnqueueResult(found, True)
+            # Another holder's drain deduplicated it onto a live task: return that one.
+            holder = next((t for t in tasks.values()
+                           if dedup_key and t.get("dedup_key") == dedup_key), None)
+            if holder is not None:
+                return EnqueueResult(dict(holder), False)
             raise NotFound(f"task {task_id} vanished from the inbox without trace")
         return EnqueueResult(dict(tasks[existing]), False)
 
@@ -668,7 +677,12 @@ class TaskQueue:
                         result: dict[str, Any] | None = None) -> None:
         record = dict(task)
         record.update(final=final, outcome=outcome, recorded_at=clock.iso(txn.now),
-                      result=result)
+                      result=None if result is None else redact(result))
+        # History is a record for people: mask secrets there (the live task and its dead
+        # letter keep the exact text, which a retry needs).
+        for key in ("last_error", "description"):
+            if isinstance(record.get(key), str):
+                record[key] = redact_text(record[key])
         txn.history.append(record)
 
     def _finish(self, txn: _Txn, task: dict[str, Any], status: str, outcome: str,
@@ -709,11 +723,13 @@ class TaskQueue:
         return done
 
     def backoff(self, attempts: int, cfg_values: dict[str, Any]) -> float:
-        """Retry delay after ``attempts`` attempts: exponential, capped, with jitter."""
+        """Retry delay after ``attempts`` attempts: exponential, with jitter, capped (the
+        cap applies last, so no retry is ever scheduled beyond ``retry_backoff_max_s``)."""
         base = float(cfg_values["retry_backoff_base_s"])
-        delay = min(base * (2 ** max(attempts - 1, 0)), float(cfg_values["retry_backoff_max_s"]))
+        cap = float(cfg_values["retry_backoff_max_s"])
+        delay = min(base * (2 ** max(attempts - 1, 0)), cap)
         jitter = float(cfg_values["retry_jitter"])
-        return float(delay * random.uniform(1 - jitter, 1 + jitter))
+        return float(min(delay * random.uniform(1 - jitter, 1 + jitter), cap))
 
     def fail(self, task_id: str, worker_id: str | None, *, error: str,
              exit_code: int | None = None, retry: bool = True,
@@ -836,6 +852,12 @@ class TaskQueue:
                 raise NotFound(f"no dead letter {task_id} ({path})") from None
             if task_id in txn.state.tasks:
                 raise InvalidTransition(f"task {task_id} is already live")
+            key = task.get("dedup_key")
+            holder = next((t["task_id"] for t in txn.state.tasks.values()
+                           if key and t.get("dedup_key") == key), None)
+            if holder is not None:
+                raise InvalidTransition(f"dedup_key {key!r} of {task_id} is held by live task "
+                                        f"{holder}; cancel or finish it first")
             task.update(status="queued", worker_id=None, not_before=None, started_at=None,
                         completed_at=None, cancel_requested=False, exit_code=None)
             if reset_attempts:

@@ -201,32 +201,32 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict[str, A
         fh = open(path, "rb")  # noqa: SIM115
     except FileNotFoundError:
         return []
+    newest_first: list[dict[str, Any]] = []
+
+    def take(raw: bytes) -> None:
+        raw = raw.strip()
+        if not raw or len(newest_first) >= limit:
+            return
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(obj, dict):
+            newest_first.append(obj)
+
     with fh:
-        size = os.fstat(fh.fileno()).st_size
-        pos, buf = size, b""
-        lines: list[bytes] = []
-        while pos > 0 and len(lines) <= limit:
+        pos, buf = os.fstat(fh.fileno()).st_size, b""
+        # Count parseable records, not raw lines: blank and garbage lines do not count.
+        while pos > 0 and len(newest_first) < limit:
             step = min(chunk, pos)
             pos -= step
             fh.seek(pos)
             buf = fh.read(step) + buf
             parts = buf.split(b"\n")
             buf = parts[0]
-            lines = parts[1:] + lines
+            for raw in reversed(parts[1:]):
+                take(raw)
         if pos == 0 and buf:
-            lines = [buf, *lines]
-    out: list[dict[str, Any]] = []
-    for raw in reversed(lines):
-        if len(out) >= limit:
-            break
-        raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    out.reverse()
-    return out
+            take(buf)
+    newest_first.reverse()
+    return newest_first

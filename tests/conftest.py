@@ -1,0 +1,40 @@
+"""Fixtures shared by the coordination tests (helpers live in tests/helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ProcGroup, make_home
+
+from coordination.paths import Home
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    """An initialised home with the default system config."""
+    return make_home(tmp_path)
+
+
+@pytest.fixture
+def home_factory(tmp_path: Path) -> Callable[..., Home]:
+    """``home_factory(**system_overrides)``: a fresh initialised home per call."""
+    counter = iter(range(1, 1_000_000))
+
+    def make(**overrides: Any) -> Home:
+        return make_home(tmp_path, f"home{next(counter)}", **overrides)
+
+    return make
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcGroup]:
+    """Spawn children with ``procs.python(...)``/``procs.spawn(...)``; all are killed and
+    reaped at teardown, whatever the test did."""
+    group = ProcGroup(tmp_path / "procs")
+    try:
+        yield group
+    finally:
+        group.close()

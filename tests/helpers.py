@@ -1,0 +1,241 @@
+"""Shared test helpers: initialised homes, file readers, and child processes that are
+always killed and reaped.
+
+Import as ``from helpers import ...`` (pytest puts tests/ on sys.path via its conftest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from coordination.config import DEFAULT_WORKER_TYPES, SYSTEM_KEYS, default_system
+from coordination.paths import Home
+from coordination.store import read_json, read_jsonl, replace_json
+
+TESTS_DIR = Path(__file__).resolve().parent
+PROCS_DIR = TESTS_DIR / "procs"
+REPO_ROOT = TESTS_DIR.parent
+
+#: A fixed instant for tests that inject time (2023-11-14T22:13:20Z).
+T0 = 1_700_000_000.0
+
+_SYSTEM_KEY_NAMES = frozenset(k.name for k in SYSTEM_KEYS)
+
+
+# ---------------------------------------------------------------------------- homes
+def make_home(tmp_path: Path | str, name: str = "home", **system_overrides: Any) -> Home:
+    """An initialised home at ``tmp_path/name`` with system.json defaults plus overrides.
+
+    e.g. ``make_home(tmp_path, retry_backoff_base_s=0, durability="none")``.
+    """
+    unknown = set(system_overrides) - _SYSTEM_KEY_NAMES
+    if unknown:
+        raise ValueError(f"unknown system key(s) {sorted(unknown)}")
+    home = Home(Path(tmp_path) / name)
+    home.create()
+    cfg = default_system()
+    cfg.update(system_overrides)
+    replace_json(home.system_config, cfg, pretty=True)
+    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    return home
+
+
+def set_system(home: Home, **overrides: Any) -> None:
+    """Change keys of an existing home's system.json (published by rename)."""
+    unknown = set(overrides) - _SYSTEM_KEY_NAMES
+    if unknown:
+        raise ValueError(f"unknown system key(s) {sorted(unknown)}")
+    cfg = read_json(home.system_config)
+    cfg.update(overrides)
+    replace_json(home.system_config, cfg, pretty=True)
+
+
+def req(**fields: Any) -> dict[str, Any]:
+    """A minimal valid task request (argv ``["true"]``) plus ``fields``."""
+    out: dict[str, Any] = {"command": ["true"]}
+    out.update(fields)
+    return out
+
+
+# ---------------------------------------------------------------------------- readers
+def queue_on_disk(home: Home) -> dict[str, dict[str, Any]]:
+    """task-queue.json parsed with the stdlib json module, by task id ({} when absent)."""
+    try:
+        raw = json.loads(home.queue_file.read_bytes())
+    except FileNotFoundError:
+        return {}
+    return {t["task_id"]: t for t in raw["tasks"]}
+
+
+def history(home: Home) -> list[dict[str, Any]]:
+    return read_jsonl(home.history_file).records
+
+
+def final_records(home: Home) -> dict[str, list[dict[str, Any]]]:
+    """Final history records grouped by task id."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in history(home):
+        if record.get("final"):
+            out.setdefault(record["task_id"], []).append(record)
+    return out
+
+
+def events(home: Home, event_type: str | None = None) -> list[dict[str, Any]]:
+    records = read_jsonl(home.events_file).records
+    return [e for e in records if event_type is None or e.get("type") == event_type]
+
+
+def event_counts(home: Home, event_type: str) -> Counter[str]:
+    """How many events of ``event_type`` name each task id."""
+    return Counter(e["task_id"] for e in events(home, event_type))
+
+
+def dead_letter_ids(home: Home) -> set[str]:
+    return {p.stem for p in home.dead_letters.glob("*.json") if not p.name.startswith(".")}
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Hidden publish-by-rename temp files (``.NAME.tmp-...``) in ``folder``."""
+    return sorted(n for n in os.listdir(folder) if n.startswith(".") and ".tmp" in n)
+
+
+# ---------------------------------------------------------------------------- processes
+class Child:
+    """One spawned process; stdout and stderr go to files (no pipe can fill up)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], out: Path, err: Path) -> None:
+        self.name = name
+        self.popen = popen
+        self.out = out
+        self.err = err
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def lines(self) -> list[str]:
+        """Complete (newline-terminated) stdout lines so far; a torn last line is dropped."""
+        try:
+            data = self.out.read_bytes()
+        except FileNotFoundError:
+            return []
+        text = data.decode(errors="replace")
+        complete = text.split("\n")[:-1]
+        return [line for line in complete if line]
+
+    def stderr(self) -> str:
+        try:
+            return self.err.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """Block until a stdout line starting with ``prefix`` appears."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines():
+                if line.startswith(prefix):
+                    return line
+            if self.popen.poll() is not None:
+                # One more look: the line may have landed just before exit.
+                for line in self.lines():
+                    if line.startswith(prefix):
+                        return line
+                raise AssertionError(f"{self.name} exited with {self.popen.returncode} before "
+                                     f"printing {prefix!r}; stderr:\n{self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} printed no {prefix!r} line within {timeout}s;"
+                                     f" stderr:\n{self.stderr()}")
+            time.sleep(0.01)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout}s; stderr:\n"
+                                 f"{self.stderr()}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the child's whole process group (it leads its own session)."""
+        if self.popen.poll() is None:
+            # Not reaped yet, so its pid (and group id) cannot have been reused.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+
+class ProcGroup:
+    """Spawns children and guarantees every one is killed and reaped on :meth:`close`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self._seq = 0
+
+    def spawn(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Child:
+        self._seq += 1
+        stem = f"{self._seq:04d}-{name}"
+        out, err = self.workdir / f"{stem}.out", self.workdir / f"{stem}.err"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
+                                     env=env, cwd=cwd, start_new_session=True)
+        child = Child(name, popen, out, err)
+        self.children.append(child)
+        return child
+
+    def python(self, name: str, script: str, *args: str | Path, **kw: Any) -> Child:
+        """Run ``tests/procs/<script>`` with this interpreter."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+        return self.spawn(name, [sys.executable, str(PROCS_DIR / script), *map(str, args)],
+                          env=env, **kw)
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        for child in self.children:
+            child.kill(sig)
+
+    def reap(self, children: list[Child] | None = None, timeout: float = 30.0) -> None:
+        for child in children if children is not None else self.children:
+            child.wait(timeout)
+
+    def close(self) -> None:
+        """Kill every child still running and wait for all of them (idempotent)."""
+        self.kill_all(signal.SIGKILL)
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(30)
+
+    def __enter__(self) -> ProcGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def proc_group(workdir: Path) -> Iterator[ProcGroup]:
+    group = ProcGroup(workdir)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (so no such process exists)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL)
+    p.wait()
+    return p.pid

@@ -1,0 +1,63 @@
+"""Producer child: enqueue tasks through TaskQueue.enqueue, printing each acknowledged id.
+
+    producer.py HOME --prefix P [--count N] [--seed S] [--via-inbox]
+
+Prints ``ready`` once set up, then ``ack <task_id>`` (one write per line, flushed) only
+after enqueue returned, and ``done`` at the end. ``--count 0`` enqueues until killed.
+Backpressure is waited out, never fatal. ``--via-inbox`` forces the contended path of
+enqueue (publish in the inbox, then group commit) even when the queue lock is free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+from coordination.errors import Backpressure
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.tasks import PRIORITIES
+
+
+class InboxQueue(TaskQueue):
+    """TaskQueue that always behaves as if another process held the queue lock."""
+
+    def _try_lock(self) -> bool:
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("home")
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--via-inbox", action="store_true")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    queue = (InboxQueue if args.via_inbox else TaskQueue)(Home(Path(args.home)))
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    i = 0
+    while args.count == 0 or i < args.count:
+        request = {"command": ["true"], "description": f"{args.prefix}-{i}",
+                   "priority": rng.choice(PRIORITIES), "correlation_id": args.prefix}
+        try:
+            result = queue.enqueue(request)
+        except Backpressure:
+            time.sleep(0.01)
+            continue
+        out.write(f"ack {result.task['task_id']}\n")
+        out.flush()
+        i += 1
+    out.write("done\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

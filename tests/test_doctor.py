@@ -1,0 +1,479 @@
+"""``doctor.check``: every invariant it reports, and what ``repair=True`` does about it.
+
+Crash states are produced two ways: by hand (writing exactly the files a crash would leave)
+and by a simulated crash inside a queue commit (a BaseException raised from one of the
+commit's steps, after the earlier steps already hit the disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import dead_pid, final_records, make_home, queue_on_disk, req, temp_files
+
+from coordination import clock, doctor
+from coordination import queue as queue_module
+from coordination.errors import CorruptFileError
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import new_spec, write_spec
+from coordination.store import append_line, read_jsonl
+
+
+class SimulatedCrash(BaseException):
+    """Raised from inside a commit to stop it dead, like SIGKILL at that instruction."""
+
+
+def codes(report: doctor.Report, level: str | None = None) -> list[str]:
+    return sorted(f.code for f in report.findings if level is None or f.level == level)
+
+
+def open_codes(report: doctor.Report) -> list[str]:
+    return sorted(f.code for f in report.findings if not f.repaired and f.level != "info")
+
+
+def crash_during(monkeypatch: pytest.MonkeyPatch, target: Any, name: str,
+                 action: Callable[[], Any]) -> None:
+    """Run ``action`` with ``target.name`` raising SimulatedCrash; restore it afterwards."""
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise SimulatedCrash(name)
+
+    with monkeypatch.context() as m:
+        m.setattr(target, name, boom)
+        with pytest.raises(SimulatedCrash):
+            action()
+
+
+@pytest.fixture
+def queue(home: Home) -> TaskQueue:
+    return TaskQueue(home)
+
+
+def test_fresh_and_busy_homes_are_clean(home: Home, queue: TaskQueue) -> None:
+    assert doctor.check(home).clean
+    a = queue.enqueue(req()).task["task_id"]
+    queue.enqueue(req(dedup_key="k"))
+    queue.claim("w1")
+    queue.complete(a, "w1")
+    queue.submit(req())
+    report = doctor.check(home)
+    assert report.clean, report.as_dict()
+    assert codes(report) == ["inbox_pending"]
+    assert codes(report, "info") == ["inbox_pending"]
+
+
+def test_uninitialised_home_is_an_error(tmp_path: Path) -> None:
+    report = doctor.check(Home(tmp_path / "nothing"))
+    assert not report.ok and codes(report) == ["not_initialised"]
+
+
+# ------------------------------------------------------------------------------ corrupt queue
+def corrupt_queue(home: Home) -> bytes:
+    """Truncate task-queue.json in the middle (as a bad hand edit or bit rot would)."""
+    data = home.queue_file.read_bytes()
+    with open(home.queue_file, "r+b") as fh:
+        fh.truncate(len(data) // 2)
+    return home.queue_file.read_bytes()
+
+
+def test_corrupt_queue_makes_operations_raise_and_leaves_bytes(home: Home,
+                                                               queue: TaskQueue) -> None:
+    queue.enqueue(req(description="a"))
+    queue.enqueue(req(description="b"))
+    broken = corrupt_queue(home)
+    for operation in (lambda q: q.claim("w1"), lambda q: q.enqueue(req()),
+                      lambda q: q.live_tasks(), lambda q: q.ingest()):
+        with pytest.raises(CorruptFileError) as info:
+            operation(TaskQueue(home))  # a fresh instance: nothing cached
+        message = str(info.value)
+        assert str(home.queue_file) in message
+        assert "line" in message and "column" in message
+        assert info.value.path == home.queue_file
+        assert home.queue_file.read_bytes() == broken
+    # The instance that had it cached notices the change too.
+    with pytest.raises(CorruptFileError):
+        queue.claim("w1")
+    assert home.queue_file.read_bytes() == broken
+    assert list(home.inbox.glob("*.json")) == []
+
+
+def test_doctor_reports_corrupt_queue_without_touching_it(home: Home,
+                                                          queue: TaskQueue) -> None:
+    queue.enqueue(req())
+    queue.enqueue(req())
+    broken = corrupt_queue(home)
+    report = doctor.check(home)
+    assert not report.ok
+    assert codes(report, "error") == ["corrupt_queue"]
+    finding = report.open("error")[0]
+    assert finding.path == str(home.queue_file)
+    assert "line" in finding.message
+    assert home.queue_file.read_bytes() == broken
+    assert not any(home.quarantine.iterdir())
+
+
+def test_repair_quarantines_restores_prev_and_reingests_inbox(home: Home,
+                                                              queue: TaskQueue) -> None:
+    first = queue.enqueue(req(description="first")).task["task_id"]
+    queue.enqueue(req(description="second"))
+    prev = json.loads(home.queue_prev_file.read_bytes())
+    assert [t["task_id"] for t in prev["tasks"]] == [first]  # the revision before the last
+    broken = corrupt_queue(home)
+    pending = queue.submit(req(description="waiting in the inbox"))
+    report = doctor.check(home, repair=True)
+    assert report.ok, report.as_dict()
+    (finding,) = [f for f in report.findings if f.code == "corrupt_queue"]
+    assert finding.repaired
+    quarantined = list(home.quarantine.iterdir())
+    assert len(quarantined) == 1 and quarantined[0].read_bytes() == broken
+    live = queue_on_disk(home)
+    assert first in live  # from task-queue.prev.json
+    assert pending in live  # re-ingested from the inbox
+    assert list(home.inbox.glob("*.json")) == []
+    after = doctor.check(home)
+    assert after.clean, after.as_dict()
+    assert codes(after) == ["quarantined"]
+    assert TaskQueue(home).claim("w1") is not None
+
+
+def test_repair_replays_inbox_requests_of_the_lost_revision(
+        home: Home, queue: TaskQueue) -> None:
+    first = queue.enqueue(req(description="first")).task["task_id"]
+    # Through the inbox (as a contended producer does): the lost revision drains it.
+    second = queue.submit(req(description="second"))
+    queue.ingest()
+    corrupt_queue(home)
+    assert doctor.check(home, repair=True).ok
+    assert {first, second} <= set(queue_on_disk(home))
+
+
+def test_repair_keeps_directly_enqueued_task_of_the_lost_revision(
+        home: Home, queue: TaskQueue) -> None:
+    queue.enqueue(req(description="first"))
+    second = queue.enqueue(req(description="second")).task["task_id"]
+    corrupt_queue(home)
+    assert doctor.check(home, repair=True).ok
+    assert second in queue_on_disk(home), "an acknowledged task was lost by the repair"
+
+
+def test_repair_without_good_prev_starts_empty_and_keeps_history(home: Home,
+                                                                 queue: TaskQueue) -> None:
+    done = queue.enqueue(req()).task["task_id"]
+    queue.claim("w1")
+    queue.complete(done, "w1")
+    home.queue_file.write_bytes(b'{"version": 1, "tasks": [')
+    if home.queue_prev_file.exists():
+        home.queue_prev_file.write_bytes(b"garbage")
+    report = doctor.check(home, repair=True)
+    assert report.ok and "corrupt_queue" in codes(report)
+    assert queue_on_disk(home) == {}
+    assert TaskQueue(home).get(done)["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------ hand edits
+@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("flock") is None,
+                    reason="needs jq and flock(1)")
+def test_hand_edit_under_flock_is_respected_by_next_claim(home: Home, queue: TaskQueue) -> None:
+    queue.enqueue(req(task_id="A", priority="medium"))
+    queue.enqueue(req(task_id="B", priority="medium"))
+    assert [t["task_id"] for t in queue.live_tasks()] == ["A", "B"]  # cache is warm
+    script = ("jq '(.tasks[] | select(.task_id == \"B\") | .priority) = \"critical\"' "
+              "coordination/task-queue.json > coordination/task-queue.json.edit "
+              "&& mv coordination/task-queue.json.edit coordination/task-queue.json")
+    subprocess.run(["flock", "coordination/locks/queue.lock", "sh", "-c", script],
+                   cwd=home.root, check=True, timeout=30, stdin=subprocess.DEVNULL)
+    claimed = queue.claim("w1")
+    assert claimed is not None and claimed["task_id"] == "B"
+    assert claimed["priority"] == "critical"
+    assert doctor.check(home).clean
+
+
+def test_duplicate_dedup_key_in_hand_edited_queue_is_an_error(home: Home,
+                                                               queue: TaskQueue) -> None:
+    queue.enqueue(req(task_id="A", dedup_key="k"))
+    queue.enqueue(req(task_id="B"))
+    doc = json.loads(home.queue_file.read_bytes())
+    for task in doc["tasks"]:
+        task["dedup_key"] = "k"
+    home.queue_file.write_text(json.dumps(doc))
+    report = doctor.check(home)
+    assert codes(report, "error") == ["duplicate_dedup_key"]
+
+
+def test_self_dependency_in_hand_edited_queue_is_an_error(home: Home, queue: TaskQueue) -> None:
+    queue.enqueue(req(task_id="A"))
+    doc = json.loads(home.queue_file.read_bytes())
+    doc["tasks"][0]["depends_on"] = ["A"]
+    home.queue_file.write_text(json.dumps(doc))
+    assert codes(doctor.check(home), "error") == ["self_dependency"]
+
+
+# ------------------------------------------------------------------------------ interrupted moves
+def test_interrupted_finish_by_hand_is_a_warning_and_repaired(home: Home,
+                                                              queue: TaskQueue) -> None:
+    tid = queue.enqueue(req()).task["task_id"]
+    running = queue.claim("w1")
+    # What a crash between the history append and the queue publish leaves behind:
+    append_line(home.history_file, dict(running, status="completed", final=True,
+                                        outcome="completed", completed_at=clock.iso(time.time()),
+                                        recorded_at=clock.iso(time.time()), result=None))
+    report = doctor.check(home)
+    assert report.ok and not report.clean
+    assert open_codes(report) == ["interrupted_finish"]
+    repaired = doctor.check(home, repair=True)
+    assert [f.code for f in repaired.findings if f.repaired] == ["interrupted_finish"]
+    assert tid not in queue_on_disk(home)
+    assert TaskQueue(home).get(tid)["status"] == "completed"
+    assert len(final_records(home)[tid]) == 1
+    assert doctor.check(home).clean
+
+
+def test_crash_between_history_and_queue_publish_on_complete(
+        home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid = queue.enqueue(req()).task["task_id"]
+    queue.claim("w1")
+    crash_during(monkeypatch, TaskQueue, "_publish", lambda: queue.complete(tid, "w1"))
+    assert queue_on_disk(home)[tid]["status"] == "running"  # the publish never happened
+    assert [r["status"] for r in final_records(home)[tid]] == ["completed"]
+    report = doctor.check(home)
+    assert report.ok and open_codes(report) == ["interrupted_finish"]
+    assert doctor.check(home, repair=True).ok
+    assert doctor.check(home).clean
+    assert tid not in queue_on_disk(home)
+
+
+def test_crash_after_dead_letter_before_queue_publish_is_only_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = make_home(tmp_path, name="h2")
+    queue = TaskQueue(home)
+    tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
+    queue.claim("w1")
+    crash_during(monkeypatch, TaskQueue, "_publish",
+                 lambda: queue.fail(tid, "w1", error="boom"))
+    assert home.dead_letter(tid).exists() and tid in queue_on_disk(home)
+    report = doctor.check(home)
+    assert report.ok, report.as_dict()
+
+
+def test_crash_after_dead_letter_before_queue_publish_is_repaired(
+        home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
+    queue.claim("w1")
+    crash_during(monkeypatch, TaskQueue, "_publish",
+                 lambda: queue.fail(tid, "w1", error="boom"))
+    repaired = doctor.check(home, repair=True)
+    assert repaired.ok, repaired.as_dict()
+    assert doctor.check(home).clean
+    assert tid not in queue_on_disk(home)
+    assert [d["task_id"] for d in TaskQueue(home).dead_letters()] == [tid]
+
+
+def test_crash_before_dead_letter_write_keeps_the_dead_letter(
+        home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
+    queue.claim("w1")
+    crash_during(monkeypatch, queue_module, "replace_json",
+                 lambda: queue.fail(tid, "w1", error="boom"))
+    assert not home.dead_letter(tid).exists() and tid in queue_on_disk(home)
+    assert doctor.check(home, repair=True).ok
+    assert tid not in queue_on_disk(home)
+    assert [d["task_id"] for d in TaskQueue(home).dead_letters()] == [tid]
+
+
+def test_requeued_dead_letter_is_not_mistaken_for_interrupted_finish(
+        tmp_path: Path) -> None:
+    home = make_home(tmp_path, name="h3", retry_backoff_base_s=0)
+    queue = TaskQueue(home)
+    tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
+    queue.claim("w1")
+    queue.fail(tid, "w1", error="boom")
+    queue.requeue_dead(tid)
+    assert queue.claim("w2")["attempts"] == 1  # same attempt number as the old final record
+    report = doctor.check(home)
+    assert report.clean, report.as_dict()
+    doctor.check(home, repair=True)
+    assert tid in queue_on_disk(home), "repair dropped a live running task"
+
+
+# ------------------------------------------------------------------------------ workers
+def register(home: Home, worker_id: str, **overrides: Any) -> dict[str, Any]:
+    spec = new_spec(worker_id, "test", time.time(), pid=overrides.pop("pid", None))
+    spec.update(overrides)
+    write_spec(home, spec, create=True)
+    return spec
+
+
+def test_dead_worker_orphans_are_reclaimed_and_spec_completed(home: Home,
+                                                               queue: TaskQueue) -> None:
+    pid = dead_pid()
+    register(home, "worker-dead", pid=pid, state="busy")
+    register(home, "worker-alive")  # this process: alive
+    tid = queue.enqueue(req(max_attempts=3)).task["task_id"]
+    other = queue.enqueue(req()).task["task_id"]
+    assert queue.claim("worker-dead")["task_id"] == tid
+    assert queue.claim("worker-alive")["task_id"] == other
+    report = doctor.check(home)
+    assert report.ok and not report.clean
+    assert open_codes(report) == ["dead_worker", "orphaned_task"]
+    assert any(str(pid) in f.message for f in report.findings if f.code == "dead_worker")
+
+    repaired = doctor.check(home, repair=True)
+    assert all(f.repaired for f in repaired.findings if f.level != "info")
+    task = TaskQueue(home).get(tid)
+    assert task["status"] == "queued"
+    assert task["attempts"] == 1  # the attempt counts: kept, not reset
+    assert task["worker_id"] is None
+    assert queue.history_of(tid)[-1]["outcome"] == "reclaimed"
+    assert TaskQueue(home).get(other)["status"] == "running"  # the live worker keeps its task
+    assert not (home.specs_active / "worker-dead.json").exists()
+    spec = json.loads((home.specs_completed / "worker-dead.json").read_bytes())
+    assert spec["exit_reason"] == "crashed" and spec["completed_at"]
+    assert (home.specs_active / "worker-alive.json").exists()
+    assert doctor.check(home).clean
+
+
+def test_pid_reuse_is_detected_as_dead(home: Home, queue: TaskQueue) -> None:
+    spec = new_spec("worker-reused", "test", time.time())  # our own, living pid
+    assert spec["pid"] == os.getpid() and spec["process_start_time"] is not None
+    spec["process_start_time"] -= 100  # ...but the recorded process started 100 s earlier
+    write_spec(home, spec, create=True)
+    tid = queue.enqueue(req()).task["task_id"]
+    queue.claim("worker-reused")
+    report = doctor.check(home)
+    assert open_codes(report) == ["dead_worker", "orphaned_task"]
+    (dead,) = [f for f in report.findings if f.code == "dead_worker"]
+    assert "reused" in dead.message
+    doctor.check(home, repair=True)
+    assert TaskQueue(home).get(tid)["status"] == "queued"
+    assert doctor.check(home).clean
+
+
+def test_live_worker_with_matching_start_time_is_alive(home: Home, queue: TaskQueue) -> None:
+    register(home, "worker-me")
+    queue.enqueue(req())
+    queue.claim("worker-me")
+    assert doctor.check(home).clean
+
+
+def test_running_task_without_any_spec_is_orphaned_after_heartbeat_timeout(
+        home: Home, queue: TaskQueue) -> None:
+    tid = queue.enqueue(req()).task["task_id"]
+    queue.claim("worker-ghost", now=time.time() - 3600)
+    report = doctor.check(home)
+    assert open_codes(report) == ["orphaned_task"]
+    doctor.check(home, repair=True)
+    assert TaskQueue(home).get(tid)["status"] == "queued"
+
+
+def test_spec_in_both_active_and_completed(home: Home) -> None:
+    spec = register(home, "worker-both")
+    completed = dict(spec, state="stopped", exit_reason="idle", completed_at=spec["started_at"])
+    (home.specs_completed / "worker-both.json").write_text(json.dumps(completed))
+    report = doctor.check(home)
+    assert open_codes(report) == ["spec_in_both"]
+    doctor.check(home, repair=True)
+    assert not (home.specs_active / "worker-both.json").exists()
+    assert doctor.check(home).clean
+
+
+def test_corrupt_spec_is_an_error_and_quarantined(home: Home) -> None:
+    (home.specs_active / "worker-bad.json").write_text('{"worker_id": ')
+    report = doctor.check(home)
+    assert codes(report, "error") == ["corrupt_spec"]
+    assert doctor.check(home, repair=True).ok
+    assert not (home.specs_active / "worker-bad.json").exists()
+    assert doctor.check(home).ok
+
+
+# ------------------------------------------------------------------------------ files
+def test_stale_temp_files_are_reported_and_removed(home: Home, queue: TaskQueue) -> None:
+    queue.enqueue(req())
+    old = home.coordination / ".task-queue.json.tmp-99999-abcdef"
+    old_inbox = home.inbox / ".t-x.json.tmp-99999-123456"
+    fresh = home.coordination / ".task-queue.json.tmp-99998-fedcba"
+    for path in (old, old_inbox, fresh):
+        path.write_text("partial")
+    two_hours_ago = time.time() - 7200
+    for path in (old, old_inbox):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    report = doctor.check(home)
+    stale = [f for f in report.findings if f.code == "stale_temp"]
+    assert sorted(Path(f.path).name for f in stale) == sorted([old.name, old_inbox.name])
+    assert all(f.level == "warning" for f in stale)
+    doctor.check(home, repair=True)
+    assert not old.exists() and not old_inbox.exists()
+    assert fresh.exists()  # a writer may still be publishing it
+    assert temp_files(home.coordination) == [fresh.name]
+    assert doctor.check(home).clean
+
+
+def test_torn_tail_of_events_is_moved_to_corrupt_on_repair(home: Home,
+                                                           queue: TaskQueue) -> None:
+    queue.enqueue(req())
+    good = home.events_file.read_bytes()
+    with open(home.events_file, "ab") as fh:
+        fh.write(b'{"event_id": "ev-torn", "type": "task_cl')
+    report = doctor.check(home)
+    assert report.ok and open_codes(report) == ["torn_tail"]
+    doctor.check(home, repair=True)
+    assert home.events_file.read_bytes() == good
+    corrupt = home.events_file.with_name(home.events_file.name + ".corrupt")
+    assert corrupt.read_bytes() == b'{"event_id": "ev-torn", "type": "task_cl\n'
+    assert read_jsonl(home.events_file).bad_lines == 0
+    assert doctor.check(home).clean
+    queue.enqueue(req())  # appends continue on a whole line
+    assert read_jsonl(home.events_file).bad_lines == 0
+
+
+def test_torn_tail_of_history_is_repaired_too(home: Home, queue: TaskQueue) -> None:
+    tid = queue.enqueue(req()).task["task_id"]
+    queue.claim("w1")
+    queue.complete(tid, "w1")
+    with open(home.history_file, "ab") as fh:
+        fh.write(b'{"task_id": "t-cut')
+    assert open_codes(doctor.check(home)) == ["torn_tail"]
+    doctor.check(home, repair=True)
+    assert doctor.check(home).clean
+    assert queue.get(tid)["status"] == "completed"
+
+
+def test_garbage_inside_jsonl_is_reported(home: Home, queue: TaskQueue) -> None:
+    queue.enqueue(req())
+    with open(home.events_file, "ab") as fh:
+        fh.write(b"not json at all\n")
+    queue.enqueue(req())
+    report = doctor.check(home)
+    assert report.ok and open_codes(report) == ["bad_jsonl_lines"]
+
+
+def test_missing_lock_file_is_recreated(home: Home) -> None:
+    home.lock_path("metrics").unlink()
+    report = doctor.check(home)
+    assert open_codes(report) == ["missing_lock"]
+    doctor.check(home, repair=True)
+    assert home.lock_path("metrics").exists()
+    assert doctor.check(home).clean
+
+
+def test_corrupt_dead_letter_is_an_error_and_quarantined(home: Home) -> None:
+    (home.dead_letters / "t-broken.json").write_text("{")
+    assert codes(doctor.check(home), "error") == ["corrupt_dead_letter"]
+    assert doctor.check(home, repair=True).ok
+    assert doctor.check(home).ok
+    assert not (home.dead_letters / "t-broken.json").exists()
+
+
+def test_inbox_pending_is_info_and_repair_ingests(home: Home, queue: TaskQueue) -> None:
+    tid = queue.submit(req())
+    report = doctor.check(home)
+    assert report.clean and codes(report) == ["inbox_pending"]
+    doctor.check(home, repair=True)
+    assert tid in queue_on_disk(home)
