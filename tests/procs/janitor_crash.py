@@ -1,0 +1,30 @@
+"""Run the janitor over HOME and die abruptly (os._exit, no clean-up) at rotation STEP.
+
+Usage: janitor_crash.py HOME STEP  (a step named in daemons.janitor._checkpoint)
+Exit status 9 means it died there; 0 that the step was never reached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from coordination.paths import Home
+from daemons import janitor
+
+
+def main() -> None:
+    home, step = Home(Path(sys.argv[1])), sys.argv[2]
+
+    def crash(name: str, path: Path) -> None:
+        if name == step:
+            os._exit(9)
+
+    janitor._checkpoint = crash
+    janitor.run_janitor(home, time.time())
+
+
+if __name__ == "__main__":
+    main()
