@@ -23,6 +23,7 @@ The functions are pure and cheap on strings without a match (one combined regex 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 MASK = "[redacted]"
@@ -69,6 +70,7 @@ def redact_text(text: str) -> str:
     return text
 
 
+@lru_cache(maxsize=4096)
 def secret_key_kind(key: str) -> str | None:
     """``"secret"`` for a key whose values are masked, ``"token"`` when only the substring
     ``token`` matched (numbers are then counts and kept), None for an ordinary key."""
