@@ -487,24 +487,40 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
         return
     sys.stdout.flush()
     path = home.events_file
-    position = path.stat().st_size if path.exists() else 0
+    st = path.stat() if path.exists() else None
+    position, inode = (st.st_size, st.st_ino) if st else (0, None)
+    last_id: str | None = window[-1].get("event_id") if window else None
+    skip_to: str | None = None  # after a rotation: the kept lines were printed already
     try:
         while True:
-            size = path.stat().st_size if path.exists() else 0
-            if size < position:  # rotated by the janitor: start from the new file's top
-                position = 0
+            st = path.stat() if path.exists() else None
+            size = st.st_size if st else 0
+            if st is not None and (st.st_ino != inode or size < position):
+                # Rotated by the janitor: the new file starts with the newest lines of the
+                # old one (events_keep_lines); resume after the last event already read.
+                inode, position, skip_to = st.st_ino, 0, last_id
             if size > position:
                 with open(path, "rb") as fh:
                     fh.seek(position)
                     chunk = fh.read(size - position)
                 complete = chunk[: chunk.rfind(b"\n") + 1]
                 position += len(complete)
+                parsed = []
                 for raw in complete.splitlines():
                     try:
                         e = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         continue
-                    if isinstance(e, dict) and keep(e):
+                    if isinstance(e, dict):
+                        parsed.append(e)
+                if skip_to is not None:
+                    ids = [e.get("event_id") for e in parsed]
+                    if skip_to in ids:
+                        parsed = parsed[ids.index(skip_to) + 1:]
+                    skip_to = None
+                for e in parsed:
+                    last_id = e.get("event_id") or last_id
+                    if keep(e):
                         emit_line(e)
                 sys.stdout.flush()
             time.sleep(0.25)
@@ -546,7 +562,7 @@ def _register_plugins() -> None:
 
     for name in ("daemons.worker_commands", "daemons.supervisor_commands",
                  "daemons.janitor_commands", "daemons.observability_commands",
-                 "daemons.bench"):
+                 "daemons.bench", "daemons.loadtest"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
