@@ -1,0 +1,522 @@
+"""Run one task attempt as its own process group, capture its output, stop it reliably.
+
+A :class:`TaskRun` is driven by its worker's loop and never blocks it:
+
+- The task is started with ``start_new_session=True`` (new session and process group, no
+  controlling terminal), stdin from /dev/null, stdout and stderr into one pipe, the
+  environment built by :func:`build_env` from an allowlist only, and the worker type's
+  resource limits applied in the child before exec (:func:`limits_preexec`).
+- A reader thread copies the pipe into ``logs/tasks/<task_id>.log`` (append, one header
+  line per attempt) until the file reaches ``task_log_max_bytes``; the rest of the output is
+  read and counted but dropped, and one marker line ``[harness: output truncated at N
+  bytes]`` is appended. A waiter thread reaps the leader. Both poke ``wake`` so the loop
+  notices at once; neither touches coordination files.
+- :meth:`TaskRun.terminate` sends SIGTERM to the whole group and SIGKILL ``kill_grace_s``
+  later. When the leader exits on its own, whatever is left of its group (a background
+  grandchild) is stopped the same way, so no process of a task outlives it.
+  Zombies do not count as survivors: group liveness is judged from ``/proc`` state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordination import clock
+
+TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
+LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
+EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
+TAIL_BYTES = 512
+
+_LIMITS = {
+    "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
+    "cpu_seconds": (resource.RLIMIT_CPU, 1),
+    "processes": (resource.RLIMIT_NPROC, 1),
+}
+
+
+class SpawnError(Exception):
+    """The task could not be started; ``retry`` says whether another attempt may help."""
+
+    def __init__(self, message: str, *, retry: bool, exit_code: int) -> None:
+        super().__init__(message)
+        self.retry = retry
+        self.exit_code = exit_code
+
+
+def build_env(source: Mapping[str, str], allow: Iterable[str],
+              harness: Mapping[str, str]) -> dict[str, str]:
+    """The task environment: only allowlisted keys of ``source``, plus ``harness``."""
+    env = {key: source[key] for key in dict.fromkeys(allow) if key in source}
+    env.update(harness)
+    return env
+
+
+def rlimits(limits: Mapping[str, Any] | None) -> list[tuple[int, int, int]]:
+    """``(resource, soft, hard)`` triples for a worker type's ``limits`` (None: unset).
+
+    A limit never exceeds the worker's own hard limit (an unprivileged worker cannot raise
+    it). RLIMIT_CPU gets a hard limit one second above the soft one, so the task first sees
+    SIGXCPU (which it may handle) and SIGKILL only after.
+    """
+    out = []
+    for key, value in (limits or {}).items():
+        if value is None or key not in _LIMITS:
+            continue
+        res, unit = _LIMITS[key]
+        soft = int(value) * unit
+        hard = soft + 1 if res == resource.RLIMIT_CPU else soft
+        _, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        out.append((res, soft, hard))
+    return out
+
+
+def limits_preexec(limits: Mapping[str, Any] | None) -> Callable[[], None] | None:
+    """A preexec_fn applying the limits in the child between fork and exec (no race with
+    the task's first fork). It only calls setrlimit(2): no lock, no allocation worth
+    mentioning, so it is safe although the worker has threads. None when no limit is set,
+    which keeps subprocess on its vfork fast path."""
+    triples = rlimits(limits)
+    if not triples:
+        return None
+
+    def apply() -> None:
+        for res, soft, hard in triples:
+            resource.setrlimit(res, (soft, hard))
+
+    return apply
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _proc_stat(pid_dir: str) -> tuple[str, int] | None:
+    """(state, pgrp) from /proc/PID/stat, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid_dir}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return fields[0].decode(), int(fields[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that is not a zombie."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # kill(2) counts zombies (an orphan nobody reaped yet); /proc tells them apart.
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in entries:
+        if not name.isdigit():
+            continue
+        stat = _proc_stat(name)
+        if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X", "x"):
+            return True
+    return False
+
+
+def reap_group(pgid: int) -> int:
+    """Reap exited children of ours in group ``pgid`` (orphans reparented to a subreaper
+    worker); returns how many. Call only after the leader itself was reaped."""
+    count = 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return count
+        if pid == 0:
+            return count
+        count += 1
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """killpg; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def reap_orphans(exclude: Iterable[int] = ()) -> int:
+    """Reap zombie children other than ``exclude``: orphans a subreaper inherited from tasks
+    that escaped their process group (setsid) and exited later. Only for a worker process
+    whose children are all its own tasks (never in a process with other Popen children).
+    """
+    import psutil
+
+    skip = set(exclude)
+    count = 0
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return 0
+    for child in children:
+        if child.pid in skip:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
+        if pid:
+            count += 1
+    return count
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER), so
+    grandchildren left by a task are reaped by the worker rather than lingering as zombies
+    under an init that does not reap. Best effort; False when unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(36, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class RunSpec:
+    """Everything needed to start one attempt."""
+
+    task_id: str
+    attempt: int
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log_path: Path
+    log_max_bytes: int
+    kill_grace_s: float = 5.0
+    limits: dict[str, Any] = field(default_factory=dict)
+    header: str = ""
+
+
+class TaskRun:
+    """One running attempt. All methods are called from the worker's main thread."""
+
+    def __init__(self, spec: RunSpec, wake: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self._wake = wake or (lambda: None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.started_mono = 0.0
+        self.ended_mono: float | None = None
+        self.output_bytes = 0  # everything read from the pipe, kept or dropped
+        self.logged_bytes = 0
+        self.truncated = False
+        self.tail = b""
+        self.stop_reason: str | None = None  # why we stopped it (timeout, cancelled, ...)
+        self.killed = False  # SIGKILL was sent
+        self.lingering = False  # gave up waiting for a group member that would not die
+        self.log_error: str | None = None  # a failed log write (the task kept running)
+        self.finished = False
+        self._term_sent_mono: float | None = None
+        self._kill_at: float | None = None
+        self._killed_mono: float | None = None
+        self._leader_done_mono: float | None = None
+        self._group_gone_mono: float | None = None
+        self._reader: threading.Thread | None = None
+        self._waiter: threading.Thread | None = None
+        self._reader_done = threading.Event()
+        self._stop_r: int | None = None
+        self._stop_w: int | None = None
+        self._lock = threading.Lock()
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the task; raises :class:`SpawnError` (nothing left running) on failure."""
+        spec = self.spec
+        try:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                             | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SpawnError(f"cannot open the task log {spec.log_path}: "
+                             f"{exc.strerror or exc}", retry=True, exit_code=126) from None
+        try:
+            if spec.header:
+                _write_all(log_fd, spec.header.rstrip("\n").encode("utf-8", "replace") + b"\n")
+            size = os.fstat(log_fd).st_size
+            self._start_process(log_fd, max(0, spec.log_max_bytes - size))
+        except BaseException:
+            if self._reader is None:  # else the reader thread owns (and closes) log_fd
+                os.close(log_fd)
+            raise
+
+    def _start_process(self, log_fd: int, room: int) -> None:
+        spec = self.spec
+        if not spec.cwd.is_dir():
+            raise SpawnError(f"working directory {spec.cwd} does not exist", retry=False,
+                             exit_code=127)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.proc = subprocess.Popen(
+                spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL,
+                stdout=out_w, stderr=out_w, start_new_session=True, close_fds=True,
+                preexec_fn=limits_preexec(spec.limits))
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            os.close(out_r)
+            raise SpawnError(f"cannot execute {spec.argv[0]!r}: {exc.strerror or exc}",
+                             retry=False, exit_code=127 if isinstance(
+                                 exc, FileNotFoundError) else 126) from None
+        except OSError as exc:
+            os.close(out_r)
+            raise SpawnError(f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}",
+                             retry=True, exit_code=126) from None
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(out_w)
+        self.pid = self.proc.pid
+        self.started_mono = time.monotonic()
+        self._reader = threading.Thread(target=self._read_output, args=(out_r, log_fd, room),
+                                        name=f"task-output-{spec.task_id}", daemon=True)
+        self._reader.start()
+        self._waiter = threading.Thread(target=self._wait_leader,
+                                        name=f"task-wait-{spec.task_id}", daemon=True)
+        self._waiter.start()
+
+    # -- threads ---------------------------------------------------------------------------
+    def _wait_leader(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self._wake()
+
+    def _read_output(self, fd: int, log_fd: int, room: int) -> None:
+        """Copy the pipe to the log until EOF (or :meth:`_abandon_reader`). Output past the
+        cap is read and counted but dropped; a failing log write (disk full) stops logging,
+        never reading, so the task cannot block on a full pipe."""
+        cap = self.spec.log_max_bytes
+        assert self._stop_r is not None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._stop_r, select.POLLIN)
+        last_byte = b"\n"
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._stop_r in ready:
+                    break
+                try:
+                    data = os.read(fd, 65536)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                with self._lock:
+                    self.output_bytes += len(data)
+                    self.tail = (self.tail + data)[-TAIL_BYTES:]
+                try:
+                    if room > 0:
+                        keep = data[:room]
+                        _write_all(log_fd, keep)
+                        room -= len(keep)
+                        self.logged_bytes += len(keep)
+                        last_byte = keep[-1:]
+                        data = data[len(keep):]
+                    if data and not self.truncated and self.log_error is None:
+                        self.truncated = True
+                        marker = TRUNCATION_MARKER.format(cap=cap).encode()
+                        _write_all(log_fd, (b"" if last_byte == b"\n" else b"\n")
+                                   + marker + b"\n")
+                except OSError as exc:
+                    self.log_error = f"{self.spec.log_path}: {exc.strerror or exc}"
+                    room = 0
+        finally:
+            os.close(fd)
+            os.close(log_fd)
+            self._reader_done.set()
+            self._wake()
+
+    # -- control ---------------------------------------------------------------------------
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self.finished
+
+    def terminate(self, reason: str) -> None:
+        """SIGTERM to the whole group now, SIGKILL ``kill_grace_s`` later (see :meth:`poll`).
+        The first reason sticks (a timeout stays a timeout if a cancel follows)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._term_sent_mono is not None or self.pid is None:
+            return
+        now = time.monotonic()
+        self._term_sent_mono = now
+        self._kill_at = now + max(0.0, self.spec.kill_grace_s)
+        signal_group(self.pid, signal.SIGTERM)
+        if self.spec.kill_grace_s <= 0:
+            self._sigkill(now)
+
+    def kill_now(self, reason: str) -> None:
+        """Skip the grace: SIGKILL the group at once."""
+        self.terminate(reason)
+        self._sigkill(time.monotonic())
+
+    def _sigkill(self, now: float) -> None:
+        if self.pid is not None and not self.killed:
+            self.killed = True
+            self._killed_mono = now
+            signal_group(self.pid, signal.SIGKILL)
+
+    def poll(self) -> bool:
+        """Advance the stop sequence; True once the attempt is over: the leader was reaped,
+        no group member is left (or one ignored SIGKILL for LINGER_AFTER_KILL_S) and the
+        output pipe reached EOF (or was abandoned EOF_GRACE_S after the group ended)."""
+        if self.finished:
+            return True
+        if self.proc is None or self.pid is None:
+            return False
+        now = time.monotonic()
+        if self._kill_at is not None and now >= self._kill_at:
+            self._sigkill(now)
+        if self.proc.poll() is None:
+            return False
+        if self._leader_done_mono is None:
+            self._leader_done_mono = now
+            if self.ended_mono is None:
+                self.ended_mono = now
+        reap_group(self.pid)
+        if self._group_gone_mono is None:
+            if group_alive(self.pid):
+                if self._term_sent_mono is None:
+                    # The leader is gone but left processes behind: stop them too.
+                    self._term_sent_mono = now
+                    self._kill_at = now + max(0.0, self.spec.kill_grace_s)
+                    signal_group(self.pid, signal.SIGTERM)
+                if self._killed_mono is not None and now - self._killed_mono \
+                        > LINGER_AFTER_KILL_S:
+                    self.lingering = True
+                else:
+                    return False
+            self._group_gone_mono = now
+        if not self._reader_done.is_set():
+            if now - self._group_gone_mono < EOF_GRACE_S:
+                return False
+            self._abandon_reader()
+        self._finish_threads()
+        self.finished = True
+        return True
+
+    def next_poll_in(self) -> float | None:
+        """How soon :meth:`poll` needs calling without a wake-up (None: only on wake-up)."""
+        if self.finished:
+            return None
+        now = time.monotonic()
+        waits = []
+        if self._kill_at is not None and not self.killed:
+            waits.append(max(0.0, self._kill_at - now))
+        if self._leader_done_mono is not None:
+            if self._group_gone_mono is None:
+                waits.append(0.02)  # no event tells us a group emptied: re-check briskly
+            else:
+                waits.append(max(0.0, self._group_gone_mono + EOF_GRACE_S - now))
+        return min(waits) if waits else None
+
+    def _abandon_reader(self) -> None:
+        if self._stop_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+
+    def _finish_threads(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        if self._waiter is not None:
+            self._waiter.join(timeout=2)
+        for fd in (self._stop_r, self._stop_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._stop_r = self._stop_w = None
+
+    def duration_s(self) -> float:
+        end = self.ended_mono if self.ended_mono is not None else time.monotonic()
+        return max(0.0, end - self.started_mono) if self.started_mono else 0.0
+
+    def tail_line(self, limit: int = 200) -> str:
+        """The last non-empty output line (for last_error), at most ``limit`` characters."""
+        with self._lock:
+            tail = self.tail
+        for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+            line = line.strip()
+            if line and not line.startswith("[harness:"):
+                return line[-limit:]
+        return ""
+
+    def append_log_line(self, text: str) -> None:
+        """A harness line (attempt footer) after the task's output."""
+        with contextlib.suppress(OSError), open(self.spec.log_path, "ab") as log:
+            log.write(text.rstrip("\n").encode("utf-8", "replace") + b"\n")
+
+    def close(self) -> None:
+        """Make sure nothing of the attempt is left (used when the worker aborts)."""
+        if self.finished or self.proc is None:
+            return
+        self.kill_now(self.stop_reason or "worker exiting")
+        deadline = time.monotonic() + LINGER_AFTER_KILL_S + EOF_GRACE_S + 1
+        while not self.poll() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.finished:
+            self._abandon_reader()
+            self._finish_threads()
+            self.finished = True
+
+
+def describe_exit(returncode: int | None) -> tuple[int | None, str]:
+    """(exit_code, phrase): a negative returncode (killed by signal N) becomes 128+N."""
+    if returncode is None:
+        return None, "did not exit"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return 128 - returncode, f"killed by {name}"
+    return returncode, f"exit code {returncode}"
+
+
+def header_line(task: Mapping[str, Any], worker_id: str, argv: list[str], now: float) -> str:
+    return (f"=== harness: {task['task_id']} attempt {task.get('attempts')}/"
+            f"{task.get('max_attempts')} on {worker_id} at {clock.iso(now)}: "
+            f"{subprocess.list2cmdline(argv)[:500]} ===")

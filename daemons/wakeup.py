@@ -1,0 +1,176 @@
+"""Event-driven wake-ups for daemon loops: inotify (watchdog) + signals + in-process pokes.
+
+A :class:`Wakeup` owns one :class:`threading.Event`. It is set when
+
+- a file that matters is published in ``coordination/`` (``task-queue.json``,
+  ``control.json``), in ``coordination/inbox/`` (a new ``*.json`` request) or in
+  ``coordination/config/``; everything else there (event log appends, temp files, lock
+  files) is ignored, so a daemon's own writes do not keep it awake;
+- a signal arrives (:func:`signal.set_wakeup_fd` writes to a pipe from C, a small thread
+  turns that into ``event.set()``; Python-level handlers then only set flags, and never
+  touch a lock the interrupted main thread may hold);
+- anyone calls :meth:`Wakeup.set` (e.g. a task's output reader at EOF).
+
+The loop clears the event *before* a step and waits on it *after*, so a change that lands
+during a step is never lost, and an idle loop sleeps in the kernel: no polling.
+Only IN_CREATE / IN_MOVED_* are watched (every coordination file is published by rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from coordination.paths import Home
+
+WATCHED_NAMES = frozenset({"task-queue.json", "control.json"})
+
+
+def _is_relevant(home: Home, path: str) -> bool:
+    if not path:
+        return False
+    folder, name = os.path.split(path)
+    if not name or name.startswith("."):
+        return False
+    if folder == str(home.coordination):
+        return name in WATCHED_NAMES
+    if folder == str(home.inbox):
+        return name.endswith(".json")
+    if folder == str(home.config_dir):
+        return name.endswith(".json")
+    return False
+
+
+def _no_move_pairing_delay(emitter: Any) -> bool:
+    """Turn off watchdog's move pairing delay for one emitter; True when it was found.
+
+    watchdog holds each IN_MOVED_FROM up to 0.5 s to pair it with its IN_MOVED_TO, and its
+    consumer thread *sleeps* on such a head-of-queue event, so every event queued behind it
+    waits too. Publish-by-rename makes a MOVED_FROM of every write, so under load a wake-up
+    sometimes came 500 ms late (seen as p99 ~500 ms dispatch latency). We only need to know
+    that a watched name appeared, which the unpaired MOVED_TO still reports (as a creation),
+    so the delay buys us nothing. The queue is internal to watchdog (an ``InotifyWatchGroup``
+    grouper in 6+, an ``InotifyBuffer`` before): look for it, and leave watchdog as it is
+    (correct, occasionally slower) when a version keeps it elsewhere."""
+    inotify = getattr(emitter, "_inotify", None)
+    for holder in (getattr(inotify, "_move_event_grouper", None), inotify):
+        queue = getattr(holder, "_queue", None)
+        if queue is not None and isinstance(getattr(queue, "delay", None), int | float):
+            queue.delay = 0
+            return True
+    return False
+
+
+class Wakeup:
+    """A wake-up event fed by inotify on the home, by signals and by :meth:`set`."""
+
+    def __init__(self, home: Home | None = None) -> None:
+        self.home = home
+        self.event = threading.Event()
+        self.fs_wakeups = 0  # inotify-caused wake-ups (for diagnostics and tests)
+        self._observer: Any = None
+        self._sig_r: int | None = None
+        self._sig_w: int | None = None
+        self._sig_thread: threading.Thread | None = None
+        self._old_wakeup_fd: int | None = None
+        self.prompt_moves = False  # watchdog's 0.5 s move-pairing delay is disabled
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, *, signals: bool = True) -> Wakeup:
+        if self.home is not None:
+            self._start_observer(self.home)
+        if signals and threading.current_thread() is threading.main_thread():
+            self._start_signal_pipe()
+        return self
+
+    def _start_observer(self, home: Home) -> None:
+        from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wakeup = self
+
+        class _Handler(FileSystemEventHandler):
+            def dispatch(self, event: Any) -> None:
+                for path in (getattr(event, "dest_path", ""), event.src_path):
+                    if isinstance(path, bytes):
+                        path = os.fsdecode(path)
+                    if _is_relevant(home, path):
+                        wakeup.fs_wakeups += 1
+                        wakeup.event.set()
+                        return
+
+        # The timeout only bounds how often watchdog threads re-check their stop flag; stop()
+        # wakes them at once, so a long one saves idle wake-ups and costs nothing.
+        observer = Observer(timeout=30)
+        handler = _Handler()
+        for folder in (home.coordination, home.inbox, home.config_dir):
+            if Path(folder).is_dir():
+                observer.schedule(handler, str(folder), recursive=False,
+                                  event_filter=[FileMovedEvent, FileCreatedEvent])
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        self.prompt_moves = all(_no_move_pairing_delay(e) for e in observer.emitters)
+
+    def _start_signal_pipe(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(w, False)
+        self._sig_r, self._sig_w = r, w
+        self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        thread = threading.Thread(target=self._signal_reader, args=(r,),
+                                  name="harness-signal-wakeup", daemon=True)
+        thread.start()
+        self._sig_thread = thread
+
+    def _signal_reader(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 256)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self.event.set()
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+        if self._sig_w is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None
+                                     else -1)
+            os.close(self._sig_w)  # EOF ends the reader thread
+            self._sig_w = None
+            if self._sig_thread is not None:
+                self._sig_thread.join(timeout=5)
+                self._sig_thread = None
+            if self._sig_r is not None:
+                os.close(self._sig_r)
+                self._sig_r = None
+
+    def __enter__(self) -> Wakeup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the event -----------------------------------------------------------------------
+    def set(self) -> None:
+        self.event.set()
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until set or ``timeout`` seconds pass; True when woken."""
+        if timeout is not None and timeout <= 0:
+            return self.event.is_set()
+        return self.event.wait(timeout)

@@ -1,0 +1,835 @@
+"""``harness worker run``: claim tasks, run each in its own process group, record outcomes.
+
+Structure
+- :class:`Worker` holds the state; :meth:`Worker.step` is the whole loop body. It takes the
+  current time, does what is due (claim, supervise the running task, heartbeat, exit
+  checks) and returns how long the loop may sleep (``None``: exit now). Tests drive it
+  directly without sleeping.
+- :func:`run_worker` is the loop around it: it only waits on a :class:`~daemons.wakeup.Wakeup`
+  (inotify on the home, signals, task EOF/exit) with the timeout ``step`` returned, and turns
+  signals into flags. An idle worker therefore sleeps in the kernel until a task arrives,
+  ``safety_recheck_s`` passes, a queued task's ``not_before`` comes due, or a heartbeat or
+  systemd watchdog ping is due.
+
+Ordering: each event is emitted after the state it reports is durable (spec written, queue
+committed). The worker's spec moves to ``worker-specs/completed/`` with ``exit_reason`` on
+every exit path except when the supervisor already moved it (declared us dead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from coordination import clock
+from coordination.config import SystemConfig, load_system, load_worker_types
+from coordination.control import read_control
+from coordination.errors import (
+    ConfigError,
+    CorruptFileError,
+    HarnessError,
+    InvalidTransition,
+    NotFound,
+    TemporaryFailure,
+    UsageError,
+)
+from coordination.events import emit
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
+from coordination.store import read_json
+
+from .notify import Notifier
+from .task_runner import (
+    RunSpec,
+    SpawnError,
+    TaskRun,
+    become_subreaper,
+    build_env,
+    describe_exit,
+    header_line,
+    reap_orphans,
+)
+from .wakeup import Wakeup
+
+SOURCE = "worker"
+CANCEL_CHECK_S = 0.5  # a running task's cancel_requested is seen at least this often
+STATUS_REFRESH_S = 2.0  # STATUS="busy t-... (12s)" is refreshed this often
+RETRY_AFTER_ERROR_S = 2.0  # after a failed queue operation (lock timeout, bad config)
+MAX_RESULT_BYTES = 1 << 20
+RESULT_FILE = "result.json"
+EXIT_CODES = {"error": 1}  # every other exit_reason is a clean exit (0)
+
+
+@dataclass
+class WorkerOptions:
+    """What ``harness worker run`` was asked to do (None: not limited / from system.json)."""
+
+    instance: str = "0"
+    types: list[str] | None = None
+    idle_exit_s: float | None = None
+    max_tasks: int | None = None
+    max_uptime_s: float | None = None
+    once: bool = False
+    unit: str | None = None
+
+
+@dataclass
+class _Pending:
+    """An attempt that ended but whose outcome is not yet recorded (queue busy)."""
+
+    run: TaskRun
+    task: dict[str, Any]
+    retry_at: float = 0.0
+    footer_written: bool = False
+    footer_logged_error: bool = False
+
+
+@dataclass
+class _Timers:
+    heartbeat_at: float = 0.0
+    status_at: float = 0.0
+    cancel_check_at: float = 0.0
+    watchdog_mono: float = 0.0
+    error_until: float = 0.0
+    notes: dict[str, float] = field(default_factory=dict)
+
+
+def default_instance(environ: Mapping[str, str] | None = None) -> str:
+    """``$HARNESS_INSTANCE``, else the instance of our systemd unit, else ``"0"``."""
+    env = os.environ if environ is None else environ
+    if env.get("HARNESS_INSTANCE"):
+        return env["HARNESS_INSTANCE"]
+    unit = systemd_unit(env)
+    if unit and "@" in unit:
+        return unit.split("@", 1)[1].rsplit(".", 1)[0] or "0"
+    return "0"
+
+
+def systemd_unit(environ: Mapping[str, str] | None = None) -> str | None:
+    """The systemd unit we run in (from /proc/self/cgroup), when started by systemd."""
+    env = os.environ if environ is None else environ
+    if not env.get("INVOCATION_ID"):
+        return None
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        for part in reversed(line.rsplit(":", 1)[-1].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
+class Worker:
+    """One worker lifetime: register, claim/run/record until an exit reason, deregister."""
+
+    def __init__(self, home: Home, options: WorkerOptions, *, notifier: Notifier | None = None,
+                 wake: Callable[[], None] | None = None,
+                 environ: dict[str, str] | None = None) -> None:
+        self.home = home.require()
+        self.opts = options
+        self.queue = TaskQueue(home)
+        self.notifier = notifier or Notifier({})
+        self.wake = wake or (lambda: None)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.worker_id: str = ""
+        self.spec: dict[str, Any] = {}
+        self.started_at = 0.0
+        self.started_iso = ""
+        self.idle_since = 0.0
+        self.run: TaskRun | None = None
+        self.task: dict[str, Any] | None = None
+        self.task_started = 0.0
+        self.pending: _Pending | None = None
+        self.tasks_run = 0  # attempts run to an end (completed or failed), for max_tasks
+        self.ticks = 0
+        self.truncation_reported = False
+        self.exit_reason: str | None = None
+        self.draining = False
+        self.dead = False  # the supervisor moved our spec: we are presumed dead
+        self.stop_requested_at: float | None = None
+        self.spec_dirty = False
+        self.t = _Timers()
+        self._cfg: SystemConfig | None = None
+        self._types: dict[str, dict[str, Any]] = {}
+        self._control_sig: tuple[int, int, int] | None = None
+        self._control: dict[str, Any] = {}
+        self.subreaper = False  # run_worker sets it: then orphans of tasks are reaped here
+        # Set by signal handlers (plain assignments only), consumed by step().
+        self.flag_stop = 0
+        self.flag_reload = False
+
+    # ------------------------------------------------------------------ signal flags
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: stop claiming; a second request ends the stop grace at once."""
+        self.flag_stop += 1
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read system.json and worker-types.json."""
+        self.flag_reload = True
+
+    # ------------------------------------------------------------------ config
+    @property
+    def cfg(self) -> SystemConfig:
+        assert self._cfg is not None
+        return self._cfg
+
+    def _refresh_config(self, now: float, *, announce: bool = False) -> None:
+        """Re-read config (cheap: cached by file signature). A broken file keeps the last
+        good values and is reported once per change."""
+        try:
+            cfg = load_system(self.home)
+            types = load_worker_types(self.home)
+        except ConfigError as exc:
+            if self._cfg is None:
+                raise
+            self._note("config_error", now, f"config unreadable, keeping the last good "
+                       f"values: {exc}", severity="error")
+            return
+        self._cfg, self._types = cfg, types
+        if announce:
+            self._emit("worker_reloaded", "configuration re-read (SIGHUP)",
+                       idle_exit_s=self.idle_exit_s())
+
+    def idle_exit_s(self) -> float:
+        if self.opts.idle_exit_s is not None:
+            return float(self.opts.idle_exit_s)
+        return float(self.cfg["idle_exit_s"])
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, event_type: str, message: str = "", *, task: dict[str, Any] | None = None,
+              severity: str = "info", **data: Any) -> None:
+        try:
+            emit(self.home, event_type, severity=severity, source=SOURCE, message=message,
+                 task_id=task["task_id"] if task else None, worker_id=self.worker_id or None,
+                 correlation_id=task.get("correlation_id") if task else None, data=data)
+        except HarnessError as exc:  # the event log is best effort; the state is durable
+            print(f"harness worker: could not emit {event_type}: {exc}", file=sys.stderr)
+
+    def _note(self, key: str, now: float, message: str, severity: str = "warning") -> None:
+        """Emit a warning at most once a minute per key (errors in a retrying loop)."""
+        if now - self.t.notes.get(key, -1e18) >= 60:
+            self.t.notes[key] = now
+            print(f"harness worker {self.worker_id}: {message}", file=sys.stderr)
+            self._emit(f"worker_{key}", message, severity=severity)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, now: float) -> dict[str, Any]:
+        """Register: publish our spec in worker-specs/active/, then READY=1."""
+        self._refresh_config(now)
+        known = self._types
+        for name in self.opts.types or ():
+            if name not in known:
+                raise UsageError(f"--types: unknown worker type {name!r}; known: "
+                                 f"{', '.join(sorted(known))}")
+        self.worker_id = clock.new_worker_id(self.opts.instance, now)
+        self.started_at = self.idle_since = now
+        spec = new_spec(self.worker_id, self.opts.instance, now, types=self.opts.types,
+                        unit=self.opts.unit)
+        spec["state"] = "idle"
+        self.spec = spec
+        self.started_iso = spec["started_at"]
+        write_spec(self.home, spec, create=True)
+        self.t.heartbeat_at = now
+        self._emit("worker_started", f"worker {self.worker_id} registered",
+                   pid=spec["pid"], instance=self.opts.instance, types=self.opts.types,
+                   unit=self.opts.unit)
+        self.notifier.ready(status="idle")
+        return spec
+
+    def _write_spec(self, now: float, **changes: Any) -> bool:
+        """Publish the spec with ``changes``; False (and dead) when it was moved away."""
+        self.spec.update(changes)
+        self.spec["heartbeat_at"] = clock.iso(now)
+        self.t.heartbeat_at = now
+        ok = write_spec(self.home, self.spec)
+        self.spec_dirty = False
+        if not ok and not self.dead:
+            self.dead = True
+            print(f"harness worker {self.worker_id}: our spec was moved to completed/ (the "
+                  "supervisor declared us dead); stopping", file=sys.stderr)
+        return ok
+
+    def shutdown(self, now: float) -> dict[str, Any] | None:
+        """Stop whatever still runs, deregister (spec to completed/), STOPPING=1."""
+        reason = self.exit_reason or "error"
+        self.exit_reason = reason
+        self.notifier.stopping(status=f"stopping ({reason})")
+        if self.run is not None and not self.run.finished:
+            # Not the task's fault: hand it back (release) unless it was already being
+            # stopped for a reason of its own (timeout, cancel).
+            self.run.kill_now("stopping")
+            self.run.close()
+        if self.run is not None and self.task is not None:
+            self.pending = _Pending(self.run, self.task)
+            self.run = self.task = None
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            with contextlib.suppress(HarnessError):
+                self._record(pending, now)
+        if not self.worker_id:
+            return None
+        done: dict[str, Any] | None = None
+        if not self.dead:
+            extra = {k: self.spec.get(k) for k in ("tasks_done", "tasks_failed", "tokens_used",
+                                                   "progress")}
+            extra.update(heartbeat_at=clock.iso(now), task_started_at=None)
+            try:
+                done = complete_spec(self.home, self.worker_id, reason, now, extra=extra)
+            except NotFound:
+                self.dead = True
+        self._emit("worker_stopped", f"worker {self.worker_id} exited: {reason}",
+                   severity="error" if reason == "error" else "info", exit_reason=reason,
+                   tasks_done=self.spec.get("tasks_done"),
+                   tasks_failed=self.spec.get("tasks_failed"),
+                   tokens_used=self.spec.get("tokens_used"))
+        return done
+
+    # ------------------------------------------------------------------ the step
+    def step(self, now: float) -> float | None:
+        """Do what is due at ``now``; return how long to wait (None: exit now)."""
+        if self.exit_reason is not None:
+            return None
+        self._take_flags(now)
+        self._refresh_config(now)
+        if self.pending is not None:
+            wait = self._retry_pending(now)
+            if wait is not None:
+                return wait
+        if self.run is not None:
+            return self._supervise(now)
+        return self._idle_step(now)
+
+    def _take_flags(self, now: float) -> None:
+        if self.flag_reload:
+            self.flag_reload = False
+            self._refresh_config(now, announce=True)
+        if self.flag_stop and self.stop_requested_at is None:
+            self.stop_requested_at = now
+            self._emit("worker_stopping", "stop requested (signal)",
+                       task=self.task, stop_grace_s=self.cfg["stop_grace_s"])
+            if self.run is not None:
+                self._write_spec(now, state="stopping")
+                self._status(now)
+        if self.flag_stop >= 2 and self.run is not None and self.run.stop_reason is None:
+            self.run.terminate("stopping")  # second signal: no more grace
+
+    # -------------------------------------------------------------- idle
+    def _exit_due(self, now: float) -> str | None:
+        if self.dead:
+            return "error"
+        if self.stop_requested_at is not None:
+            return "signal"
+        if self.draining or self._drain_requested():
+            return "drained"
+        if self.opts.once and self.tasks_run >= 1:
+            return "once"
+        if self.opts.max_tasks is not None and self.tasks_run >= self.opts.max_tasks:
+            return "max_tasks"
+        if self.opts.max_uptime_s is not None and now - self.started_at >= self.opts.max_uptime_s:
+            return "max_uptime"
+        idle_exit = self.idle_exit_s()
+        if idle_exit > 0 and now - self.idle_since >= idle_exit:
+            return "idle"
+        return None
+
+    def _idle_step(self, now: float) -> float | None:
+        reason = self._exit_due(now)
+        if reason is not None:
+            self.exit_reason = reason
+            return None
+        if now < self.t.error_until:
+            return self._idle_wait(now)
+        try:
+            task = self.queue.claim(self.worker_id, types=self.opts.types, now=now)
+        except (TemporaryFailure, ConfigError, CorruptFileError) as exc:
+            self._note("claim_failed", now, f"claim failed: {exc}")
+            self.t.error_until = now + RETRY_AFTER_ERROR_S
+            return self._idle_wait(now)
+        if task is not None:
+            self._start_task(task, now)
+            if self.run is not None:
+                return self._supervise(now)
+            return 0.0  # spawn failed and was recorded: look for the next task at once
+        if self.opts.once:
+            self.exit_reason = "idle"
+            return None
+        if (self.spec.get("state") != "idle" or self.spec_dirty) and not self._write_spec(
+                now, state="idle", current_task_id=None, task_started_at=None):
+            self.exit_reason = "error"
+            return None
+        self.notifier.status("idle")
+        self._housekeeping(now, busy=False)
+        if self.dead:
+            self.exit_reason = "error"
+            return None
+        return self._idle_wait(now)
+
+    def _idle_wait(self, now: float) -> float:
+        cfg = self.cfg
+        waits = [float(cfg["safety_recheck_s"])]
+        idle_exit = self.idle_exit_s()
+        if idle_exit > 0:
+            waits.append(self.idle_since + idle_exit - now)
+        if self.opts.max_uptime_s is not None:
+            waits.append(self.started_at + self.opts.max_uptime_s - now)
+        if now < self.t.error_until:
+            waits.append(self.t.error_until - now)
+        waits.append(self.t.heartbeat_at + self._idle_heartbeat_s() - now)
+        due = self._next_runnable_at(now)
+        if due is not None:
+            waits.append(due - now)
+        wd = self._watchdog_wait()
+        if wd is not None:
+            waits.append(wd)
+        return max(0.0, min(waits))
+
+    def _idle_heartbeat_s(self) -> float:
+        """Idle workers refresh heartbeat_at less often than busy ones, but well within
+        heartbeat_timeout_s so the supervisor never mistakes idleness for death."""
+        cfg = self.cfg
+        return max(float(cfg["heartbeat_interval_s"]), float(cfg["heartbeat_timeout_s"]) / 3)
+
+    def _next_runnable_at(self, now: float) -> float | None:
+        """The earliest future instant at which a queued task of ours may become runnable
+        without any file changing: a not_before or a pause's ``until`` coming due."""
+        soonest: float | None = None
+        wanted = set(self.opts.types) if self.opts.types is not None else None
+        try:
+            tasks = self.queue.live_tasks()
+            control = self._read_control()
+        except HarnessError:
+            return None
+        for task in tasks:
+            if task["status"] != "queued" or not task.get("not_before"):
+                continue
+            if wanted is not None and (task.get("worker_type") or "default") not in wanted:
+                continue
+            try:
+                ts = clock.parse_iso(task["not_before"])
+            except ValueError:
+                continue
+            if ts > now and (soonest is None or ts < soonest):
+                soonest = ts
+        for info in (control.get("paused_types") or {}).values():
+            until = info.get("until") if isinstance(info, dict) else None
+            if until:
+                try:
+                    ts = clock.parse_iso(until)
+                except ValueError:
+                    continue
+                if ts > now and (soonest is None or ts < soonest):
+                    soonest = ts
+        if soonest is not None:
+            soonest += 0.002  # claims compare millisecond timestamps: be just past it
+        return soonest
+
+    def _read_control(self) -> dict[str, Any]:
+        try:
+            st = os.stat(self.home.control_file)
+            sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            sig = None
+        if sig != self._control_sig or not self._control:
+            self._control = read_control(self.home)
+            self._control_sig = sig
+        return self._control
+
+    def _drain_requested(self) -> bool:
+        try:
+            drain = self._read_control().get("drain") or {}
+        except HarnessError:
+            return False
+        requests = [drain.get("all"), (drain.get("instances") or {}).get(self.opts.instance)]
+        return any(isinstance(ts, str) and ts > self.started_iso for ts in requests)
+
+    # -------------------------------------------------------------- starting a task
+    def _task_env(self, task: dict[str, Any], wtype: dict[str, Any], result_file: Path) \
+            -> dict[str, str]:
+        allow = list(self.cfg["env_allowlist"]) + list(wtype.get("env_allowlist") or [])
+        return build_env(self.environ, allow, {
+            "HARNESS_TASK_ID": task["task_id"],
+            "HARNESS_HOME": str(self.home.root),
+            "HARNESS_ATTEMPT": str(task["attempts"]),
+            "HARNESS_RESULT_FILE": str(result_file),
+            "HARNESS_WORKER_ID": self.worker_id,
+        })
+
+    def _task_cwd(self, wtype: dict[str, Any], result_dir: Path) -> Path:
+        configured = wtype.get("cwd")
+        if configured:
+            path = Path(os.path.expanduser(configured))
+            return path if path.is_absolute() else self.home.root / path
+        return result_dir if result_dir.is_dir() else self.home.root
+
+    def _start_task(self, task: dict[str, Any], now: float) -> None:
+        task_id = task["task_id"]
+        wtype = self._types.get(task.get("worker_type") or "default") or {}
+        result_dir = self.home.result_dir(task_id)
+        result_file = result_dir / RESULT_FILE
+        with contextlib.suppress(OSError):
+            result_dir.mkdir(parents=True, exist_ok=True)
+            result_file.unlink(missing_ok=True)  # a previous attempt's result is not ours
+        argv = list(task["command"])
+        spec = RunSpec(
+            task_id=task_id, attempt=int(task["attempts"]), argv=argv,
+            cwd=self._task_cwd(wtype, result_dir),
+            env=self._task_env(task, wtype, result_file),
+            log_path=self.home.task_log(task_id),
+            log_max_bytes=int(self.cfg["task_log_max_bytes"]),
+            kill_grace_s=float(self.cfg["kill_grace_s"]),
+            limits=dict(wtype.get("limits") or {}),
+            header=header_line(task, self.worker_id, argv, now))
+        run = TaskRun(spec, wake=self.wake)
+        try:
+            run.start()
+        except SpawnError as exc:
+            self.tasks_run += 1
+            self.spec["tasks_failed"] = int(self.spec.get("tasks_failed") or 0) + 1
+            self.spec_dirty = True
+            run.append_log_line(f"=== harness: {exc} ===")
+            with contextlib.suppress(NotFound, InvalidTransition):
+                self.queue.fail(task_id, self.worker_id, error=str(exc),
+                                exit_code=exc.exit_code, retry=exc.retry)
+            self._emit("task_spawn_failed", str(exc), task=task, severity="error",
+                       retry=exc.retry)
+            return
+        self.run, self.task, self.task_started = run, task, now
+        self.ticks = 0
+        self.truncation_reported = False
+        self.t.cancel_check_at = now + CANCEL_CHECK_S
+        self.t.status_at = now + STATUS_REFRESH_S
+        self._write_spec(now, state="draining" if self.draining else "busy",
+                         current_task_id=task_id, task_started_at=clock.iso(now), progress=0)
+        self._emit("task_started", f"attempt {task['attempts']} started as pid {run.pid}",
+                   task=task, pid=run.pid, attempt=task["attempts"], argv=argv[:20])
+        self._status(now)
+
+    # -------------------------------------------------------------- supervising
+    def _status(self, now: float) -> None:
+        if self.task is None:
+            return
+        elapsed = int(max(0.0, now - self.task_started))
+        if self.stop_requested_at is not None:
+            word = "stopping"
+        elif self.draining:
+            word = "draining"
+        else:
+            word = "busy"
+        self.notifier.status(f"{word} {self.task['task_id']} ({elapsed}s)")
+        self.t.status_at = now + STATUS_REFRESH_S
+
+    def _check_task_record(self, now: float) -> None:
+        """Has the operator cancelled our task, or has it been taken away from us?"""
+        assert self.run is not None and self.task is not None
+        self.t.cancel_check_at = now + CANCEL_CHECK_S
+        try:
+            live = self.queue.get(self.task["task_id"])
+        except HarnessError as exc:
+            self._note("queue_read_failed", now, f"cannot read the queue: {exc}")
+            return
+        if live is None or live.get("status") != "running" \
+                or live.get("worker_id") != self.worker_id:
+            if self.run.stop_reason is None:
+                self._emit("task_lost", "the task is no longer ours (reclaimed?); stopping it",
+                           task=self.task, severity="warning")
+            self.run.terminate("lost")
+        elif live.get("cancel_requested") and self.run.stop_reason is None:
+            self.run.terminate("cancelled")
+            self._emit("task_cancel_stopping", "cancel requested: stopping the task",
+                       task=self.task)
+
+    def _supervise(self, now: float) -> float:
+        run, task = self.run, self.task
+        assert run is not None and task is not None
+        if not run.finished:
+            if self.draining is False and self._drain_requested():
+                self.draining = True
+                self._write_spec(now, state="draining")
+                self._emit("worker_draining", "drain requested: finishing the current task",
+                           task=task)
+            self._check_task_record(now)
+            timeout_s = task.get("timeout_s")
+            if timeout_s and now - self.task_started >= float(timeout_s) \
+                    and run.stop_reason is None:
+                run.terminate("timeout")
+                self._emit("task_timeout", f"timed out after {timeout_s}s; stopping the "
+                           "process group", task=task, severity="warning",
+                           timeout_s=timeout_s, pid=run.pid)
+            stop_grace = float(self.cfg["stop_grace_s"])
+            if self.stop_requested_at is not None and run.stop_reason is None \
+                    and now - self.stop_requested_at >= stop_grace:
+                run.terminate("stopping")
+            if self.dead and run.stop_reason is None:
+                run.terminate("dead")
+            run.poll()
+        if run.truncated and not self.truncation_reported:
+            self.truncation_reported = True
+            self._emit("task_output_truncated", f"output cut at {run.spec.log_max_bytes} bytes",
+                       task=task, severity="warning", cap_bytes=run.spec.log_max_bytes)
+        if run.finished:
+            self.run = self.task = None
+            self.pending = _Pending(run, task)
+            wait = self._retry_pending(now)
+            return 0.0 if wait is None else wait
+        self._housekeeping(now, busy=True)
+        waits = [self.t.cancel_check_at - now, self.t.status_at - now,
+                 self.t.heartbeat_at + float(self.cfg["heartbeat_interval_s"]) - now]
+        nxt = run.next_poll_in()
+        if nxt is not None:
+            waits.append(nxt)
+        timeout_s = task.get("timeout_s")
+        if timeout_s and run.stop_reason is None:
+            waits.append(self.task_started + float(timeout_s) - now)
+        if self.stop_requested_at is not None and run.stop_reason is None:
+            waits.append(self.stop_requested_at + float(self.cfg["stop_grace_s"]) - now)
+        wd = self._watchdog_wait()
+        if wd is not None:
+            waits.append(wd)
+        return max(0.0, min(waits))
+
+    def _housekeeping(self, now: float, *, busy: bool) -> None:
+        """Heartbeat, STATUS= refresh and the systemd watchdog, whichever is due."""
+        interval = float(self.cfg["heartbeat_interval_s"]) if busy else self._idle_heartbeat_s()
+        if now - self.t.heartbeat_at >= interval:
+            changes: dict[str, Any] = {}
+            if busy and self.run is not None:
+                self.ticks += 1
+                changes["progress"] = self.run.output_bytes + self.ticks
+            self._write_spec(now, **changes)
+        if busy and now >= self.t.status_at:
+            self._status(now)
+        self._watchdog_ping()
+
+    def _watchdog_wait(self) -> float | None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return None
+        return max(0.0, self.t.watchdog_mono + interval - time.monotonic())
+
+    def _watchdog_ping(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        mono = time.monotonic()
+        if mono - self.t.watchdog_mono >= interval:
+            self.t.watchdog_mono = mono
+            self.notifier.watchdog()
+
+    # -------------------------------------------------------------- outcomes
+    def _retry_pending(self, now: float) -> float | None:
+        """Record the pending outcome; None when done, else how long to wait to retry."""
+        pending = self.pending
+        assert pending is not None
+        if now < pending.retry_at:
+            return pending.retry_at - now
+        try:
+            self._record(pending, now)
+        except (TemporaryFailure, ConfigError) as exc:
+            self._note("record_failed", now, f"cannot record the outcome of "
+                       f"{pending.task['task_id']} yet: {exc}")
+            pending.retry_at = now + RETRY_AFTER_ERROR_S
+            return RETRY_AFTER_ERROR_S
+        self.pending = None
+        self.idle_since = now
+        return None
+
+    def _read_result(self, task: dict[str, Any], now: float) -> dict[str, Any] | None:
+        path = self.home.result_dir(task["task_id"]) / RESULT_FILE
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        problem = None
+        result: Any = None
+        if size > MAX_RESULT_BYTES:
+            problem = f"result file is {size} bytes (limit {MAX_RESULT_BYTES})"
+        else:
+            try:
+                result = read_json(path)
+            except (CorruptFileError, OSError) as exc:
+                problem = str(exc)
+            else:
+                if not isinstance(result, dict):
+                    problem = "result file must hold a JSON object"
+        if problem is not None:
+            self._emit("task_result_invalid", problem, task=task, severity="warning",
+                       path=str(path))
+            return None
+        return dict(result)
+
+    def _budget(self, task: dict[str, Any]) -> int | None:
+        if task.get("budget") is not None:
+            return int(task["budget"])
+        wtype = self._types.get(task.get("worker_type") or "default") or {}
+        budget = wtype.get("default_budget")
+        return None if budget is None else int(budget)
+
+    def _record(self, pending: _Pending, now: float) -> None:
+        """Write the attempt's outcome to the queue (complete / fail / release)."""
+        run, task = pending.run, pending.task
+        exit_code, phrase = describe_exit(run.returncode)
+        reason = run.stop_reason
+        if not pending.footer_written:
+            pending.footer_written = True
+            run.append_log_line(f"=== harness: {phrase} after {run.duration_s():.3f}s"
+                                + (f" ({reason})" if reason else "") + " ===")
+        if run.log_error and not pending.footer_logged_error:
+            pending.footer_logged_error = True
+            self._emit("task_log_failed", f"output after a failed log write was dropped: "
+                       f"{run.log_error}", task=task, severity="warning")
+        result = self._read_result(task, now)
+        tokens = result.get("tokens_used") if result else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            tokens = None
+        spec = self.spec
+        if reason == "lost":
+            outcome = "lost"
+        else:
+            try:
+                outcome = self._commit_outcome(task, run, reason, exit_code, phrase, result,
+                                               tokens, now)
+            except (NotFound, InvalidTransition) as exc:
+                outcome = "lost"
+                self._emit("task_outcome_dropped", f"could not record the outcome: {exc}",
+                           task=task, severity="warning")
+        if tokens:
+            spec["tokens_used"] = int(spec.get("tokens_used") or 0) + tokens
+        if outcome == "completed":
+            spec["tasks_done"] = int(spec.get("tasks_done") or 0) + 1
+        elif outcome not in ("released", "lost"):
+            spec["tasks_failed"] = int(spec.get("tasks_failed") or 0) + 1
+        if outcome != "released":
+            self.tasks_run += 1
+        if self.subreaper:
+            reap_orphans()
+        spec["current_task_id"] = None
+        spec["task_started_at"] = None
+        self.spec_dirty = True
+        if outcome == "lost" and not self.dead and not self._declared_dead(now):
+            self._write_spec(now, state="idle")
+
+    def _declared_dead(self, now: float) -> bool:
+        """After a task was taken from us: are we (about to be) declared dead? The supervisor
+        reclaims the task first and moves our spec after, so judge the spec on disk by the
+        supervisor's own rule instead of overwriting it. True also sets ``dead``."""
+        try:
+            on_disk = read_json(active_path(self.home, self.worker_id))
+            proof = liveness(on_disk, now, float(self.cfg["heartbeat_timeout_s"])) \
+                if isinstance(on_disk, dict) else None
+        except FileNotFoundError:
+            proof = "our spec was moved to completed/"
+        except CorruptFileError:
+            proof = None  # our next write replaces it
+        if proof is None:
+            return False
+        self.dead = True
+        print(f"harness worker {self.worker_id}: presumed dead by the supervisor ({proof}); "
+              "stopping", file=sys.stderr)
+        return True
+
+    def _commit_outcome(self, task: dict[str, Any], run: TaskRun, reason: str | None,
+                        exit_code: int | None, phrase: str, result: dict[str, Any] | None,
+                        tokens: int | None, now: float) -> str:
+        task_id, wid = task["task_id"], self.worker_id
+        if reason == "stopping":
+            self.queue.release(task_id, wid, reason="worker stopped (signal) before the task "
+                               "finished; handed back without spending an attempt", now=now)
+            return "released"
+        if reason == "dead":
+            self.queue.release(task_id, wid, reason="worker presumed dead by the supervisor; "
+                               "handed back without spending an attempt", now=now)
+            return "released"
+        if reason == "cancelled":
+            self.queue.fail(task_id, wid, error=f"cancelled by operator ({phrase})",
+                            exit_code=exit_code, result=result, now=now)
+            return "cancelled"
+        if reason == "timeout":
+            self.queue.fail(task_id, wid, error=f"timeout after {task.get('timeout_s')}s "
+                            f"({phrase})", exit_code=exit_code, result=result, now=now)
+            return "timeout"
+        if run.returncode == 0:
+            budget = self._budget(task)
+            if budget is not None and tokens is not None and tokens > budget:
+                self.queue.fail(task_id, wid, error="budget_exceeded", exit_code=0,
+                                retry=False, result=result, now=now)
+                self._emit("task_budget_exceeded", f"used {tokens} tokens, budget {budget}",
+                           task=task, severity="warning", tokens_used=tokens, budget=budget)
+                return "budget_exceeded"
+            self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
+            return "completed"
+        tail = run.tail_line()
+        self.queue.fail(task_id, wid, error=phrase + (f": {tail}" if tail else ""),
+                        exit_code=exit_code, result=result, now=now)
+        return "failed"
+
+
+# ---------------------------------------------------------------------------- the loop
+def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None] | None = None) \
+        -> int:
+    """Run a worker until it exits; returns the process exit status (0 unless error).
+
+    Signal handlers only set flags on the worker (and, through the wake-up fd, wake the
+    loop): SIGTERM/SIGINT stop claiming and give the task ``stop_grace_s``; a second one
+    ends the grace; SIGHUP re-reads config.
+    """
+    say = out or (lambda line: print(line, flush=True))
+    subreaper = become_subreaper()
+    notifier = Notifier()
+    wakeup = Wakeup(home)
+    worker = Worker(home, options, notifier=notifier, wake=wakeup.set)
+    worker.subreaper = subreaper
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        worker.request_stop()
+
+    def on_reload(signum: int, frame: FrameType | None) -> None:
+        worker.request_reload()
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop),
+                 (signal.SIGHUP, on_reload))}
+    failure: BaseException | None = None
+    try:
+        wakeup.start()
+        worker.start(clock.now())
+        say(f"started {worker.worker_id} pid {os.getpid()} instance {options.instance}")
+        while True:
+            wakeup.clear()
+            delay = worker.step(clock.now())
+            if delay is None:
+                break
+            wakeup.wait(delay)
+    except UsageError:
+        raise
+    except BaseException as exc:  # recorded as exit_reason error; re-raised unless Exception
+        failure = exc
+        worker.exit_reason = "error"
+        print(f"harness worker {worker.worker_id}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+    finally:
+        try:
+            if worker.worker_id:
+                worker.shutdown(clock.now())
+        finally:
+            wakeup.stop()
+            notifier.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    reason = worker.exit_reason or "error"
+    if worker.worker_id:
+        say(f"stopped {worker.worker_id} exit_reason {reason} tasks_done "
+            f"{worker.spec.get('tasks_done')} tasks_failed {worker.spec.get('tasks_failed')}")
+    if failure is not None and not isinstance(failure, Exception):
+        raise failure  # KeyboardInterrupt/SystemExit keep their meaning
+    return EXIT_CODES.get(reason, 0)

@@ -1,0 +1,354 @@
+"""The worker units under a real, private systemd user manager.
+
+This host may be a container without systemd as PID 1, so the module boots its own
+``systemd --user`` as a child process: ``/run/systemd/system`` must exist (created when we
+are root, and removed again afterwards), ``XDG_RUNTIME_DIR`` and ``XDG_CONFIG_HOME`` point
+into tmp, ``DBUS_SESSION_BUS_ADDRESS`` is unset so ``systemctl --user`` talks to the
+manager's private socket. The units are installed with ``harness systemd install --user``
+exactly as an operator would, sandboxing included (ProtectSystem=strict, ProtectHome,
+ReadWritePaths). The home lives under /tmp, so the installer turns PrivateTmp off (a
+private /tmp would hide the home) and says so.
+
+Skips only when systemd is absent, when we may not create /run/systemd/system, or when the
+manager does not come up (its stderr is in the skip reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import final_records, make_home, set_system
+
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import read_specs
+
+pytestmark = pytest.mark.systemd
+
+HARNESS = [sys.executable, "-m", "daemons"]
+#: Instance names unique to this run. Every `systemd --user` started in this container sits in
+#: the same cgroup tree, so two managers running at once (parallel test runs on one host)
+#: would share the cgroup of a same-named unit and kill each other's processes on stop.
+RUN = f"t{os.getpid()}"
+
+
+def unit_of(n: int | str) -> str:
+    return f"harness-worker@{RUN}-{n}.service"
+
+
+def instance_of(n: int | str) -> str:
+    return f"{RUN}-{n}"
+
+
+def _systemd_binary() -> str | None:
+    for candidate in (shutil.which("systemd"), "/usr/lib/systemd/systemd",
+                      "/lib/systemd/systemd"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class UserManager:
+    root: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log: Path
+    home: Home
+    pids: set[int] = field(default_factory=set)  # every worker MainPID seen (for cleanup)
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["systemctl", "--user", "--no-pager", *args], env=self.env,
+                              capture_output=True, text=True, timeout=90, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"systemctl --user {' '.join(args)} failed "
+                                 f"({proc.returncode}): {proc.stderr}\nmanager log:\n"
+                                 f"{self.log_tail()}")
+        return proc
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"-p{p}" for p in props)).stdout
+        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        pid = values.get("MainPID")
+        if pid and pid != "0":
+            self.pids.add(int(pid))
+        return values
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-limit:]
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
+    systemd = _systemd_binary()
+    if systemd is None or shutil.which("systemctl") is None:
+        pytest.skip("systemd is not installed (no systemd / systemctl binary)")
+    marker = Path("/run/systemd/system")
+    if not marker.is_dir() and os.geteuid() != 0:
+        pytest.skip("/run/systemd/system does not exist and we are not root, so a private "
+                    "systemd --user manager cannot be booted here")
+    created_marker = False
+    root = tmp_path_factory.mktemp("systemd-user")
+    runtime = root / "run"
+    runtime.mkdir(mode=0o700)
+    config = root / "config"
+    config.mkdir()
+    env = dict(os.environ)
+    for key in ("DBUS_SESSION_BUS_ADDRESS", "NOTIFY_SOCKET", "INVOCATION_ID", "MANAGERPID",
+                "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+        env.pop(key, None)
+    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_CONFIG_HOME=str(config),
+               SYSTEMD_LOG_TARGET="console")
+    log = root / "manager.log"
+    home = make_home(root, "home", stop_grace_s=1, kill_grace_s=0.5, retry_backoff_base_s=0)
+    private = runtime / "systemd" / "private"
+    mgr: UserManager | None = None
+    try:
+        # /run/systemd/system is shared by every test run on this host; another module's
+        # teardown may remove it just as we start, so a manager that exits at once is
+        # retried (the marker recreated) a couple of times before we give up and skip.
+        for _ in range(3):
+            if not marker.is_dir():
+                marker.mkdir(parents=True, exist_ok=True)
+                created_marker = True
+            with open(log, "ab") as fh:
+                proc = subprocess.Popen([systemd, "--user"], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=fh,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            mgr = UserManager(root, env, proc, log, home)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda p=proc: private.exists() or p.poll() is not None,
+                           20, "the user manager's private socket")
+            if proc.poll() is None:
+                break  # up (or hung: then skipped below, and killed at teardown)
+        assert mgr is not None
+        if mgr.proc.poll() is not None or not private.exists():
+            pytest.skip(f"systemd --user did not start (exit {mgr.proc.poll()}): "
+                        f"{mgr.log_tail(2000)}")
+        yield mgr
+    finally:
+        _teardown(mgr, created_marker, marker)
+
+
+def _teardown(mgr: UserManager | None, created_marker: bool, marker: Path) -> None:
+    if mgr is None:
+        return
+    with contextlib.suppress(Exception):
+        if mgr.proc.poll() is None:
+            mgr.systemctl("stop", "harness.target", "harness-worker@*.service", check=False)
+    if mgr.proc.poll() is None:
+        mgr.proc.send_signal(signal.SIGTERM)  # a user manager exits on SIGTERM
+        try:
+            mgr.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(mgr.proc.pid, signal.SIGKILL)
+            mgr.proc.wait(30)
+    # Workers run in sessions of their own: make sure none outlived the manager.
+    for pid in mgr.pids:
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(mgr.home.root).encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
+    if created_marker:
+        with contextlib.suppress(OSError):
+            marker.rmdir()
+
+
+def _install(mgr: UserManager, *extra: str) -> subprocess.CompletedProcess[str]:
+    # ExecStart is whatever the installer picks by default (the console script beside this
+    # interpreter, else `harness` on PATH, else `python -m daemons`), as for an operator.
+    out = subprocess.run([*HARNESS, "systemd", "install", "--user", "--home",
+                          str(mgr.home.root), *extra], env=mgr.env, capture_output=True,
+                         text=True, timeout=90, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ran systemctl --user daemon-reload" in out.stdout, out.stdout + out.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleet(manager: UserManager) -> UserManager:
+    """The units installed into the private manager's user unit directory, sandboxed.
+
+    Where the manager cannot build the sandbox's mount namespace (the unit fails with
+    status 226/NAMESPACE), the units are reinstalled with --no-sandbox, the documented
+    switch for such hosts, and the test says so; on this project's CI container the
+    sandboxed units work."""
+    out = _install(manager)
+    if str(manager.home.root).startswith(("/tmp/", "/var/tmp/")):
+        assert "PrivateTmp turned off" in out.stderr  # a private /tmp would hide the home
+    unit = Path(manager.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "harness-worker@.service"
+    text = unit.read_text()
+    assert "ProtectSystem=strict" in text and f"ReadWritePaths={manager.home.root}" in text
+    probe = unit_of("probe")
+    started = manager.systemctl("start", probe, check=False)
+    state = manager.show(probe, "ActiveState", "ExecMainStatus")
+    if started.returncode != 0 and state.get("ExecMainStatus") == "226":
+        print(f"sandboxed unit failed with 226/NAMESPACE here; reinstalling with "
+              f"--no-sandbox. Manager log:\n{manager.log_tail(1500)}")
+        manager.systemctl("reset-failed", probe, check=False)
+        _install(manager, "--no-sandbox")
+    else:
+        assert started.returncode == 0, (started.stderr, state, manager.log_tail())
+    manager.systemctl("stop", probe, check=False)
+    return manager
+
+
+def _start(mgr: UserManager, *units: str) -> None:
+    mgr.systemctl("start", *units)
+    for unit in units:
+        state = mgr.show(unit, "ActiveState", "MainPID", "StatusText", "ExecMainStatus")
+        assert state["ActiveState"] == "active", (state, mgr.log_tail())
+        assert state["StatusText"] == "idle", state
+
+
+def _status(mgr: UserManager, unit: str) -> str:
+    return mgr.show(unit, "StatusText").get("StatusText", "")
+
+
+def test_workers_run_tasks_and_report_status(fleet: UserManager) -> None:
+    mgr = fleet
+    units = (unit_of(1), unit_of(2))
+    _start(mgr, *units)
+    specs = {s.spec["instance"] for s in read_specs(mgr.home) if s.spec}
+    assert {instance_of(1), instance_of(2)} <= specs
+    unit_names = {s.spec.get("unit") for s in read_specs(mgr.home) if s.spec}
+    assert set(units) <= unit_names
+    q = TaskQueue(mgr.home)
+    slow = q.enqueue({"command": ["sleep", "2"]}).task
+    busy = wait_until(lambda: [u for u in units if _status(mgr, u).startswith(
+        f"busy {slow['task_id']} (")], 10, "STATUS=busy")
+    print(f"{busy[0]}: {_status(mgr, busy[0])}")
+    ids = [q.enqueue({"command": ["true"]}).task["task_id"] for _ in range(6)]
+    wait_until(lambda: {slow["task_id"], *ids} <= set(final_records(mgr.home)), 20,
+               "the tasks to complete")
+    finals = final_records(mgr.home)
+    assert all(finals[t][-1]["status"] == "completed" for t in [slow["task_id"], *ids])
+    wait_until(lambda: all(_status(mgr, u) == "idle" for u in units), 10, "STATUS=idle")
+    for unit in units:
+        assert mgr.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def test_killed_worker_is_restarted(fleet: UserManager) -> None:
+    mgr = fleet
+    unit = unit_of(1)
+    _start(mgr, unit)
+    before = mgr.show(unit, "MainPID", "NRestarts")
+    old_pid = int(before["MainPID"])
+    os.kill(old_pid, signal.SIGKILL)
+
+    def restarted() -> dict[str, str] | None:
+        now = mgr.show(unit, "MainPID", "ActiveState", "NRestarts", "StatusText")
+        pid = int(now.get("MainPID") or 0)
+        ok = pid not in (0, old_pid) and now["ActiveState"] == "active"
+        return now if ok else None
+
+    now = wait_until(restarted, 20, "systemd to restart the killed worker")
+    assert int(now["NRestarts"]) == int(before["NRestarts"]) + 1
+    assert now["StatusText"] == "idle"
+
+
+def test_stop_hands_running_task_back(fleet: UserManager) -> None:
+    mgr = fleet
+    units = (unit_of(1), unit_of(2))
+    _start(mgr, *units)
+    q = TaskQueue(mgr.home)
+    task = q.enqueue({"command": ["sleep", "60"]}).task
+    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10,
+               "the task to start")
+    t0 = time.monotonic()
+    mgr.systemctl("stop", *units)
+    elapsed = time.monotonic() - t0
+    back = q.get(task["task_id"])
+    assert back is not None and back["status"] == "queued" and back["attempts"] == 0, back
+    for unit in units:
+        state = mgr.show(unit, "ActiveState", "Result")
+        assert state == {"ActiveState": "inactive", "Result": "success"}, state
+    assert elapsed < 10  # stop_grace_s 1 + kill_grace_s 0.5, far below TimeoutStopSec
+    reasons = [s.spec["exit_reason"] for s in read_specs(mgr.home, completed=True) if s.spec]
+    assert reasons.count("signal") >= 2
+    q.cancel(task["task_id"])
+
+
+def test_idle_exit_leaves_unit_inactive_not_failed(fleet: UserManager) -> None:
+    mgr = fleet
+    set_system(mgr.home, idle_exit_s=1)
+    try:
+        unit = unit_of(3)
+        mgr.systemctl("start", unit)
+        state = wait_until(lambda: (lambda s: s if s["ActiveState"] == "inactive" else None)(
+            mgr.show(unit, "ActiveState", "Result", "ExecMainStatus")), 15, "the idle exit")
+        assert state["Result"] == "success" and state["ExecMainStatus"] == "0", state
+        assert mgr.systemctl("is-failed", unit, check=False).returncode != 0
+        done = [s.spec for s in read_specs(mgr.home, completed=True)
+                if s.spec and s.spec["instance"] == instance_of(3)]
+        assert [d["exit_reason"] for d in done] == ["idle"]
+    finally:
+        set_system(mgr.home, idle_exit_s=0)
+
+
+def test_reload_sends_sighup(fleet: UserManager) -> None:
+    mgr = fleet
+    unit = unit_of(4)
+    _start(mgr, unit)
+    mgr.systemctl("reload", unit)
+
+    def reloaded() -> bool:
+        lines = mgr.home.events_file.read_text().splitlines()
+        return any(json.loads(line)["type"] == "worker_reloaded" for line in lines)
+
+    wait_until(reloaded, 10, "worker_reloaded")
+    assert mgr.show(unit, "ActiveState")["ActiveState"] == "active"
+    mgr.systemctl("stop", unit)
+    assert mgr.show(unit, "Result")["Result"] == "success"
+
+
+def test_watchdog_pings_keep_the_worker_alive(fleet: UserManager) -> None:
+    """With a 2 s watchdog (drop-in) an idle worker must ping at least every second."""
+    mgr = fleet
+    unit = unit_of(5)
+    dropin = Path(mgr.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / f"{unit}.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "watchdog.conf").write_text("[Service]\nWatchdogSec=2\n")
+    mgr.systemctl("daemon-reload")
+    try:
+        _start(mgr, unit)
+        first = mgr.show(unit, "MainPID", "WatchdogTimestampMonotonic", "WatchdogUSec")
+        assert first["WatchdogUSec"] == "2s"
+        time.sleep(3.5)
+        later = mgr.show(unit, "MainPID", "ActiveState", "NRestarts",
+                         "WatchdogTimestampMonotonic")
+        assert later["ActiveState"] == "active" and later["NRestarts"] == "0", later
+        assert later["MainPID"] == first["MainPID"]
+        assert int(later["WatchdogTimestampMonotonic"]) > \
+            int(first["WatchdogTimestampMonotonic"])
+        mgr.systemctl("stop", unit)
+    finally:
+        (dropin / "watchdog.conf").unlink()
+        mgr.systemctl("daemon-reload")

@@ -1,0 +1,509 @@
+"""The task runner and the worker step, driven in-process (no worker subprocess).
+
+A :class:`Worker` is stepped with the real clock by :func:`drive`; tasks are real processes.
+Everything a test starts is killed at teardown (the ``task_pids`` fixture collects the pid
+files the tasks write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import events, final_records, set_system
+
+from coordination.config import DEFAULT_WORKER_TYPES
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import read_specs
+from coordination.store import replace_json
+from daemons.notify import Notifier
+from daemons.task_runner import (
+    TRUNCATION_MARKER,
+    RunSpec,
+    TaskRun,
+    build_env,
+    describe_exit,
+    group_alive,
+    rlimits,
+)
+from daemons.wakeup import Wakeup
+from daemons.worker import Worker, WorkerOptions
+
+PY = sys.executable
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def task_pids(tmp_path: Path) -> Iterator[Path]:
+    """A directory where tasks write ``*.pid``; every such process group is killed after."""
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    yield folder
+    for path in folder.glob("*.pid"):
+        try:
+            pid = int(path.read_text().split()[0])
+        except (ValueError, OSError):
+            continue
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # tasks lead their own process group
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Driver:
+    """Steps a worker with the real clock, waiting on an in-process wake-up event."""
+
+    def __init__(self, worker: Worker, wakeup: Wakeup) -> None:
+        self.worker = worker
+        self.wakeup = wakeup
+
+    def until(self, cond: Callable[[], Any], timeout: float = 15.0, what: str = "it") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = cond()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            self.wakeup.clear()
+            delay = self.worker.step(time.time())
+            if delay is None:
+                value = cond()
+                if value:
+                    return value
+                raise AssertionError(f"worker exited ({self.worker.exit_reason}) before {what}")
+            self.wakeup.wait(min(delay, 0.1))
+
+    def run_to_exit(self, timeout: float = 15.0) -> str:
+        """Step until the worker exits, then shut it down; returns the exit reason."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wakeup.clear()
+            delay = self.worker.step(time.time())
+            if delay is None:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker still running after {timeout}s")
+            self.wakeup.wait(min(delay, 0.1))
+        self.worker.shutdown(time.time())
+        assert self.worker.exit_reason is not None
+        return self.worker.exit_reason
+
+
+@pytest.fixture
+def make_worker(home: Home) -> Iterator[Callable[..., Driver]]:
+    made: list[tuple[Worker, Wakeup]] = []
+
+    def make(environ: dict[str, str] | None = None, inotify: bool = False,
+             **opts: Any) -> Driver:
+        wakeup = Wakeup(home if inotify else None).start(signals=False)
+        env = dict(os.environ) if environ is None else environ
+        worker = Worker(home, WorkerOptions(**opts), wake=wakeup.set, environ=env,
+                        notifier=Notifier({}))
+        worker.start(time.time())
+        made.append((worker, wakeup))
+        return Driver(worker, wakeup)
+
+    yield make
+    for worker, wakeup in made:
+        if worker.run is not None:
+            worker.run.close()
+        wakeup.stop()
+
+
+def add_types(home: Home, **types: dict[str, Any]) -> None:
+    cfg = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
+    cfg["types"].update(types)
+    replace_json(home.worker_types_config, cfg, pretty=True)
+
+
+def final(home: Home, task_id: str) -> dict[str, Any]:
+    records = final_records(home).get(task_id)
+    assert records, f"no final record for {task_id}"
+    return records[-1]
+
+
+# ---------------------------------------------------------------------------- unit level
+def test_build_env_is_an_allowlist() -> None:
+    env = build_env({"PATH": "/bin", "SECRET": "x", "LANG": "C"}, ["PATH", "LANG", "NOPE"],
+                    {"HARNESS_TASK_ID": "t1"})
+    assert env == {"PATH": "/bin", "LANG": "C", "HARNESS_TASK_ID": "t1"}
+
+
+def test_rlimits_and_exit_description() -> None:
+    import resource
+
+    triples = rlimits({"memory_mb": 64, "cpu_seconds": 3, "processes": None})
+    assert (resource.RLIMIT_AS, 64 * 2**20, 64 * 2**20) in triples
+    assert (resource.RLIMIT_CPU, 3, 4) in triples
+    assert describe_exit(0) == (0, "exit code 0")
+    assert describe_exit(-9) == (137, "killed by SIGKILL")
+
+
+def test_task_run_kills_grandchild_left_behind_by_leader(tmp_path: Path, task_pids: Path) -> None:
+    pidfile = task_pids / "gc.pid"
+    run = TaskRun(RunSpec(task_id="t-x", attempt=1, cwd=tmp_path, env={"PATH": os.defpath},
+                          argv=["bash", "-c", f"sleep 300 & echo $! > {pidfile}; exit 0"],
+                          log_path=tmp_path / "t.log", log_max_bytes=4096, kill_grace_s=1))
+    run.start()
+    wait_until(run.poll, 10, "the attempt to end")
+    grandchild = int(pidfile.read_text())
+    assert run.returncode == 0
+    assert not pid_alive(grandchild)
+    assert not group_alive(run.pid or 0)
+
+
+def test_task_run_output_cap(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    run = TaskRun(RunSpec(task_id="t-x", attempt=1, cwd=tmp_path, env={"PATH": os.defpath},
+                          argv=[PY, "-c", "import sys; sys.stdout.write('x' * 200000)"],
+                          log_path=log, log_max_bytes=2048, header="=== header ==="))
+    run.start()
+    wait_until(run.poll, 10, "the attempt to end")
+    data = log.read_text()
+    marker = TRUNCATION_MARKER.format(cap=2048)
+    assert data.count(marker) == 1
+    assert data.startswith("=== header ===\n")
+    assert len(data.encode()) <= 2048 + len(marker) + 2
+    assert run.truncated and run.output_bytes == 200000
+
+
+# ---------------------------------------------------------------------------- worker level
+def test_runs_task_records_result_and_history(home: Home, make_worker: Callable[..., Driver]) \
+        -> None:
+    q = TaskQueue(home)
+    script = ("import json, os; print('working'); json.dump({'tokens_used': 1234, "
+              "'summary': 'done'}, open(os.environ['HARNESS_RESULT_FILE'], 'w'))")
+    task = q.enqueue({"command": [PY, "-c", script]}).task
+    d = make_worker()
+    d.until(lambda: task["task_id"] in final_records(home), what="completion")
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "completed" and rec["exit_code"] == 0
+    assert rec["result"] == {"tokens_used": 1234, "summary": "done"}
+    stored = json.loads((home.result_dir(task["task_id"]) / "result.json").read_text())
+    assert stored["summary"] == "done"
+    log = home.task_log(task["task_id"]).read_text()
+    assert "working" in log and log.startswith("=== harness:")
+    d.until(lambda: d.worker.spec.get("tokens_used") == 1234, what="token accounting")
+    assert d.worker.spec["tasks_done"] == 1
+    assert [e["type"] for e in events(home, "task_started")] == ["task_started"]
+
+
+def test_env_allowlist(home: Home, make_worker: Callable[..., Driver]) -> None:
+    add_types(home, agent={"command_template": None, "env_allowlist": ["ALLOWED_KEY"]})
+    q = TaskQueue(home)
+    dump = ("import json, os; "
+            "json.dump(dict(os.environ), open(os.environ['HARNESS_RESULT_FILE'], 'w'))")
+    t1 = q.enqueue({"command": [PY, "-c", dump], "worker_type": "agent"}).task
+    t2 = q.enqueue({"command": [PY, "-c", dump]}).task
+    environ = {"PATH": os.environ["PATH"], "HOME": "/nonexistent-home", "LANG": "C.UTF-8",
+               "OPENAI_API_KEY": "sk-secret", "ALLOWED_KEY": "yes", "NOTIFY_SOCKET": "/x"}
+    d = make_worker(environ=environ)
+    d.until(lambda: {t1["task_id"], t2["task_id"]} <= set(final_records(home)), what="both")
+    env1 = final(home, t1["task_id"])["result"]
+    env2 = final(home, t2["task_id"])["result"]
+    assert "OPENAI_API_KEY" not in env1 and "NOTIFY_SOCKET" not in env1
+    assert env1["ALLOWED_KEY"] == "yes"
+    assert "ALLOWED_KEY" not in env2  # the default type does not allow it
+    assert env1["HOME"] == "/nonexistent-home" and env1["LANG"] == "C.UTF-8"
+    assert env1["HARNESS_TASK_ID"] == t1["task_id"]
+    assert env1["HARNESS_HOME"] == str(home.root)
+    assert env1["HARNESS_ATTEMPT"] == "1"
+    assert env1["HARNESS_WORKER_ID"] == d.worker.worker_id
+    assert env1["HARNESS_RESULT_FILE"] == str(home.result_dir(t1["task_id"]) / "result.json")
+    extra = set(env1) - {"PATH", "HOME", "LANG", "ALLOWED_KEY", "HARNESS_TASK_ID",
+                         "HARNESS_HOME", "HARNESS_ATTEMPT", "HARNESS_RESULT_FILE",
+                         "HARNESS_WORKER_ID", "PWD", "LC_CTYPE"}
+    assert not extra, extra
+
+
+def test_timeout_kills_process_group_with_grandchild(
+        home: Home, make_worker: Callable[..., Driver], task_pids: Path) -> None:
+    set_system(home, kill_grace_s=0.5, retry_backoff_base_s=0)
+    pidfile = task_pids / "grandchild.pid"
+    leader = task_pids / "leader.pid"
+    script = f"echo $$ > {leader}; sleep 300 & echo $! > {pidfile}; sleep 300"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", script], "timeout_s": 0.5,
+                      "max_attempts": 1}).task
+    d = make_worker()
+    started = time.monotonic()
+    d.until(lambda: task["task_id"] in final_records(home), what="the timeout")
+    assert time.monotonic() - started < 8
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "failed" and rec["last_error"].startswith("timeout after 0.5s")
+    grandchild = int(pidfile.read_text())
+    assert not pid_alive(grandchild), "the grandchild survived the timeout"
+    assert not pid_alive(int(leader.read_text()))
+    assert events(home, "task_timeout")
+
+
+def test_timeout_escalates_to_sigkill(home: Home, make_worker: Callable[..., Driver],
+                                      task_pids: Path) -> None:
+    set_system(home, kill_grace_s=0.3)
+    pidfile = task_pids / "stubborn.pid"
+    script = f"trap '' TERM; echo $$ > {pidfile}; while :; do sleep 0.05; done"
+    task = TaskQueue(home).enqueue({"command": ["bash", "-c", script], "timeout_s": 0.3,
+                                    "max_attempts": 1}).task
+    d = make_worker()
+    d.until(lambda: task["task_id"] in final_records(home), what="the kill")
+    rec = final(home, task["task_id"])
+    assert rec["exit_code"] == 128 + signal.SIGKILL
+    assert "SIGKILL" in rec["last_error"]
+    assert not pid_alive(int(pidfile.read_text()))
+
+
+def test_cancel_running_task(home: Home, make_worker: Callable[..., Driver],
+                             task_pids: Path) -> None:
+    pidfile = task_pids / "cancel.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", f"echo $$ > {pidfile}; exec sleep 300"]}).task
+    d = make_worker(inotify=True)
+    d.until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the task")
+    q.cancel(task["task_id"])
+    t0 = time.monotonic()
+    d.until(lambda: task["task_id"] in final_records(home), what="the cancellation")
+    assert time.monotonic() - t0 < 2.5
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "cancelled" and rec["outcome"] == "cancelled"
+    assert not pid_alive(int(pidfile.read_text()))
+    assert not (home.dead_letter(task["task_id"])).exists()
+
+
+def test_output_cap_emits_event(home: Home, make_worker: Callable[..., Driver]) -> None:
+    set_system(home, task_log_max_bytes=1024)
+    q = TaskQueue(home)
+    task = q.enqueue({"command": [PY, "-c", "print('y' * 100000)"]}).task
+    d = make_worker()
+    d.until(lambda: task["task_id"] in final_records(home), what="completion")
+    log = home.task_log(task["task_id"]).read_text()
+    assert log.count("[harness: output truncated at 1024 bytes]") == 1
+    # header + at most 1024 bytes of output + marker + footer
+    assert len(log.encode()) < 1024 + 400
+    assert final(home, task["task_id"])["status"] == "completed"
+    assert [e["task_id"] for e in events(home, "task_output_truncated")] == [task["task_id"]]
+
+
+def test_budget_exceeded_fails_without_retry(home: Home,
+                                             make_worker: Callable[..., Driver]) -> None:
+    add_types(home, metered={"command_template": None, "default_budget": 50})
+    q = TaskQueue(home)
+    writer = ("import json, os; json.dump({'tokens_used': %d}, "
+              "open(os.environ['HARNESS_RESULT_FILE'], 'w'))")
+    over = q.enqueue({"command": [PY, "-c", writer % 100], "budget": 10,
+                      "max_attempts": 3}).task
+    typed = q.enqueue({"command": [PY, "-c", writer % 60], "worker_type": "metered"}).task
+    under = q.enqueue({"command": [PY, "-c", writer % 40], "worker_type": "metered"}).task
+    d = make_worker()
+    ids = {over["task_id"], typed["task_id"], under["task_id"]}
+    d.until(lambda: ids <= set(final_records(home)), what="all three")
+    for t in (over, typed):
+        rec = final(home, t["task_id"])
+        assert rec["status"] == "failed" and rec["last_error"] == "budget_exceeded"
+        assert rec["attempts"] == 1
+        assert home.dead_letter(t["task_id"]).exists()
+    assert final(home, under["task_id"])["status"] == "completed"
+    d.until(lambda: d.worker.spec.get("tokens_used") == 200, what="token accounting")
+    assert len(events(home, "task_budget_exceeded")) == 2
+
+
+def test_nonzero_exit_retries_then_dead_letters(home: Home,
+                                                make_worker: Callable[..., Driver]) -> None:
+    set_system(home, retry_backoff_base_s=0)
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", "echo boom >&2; exit 3"],
+                      "max_attempts": 2}).task
+    d = make_worker()
+    d.until(lambda: task["task_id"] in final_records(home), what="the dead letter")
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "failed" and rec["exit_code"] == 3 and rec["attempts"] == 2
+    assert rec["last_error"] == "exit code 3: boom"
+    log = home.task_log(task["task_id"]).read_text()
+    assert log.count("=== harness: t-") == 2  # one header per attempt
+    assert d.worker.spec["tasks_failed"] == 2
+
+
+def test_command_not_found(home: Home, make_worker: Callable[..., Driver]) -> None:
+    task = TaskQueue(home).enqueue({"command": ["/nonexistent/binary"]}).task
+    d = make_worker()
+    d.until(lambda: task["task_id"] in final_records(home), what="the failure")
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "failed" and rec["exit_code"] == 127 and rec["attempts"] == 1
+
+
+def test_memory_limit(home: Home, make_worker: Callable[..., Driver]) -> None:
+    add_types(home, small={"command_template": None, "limits": {"memory_mb": 200}})
+    q = TaskQueue(home)
+    grab = "b = bytearray(400 * 1024 * 1024)"
+    task = q.enqueue({"command": [PY, "-c", grab], "worker_type": "small",
+                      "max_attempts": 1}).task
+    ok = q.enqueue({"command": [PY, "-c", "b = bytearray(400 * 1024 * 1024)"],
+                    "max_attempts": 1}).task
+    d = make_worker()
+    d.until(lambda: {task["task_id"], ok["task_id"]} <= set(final_records(home)), what="both")
+    assert final(home, task["task_id"])["status"] == "failed"
+    assert "MemoryError" in home.task_log(task["task_id"]).read_text()
+    assert final(home, ok["task_id"])["status"] == "completed"
+
+
+def test_cwd_is_result_dir_or_type_cwd(home: Home, make_worker: Callable[..., Driver],
+                                       tmp_path: Path) -> None:
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    add_types(home, placed={"command_template": None, "cwd": str(workdir)})
+    q = TaskQueue(home)
+    pwd = "import os; print('CWD=' + os.getcwd())"
+    t1 = q.enqueue({"command": [PY, "-c", pwd]}).task
+    t2 = q.enqueue({"command": [PY, "-c", pwd], "worker_type": "placed"}).task
+    d = make_worker()
+    d.until(lambda: {t1["task_id"], t2["task_id"]} <= set(final_records(home)), what="both")
+    assert f"CWD={home.result_dir(t1['task_id'])}\n" in home.task_log(t1["task_id"]).read_text()
+    assert f"CWD={workdir}\n" in home.task_log(t2["task_id"]).read_text()
+
+
+def test_max_tasks_and_idle_exit_in_process(home: Home,
+                                            make_worker: Callable[..., Driver]) -> None:
+    q = TaskQueue(home)
+    for _ in range(3):
+        q.enqueue({"command": ["true"]})
+    d = make_worker(max_tasks=2)
+    assert d.run_to_exit() == "max_tasks"
+    assert sum(1 for t in q.live_tasks() if t["status"] == "queued") == 1
+    done = read_specs(home, completed=True)
+    assert [s.spec["exit_reason"] for s in done if s.spec] == ["max_tasks"]
+    d2 = make_worker(idle_exit_s=0.2)
+    t0 = time.monotonic()
+    assert d2.run_to_exit() == "idle"
+    assert 0.15 < time.monotonic() - t0 < 3
+
+
+def test_idle_exit_by_injected_clock(home: Home) -> None:
+    """step(now) decides from the time it is given: no sleeping needed."""
+    worker = Worker(home, WorkerOptions(idle_exit_s=30), notifier=Notifier({}))
+    t0 = time.time()
+    worker.start(t0)
+    delay = worker.step(t0 + 1)
+    assert delay is not None and 0 < delay <= 29.5
+    assert worker.step(t0 + 31) is None and worker.exit_reason == "idle"
+    spec = worker.shutdown(t0 + 31)
+    assert spec is not None and spec["exit_reason"] == "idle"
+    assert not list(home.specs_active.glob("*.json"))
+
+
+def test_idle_wait_wakes_for_not_before(home: Home) -> None:
+    q = TaskQueue(home)
+    t0 = time.time()
+    from coordination import clock
+
+    q.enqueue({"command": ["true"], "not_before": clock.iso(t0 + 7)})
+    worker = Worker(home, WorkerOptions(), notifier=Notifier({}))
+    worker.start(t0)
+    delay = worker.step(t0)
+    assert delay is not None and 6.5 < delay < 7.5
+    worker.exit_reason = "signal"
+    worker.shutdown(t0)
+
+
+def test_heartbeat_refreshes_spec_while_busy(home: Home, make_worker: Callable[..., Driver],
+                                             task_pids: Path) -> None:
+    set_system(home, heartbeat_interval_s=0.1)
+    pidfile = task_pids / "hb.pid"
+    q = TaskQueue(home)
+    q.enqueue({"command": ["bash", "-c", f"echo $$ > {pidfile}; for i in 1 2 3 4 5 6; do "
+                                         "echo tick; sleep 0.1; done"]})
+    d = make_worker()
+
+    def spec() -> dict[str, Any]:
+        found = [s.spec for s in read_specs(home) if s.spec]
+        return found[0] if found else {}
+
+    d.until(lambda: spec().get("state") == "busy" and spec().get("progress", 0) > 0,
+            what="a busy heartbeat with progress")
+    busy = spec()
+    assert busy["current_task_id"] and busy["task_started_at"]
+    d.until(lambda: spec().get("state") == "idle" and spec().get("tasks_done") == 1,
+            what="idle again")
+
+
+def test_supervisor_declared_us_dead(home: Home, make_worker: Callable[..., Driver],
+                                     task_pids: Path) -> None:
+    """If the spec was moved away (presumed dead), the worker stops its task and exits."""
+    from coordination.specs import complete_spec
+
+    set_system(home, heartbeat_interval_s=0.1, kill_grace_s=0.2)
+    pidfile = task_pids / "dead.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", f"echo $$ > {pidfile}; exec sleep 300"]}).task
+    d = make_worker()
+    d.until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the task")
+    complete_spec(home, d.worker.worker_id, "crashed", time.time())
+    q.reclaim(task["task_id"], reason="test")
+    assert d.run_to_exit() == "error"
+    assert not pid_alive(int(pidfile.read_text()))
+    spec = next(s.spec for s in read_specs(home, completed=True) if s.spec)
+    assert spec["exit_reason"] == "crashed"  # the supervisor's verdict is not overwritten
+
+
+def test_drain_finishes_current_task(home: Home, make_worker: Callable[..., Driver]) -> None:
+    from coordination import clock
+    from coordination.control import update_control
+
+    q = TaskQueue(home)
+    first = q.enqueue({"command": ["sleep", "0.3"]}).task
+    second = q.enqueue({"command": ["true"]}).task
+    d = make_worker()
+    d.until(lambda: d.worker.run is not None, what="the first task")
+    time.sleep(0.01)
+    update_control(home, lambda s: s["drain"].update(all=clock.iso(time.time())))
+    assert d.run_to_exit() == "drained"
+    assert final(home, first["task_id"])["status"] == "completed"
+    assert q.get(second["task_id"])["status"] == "queued"
+
+
+def test_notifier_messages(home: Home) -> None:
+    notifier = Notifier({})
+    q = TaskQueue(home)
+    q.enqueue({"command": ["sleep", "0.2"]})
+    worker = Worker(home, WorkerOptions(once=True), notifier=notifier)
+    wakeup = Wakeup(None).start(signals=False)
+    worker.wake = wakeup.set
+    try:
+        worker.start(time.time())
+        d = Driver(worker, wakeup)
+        assert d.run_to_exit() == "once"
+    finally:
+        wakeup.stop()
+    sent = notifier.sent
+    assert sent[0] == "READY=1\nSTATUS=idle"
+    assert any(m.startswith("STATUS=busy t-") and m.endswith("(0s)") for m in sent)
+    assert sent[-1].startswith("STOPPING=1")
+    assert not notifier.enabled

@@ -1,0 +1,392 @@
+"""`harness worker run` as a real process: signals, exit reasons, drain, pause/resume,
+cancellation and dispatch through inotify. Every worker is a child of the ``procs`` fixture
+(killed and reaped at teardown); every task writes its pid so teardown can kill it too."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Child, ProcGroup, events, final_records, set_system
+
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import read_specs
+
+
+def harness_argv() -> list[str]:
+    return [sys.executable, "-m", "daemons"]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                "HARNESS_INSTANCE"):
+        env.pop(key, None)
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def task_pids(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    yield folder
+    for path in folder.glob("*.pid"):
+        try:
+            pid = int(path.read_text().split()[0])
+        except (ValueError, OSError):
+            continue
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # tasks lead their own process group
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_worker(procs: ProcGroup, home: Home, *args: str, name: str = "worker") -> Child:
+    child = procs.spawn(name, [*harness_argv(), "worker", "run", "--home", str(home.root),
+                               *args], env=worker_env())
+    child.wait_for_line("started worker-", timeout=30)
+    return child
+
+
+def cli(home: Home, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*harness_argv(), "--home", str(home.root), *args],
+                          capture_output=True, text=True, timeout=60, env=worker_env(),
+                          check=False)
+
+
+def completed_spec(home: Home, pid: int) -> dict[str, Any]:
+    for s in read_specs(home, completed=True):
+        if s.spec and s.spec.get("pid") == pid:
+            return s.spec
+    raise AssertionError(f"no completed spec for pid {pid}")
+
+
+def active_spec(home: Home, pid: int) -> dict[str, Any] | None:
+    for s in read_specs(home):
+        if s.spec and s.spec.get("pid") == pid:
+            return s.spec
+    return None
+
+
+def sleeper(pidfile: Path, seconds: float = 60) -> list[str]:
+    return ["bash", "-c", f"echo $$ > {pidfile}; exec sleep {seconds}"]
+
+
+# ---------------------------------------------------------------------------- signals
+def test_sigterm_hands_running_task_back(home: Home, procs: ProcGroup, task_pids: Path) -> None:
+    set_system(home, stop_grace_s=0.3, kill_grace_s=0.5)
+    pidfile = task_pids / "long.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": sleeper(pidfile)}).task
+    worker = start_worker(procs, home)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the task")
+    running = q.get(task["task_id"])
+    assert running is not None and running["status"] == "running" and running["attempts"] == 1
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+    back = q.get(task["task_id"])
+    assert back is not None
+    assert back["status"] == "queued" and back["attempts"] == 0 and back["worker_id"] is None
+    spec = completed_spec(home, worker.pid)
+    assert spec["exit_reason"] == "signal" and spec["state"] == "stopped"
+    assert not list(home.specs_active.glob("*.json"))
+    assert not pid_alive(int(pidfile.read_text()))
+    outcomes = [r["outcome"] for r in q.history_of(task["task_id"])]
+    assert outcomes == ["released"]
+    stopped = events(home, "worker_stopped")
+    assert stopped and stopped[-1]["data"]["exit_reason"] == "signal"
+
+
+def test_sigterm_lets_a_short_task_finish(home: Home, procs: ProcGroup) -> None:
+    set_system(home, stop_grace_s=10)
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["sleep", "0.6"]}).task
+    worker = start_worker(procs, home)
+    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10, "start")
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert final_records(home)[task["task_id"]][-1]["status"] == "completed"
+    assert completed_spec(home, worker.pid)["exit_reason"] == "signal"
+
+
+def test_sighup_reloads_config(home: Home, procs: ProcGroup) -> None:
+    worker = start_worker(procs, home)
+    set_system(home, idle_exit_s=1)
+    os.kill(worker.pid, signal.SIGHUP)
+    assert worker.wait(10) == 0
+    assert events(home, "worker_reloaded")
+    assert completed_spec(home, worker.pid)["exit_reason"] == "idle"
+
+
+# ---------------------------------------------------------------------------- exit reasons
+def test_idle_exit(home: Home, procs: ProcGroup) -> None:
+    worker = start_worker(procs, home, "--idle-exit", "0.3")
+    assert worker.wait(10) == 0
+    spec = completed_spec(home, worker.pid)
+    assert spec["exit_reason"] == "idle" and spec["completed_at"]
+    assert "exit_reason idle" in worker.lines()[-1]
+
+
+def test_max_tasks_exit(home: Home, procs: ProcGroup) -> None:
+    q = TaskQueue(home)
+    ids = [q.enqueue({"command": ["true"]}).task["task_id"] for _ in range(3)]
+    worker = start_worker(procs, home, "--max-tasks", "2")
+    assert worker.wait(15) == 0
+    spec = completed_spec(home, worker.pid)
+    assert spec["exit_reason"] == "max_tasks" and spec["tasks_done"] == 2
+    finals = final_records(home)
+    assert sum(1 for t in ids if t in finals) == 2
+
+
+def test_once_and_max_uptime(home: Home, procs: ProcGroup) -> None:
+    q = TaskQueue(home)
+    q.enqueue({"command": ["true"]})
+    q.enqueue({"command": ["true"]})
+    once = start_worker(procs, home, "--once", name="once")
+    assert once.wait(15) == 0
+    assert completed_spec(home, once.pid)["exit_reason"] == "once"
+    assert len(q.live_tasks()) == 1
+    up = start_worker(procs, home, "--max-uptime", "0.5", name="uptime")
+    assert up.wait(15) == 0
+    assert completed_spec(home, up.pid)["exit_reason"] == "max_uptime"
+
+
+def test_unknown_type_is_a_usage_error(home: Home) -> None:
+    proc = subprocess.run([*harness_argv(), "worker", "run", "--home", str(home.root),
+                           "--types", "nope"], capture_output=True, text=True, timeout=60,
+                          env=worker_env(), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown worker type 'nope'" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- control
+def test_drain_finishes_current_task_and_spares_newer_workers(home: Home,
+                                                              procs: ProcGroup) -> None:
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["sleep", "0.5"]}).task
+    worker = start_worker(procs, home)
+    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10, "start")
+    out = cli(home, "drain")
+    assert out.returncode == 0, out.stderr
+    assert worker.wait(15) == 0
+    assert final_records(home)[task["task_id"]][-1]["status"] == "completed"
+    assert completed_spec(home, worker.pid)["exit_reason"] == "drained"
+    control = json.loads(home.control_file.read_text())
+    assert control["drain"]["all"]
+    assert events(home, "drain_requested")
+    # A worker started after the request is not drained by it.
+    later = start_worker(procs, home, "--idle-exit", "0.5", name="later")
+    assert later.wait(15) == 0
+    assert completed_spec(home, later.pid)["exit_reason"] == "idle"
+
+
+def test_drain_one_instance(home: Home, procs: ProcGroup) -> None:
+    a = start_worker(procs, home, "--instance", "a", name="a")
+    b = start_worker(procs, home, "--instance", "b", name="b")
+    out = cli(home, "drain", "--instance", "a")
+    assert out.returncode == 0, out.stderr
+    assert a.wait(15) == 0
+    assert completed_spec(home, a.pid)["exit_reason"] == "drained"
+    assert b.popen.poll() is None and active_spec(home, b.pid) is not None
+    os.kill(b.pid, signal.SIGTERM)
+    assert b.wait(15) == 0
+
+
+def test_pause_and_resume(home: Home, procs: ProcGroup) -> None:
+    worker = start_worker(procs, home)
+    out = cli(home, "pause", "--type", "default", "--reason", "maintenance")
+    assert out.returncode == 0, out.stderr
+    control = json.loads(home.control_file.read_text())
+    assert control["paused_types"]["default"]["reason"] == "maintenance"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["true"]}).task
+    time.sleep(0.7)
+    assert (q.get(task["task_id"]) or {}).get("status") == "queued"
+    out = cli(home, "resume", "--type", "default")
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: task["task_id"] in final_records(home), 5, "the resumed task")
+    assert "default" not in json.loads(home.control_file.read_text())["paused_types"]
+    assert events(home, "worker_type_paused") and events(home, "worker_type_resumed")
+    # A timed pause ends by itself: the idle worker wakes when it expires.
+    out = cli(home, "pause", "--type", "default", "--for", "0.8")
+    assert out.returncode == 0, out.stderr
+    t0 = time.monotonic()
+    timed = q.enqueue({"command": ["true"]}).task
+    wait_until(lambda: timed["task_id"] in final_records(home), 10, "the timed pause to end")
+    assert time.monotonic() - t0 >= 0.5
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+def test_pause_unknown_type_and_resume_unpaused(home: Home) -> None:
+    out = cli(home, "pause", "--type", "nope")
+    assert out.returncode == 2 and "unknown worker type" in out.stderr
+    out = cli(home, "resume", "--type", "default")
+    assert out.returncode == 0 and "was not paused" in out.stdout
+
+
+# ---------------------------------------------------------------------------- dispatch
+def test_idle_worker_picks_up_new_task_quickly(home: Home, procs: ProcGroup) -> None:
+    """Sanity only (the figures are in daemons/worker_bench.py): an idle worker, woken by
+    inotify rather than its 30 s safety re-check, runs a new task within a few seconds."""
+    worker = start_worker(procs, home)
+    wait_until(lambda: (active_spec(home, worker.pid) or {}).get("state") == "idle", 10, "idle")
+    time.sleep(0.2)
+    q = TaskQueue(home)
+    t0 = time.monotonic()
+    task = q.enqueue({"command": ["date", "+%s.%N"]}).task
+    wait_until(lambda: task["task_id"] in final_records(home), 3, "the task")
+    elapsed = time.monotonic() - t0
+    print(f"enqueue -> completed on an idle worker: {elapsed * 1000:.1f} ms")
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+def test_cancel_running_task_via_cli(home: Home, procs: ProcGroup, task_pids: Path) -> None:
+    pidfile = task_pids / "c.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": sleeper(pidfile)}).task
+    worker = start_worker(procs, home)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the task")
+    out = cli(home, "task", "cancel", task["task_id"])
+    assert out.returncode == 0, out.stderr
+    t0 = time.monotonic()
+    wait_until(lambda: task["task_id"] in final_records(home), 3, "the cancellation")
+    print(f"cancel -> recorded: {(time.monotonic() - t0) * 1000:.0f} ms")
+    assert final_records(home)[task["task_id"]][-1]["status"] == "cancelled"
+    assert not pid_alive(int(pidfile.read_text()))
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+def test_timeout_in_worker_process_leaves_no_grandchild(home: Home, procs: ProcGroup,
+                                                        task_pids: Path) -> None:
+    set_system(home, kill_grace_s=0.5)
+    gc = task_pids / "gc.pid"
+    leader = task_pids / "leader.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", f"echo $$ > {leader}; sleep 300 & "
+                                                f"echo $! > {gc}; sleep 300"],
+                      "timeout_s": 0.5, "max_attempts": 1}).task
+    worker = start_worker(procs, home)
+    wait_until(lambda: task["task_id"] in final_records(home), 10, "the timeout")
+    assert final_records(home)[task["task_id"]][-1]["last_error"].startswith("timeout")
+    # The worker is a child subreaper: the grandchild is killed and reaped, not a zombie.
+    assert not os.path.exists(f"/proc/{int(gc.read_text())}")
+    assert not pid_alive(int(leader.read_text()))
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+def test_two_workers_run_each_task_once(home: Home, procs: ProcGroup) -> None:
+    q = TaskQueue(home)
+    w1 = start_worker(procs, home, "--instance", "1", name="w1")
+    w2 = start_worker(procs, home, "--instance", "2", name="w2")
+    ids = [r.task["task_id"] for r in q.enqueue_batch([{"command": ["true"]}
+                                                        for _ in range(40)])]
+    wait_until(lambda: set(ids) <= set(final_records(home)), 30, "all tasks")
+    finals = final_records(home)
+    assert all(len(finals[t]) == 1 and finals[t][0]["attempts"] == 1 for t in ids)
+    for w in (w1, w2):
+        os.kill(w.pid, signal.SIGTERM)
+    assert w1.wait(15) == 0 and w2.wait(15) == 0
+    done = sum(completed_spec(home, w.pid)["tasks_done"] for w in (w1, w2))
+    assert done == 40
+
+
+def test_worker_reaps_orphans_that_escaped_their_group(home: Home, procs: ProcGroup,
+                                                       task_pids: Path) -> None:
+    """A task child that setsid()s leaves the task's process group, so the group kill cannot
+    reach it; when it exits later, the worker (a child subreaper) reaps it: no zombie."""
+    escaped = task_pids / "escaped.pid"
+    q = TaskQueue(home)
+    first = q.enqueue({"command": ["bash", "-c", f"setsid sleep 0.3 & echo $! > {escaped}"]})
+    worker = start_worker(procs, home)
+    wait_until(lambda: first.task["task_id"] in final_records(home), 10, "the first task")
+    pid = int(escaped.read_text())
+    wait_until(lambda: not pid_alive(pid), 10, "the escaped process to exit")
+    second = q.enqueue({"command": ["true"]}).task
+    wait_until(lambda: second["task_id"] in final_records(home), 10, "the second task")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the orphan to be reaped")
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+# ---------------------------------------------------------------------------- wake-ups
+def test_wakeup_fires_on_queue_inbox_control_and_config_only(home: Home) -> None:
+    from coordination.store import append_line, replace_bytes, replace_json
+    from daemons.wakeup import Wakeup
+
+    wakeup = Wakeup(home).start(signals=False)
+    try:
+        # watchdog's 0.5 s move-pairing delay is off (else p99 dispatch latency is 500 ms).
+        assert wakeup.prompt_moves
+        publishes: list[Callable[[], object]] = [
+            lambda: replace_bytes(home.queue_file, b'{"tasks": []}\n', "none"),
+            lambda: replace_bytes(home.inbox / "t-1.json", b"{}\n", "none"),
+            lambda: replace_json(home.control_file, {"paused_types": {}}, "none"),
+            lambda: replace_json(home.system_config, json.loads(
+                home.system_config.read_text()), "none"),
+        ]
+        for publish in publishes:
+            wakeup.clear()
+            t0 = time.monotonic()
+            publish()
+            assert wakeup.wait(2), "no wake-up"
+            assert time.monotonic() - t0 < 0.5
+        # Writes that are not work (event log appends, specs, results) do not wake anyone.
+        time.sleep(0.1)
+        wakeup.clear()
+        append_line(home.events_file, {"type": "x"}, "none")
+        replace_json(home.specs_active / "w.json", {"worker_id": "w"}, "none")
+        (home.results / "r").mkdir()
+        assert not wakeup.wait(0.3)
+    finally:
+        wakeup.stop()
+
+
+def test_idle_worker_sleeps_without_polling(home: Home, procs: ProcGroup) -> None:
+    """Over a quiet second an idle worker process uses (next to) no CPU."""
+    import psutil
+
+    worker = start_worker(procs, home)
+    wait_until(lambda: (active_spec(home, worker.pid) or {}).get("state") == "idle", 10, "idle")
+    proc = psutil.Process(worker.pid)
+    time.sleep(0.3)
+    before = proc.cpu_times()
+    time.sleep(1.5)
+    after = proc.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    assert used < 0.05, f"idle worker used {used:.3f}s CPU in 1.5s"
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
