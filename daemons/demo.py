@@ -1,0 +1,231 @@
+"""``harness demo``: initialise a home, enqueue a small workload, run it in the foreground.
+
+The README's first command (``harness --home ./harness-home demo``). It needs nothing but
+the package: the workload is ``sh -c`` one-liners, the workers are this interpreter. The
+workload shows the main features: priorities, a task that fails once and succeeds on
+attempt 2 (``$HARNESS_ATTEMPT``), a dependency, and a result file with ``tokens_used``.
+A status line is printed every second; the command exits 0 once every demo task finished
+(1 if one failed for good), or keeps running with ``--keep-running`` until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from coordination import clock
+from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.store import replace_json
+
+from .supervisor import Tick
+from .up import run_up
+
+DEMO_WORKERS = 3
+
+
+def init_home(home: Home) -> list[str]:
+    """What ``harness init`` does: directories, lock files, default config if absent."""
+    home.create()
+    written = []
+    for path, content in ((home.system_config, default_system()),
+                          (home.worker_types_config, DEFAULT_WORKER_TYPES)):
+        if not path.exists():
+            replace_json(path, content, pretty=True)
+            written.append(str(path))
+    return written
+
+
+def _sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def demo_requests(correlation_id: str, now: float) -> list[dict[str, Any]]:
+    """Twelve small tasks of mixed priorities (0.5-2 s each)."""
+    plain = [("critical", 0.5, "hotfix the login page"), ("high", 1.0, "resize thumbnails"),
+             ("high", 1.5, "rebuild the search index"), ("medium", 0.8, "lint the repository"),
+             ("medium", 2.0, "run the slow test suite"), ("medium", 1.2, "render the docs"),
+             ("low", 0.6, "tidy old branches"), ("low", 1.8, "compress the archives"),
+             ("low", 0.7, "refresh the sitemap")]
+    reqs: list[dict[str, Any]] = []
+    for index, (priority, secs, what) in enumerate(plain, start=1):
+        reqs.append({
+            "description": f"demo {index}: {what}", "priority": priority,
+            "command": _sh(f'echo "demo task {index}: {what} ({secs}s, attempt '
+                           f'$HARNESS_ATTEMPT)"; sleep {secs}; echo "done: {what}"'),
+            "correlation_id": correlation_id})
+    reqs.append({
+        "description": "demo 10: flaky step (fails on attempt 1, succeeds on attempt 2)",
+        "priority": "high", "max_attempts": 3, "correlation_id": correlation_id,
+        "command": _sh('echo "flaky step, attempt $HARNESS_ATTEMPT"; sleep 0.5; '
+                       'if [ "$HARNESS_ATTEMPT" -lt 2 ]; then '
+                       'echo "failing on purpose, the retry will pass" >&2; exit 3; fi; '
+                       'echo "passed on attempt $HARNESS_ATTEMPT"')})
+    build = clock.new_task_id(now)
+    reqs.append({
+        "task_id": build, "description": "demo 11: build (writes a result file)",
+        "priority": "medium", "correlation_id": correlation_id,
+        "command": _sh('echo "building"; sleep 1; '
+                       'printf \'{"tokens_used": 42, "artifact": "demo.tar"}\\n\' '
+                       '> "$HARNESS_RESULT_FILE"; echo "built"')})
+    reqs.append({
+        "description": "demo 12: deploy (depends on the build)", "priority": "critical",
+        "depends_on": [build], "correlation_id": correlation_id,
+        "command": _sh('echo "deploying the build"; sleep 0.5; echo "deployed"')})
+    return reqs
+
+
+def enqueue_demo(home: Home, now: float | None = None) -> tuple[str, list[str]]:
+    """Enqueue the demo workload in one commit; returns (correlation id, task ids)."""
+    ts = clock.now() if now is None else now
+    correlation_id = f"demo-{clock.compact(ts)}"
+    results = TaskQueue(home).enqueue_batch(demo_requests(correlation_id, ts), force=True,
+                                            now=ts)
+    return correlation_id, [r.task["task_id"] for r in results]
+
+
+def _display(home: Home) -> tuple[str, str]:
+    """How to spell the harness command and the home in the printed hints."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "harness":
+        found = shutil.which("harness")
+        prog = "harness" if found and os.path.samefile(found, argv0) else argv0
+    else:
+        prog = f"{sys.executable} -m daemons"
+    root = home.root
+    try:
+        rel = root.relative_to(Path.cwd())
+        shown = "./" + str(rel) if str(rel) != "." else "."
+    except ValueError:
+        shown = str(root)
+    return prog, shlex.quote(shown)
+
+
+def hints(home: Home) -> list[str]:
+    prog, where = _display(home)
+    h = f"{prog} --home {where}"
+    coord = f"{where}/coordination"
+    return [
+        "watch it from another terminal:",
+        f"  {h} status                 # queue, workers, health",
+        f"  {h} dashboard              # live view",
+        f"  {h} events tail -f         # every event as it happens",
+        f"  jq -c '.tasks[] | {{task_id, status, priority, attempts, worker_id}}' "
+        f"{coord}/task-queue.json",
+        f"  jq -c 'select(.final) | {{task_id, outcome, attempts}}' {coord}/task-history.jsonl",
+        f"  jq -c 'select(.type | test(\"scale|reclaim|retry\")) | [.timestamp, .type, "
+        f".message]' {coord}/dashboard-events.jsonl",
+        f"  jq . {coord}/health.json",
+        f"task output: {where}/logs/tasks/<task_id>.log; worker logs: {where}/logs/workers/",
+    ]
+
+
+class _Progress:
+    """Final outcomes of the demo tasks, read incrementally from task-history.jsonl."""
+
+    def __init__(self, home: Home, ids: list[str]) -> None:
+        self.path = home.history_file
+        self.ids = set(ids)
+        self.outcomes: dict[str, str] = {}
+        try:
+            self.offset = self.path.stat().st_size
+        except FileNotFoundError:
+            self.offset = 0
+
+    def refresh(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self.offset:  # rotated by the janitor
+            self.offset = 0
+        if size == self.offset:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(size - self.offset)
+        whole = data[:data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        for raw in whole.splitlines():
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("final") \
+                    and record.get("task_id") in self.ids:
+                self.outcomes[record["task_id"]] = str(record.get("status"))
+
+    @property
+    def finished(self) -> bool:
+        return len(self.outcomes) >= len(self.ids)
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.outcomes.values() if s == status)
+
+
+def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = False,
+             out: Callable[[str], None] | None = None, status_every_s: float = 1.0) -> int:
+    say = out or (lambda line: print(line, flush=True))
+    written = init_home(home)
+    say(f"harness demo: home {home.root}"
+        + (" (initialised)" if written else " (existing home, config kept)"))
+    correlation_id, ids = enqueue_demo(home)
+    say(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id}); starting "
+        f"{workers} workers")
+    for line in hints(home):
+        say(line)
+    progress = _Progress(home, ids)
+    last: dict[str, Any] = {}
+    started = time.monotonic()
+    announced = [False]
+
+    def status_line(now: float) -> None:
+        progress.refresh()
+        q = last.get("queue") or {}
+        w = last.get("workers") or {}
+        elapsed = time.monotonic() - started
+        say(f"[{elapsed:5.1f}s] queue: {q.get('queued', 0)} queued, {q.get('running', 0)} "
+            f"running | workers: {w.get('busy', 0)} busy, {w.get('idle', 0)} idle"
+            f"{', ' + str(w['starting']) + ' starting' if w.get('starting') else ''} | "
+            f"demo: {progress.count('completed')} completed, {progress.count('failed')} "
+            f"failed, {len(ids) - len(progress.outcomes)} to go | "
+            f"{(last.get('health') or {}).get('health', '?')}")
+
+    def on_pass(report: dict[str, Any]) -> bool:
+        last.clear()
+        last.update(report)
+        progress.refresh()
+        if not progress.finished:
+            return False
+        if keep_running:
+            if not announced[0]:
+                announced[0] = True
+                status_line(clock.now())
+                say("demo workload finished; still running (Ctrl-C to stop)")
+            return False
+        status_line(clock.now())
+        return True
+
+    code = run_up(home, workers=workers, on_pass=on_pass, out=say,
+                  extra_ticks=[Tick("status", status_every_s, status_line)], verbose=True)
+    progress.refresh()
+    failed = sorted(t for t, s in progress.outcomes.items() if s != "completed")
+    if not progress.finished:
+        say(f"demo stopped before the workload finished ({len(progress.outcomes)}/{len(ids)}"
+            " tasks done)")
+        return (code or 0) if keep_running else 1
+    if failed:
+        say(f"demo finished with {len(failed)} task(s) not completed: {', '.join(failed)}")
+        return 1
+    say(f"demo finished: all {len(ids)} tasks completed. Try "
+        f"`{_display(home)[0]} --home {_display(home)[1]} task show {ids[-1]} --history`")
+    return code

@@ -1,0 +1,151 @@
+"""``harness up`` and ``harness demo`` as real processes: tasks complete, Ctrl-C (SIGINT)
+drains the workers (a running task is handed back), and no descendant survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+from helpers import Child, ProcGroup, events, final_records, make_home, req
+
+from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import read_specs
+from coordination.store import read_json
+
+HARNESS = [sys.executable, "-m", "daemons"]
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                         "HARNESS_INSTANCE", "HARNESS_HOME")}
+
+
+class Family:
+    """Every process seen below ``root`` while it ran, identified by (pid, start time)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = psutil.Process(root)
+        self.seen: dict[int, float] = {}
+
+    def sample(self) -> int:
+        try:
+            for proc in self.root.children(recursive=True):
+                try:
+                    self.seen.setdefault(proc.pid, proc.create_time())
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            pass
+        return len(self.seen)
+
+    def survivors(self) -> list[str]:
+        out = []
+        for pid, started in self.seen.items():
+            try:
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - started) < 0.05 and \
+                        proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{pid} {' '.join(proc.cmdline())}")
+            except psutil.Error:
+                continue
+        return out
+
+
+def processes_of_home(home: Home) -> list[str]:
+    """Any live process with this home in its command line or environment."""
+    needle = str(home.root)
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if needle in " ".join(proc.info["cmdline"] or []) or \
+                    proc.environ().get("HARNESS_HOME") == needle:
+                out.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+        except psutil.Error:
+            continue
+    return out
+
+
+def start_up(procs: ProcGroup, home: Home, *args: str) -> Child:
+    return procs.spawn("up", [*HARNESS, "--home", str(home.root), "up", *args],
+                       env=clean_env())
+
+
+def test_up_runs_tasks_and_sigint_leaves_nothing_behind(tmp_path: Path,
+                                                         procs: ProcGroup) -> None:
+    home = make_home(tmp_path, durability="none", heartbeat_interval_s=0.5,
+                     stop_grace_s=1, kill_grace_s=1, retry_backoff_base_s=0,
+                     scale_cooldown_s=1)
+    up = start_up(procs, home, "--workers", "2")
+    family = Family(up.pid)
+    wait_until(lambda: family.sample() and len(read_specs(home)) == 2,
+               what="two workers to register")
+    queue = TaskQueue(home)
+    ids = [queue.enqueue(req(command=["sh", "-c", "sleep 0.3; echo ok"],
+                             description=f"up {i}")).task["task_id"] for i in range(6)]
+    wait_until(lambda: family.sample() and all(
+        t in final_records(home) for t in ids), what="the tasks to complete")
+    assert {final_records(home)[t][-1]["status"] for t in ids} == {"completed"}
+    # A long task is running when Ctrl-C arrives: it is handed back, not lost.
+    long_id = queue.enqueue(req(command=["sleep", "300"], description="long")).task["task_id"]
+    wait_until(lambda: family.sample() and (queue.get(long_id) or {}).get("status")
+               == "running", what="the long task to start")
+    wait_until(lambda: family.sample() >= 4, timeout=10, what="the task process")
+    os.kill(up.pid, signal.SIGINT)
+    assert up.wait(90) == 0, up.stderr()
+    assert "stopping" in "\n".join(up.lines())
+    assert family.survivors() == []
+    assert processes_of_home(home) == []
+    task = queue.get(long_id)
+    assert task is not None and task["status"] == "queued" and task["attempts"] == 0
+    assert [r["outcome"] for r in queue.history_of(long_id)] == ["released"]
+    assert read_specs(home) == []
+    exits = {s.spec["exit_reason"] for s in read_specs(home, completed=True) if s.spec}
+    assert exits == {"signal"}
+    assert events(home, "scale_up")
+
+
+def test_demo_on_a_fresh_home(tmp_path: Path, procs: ProcGroup) -> None:
+    home = Home(tmp_path / "harness-home")  # does not exist yet: the demo initialises it
+    demo = procs.spawn("demo", [*HARNESS, "--home", str(home.root), "demo"], env=clean_env(),
+                       cwd=tmp_path)
+    family = Family(demo.pid)
+    deadline = time.monotonic() + 100
+    while demo.popen.poll() is None and time.monotonic() < deadline:
+        family.sample()
+        time.sleep(0.1)
+    assert demo.wait(10) == 0, demo.stderr() + "\n".join(demo.lines())
+    out = "\n".join(demo.lines())
+    assert "demo finished: all 12 tasks completed" in out
+    assert "--home ./harness-home status" in out and "events tail -f" in out
+    assert "queue:" in out and "workers:" in out  # the status lines
+    finals = {t: r[-1] for t, r in final_records(home).items()}
+    assert len(finals) == 12 and {r["status"] for r in finals.values()} == {"completed"}
+    flaky = [r for r in finals.values() if "flaky" in r["description"]]
+    assert flaky and flaky[0]["attempts"] == 2
+    deploy = next(r for r in finals.values() if "deploy" in r["description"])
+    build = next(r for r in finals.values() if "build (" in r["description"])
+    assert deploy["started_at"] >= build["completed_at"]
+    assert build["result"]["tokens_used"] == 42
+    assert family.survivors() == []
+    assert read_json(home.system_config)["version"] == 1
