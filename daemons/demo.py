@@ -114,6 +114,10 @@ def hints(home: Home) -> list[str]:
     prog, where = _display(home)
     h = f"{prog} --home {where}"
     coord = f"{where}/coordination"
+
+    def rel(path: Path) -> str:
+        return f"{where}/{path.relative_to(home.root).as_posix()}"
+
     return [
         "watch it from another terminal:",
         f"  {h} status                 # queue, workers, health",
@@ -124,8 +128,9 @@ def hints(home: Home) -> list[str]:
         f"  jq -c 'select(.final) | {{task_id, outcome, attempts}}' {coord}/task-history.jsonl",
         f"  jq -c 'select(.type | test(\"scale|reclaim|retry\")) | [.timestamp, .type, "
         f".message]' {coord}/dashboard-events.jsonl",
-        f"  jq . {coord}/health.json",
-        f"task output: {where}/logs/tasks/<task_id>.log; worker logs: {where}/logs/workers/",
+        f"  jq . {rel(home.health_file)}",
+        f"task output: {rel(home.task_logs)}/<task_id>.log; worker logs: "
+        f"{rel(home.worker_logs)}/",
     ]
 
 
@@ -179,8 +184,8 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
     say(f"harness demo: home {home.root}"
         + (" (initialised)" if written else " (existing home, config kept)"))
     correlation_id, ids = enqueue_demo(home)
-    say(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id}); starting "
-        f"{workers} workers")
+    say(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id}); keeping at "
+        f"least {workers} workers, the supervisor scales up to max_workers on queue depth")
     for line in hints(home):
         say(line)
     progress = _Progress(home, ids)

@@ -1,0 +1,45 @@
+"""The two ways to start the CLI: the `harness` console script and `python -m daemons`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordination.paths import Home
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("HARNESS_HOME", "STATE_DIRECTORY", "PYTHONSAFEPATH"):
+        env.pop(key, None)
+    return env
+
+
+def test_python_m_daemons_works_from_inside_a_home(tmp_path: Path) -> None:
+    """Inside a home, the `coordination/` data directory must not shadow the package."""
+    root = tmp_path / "home"
+    Home(root).create()
+    subprocess.run([sys.executable, "-m", "daemons", "--home", str(root), "init"],
+                   check=True, capture_output=True, env=_env())
+    proc = subprocess.run([sys.executable, "-m", "daemons", "--home", ".", "status",
+                           "--json"], cwd=root, capture_output=True, text=True, env=_env(),
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert '"queue"' in proc.stdout
+
+
+def test_console_script_matches_python_m(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("harness")
+    exe = str(script) if script.exists() else shutil.which("harness")
+    if exe is None:
+        pytest.skip("the harness console script is not installed beside this interpreter")
+    a = subprocess.run([exe, "--help"], capture_output=True, text=True, env=_env(), timeout=60)
+    b = subprocess.run([sys.executable, "-m", "daemons", "--help"], capture_output=True,
+                       text=True, env=_env(), timeout=60, cwd=tmp_path)
+    assert a.returncode == b.returncode == 0
+    assert a.stdout.split("Commands:")[1] == b.stdout.split("Commands:")[1]
