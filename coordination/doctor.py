@@ -9,6 +9,10 @@ Levels
 - ``warning``: a state a crash legitimately leaves behind, which the next operation, the
   supervisor or ``--repair`` resolves (stale temp files, a running task whose worker is
   proven dead, a task whose move to history was interrupted, a torn last JSONL line).
+  One warning is the operator's to resolve: ``task_not_held``, a running task whose live
+  worker provably runs something else (e.g. after a restored queue revision). Its worker
+  is alive, so neither the supervisor nor ``--repair`` takes the task; restarting the
+  worker lets the next reclaim pass requeue it.
 - ``info``: facts worth knowing (pending inbox files, quarantined files).
 
 A report is *ok* when it has no errors and *clean* when it has no errors and no warnings.
@@ -302,6 +306,16 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
         if repair and queue is not None:
             queue.reclaim(task["task_id"], reason=proof, now=now)
             f.repaired = True
+    for task in list(tasks.values()):
+        reason = _not_held(task, active, dead_workers)
+        if reason is None:
+            continue
+        # Reported, not repaired: the worker is alive, and the operator decides (restart
+        # it; the next reclaim pass then requeues the task, "exited without finishing it").
+        report.add("warning", "task_not_held", f"task {task['task_id']} is running on "
+                   f"{task['worker_id']}, which is alive but {reason}: nothing will finish "
+                   "it until that worker exits (restart it; the next reclaim pass requeues "
+                   "the task)", home.specs_active / f"{task['worker_id']}.json")
     for worker_id, proof in sorted(dead_workers.items()):
         f = report.add("warning", "dead_worker", f"worker {worker_id} is dead ({proof}) but "
                        "its spec is still active", home.specs_active / f"{worker_id}.json")
@@ -325,6 +339,37 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
             if repair and queue is not None:
                 queue.ingest(now=now)
                 f.repaired = True
+
+
+def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
+              dead_workers: dict[str, str]) -> str | None:
+    """Why a running task is provably not held by its owner, a live active worker; None
+    when it is held, or when that cannot be proven.
+
+    A worker claims (the queue's ``started_at`` = the claim instant) and only then writes
+    its spec naming the task, with ``heartbeat_at`` = that same instant; until then the spec
+    names nothing or its previous task. So the spec proves the worker has let go only when
+    it was written strictly after the claim (``heartbeat_at`` > ``started_at``) and names
+    another task or none. An unparseable timestamp proves nothing (fail closed).
+    """
+    if task.get("status") != "running":
+        return None
+    owner = task.get("worker_id")
+    spec = active.get(owner) if isinstance(owner, str) else None
+    if spec is None or owner in dead_workers:
+        return None  # no spec or dead: orphaned_task's business
+    current = spec.get("current_task_id")
+    if current == task["task_id"]:
+        return None
+    beat, started = spec.get("heartbeat_at"), task.get("started_at")
+    try:
+        after_claim = clock.parse_iso(str(beat)) > clock.parse_iso(str(started))
+    except ValueError:
+        return None
+    if not after_claim:
+        return None  # the spec may predate the claim: a worker between claim and update
+    doing = f"runs {current}" if current else f"is {spec.get('state')} with no task"
+    return f"its spec (heartbeat {beat}, after the claim at {started}) says it {doing}"
 
 
 def _drop_live(queue: Any, task_id: str, now: float) -> None:

@@ -6,7 +6,17 @@ inodes. Shell scripts take the same lock with ``flock coordination/locks/NAME.lo
 
 We do not use the ``filelock`` package here: it opens lock files with O_TRUNC and waits by
 sleeping ``poll_interval`` (50 ms by default), which would dominate dispatch latency.
-A blocking flock(2) wakes the waiter the instant the holder releases.
+
+Waiting across processes is polling, not a kernel wake-up: flock(2) has no timeout, and
+every caller passes one (``lock_timeout_s``, or 0 for "only if free"), so
+:meth:`FileLock.acquire` retries ``flock(LOCK_EX | LOCK_NB)`` with a back-off that starts
+at 0.5 ms and doubles up to 20 ms (0.5, 1, 2, 4, 8, 16, 20, 20, ... ms), and raises
+:class:`LockTimeout` at the deadline. A waiter therefore sees a release up to about 20 ms
+late once it has waited ~30 ms; short holds are caught within a millisecond or two. Only
+``timeout=None`` (used by no daemon) blocks in flock(2) and wakes the instant the holder
+releases. Within one process the lock is re-entrant: threads share one descriptor and
+queue on an RLock (which does wake promptly, and honours the same timeout), because a
+second descriptor of the same process would deadlock against the first under flock.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from .events import emit
 from .locks import lock_for
 from .paths import Home
 from .redact import redact
-from .specs import read_specs
+from .specs import liveness, read_specs
 from .store import append_line, read_json, replace_json, tail_jsonl
 from .tasks import PRIORITIES
 
@@ -70,8 +70,8 @@ _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 def health_file(home: Home) -> Path:
-    """``coordination/health.json``, published by the supervisor."""
-    return home.coordination / "health.json"
+    """``coordination/health.json``, published by the supervisor (:attr:`Home.health_file`)."""
+    return home.health_file
 
 
 def check_state_file(home: Home) -> Path:
@@ -322,7 +322,14 @@ def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float,
 
 
 def worker_rows(home: Home, cfg: SystemConfig, now: float) -> list[dict[str, Any]]:
-    """One row per active spec: id, state, task, heartbeat age, stalled and why."""
+    """One row per active spec: id, state, task, heartbeat age, stalled and why, alive.
+
+    Liveness is :func:`coordination.specs.liveness`, the proof the supervisor and doctor
+    use (pid gone, pid reused per psutil ``create_time`` vs ``process_start_time``, or
+    heartbeat older than ``heartbeat_timeout_s``). A proven-dead worker's row has
+    ``state`` ``dead`` (what its spec still claims is ``spec_state``), ``alive`` False and
+    ``dead_reason`` the proof, so it is never counted as busy or idle. ``stalled`` is
+    judged as before, from the spec alone."""
     rows: list[dict[str, Any]] = []
     hb_limit = float(cfg["heartbeat_timeout_s"])
     stall_limit = float(cfg["worker_stall_timeout_s"])
@@ -330,15 +337,19 @@ def worker_rows(home: Home, cfg: SystemConfig, now: float) -> list[dict[str, Any
         spec = read.spec
         if spec is None:
             rows.append({"worker_id": read.path.stem, "state": "unreadable", "error": read.error,
+                         "spec_state": None, "alive": None, "dead_reason": None,
                          "current_task_id": None, "heartbeat_age_s": None,
                          "task_age_s": None, "stalled": False, "stall_reason": None})
             continue
         beat = ts_of(spec.get("heartbeat_at"))
         started = ts_of(spec.get("task_started_at"))
         reason = stall_reason(spec, now, hb_limit, stall_limit)
+        dead = liveness(spec, now, hb_limit)
         rows.append({
             "worker_id": spec.get("worker_id"), "instance": spec.get("instance"),
-            "state": spec.get("state"), "current_task_id": spec.get("current_task_id"),
+            "state": "dead" if dead else spec.get("state"), "spec_state": spec.get("state"),
+            "alive": dead is None, "dead_reason": dead,
+            "current_task_id": spec.get("current_task_id"),
             "heartbeat_at": spec.get("heartbeat_at"),
             "heartbeat_age_s": _round(None if beat is None else now - beat, 1),
             "task_started_at": spec.get("task_started_at"),
@@ -463,7 +474,7 @@ def observe(home: Home, now: float | None = None) -> Observation:
     workers = worker_rows(home, cfg, ts)
     max_depth = int(cfg["max_queue_depth"])
     queued = int(stats["by_status"]["queued"])
-    backpressure = queued > max_depth
+    backpressure = queued >= max_depth  # the next `task add` would be refused
     control = read_control(home)
     active_pauses = paused_types(control, ts)
     paused = {name: info for name, info in control.get("paused_types", {}).items()
@@ -514,6 +525,8 @@ def _worker_counts(obs: Observation) -> dict[str, Any]:
     counts: dict[str, Any] = {"active": len(obs.workers)}
     for state in WORKER_STATES:
         counts[state] = sum(1 for w in obs.workers if w["state"] == state)
+    # Proven dead (specs.liveness) but not yet retired: counted here, never as busy/idle.
+    counts["dead"] = sum(1 for w in obs.workers if w["state"] == "dead")
     stalled = sorted(set(obs.health.get("stalled_workers") or []))
     counts["stalled"] = len(stalled)
     counts["stalled_ids"] = stalled

@@ -12,7 +12,9 @@ from pathlib import Path
 from .errors import NotInitialized
 
 #: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
-LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor")
+#: ``supervisor`` is held by a running supervisor for its whole life (one per home).
+LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor",
+              "supervisor")
 
 
 def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -98,6 +100,17 @@ class Home:
         return self.coordination / "control.json"
 
     @property
+    def health_file(self) -> Path:
+        """The supervisor's health verdict, published by rename under the metrics lock."""
+        return self.coordination / "health.json"
+
+    @property
+    def supervisor_state_file(self) -> Path:
+        """What a supervisor carries across passes and restarts (scale time, circuits,
+        progress watermarks, stalls), published by rename by the supervisor only."""
+        return self.coordination / "supervisor-state.json"
+
+    @property
     def config_dir(self) -> Path:
         return self.coordination / "config"
 
@@ -117,6 +130,11 @@ class Home:
     def quarantine(self) -> Path:
         return self.coordination / "quarantine"
 
+    @property
+    def supervisor_lock(self) -> Path:
+        """Held (flock) by a running supervisor for its life: one supervisor per home."""
+        return self.lock_path("supervisor")
+
     def lock_path(self, name: str) -> Path:
         if name not in LOCK_NAMES:
             raise ValueError(f"unknown lock {name!r}; known: {', '.join(LOCK_NAMES)}")
@@ -130,6 +148,12 @@ class Home:
     @property
     def task_logs(self) -> Path:
         return self.logs / "tasks"
+
+    @property
+    def worker_logs(self) -> Path:
+        """stdout/stderr of workers started by the process actuator (``harness up``,
+        ``demo``): ``worker-<instance>.log``, created on the first start (not by init)."""
+        return self.logs / "workers"
 
     @property
     def results(self) -> Path:

@@ -154,7 +154,22 @@ def task_add(obj: CliContext, command: tuple[str, ...], description: str, priori
 
     \b
     Returns once the task is visible in coordination/task-queue.json.
-    Exit 75 when more than max_queue_depth tasks are queued (unless --force).
+    Exit status:
+      0   enqueued (or deduplicated onto the live task holding --dedup-key);
+          the id is printed
+      1   error (e.g. a corrupt queue file, disk full)
+      2   bad input (nothing is queued) or an uninitialised home
+      75  retry later, and it means one of:
+          - backpressure: the task would make more than max_queue_depth tasks
+            queued (--force skips the check); checked before anything is
+            written, so nothing is queued;
+          - the queue lock stayed busy for lock_timeout_s. A --from-file batch
+            wrote nothing. A single task had already been spooled to
+            coordination/inbox/<task_id>.json (done whenever the lock is busy
+            at the first try), so it MAY STILL BE ENQUEUED by the next queue
+            transaction of any process (the supervisor drains the inbox on
+            every pass); a plain retry can then create a second task, so
+            retry with --dedup-key, or check `harness task list` first.
     Examples:
       harness task add --priority high -- ./run-agent.sh --repo foo
       harness task add --type shell -d 'make test'

@@ -135,9 +135,16 @@ def format_status(s: dict[str, Any]) -> list[str]:
                                   for p, c in q["by_priority"].items()) + "  (queued/running)")
     wc = s["worker_counts"]
     lines.append(f"workers: {wc['active']} active (busy {wc['busy']}, idle {wc['idle']}, "
-                 f"draining {wc['draining']}), {wc['stalled']} stalled")
+                 f"draining {wc['draining']}), {wc['stalled']} stalled, "
+                 f"{wc.get('dead', 0)} dead")
     for w in s["workers"]:
-        flag = f"  STALLED: {w['stall_reason']}" if w.get("stalled") else ""
+        if w.get("state") == "dead":
+            flag = (f"  DEAD: {w.get('dead_reason')} (spec says {w.get('spec_state')}; "
+                    "the supervisor reclaims its task)")
+        elif w.get("stalled"):
+            flag = f"  STALLED: {w['stall_reason']}"
+        else:
+            flag = ""
         lines.append(f"  {w['worker_id']:<40} {w['state']!s:<9} "
                      f"{w.get('current_task_id') or '-':<36} "
                      f"hb {_age(w.get('heartbeat_age_s'))} ago{flag}")

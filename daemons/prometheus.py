@@ -87,7 +87,7 @@ def render(snap: dict[str, Any]) -> str:
               for s in WORKER_STATES])
     x.gauge("harness_workers_stalled", "Busy workers without heartbeat or progress.",
             float(workers.get("stalled", 0)))
-    x.gauge("harness_backpressure_active", "1 while more tasks are queued than "
+    x.gauge("harness_backpressure_active", "1 while the queue is at or past "
             "max_queue_depth.", 1.0 if snap.get("backpressure") else 0.0)
     state = snap["health"]["state"]
     x.gauge("harness_health", "Health: 0 healthy, 1 degraded, 2 unhealthy.",

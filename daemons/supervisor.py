@@ -86,16 +86,19 @@ BUSY_STATES = ("busy", "draining", "stopping")
 
 # ---------------------------------------------------------------------------- files
 def state_path(home: Home) -> Path:
-    return home.coordination / "supervisor-state.json"
+    """``coordination/supervisor-state.json`` (:attr:`Home.supervisor_state_file`)."""
+    return home.supervisor_state_file
 
 
 def health_path(home: Home) -> Path:
-    return home.coordination / "health.json"
+    """``coordination/health.json`` (:attr:`Home.health_file`)."""
+    return home.health_file
 
 
 def singleton_lock_path(home: Home) -> Path:
-    """Held by a running supervisor (``supervisor run``, ``up``, ``demo``) for its life."""
-    return home.locks / "supervisor.lock"
+    """Held by a running supervisor (``supervisor run``, ``up``, ``demo``) for its life
+    (:attr:`Home.supervisor_lock`, ``locks/supervisor.lock``)."""
+    return home.supervisor_lock
 
 
 def _iso(ts: float | None) -> str | None:
@@ -122,7 +125,7 @@ def load_state(home: Home) -> dict[str, Any]:
     file is reported on stderr and replaced at the next save)."""
     state = empty_state()
     try:
-        raw = read_json(state_path(home))
+        raw = read_json(home.supervisor_state_file)
     except FileNotFoundError:
         return state
     except CorruptFileError as exc:
@@ -658,7 +661,9 @@ class Supervisor:
     def _backpressure(self, now: float, cfg: Mapping[str, Any], queued: int,
                       report: dict[str, Any]) -> bool:
         limit = int(cfg["max_queue_depth"])
-        on = queued > limit
+        # The queue refuses an add that would take it past the limit, so "at the limit"
+        # is already the state in which `harness task add` exits 75.
+        on = queued >= limit
         if on != bool(self.state["backpressure"]):
             self.state["backpressure"] = on
             kind = "backpressure_on" if on else "backpressure_off"
@@ -912,16 +917,16 @@ class Supervisor:
     def _write_health(self, doc: dict[str, Any], cfg: Mapping[str, Any]) -> None:
         lock = lock_for(self.home.lock_path("metrics"))
         with lock.held_for(float(cfg["lock_timeout_s"])):
-            replace_json(health_path(self.home), doc, _durability(cfg), pretty=True)
+            replace_json(self.home.health_file, doc, _durability(cfg), pretty=True)
 
     # -------------------------------------------------------------- state
     def _save(self, now: float, cfg: Mapping[str, Any]) -> None:
         current = {k: v for k, v in self.state.items() if k != "updated_at"}
         saved = {k: v for k, v in self._saved.items() if k != "updated_at"}
-        if current == saved and state_path(self.home).exists():
+        if current == saved and self.home.supervisor_state_file.exists():
             return
         self.state["updated_at"] = clock.iso(now)
-        replace_json(state_path(self.home), self.state, _durability(cfg), pretty=True)
+        replace_json(self.home.supervisor_state_file, self.state, _durability(cfg), pretty=True)
         self._saved = orjson.loads(orjson.dumps(self.state))
 
     # -------------------------------------------------------------- for the loop
@@ -964,7 +969,7 @@ def scale_down_once(home: Home, now: float, *, actuator: Actuator | None = None,
     """One scale-down pass (the idle-stop timer): drain idle workers above what
     :func:`decide_scale` wants, never scaling up. Skipped while a supervisor runs (it scales
     itself); uses and updates the same state file, so the cool-down is shared."""
-    lock = lock_for(singleton_lock_path(home))
+    lock = lock_for(home.supervisor_lock)
     try:
         lock.acquire(timeout=0)
     except LockTimeout:
@@ -1208,12 +1213,12 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
     """
     say = out or (lambda line: print(line, flush=True))
     home.require()
-    lock = lock_for(singleton_lock_path(home))
+    lock = lock_for(home.supervisor_lock)
     try:
         lock.acquire(timeout=0)
     except LockTimeout:
         raise TemporaryFailure(f"another supervisor is running on {home.root} (it holds "
-                               f"{singleton_lock_path(home)})") from None
+                               f"{home.supervisor_lock})") from None
     flags = _Flags()
 
     def on_stop(signum: int, frame: FrameType | None) -> None:

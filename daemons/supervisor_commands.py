@@ -94,10 +94,13 @@ def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> N
     """One orphan-reclaim pass (safe beside a running supervisor).
 
     \b
-    A running task whose worker is proven dead (pid gone or reused, or heartbeat older
-    than heartbeat_timeout_s) goes back to the queue with the attempt counted, or to the
-    dead letters when its attempts are spent; the dead worker's spec moves to completed
-    (exit_reason crashed).
+    A worker is dead on proof: pid gone (or a zombie), pid reused, or heartbeat older than
+    heartbeat_timeout_s. A frozen one (stale heartbeat, pid alive with its recorded start
+    time, on this host) gets SIGKILL, with its tasks' process groups, before its task is
+    requeued. Its running task goes back to the queue with the attempt counted, or to the
+    dead letters when its attempts are spent; task processes it left on this host are
+    killed and its spec moves to completed (exit_reason crashed, crash_proof). --dry-run
+    signals and changes nothing.
     """
     from .supervisor import reclaim_pass
 
@@ -150,11 +153,9 @@ def supervisor_scale_down_once(dry_run: bool, as_json: bool, home_dir: Path | No
 @_home_option
 def supervisor_status(as_json: bool, home_dir: Path | None) -> None:
     """Print coordination/health.json and the supervisor's saved state."""
-    from .supervisor import health_path, state_path
-
     home = _home(home_dir).require()
     doc: dict[str, Any] = {}
-    for key, path in (("health", health_path(home)), ("state", state_path(home))):
+    for key, path in (("health", home.health_file), ("state", home.supervisor_state_file)):
         try:
             doc[key] = read_json(path)
         except FileNotFoundError:

@@ -15,12 +15,20 @@ usage() {
     cat <<'USAGE'
 Usage: cleanup-zombie-workers.sh [--dry-run] [--json] [--home DIR]
 
-Reclaim the tasks of dead ("zombie") workers once, like the supervisor does on every pass:
-a running task whose worker is proven dead (its pid is gone or was reused by another
-process, or its heartbeat is older than heartbeat_timeout_s) goes back to the queue with
-the attempt counted, or to the dead letters when its attempts are spent. The dead worker's
-spec moves to worker-specs/completed/ (exit_reason crashed) and task processes it left on
-this host are killed. Safe to run beside a running supervisor (the queue lock and an owner
+Reclaim the tasks of dead ("zombie") workers once, like the supervisor does on every pass.
+A worker is dead on proof: its pid is gone (or an unreaped zombie), its pid was reused by
+another process, or its heartbeat is older than heartbeat_timeout_s. In that order, for
+every dead worker:
+  1. a frozen worker (stale heartbeat, but its pid is alive with the recorded start time,
+     on this host) is sent SIGKILL, with its tasks' process groups, BEFORE its task is
+     requeued, so it cannot finish the task beside the retry or keep a lock;
+  2. its running task goes back to the queue with the attempt counted, or to the dead
+     letters when its attempts are spent (a running task whose worker has no active spec
+     is reclaimed too);
+  3. task processes it left on this host (found by HARNESS_WORKER_ID) are SIGKILLed, and
+     its spec moves to worker-specs/completed/ (exit_reason crashed, crash_proof).
+Workers on other hosts are judged by their heartbeat only and never signalled. --dry-run
+signals nothing. Safe to run beside a running supervisor (the queue lock and an owner
 check make every reclaim happen once).
 
 Options:

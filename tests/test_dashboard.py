@@ -70,8 +70,9 @@ def test_once_frame_shows_workers_and_queue_numbers(known: Known) -> None:
     assert "dead letters 1" in frame
     busy = _row(frame, known.busy_worker)
     assert busy[1] == "busy" and busy[2] == known.running and busy[3] == "5s"
-    assert _row(frame, known.stalled_worker)[1] == "busy"
-    assert "heartbeat" in frame and "3 active, 2 busy, 1 idle, 1 stalled" in frame
+    # Its heartbeat is 200 s old (limit 60 s): proven dead, so shown dead, not busy.
+    assert _row(frame, known.stalled_worker)[1] == "dead"
+    assert "heartbeat" in frame and "3 active, 1 busy, 1 idle, 1 stalled" in frame
     assert "Throughput (3 snapshots)" in frame
     done = _row(frame, "done/min")
     assert all(ch in SPARK_UTF8 for ch in done[1])

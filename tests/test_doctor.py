@@ -363,6 +363,72 @@ def test_live_worker_with_matching_start_time_is_alive(home: Home, queue: TaskQu
     assert doctor.check(home).clean
 
 
+def test_task_not_held_by_its_live_worker(home: Home, queue: TaskQueue) -> None:
+    """A live worker whose spec, written after the claim, names another task (or none):
+    nothing will finish the running task, so doctor warns; --repair leaves both alone (the
+    worker is alive: the operator restarts it, then the reclaim pass requeues the task)."""
+    now = time.time()
+    tid = queue.enqueue(req(max_attempts=3)).task["task_id"]
+    other = queue.enqueue(req()).task["task_id"]
+    assert queue.claim("worker-me", now=now - 10)["task_id"] == tid
+    register(home, "worker-me", state="busy", current_task_id=other,
+             task_started_at=clock.iso(now - 5), heartbeat_at=clock.iso(now - 5))
+    report = doctor.check(home, now=now)
+    assert report.ok and not report.clean
+    assert open_codes(report) == ["task_not_held"]
+    (finding,) = [f for f in report.findings if f.code == "task_not_held"]
+    assert tid in finding.message and f"runs {other}" in finding.message
+    assert finding.path == str(home.specs_active / "worker-me.json")
+    repaired = doctor.check(home, repair=True, now=now)
+    assert open_codes(repaired) == ["task_not_held"]
+    task = TaskQueue(home).get(tid)
+    assert task["status"] == "running" and task["worker_id"] == "worker-me"
+    assert (home.specs_active / "worker-me.json").exists()
+    # The operator restarts the worker: its spec is completed, and the reclaim pass (the
+    # supervisor's, or doctor's orphaned_task) takes the task back.
+    from coordination.specs import complete_spec
+
+    complete_spec(home, "worker-me", "signal", now)
+    assert open_codes(doctor.check(home, now=now)) == ["orphaned_task"]
+
+
+def test_task_not_held_idle_worker(home: Home, queue: TaskQueue) -> None:
+    now = time.time()
+    tid = queue.enqueue(req()).task["task_id"]
+    queue.claim("worker-me", now=now - 10)
+    register(home, "worker-me", state="idle", heartbeat_at=clock.iso(now - 1))
+    report = doctor.check(home, now=now)
+    assert open_codes(report) == ["task_not_held"]
+    assert "is idle with no task" in report.findings[-1].message
+    assert tid in report.findings[-1].message
+
+
+@pytest.mark.parametrize("lag_s", [0.0, 3.0])
+def test_task_not_held_spares_a_worker_between_claim_and_spec_update(
+        home: Home, queue: TaskQueue, lag_s: float) -> None:
+    """The worker claims, then writes its spec with heartbeat_at = the claim instant: a
+    spec not newer than the claim (the previous task, or idle) is no proof."""
+    now = time.time()
+    queue.enqueue(req())
+    claimed = queue.claim("worker-me", now=now - 10)["task_id"]
+    register(home, "worker-me", state="busy", current_task_id="t-previous",
+             heartbeat_at=clock.iso(now - 10 - lag_s))
+    assert doctor.check(home, now=now).clean
+    register(home, "worker-me", state="busy", current_task_id=claimed,
+             task_started_at=clock.iso(now - 10), heartbeat_at=clock.iso(now - 1))
+    assert doctor.check(home, now=now).clean
+
+
+def test_task_not_held_leaves_dead_workers_to_orphaned_task(home: Home,
+                                                            queue: TaskQueue) -> None:
+    now = time.time()
+    queue.enqueue(req())
+    queue.claim("worker-dead", now=now - 10)
+    register(home, "worker-dead", pid=dead_pid(), state="idle",
+             heartbeat_at=clock.iso(now - 1))
+    assert open_codes(doctor.check(home, now=now)) == ["dead_worker", "orphaned_task"]
+
+
 def test_running_task_without_any_spec_is_orphaned_after_heartbeat_timeout(
         home: Home, queue: TaskQueue) -> None:
     tid = queue.enqueue(req()).task["task_id"]

@@ -719,6 +719,64 @@ def test_logrotate_config_is_valid(make_home: Callable[..., Home], tmp_path: Pat
     assert not (home.task_logs / "supervisor.log").exists()
 
 
+def test_logrotate_rotates_worker_logs_under_a_live_writer(make_home: Callable[..., Home],
+                                                           tmp_path: Path) -> None:
+    """logs/workers/*.log as the process actuator writes it: one O_APPEND descriptor held by
+    a long-lived child. copytruncate keeps the inode, so the child's next line lands at the
+    start of the emptied file (no hole) and the rotated copy holds the old lines."""
+    logrotate = shutil.which("logrotate") or next(
+        (p for p in ("/usr/sbin/logrotate", "/sbin/logrotate") if os.access(p, os.X_OK)), None)
+    if logrotate is None:
+        pytest.skip("logrotate is not installed")
+    home = make_home()
+    text = (REPO / "etc" / "logrotate.d" / "harness").read_text()
+    assert "@HARNESS_HOME@/logs/workers/*.log {" in text
+    stanza = text.split("@HARNESS_HOME@/logs/workers/*.log {", 1)[1].split("}", 1)[0]
+    directives = {line.split()[0] for line in stanza.splitlines()
+                  if line.strip() and not line.strip().startswith("#")}
+    assert {"copytruncate", "missingok", "notifempty", "rotate", "compress"} <= directives
+    assert not {"create", "postrotate"} & directives  # the writer never reopens the file
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(text.replace("@HARNESS_HOME@", str(home.root)))
+    conf.chmod(0o644)
+    state = tmp_path / "logrotate.state"
+    # No logs/workers/ yet (created by the first process-actuator start): not an error.
+    assert not home.worker_logs.exists()
+    done = subprocess.run([logrotate, "-d", "-s", str(state), str(conf)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "error" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
+    home.worker_logs.mkdir(parents=True)
+    log = home.worker_logs / "worker-1.log"
+    script = ("import sys\n"
+              "print('before', flush=True)\n"
+              "sys.stdin.readline()\n"
+              "print('after', flush=True)\n")
+    with open(log, "ab") as out:  # as ProcessActuator.start opens it
+        child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while log.stat().st_size == 0:
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.01)
+        inode = log.stat().st_ino
+        done = subprocess.run([logrotate, "-f", "-s", str(state), str(conf)],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert log.stat().st_ino == inode and log.stat().st_size == 0
+        assert (home.worker_logs / "worker-1.log.1").read_text() == "before\n"
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert log.read_bytes() == b"after\n"  # appended at the new end: no hole of NULs
+
+
 def _directives(path: Path) -> list[tuple[str, bool]]:
     """(directive line, preceded by a comment line) for each key=value line of a unit."""
     out = []

@@ -122,7 +122,8 @@ def test_snapshot_contents_match_the_known_home(known: Known) -> None:
     assert q["by_priority"]["critical"] == {"queued": 0, "running": 0}
     assert q["oldest_queued_age_s"] == pytest.approx(120, abs=0.01)
     w = snap["workers"]
-    assert (w["active"], w["idle"], w["busy"], w["stalled"]) == (3, 1, 2, 1)
+    # worker-stalled's heartbeat is 200 s old (limit 60 s): proven dead, not busy.
+    assert (w["active"], w["idle"], w["busy"], w["stalled"], w["dead"]) == (3, 1, 1, 1, 1)
     assert w["stalled_ids"] == [known.stalled_worker]
     tp = snap["throughput"]
     assert (tp["completed_1m"], tp["failed_1m"]) == (1, 1)
@@ -316,7 +317,7 @@ def test_prometheus_exposition_parses_with_the_real_parser(known: Known) -> None
     assert fams["harness_task_duration_seconds"].type == "summary"
     assert _sample(fams, "harness_queue_tasks", status="queued", priority="medium") == 1
     assert _sample(fams, "harness_queue_tasks", status="running", priority="medium") == 1
-    assert _sample(fams, "harness_workers", state="busy") == 2
+    assert _sample(fams, "harness_workers", state="busy") == 1  # the stalled one is dead
     assert _sample(fams, "harness_tasks", "harness_tasks_total", outcome="completed") == 2
     assert _sample(fams, "harness_tasks", "harness_tasks_total", outcome="failed") == 1
     assert _sample(fams, "harness_worker_exits", "harness_worker_exits_total",

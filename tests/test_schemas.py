@@ -43,7 +43,7 @@ SCHEMA_FILES = (
     "task.schema.json", "task-queue.schema.json", "task-request.schema.json",
     "history-record.schema.json", "dead-letter.schema.json", "event.schema.json",
     "worker-spec.schema.json", "control.schema.json", "system-config.schema.json",
-    "worker-types.schema.json",
+    "worker-types.schema.json", "health.schema.json", "supervisor-state.schema.json",
 )
 
 JQ_QUEUED = ("""jq '[.tasks[] | select(.status == "queued")] | length' """
@@ -478,6 +478,107 @@ def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> Non
         assert (h.locks / f"{name}.lock").stat().st_size == 0
 
 
+# ------------------------------------------------------------------------------- supervisor
+class SupervisorScenario:
+    """A home driven through ``Supervisor.reconcile``: a worker type's circuit opens and
+    closes, a dead worker is retired (``crash_proof``), a live busy worker gets a progress
+    watermark; health.json and supervisor-state.json are validated after every pass."""
+
+    def __init__(self, root: Path) -> None:
+        from helpers import dead_pid
+
+        from daemons.supervisor import Supervisor
+
+        self.home = h = make_home(root)
+        cfg = read_json(h.system_config)
+        # heartbeat_timeout_s: worker-busy is this test process, which the supervisor
+        # would fence (SIGKILL) once its heartbeat is older than that.
+        cfg.update(durability="none", circuit_min_tasks=3, circuit_failure_rate=0.5,
+                   circuit_window_s=300, circuit_cooldown_s=60, health_window_s=300,
+                   heartbeat_timeout_s=3600)
+        replace_json(h.system_config, cfg, pretty=True)
+        q = TaskQueue(h)
+        now = time_now = clock.now()
+        for i in range(3):
+            q.enqueue({"task_id": f"S{i}", "worker_type": "shell", "description": "exit 1",
+                       "max_attempts": 1}, now=now)
+            assert q.claim("worker-gone", now=now + 0.1)
+            q.fail(f"S{i}", "worker-gone", error="exit 1", exit_code=1, now=now + 0.2)
+        q.enqueue({"task_id": "R", "command": ["true"]}, now=now)
+        assert q.claim("worker-dead", now=now + 0.3)
+        q.enqueue({"task_id": "B", "command": ["true"]}, now=now)
+        assert q.claim("worker-busy", now=now + 0.4)
+        dead = new_spec("worker-dead", "dead", now, pid=dead_pid())
+        dead.update(state="busy", current_task_id="R", task_started_at=clock.iso(now + 0.3))
+        busy = new_spec("worker-busy", "busy", now)
+        busy.update(state="busy", current_task_id="B", task_started_at=clock.iso(now + 0.4),
+                    heartbeat_at=clock.iso(now + 0.5), progress=7)
+        for spec in (dead, busy):
+            assert write_spec(h, spec, create=True)
+        self.sup = Supervisor(h)
+        self.states: list[dict[str, Any]] = []
+        self.healths: list[dict[str, Any]] = []
+        for at in (time_now + 1, time_now + 2, time_now + 62):
+            self.sup.reconcile(at)
+            self.healths.append(read_json(h.health_file))
+            self.states.append(read_json(h.supervisor_state_file))
+            assert_valid("health.schema.json", self.healths[-1], "health.json")
+            assert_valid("supervisor-state.schema.json", self.states[-1],
+                         "supervisor-state.json")
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: pytest.TempPathFactory) -> SupervisorScenario:
+    return SupervisorScenario(tmp_path_factory.mktemp("supervised") / "home")
+
+
+def test_supervisor_files_match_their_schemas(supervised: SupervisorScenario) -> None:
+    """What the supervisor wrote went through every branch the schemas describe."""
+    first, _, last = supervised.states
+    assert first["circuits"]["shell"]["state"] == "open"
+    assert last["circuits"]["shell"]["state"] == "closed"
+    assert last["circuits"]["shell"]["closed_at"] is not None
+    assert first["progress"]["worker-busy"]["progress"] == 7
+    assert supervised.healths[0]["circuits"] == {
+        "shell": {"state": "open", "until": first["circuits"]["shell"]["until"]}}
+    assert supervised.healths[-1]["circuits"] == {}
+    assert "window_s" in supervised.healths[0] and "attempts" in supervised.healths[0]
+    # metrics.health_document (the same format without the supervisor's extras) fits too.
+    from coordination.metrics import health_document
+
+    assert_valid("health.schema.json", health_document(
+        0.5, ["w"], backpressure=True, now=T0, window_s=60,
+        circuits={"shell": {"state": "open", "until": clock.iso(T0)}}))
+    assert not is_valid("health.schema.json", dict(supervised.healths[0], health="fine"))
+    assert not is_valid("supervisor-state.schema.json", dict(last, extra=1))
+
+
+def test_crashed_spec_with_crash_proof_matches_schema(supervised: SupervisorScenario) -> None:
+    h = supervised.home
+    crashed = read_json(h.specs_completed / "worker-dead.json")
+    assert crashed["exit_reason"] == "crashed" and "is gone" in crashed["crash_proof"]
+    assert_valid("worker-spec.schema.json", crashed)
+    active = read_json(h.specs_active / "worker-busy.json")
+    assert_valid("worker-spec.schema.json", active)
+    # crash_proof belongs to a crashed, completed spec only.
+    assert not is_valid("worker-spec.schema.json", dict(active, crash_proof="pid 1 is gone"))
+    assert not is_valid("worker-spec.schema.json", dict(crashed, exit_reason="idle"))
+    assert not is_valid("worker-spec.schema.json", dict(crashed, crash_proof=""))
+
+
+def test_every_file_the_supervisor_wrote_is_in_the_contract(
+        supervised: SupervisorScenario) -> None:
+    h = supervised.home
+    doc = doc_text()
+    for path in (h.health_file, h.supervisor_state_file, h.supervisor_lock):
+        assert path.is_file(), path
+        assert str(path.relative_to(h.root)) in doc, path
+    assert h.supervisor_lock.stat().st_size == 0
+    written = {p for p in h.coordination.iterdir() if p.is_file()}
+    assert written <= {h.queue_file, h.queue_prev_file, h.history_file, h.events_file,
+                       h.control_file, h.health_file, h.supervisor_state_file}, written
+
+
 # ------------------------------------------------------------------------------- the doc
 def test_doc_config_table_is_generated_from_the_code() -> None:
     text = doc_text()
@@ -500,7 +601,8 @@ def test_doc_names_every_path_lock_and_constant() -> None:
              h.history_file,
              h.dead_letters, h.specs_active, h.specs_completed, h.events_file,
              h.metrics_file, h.control_file, h.system_config, h.worker_types_config,
-             h.locks, h.quarantine, h.logs, h.task_logs, h.results]
+             h.locks, h.quarantine, h.logs, h.task_logs, h.results, h.health_file,
+             h.supervisor_state_file, h.supervisor_lock, h.worker_logs]
     for p in paths:
         rel = str(p.relative_to(h.root))
         leaf = p.name
@@ -510,7 +612,8 @@ def test_doc_names_every_path_lock_and_constant() -> None:
                 "coordination/control.json", "coordination/config/system.json",
                 "coordination/config/worker-types.json", "logs/tasks/<task_id>.log",
                 "results/<task_id>/", "inbox/rejected/", "inbox/.ingested/", "worker-specs/",
-                "quarantine/"):
+                "quarantine/", "coordination/health.json", "coordination/supervisor-state.json",
+                "locks/supervisor.lock", "logs/workers/", "`crash_proof`"):
         assert rel in text, rel
     for name in LOCK_NAMES:
         assert f"locks/{name}.lock" in text, name

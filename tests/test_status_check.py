@@ -78,7 +78,67 @@ def test_status_text(known: Known) -> None:
     assert "queue: 2 queued, 1 running, 1 dead letter(s)" in out
     assert "backpressure ON (max 1)" in out
     assert known.busy_worker in out and known.running in out
-    assert "STALLED" in out and "paused types: none" in out
+    # worker-stalled's heartbeat is 200 s old: proven dead, which wins over "stalled".
+    assert "1 stalled, 1 dead" in out and "paused types: none" in out
+    (line,) = [x for x in out.splitlines() if x.startswith(f"  {known.stalled_worker} ")]
+    assert " dead " in line and "DEAD: heartbeat is" in line and "spec says busy" in line
+
+
+def _liveness_home(tmp_path: Path) -> tuple[Home, float, dict[str, str]]:
+    """A running task per worker: one alive (this process), one whose pid is gone, one
+    whose pid was reused (recorded start time 100 s off), one with a stale heartbeat but
+    a live pid (frozen), one on another host with a fresh heartbeat."""
+    from helpers import dead_pid
+
+    from coordination.specs import new_spec, write_spec
+
+    home = make_home(tmp_path, durability="none", heartbeat_timeout_s=60)
+    q = TaskQueue(home)
+    now = time.time()
+    ids = {}
+    for wid in ("w-alive", "w-gone", "w-reused", "w-frozen", "w-remote"):
+        tid = q.enqueue(req(description=wid), now=now - 30).task["task_id"]
+        assert q.claim(wid, now=now - 20)["task_id"] == tid
+        ids[wid] = tid
+        spec = new_spec(wid, wid, now - 20)
+        spec.update(state="busy", current_task_id=tid, task_started_at=clock.iso(now - 20),
+                    heartbeat_at=clock.iso(now - 2), progress=1)
+        if wid == "w-gone":
+            spec["pid"] = dead_pid()
+        elif wid == "w-reused":
+            spec["process_start_time"] -= 100
+        elif wid == "w-frozen":
+            spec["heartbeat_at"] = clock.iso(now - 90)
+        elif wid == "w-remote":
+            spec.update(hostname="elsewhere.invalid", pid=1)
+        write_spec(home, spec, create=True)
+    return home, now, ids
+
+
+def test_status_shows_proven_dead_workers_as_dead_not_busy(tmp_path: Path) -> None:
+    home, now, ids = _liveness_home(tmp_path)
+    s = collect_status(home, now)
+    rows = {w["worker_id"]: w for w in s["workers"]}
+    for wid in ("w-alive", "w-remote"):
+        assert rows[wid]["state"] == "busy" and rows[wid]["alive"] is True, rows[wid]
+        assert rows[wid]["dead_reason"] is None
+    proofs = {"w-gone": "is gone", "w-reused": "was reused", "w-frozen": "heartbeat is"}
+    for wid, proof in proofs.items():
+        row = rows[wid]
+        assert row["state"] == "dead" and row["alive"] is False, row
+        assert row["spec_state"] == "busy" and proof in row["dead_reason"], row
+        assert row["current_task_id"] == ids[wid]
+    wc = s["worker_counts"]
+    assert (wc["active"], wc["busy"], wc["dead"]) == (5, 2, 3)
+    result = invoke("status", "--home", str(home.root))
+    assert result.exit_code == 0, result.output
+    assert "workers: 5 active (busy 2, idle 0, draining 0)" in result.output
+    assert "3 dead" in result.output
+    lines = {wid: next(x for x in result.output.splitlines() if x.startswith(f"  {wid} "))
+             for wid in rows}
+    for wid, proof in proofs.items():
+        assert "DEAD: " in lines[wid] and proof in lines[wid], lines[wid]
+    assert "DEAD" not in lines["w-alive"] and "DEAD" not in lines["w-remote"]
 
 
 def test_status_reads_history_and_events_backwards_only(tmp_path: Path) -> None:
