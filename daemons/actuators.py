@@ -111,7 +111,7 @@ class ProcessActuator:
         self.home = home
         self.argv = list(argv) if argv else [sys.executable, "-m", "daemons"]
         self.environ = dict(os.environ if environ is None else environ)
-        self.log_dir = log_dir or home.logs / "workers"
+        self.log_dir = log_dir or home.worker_logs
         self.worker_args = tuple(worker_args)
         self.children: dict[str, _Child] = {}
         self._exited: list[tuple[str, int | None]] = []

@@ -82,9 +82,10 @@ def render(snap: dict[str, Any]) -> str:
     x.gauge("harness_max_queue_depth", "Configured max_queue_depth (backpressure limit).",
             _num(queue.get("max_queue_depth")))
     workers = snap["workers"]
-    x.family("harness_workers", "gauge", "Active workers by spec state.",
+    x.family("harness_workers", "gauge", "Active workers by spec state; state=\"dead\": "
+             "proven dead (pid gone or reused, heartbeat too old), not yet reclaimed.",
              [("harness_workers", {"state": s}, float(workers.get(s, 0)))
-              for s in WORKER_STATES])
+              for s in (*WORKER_STATES, "dead")])
     x.gauge("harness_workers_stalled", "Busy workers without heartbeat or progress.",
             float(workers.get("stalled", 0)))
     x.gauge("harness_backpressure_active", "1 while the queue is at or past "

@@ -318,6 +318,7 @@ def test_prometheus_exposition_parses_with_the_real_parser(known: Known) -> None
     assert _sample(fams, "harness_queue_tasks", status="queued", priority="medium") == 1
     assert _sample(fams, "harness_queue_tasks", status="running", priority="medium") == 1
     assert _sample(fams, "harness_workers", state="busy") == 1  # the stalled one is dead
+    assert _sample(fams, "harness_workers", state="dead") == 1
     assert _sample(fams, "harness_tasks", "harness_tasks_total", outcome="completed") == 2
     assert _sample(fams, "harness_tasks", "harness_tasks_total", outcome="failed") == 1
     assert _sample(fams, "harness_worker_exits", "harness_worker_exits_total",
