@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,3 +34,18 @@ def json_option(func: Any) -> Any:
 def print_json(obj: Any) -> None:
     sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
     sys.stdout.flush()
+
+
+def home_option(func: Any) -> Any:
+    """A subcommand's own ``--home`` (systemd units pass the home there)."""
+    return click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=None,
+                        help="Harness home (overrides the global --home).")(func)
+
+
+def resolve_home(home_dir: Path | None) -> Home:
+    """The subcommand's ``--home`` if given, else the group's resolved home (no checks)."""
+    if home_dir is not None:
+        return Home.at(home_dir)
+    obj = click.get_current_context().find_object(CliContext)
+    return obj.home if obj is not None else Home.at(None)

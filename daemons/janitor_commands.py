@@ -8,9 +8,8 @@ from typing import Any
 import click
 
 from coordination import clock
-from coordination.paths import Home
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from .context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
 from .janitor import JanitorFailed, format_summary, run_janitor
 
 
@@ -30,9 +29,7 @@ def _show(summary: dict[str, Any], as_json: bool) -> None:
 @janitor.command("run")
 @click.option("--dry-run", is_flag=True,
               help="Report what a run would do; change nothing and emit no event.")
-@click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Harness home (overrides `harness --home`; the systemd unit passes it "
-                   "here).")
+@home_option
 @json_option
 @pass_ctx
 def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: bool) -> None:
@@ -46,7 +43,7 @@ def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: 
     run, or a writer holding a file's lock for longer than lock_timeout_s).
     The systemd timer harness-janitor.timer runs this hourly.
     """
-    home = (Home.at(home_dir) if home_dir is not None else obj.home).require()
+    home = resolve_home(home_dir).require()
     try:
         summary = run_janitor(home, clock.now(), dry_run=dry_run)
     except JanitorFailed as exc:

@@ -16,21 +16,13 @@ from typing import Any
 import click
 
 from coordination.errors import EXIT_USAGE, HarnessError, UsageError
-from coordination.paths import Home
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from .context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
 
 #: Monitoring-plugin exit codes of ``harness check``.
 CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 
 
-def home_option(func: Any) -> Any:
-    return click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path),
-                        help="Harness home (overrides the global --home).")(func)
-
-
-def _home(obj: CliContext, home_dir: Path | None) -> Home:
-    return Home.at(home_dir) if home_dir else obj.home
 
 
 def _age(seconds: Any) -> str:
@@ -75,7 +67,7 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
 
     from .prometheus import publish_textfile
 
-    home = _home(obj, home_dir)
+    home = resolve_home(home_dir)
     snap = take_snapshot(home)
     textfile = publish_textfile(home, snap)
     if as_json:
@@ -107,7 +99,7 @@ def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: boo
 
     from .prometheus import publish_textfile, render
 
-    home = _home(obj, home_dir)
+    home = resolve_home(home_dir)
     snap = build_snapshot(home)
     text = render(snap)
     if textfile:
@@ -183,7 +175,7 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     """
     from coordination.metrics import collect_status
 
-    summary = collect_status(_home(obj, home_dir).require(), alerts=alerts)
+    summary = collect_status(resolve_home(home_dir).require(), alerts=alerts)
     if as_json:
         print_json(summary)
     else:
@@ -208,7 +200,7 @@ def check(obj: CliContext, home_dir: Path | None, no_alerts: bool, as_json: bool
     """
     from coordination.metrics import run_check
 
-    home = _home(obj, home_dir)
+    home = resolve_home(home_dir)
     try:
         if no_alerts:
             from coordination.config import load_system
@@ -273,7 +265,7 @@ def dashboard(obj: CliContext, home_dir: Path | None, once: bool, interval: floa
     """
     from . import dashboard as dash
 
-    home = _home(obj, home_dir).require()
+    home = resolve_home(home_dir).require()
     if once:
         dash.print_once(home, width=width, color=not no_color)
         return
@@ -318,7 +310,7 @@ def timeline(obj: CliContext, task_id: str | None, correlation_id: str | None,
 
     if (task_id is None) == (correlation_id is None):
         raise UsageError("give a TASK_ID or --correlation ID (one of them)")
-    result = build_timeline(_home(obj, home_dir), task_id, correlation_id,
+    result = build_timeline(resolve_home(home_dir), task_id, correlation_id,
                             log_lines=log_lines, archives=archives)
     if as_json:
         print_json(result)
@@ -338,7 +330,7 @@ def report(obj: CliContext, home_dir: Path | None, html_file: str | None, limit:
     """Report over the metrics snapshots: text summary, or --html with inline SVG charts."""
     from . import report as rep
 
-    home = _home(obj, home_dir).require()
+    home = resolve_home(home_dir).require()
     if html_file is None:
         click.echo(rep.text_report(home, limit=limit))
         return

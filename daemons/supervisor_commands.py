@@ -10,24 +10,9 @@ import click
 
 from coordination import clock
 from coordination.errors import CorruptFileError, UsageError
-from coordination.paths import Home
 from coordination.store import read_json
 
-from .context import CliContext, json_option, print_json
-
-
-def _home(home_dir: Path | None) -> Home:
-    """``--home`` given to the subcommand wins over the group's (systemd passes it there)."""
-    if home_dir is not None:
-        return Home.at(home_dir)
-    obj = click.get_current_context().find_object(CliContext)
-    return obj.home if obj is not None else Home.at(None)
-
-
-def _home_option(func: Any) -> Any:
-    return click.option("--home", "home_dir", type=click.Path(file_okay=False,
-                        path_type=Path), default=None,
-                        help="Harness home (overrides the global --home).")(func)
+from .context import home_option, json_option, print_json, resolve_home
 
 
 # ---------------------------------------------------------------------------- supervisor
@@ -45,7 +30,7 @@ def supervisor_group() -> None:
 @click.option("--no-scale", is_flag=True, help="Start and stop no worker: reclaim, stalls, "
               "health and circuits only (the fleet is sized elsewhere).")
 @json_option
-@_home_option
+@home_option
 def supervisor_run(once: bool, actuator: str | None, no_scale: bool, as_json: bool,
                    home_dir: Path | None) -> None:
     """Run the supervisor (normally as harness-supervisor.service, Type=notify).
@@ -60,7 +45,7 @@ def supervisor_run(once: bool, actuator: str | None, no_scale: bool, as_json: bo
     """
     from .supervisor import run_supervisor, status_text
 
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     reports: list[dict[str, Any]] = []
 
     def keep(report: dict[str, Any]) -> bool:
@@ -89,7 +74,7 @@ def supervisor_run(once: bool, actuator: str | None, no_scale: bool, as_json: bo
 @supervisor_group.command("reclaim")
 @click.option("--dry-run", is_flag=True, help="Only say what would be reclaimed.")
 @json_option
-@_home_option
+@home_option
 def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> None:
     """One orphan-reclaim pass (safe beside a running supervisor).
 
@@ -104,7 +89,7 @@ def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> N
     """
     from .supervisor import reclaim_pass
 
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     out = reclaim_pass(home, clock.now(), dry_run=dry_run)
     out["dry_run"] = dry_run
     if as_json:
@@ -126,14 +111,14 @@ def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> N
 @supervisor_group.command("scale-down-once")
 @click.option("--dry-run", is_flag=True, help="Only say which idle workers would be drained.")
 @json_option
-@_home_option
+@home_option
 def supervisor_scale_down_once(dry_run: bool, as_json: bool, home_dir: Path | None) -> None:
     """One scale-down pass (harness-idle-stop.timer): drain idle workers above what the
     scaling rules want (min_workers, warm_pool, cool-down). Never starts a worker; does
     nothing while a supervisor runs (it scales down itself)."""
     from .supervisor import scale_down_once
 
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     out = scale_down_once(home, clock.now(), dry_run=dry_run)
     if as_json:
         print_json(out)
@@ -150,10 +135,10 @@ def supervisor_scale_down_once(dry_run: bool, as_json: bool, home_dir: Path | No
 
 @supervisor_group.command("status")
 @json_option
-@_home_option
+@home_option
 def supervisor_status(as_json: bool, home_dir: Path | None) -> None:
     """Print coordination/health.json and the supervisor's saved state."""
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     doc: dict[str, Any] = {}
     for key, path in (("health", home.health_file), ("state", home.supervisor_state_file)):
         try:
@@ -190,7 +175,7 @@ def supervisor_status(as_json: bool, home_dir: Path | None) -> None:
               "max_workers.")
 @click.option("--demo", "with_demo", is_flag=True, help="Also enqueue the demo workload "
               "(see `harness demo`).")
-@_home_option
+@home_option
 def up(workers: int, with_demo: bool, home_dir: Path | None) -> None:
     """Run the whole system in the foreground (no systemd needed).
 
@@ -202,7 +187,7 @@ def up(workers: int, with_demo: bool, home_dir: Path | None) -> None:
     from .demo import enqueue_demo
     from .up import run_up
 
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     if with_demo:
         correlation_id, ids = enqueue_demo(home)
         click.echo(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id})")
@@ -215,7 +200,7 @@ def up(workers: int, with_demo: bool, home_dir: Path | None) -> None:
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--keep-running", is_flag=True, help="Keep running after the workload is "
               "done (Ctrl-C stops).")
-@_home_option
+@home_option
 def demo(workers: int, keep_running: bool, home_dir: Path | None) -> None:
     """Initialise the home if needed, enqueue a demo workload and run it in the foreground.
 
@@ -227,7 +212,7 @@ def demo(workers: int, keep_running: bool, home_dir: Path | None) -> None:
     """
     from .demo import run_demo
 
-    home = _home(home_dir)
+    home = resolve_home(home_dir)
     if home.root.exists() and not home.root.is_dir():
         raise UsageError(f"{home.root} exists and is not a directory")
     code = run_demo(home, workers=workers, keep_running=keep_running)

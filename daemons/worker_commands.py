@@ -13,25 +13,12 @@ from coordination.config import load_worker_types
 from coordination.control import update_control
 from coordination.errors import UsageError
 from coordination.events import emit
-from coordination.paths import Home
 
-from .context import CliContext, json_option, print_json
+from .context import home_option, json_option, print_json, resolve_home
 
 SOURCE = "cli"
 
 
-def _home(home_dir: Path | None) -> Home:
-    """``--home`` given to the subcommand wins over the group's (systemd passes it there)."""
-    if home_dir is not None:
-        return Home.at(home_dir)
-    obj = click.get_current_context().find_object(CliContext)
-    return obj.home if obj is not None else Home.at(None)
-
-
-def _home_option(func: Any) -> Any:
-    return click.option("--home", "home_dir", type=click.Path(file_okay=False,
-                        path_type=Path), default=None,
-                        help="Harness home (overrides the global --home).")(func)
 
 
 def _positive(value: float | None, name: str) -> float | None:
@@ -59,7 +46,7 @@ def worker_group() -> None:
 @click.option("--max-uptime", type=float, default=None,
               help="Exit (max_uptime) once up this many seconds (after the current task).")
 @click.option("--once", is_flag=True, help="Run at most one task, then exit.")
-@_home_option
+@home_option
 def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
                max_tasks: int | None, max_uptime: float | None, once: bool,
                home_dir: Path | None) -> None:
@@ -75,7 +62,7 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
     """
     from .worker import WorkerOptions, default_instance, run_worker, systemd_unit
 
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     type_list = [t.strip() for t in types.split(",") if t.strip()] if types else None
     if types is not None and not type_list:
         raise UsageError("--types: give at least one worker type")
@@ -93,14 +80,14 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
 @click.command("drain")
 @click.option("--instance", default=None, help="Drain only this instance (default: all).")
 @json_option
-@_home_option
+@home_option
 def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
     """Ask running workers to finish their current task and exit (exit_reason drained).
 
     Applies to workers started before this request; workers started later (e.g. restarted
     by systemd) are not affected.
     """
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     now = clock.now()
     stamp = clock.iso(now)
 
@@ -127,11 +114,11 @@ def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
               help="Pause for this many seconds (default: until `harness resume`).")
 @click.option("--reason", default="", help="Why (shown in control.json and the event).")
 @json_option
-@_home_option
+@home_option
 def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
           home_dir: Path | None) -> None:
     """Stop claims of one worker type (running tasks continue)."""
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     known = load_worker_types(home)
     if worker_type not in known:
         raise UsageError(f"unknown worker type {worker_type!r}; known: "
@@ -160,10 +147,10 @@ def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
 @click.command("resume")
 @click.option("--type", "worker_type", required=True, help="Worker type to resume.")
 @json_option
-@_home_option
+@home_option
 def resume(worker_type: str, as_json: bool, home_dir: Path | None) -> None:
     """Let workers claim a paused worker type again."""
-    home = _home(home_dir).require()
+    home = resolve_home(home_dir).require()
     found: list[bool] = []
 
     def change(state: dict[str, Any]) -> None:
@@ -202,7 +189,7 @@ def systemd_group() -> None:
               "namespaces (some containers). Each dropped line is noted in the unit.")
 @click.option("--no-reload", is_flag=True, help="Do not run `systemctl daemon-reload`.")
 @json_option
-@_home_option
+@home_option
 def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
                     harness_bin: str | None, no_sandbox: bool, no_reload: bool,
                     as_json: bool, home_dir: Path | None) -> None:
@@ -219,7 +206,7 @@ def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
 
     if scope is None:
         raise UsageError("give --user or --system")
-    home = _home(home_dir)
+    home = resolve_home(home_dir)
     report = install_units(home.root, scope=scope, dry_run=dry_run, unit_dir=unit_dir,
                            harness_bin=harness_bin, sandbox=not no_sandbox,
                            reload=not no_reload)
