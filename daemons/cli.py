@@ -578,13 +578,7 @@ def _register_plugins() -> None:
     for name in ("daemons.worker_commands", "daemons.supervisor_commands",
                  "daemons.janitor_commands", "daemons.observability_commands",
                  "daemons.bench", "daemons.loadtest"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(cli)
+        importlib.import_module(name).register(cli)
 
 
 _register_plugins()
