@@ -304,7 +304,7 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
         f = report.add("warning", "orphaned_task", f"task {task['task_id']} is running on "
                        f"{owner}, which is dead: {proof}", home.queue_file)
         if repair and queue is not None:
-            queue.reclaim(task["task_id"], reason=proof, now=now)
+            queue.reclaim(task["task_id"], reason=proof, worker_id=owner, now=now)
             f.repaired = True
     for task in list(tasks.values()):
         reason = _not_held(task, active, dead_workers)

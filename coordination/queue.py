@@ -28,10 +28,13 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
+
+import orjson
 
 from . import clock
 from .config import load_system, load_worker_types
@@ -71,6 +74,8 @@ from .tasks import (
 
 QUEUE_FORMAT_VERSION = 1
 SOURCE = "queue"
+LOCK_RETRY_MIN_S = 0.0002  # first re-try of a busy queue lock
+LOCK_RETRY_MAX_S = 0.001  # and at least this often after
 
 
 @dataclass
@@ -194,6 +199,7 @@ class TaskQueue:
         self.home = home.require()
         self._loaded: _Loaded | None = None
         self._lock = lock_for(home.lock_path("queue"))
+        self._control_cache: tuple[tuple[int, int, int] | None, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ loading / saving
     def _sig(self) -> tuple[int, int, int] | None:
@@ -217,6 +223,10 @@ class TaskQueue:
         except FileNotFoundError:
             self._loaded = _Loaded(None, 0, {})
             return self._loaded
+        fast = self._parse_published(data, sig, self._loaded)
+        if fast is not None:
+            self._loaded = fast
+            return fast
         raw = parse_json(path, data)
         if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
             raise CorruptFileError(path, "top level must be an object with a 'tasks' list")
@@ -232,6 +242,64 @@ class TaskQueue:
         revision = raw.get("revision", 0)
         self._loaded = _Loaded(sig, revision if isinstance(revision, int) else 0, tasks)
         return self._loaded
+
+    @staticmethod
+    def _parse_published(data: bytes, sig: tuple[int, int, int] | None,
+                         prev: _Loaded | None) -> _Loaded | None:
+        """Parse a queue file in the exact layout :meth:`_publish` writes (head line, one
+        compact task per line, ``]}``), re-using the tasks of ``prev`` whose line is byte for
+        byte what we last published for them: after another worker's commit only the tasks
+        it changed are parsed and checked. Compact JSON never holds a raw newline, so lines
+        are tasks. None when the file is laid out otherwise (hand-edited, or an empty queue):
+        the caller then parses it in full, reporting any corruption as before."""
+        marker = b',"tasks":[\n'
+        head_end = data.find(marker)
+        if head_end <= 0 or not data.endswith(b"\n]}\n"):
+            return None
+        body = data[head_end + len(marker):-4]
+        if not body:
+            return None
+        try:
+            head = orjson.loads(data[:head_end] + b"}")
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(head, dict) or "tasks" in head:
+            return None
+        known: dict[bytes, dict[str, Any]] = {}
+        if prev is not None:
+            for task_id, blob in prev.blobs.items():
+                task = prev.tasks.get(task_id)
+                if task is not None and task_id not in prev.dirty:
+                    known[blob] = task
+        tasks: dict[str, dict[str, Any]] = {}
+        blobs: dict[str, bytes] = {}
+        lines = body.split(b"\n")
+        last = len(lines) - 1
+        for index, line in enumerate(lines):
+            if index < last:
+                if not line.endswith(b","):
+                    return None
+                line = line[:-1]
+            task = known.get(line)
+            if task is None:
+                try:
+                    task = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    return None
+                if not isinstance(task, dict) or check_stored_task(task, f"tasks[{index}]"):
+                    return None
+            task_id = task["task_id"]
+            if task_id in tasks:
+                return None
+            tasks[task_id] = task
+            blobs[task_id] = line
+        revision = head.get("revision", 0)
+        state = _Loaded(sig, revision if isinstance(revision, int) else 0, tasks)
+        state.dirty.clear()
+        state.blobs = blobs
+        state.status_of = {task_id: task["status"] for task_id, task in tasks.items()}
+        state.queued = sum(1 for status in state.status_of.values() if status == "queued")
+        return state
 
     def _publish(self, state: _Loaded, now: float, durability: str) -> None:
         state.flush()
@@ -269,7 +337,8 @@ class TaskQueue:
         """
         cfg = load_system(self.home)
         ts = clock.now() if now is None else now
-        with self._lock.held_for(cfg.lock_timeout):
+        self._acquire(cfg.lock_timeout)
+        try:
             try:
                 txn = _Txn(self._load(), ts)
                 if drain:
@@ -279,11 +348,42 @@ class TaskQueue:
             except BaseException:
                 self._loaded = None
                 raise
+        finally:
+            self._lock.release()
         if events_out is not None:
             events_out.extend(txn.events)
         else:
             self._emit(txn.events)
         return out
+
+    def _acquire(self, timeout: float | None) -> None:
+        """Take the queue lock, waiting at most ``timeout`` (LockTimeout after that).
+
+        A queue transaction holds the lock for a millisecond or two, so a busy lock is
+        re-tried every LOCK_RETRY_MAX_S at most: FileLock's own back-off grows to 20 ms,
+        which under a steady stream of short transactions (workers claiming back to back)
+        left the lock idle most of the time a waiter slept."""
+        try:
+            self._lock.acquire(timeout=0)
+            return
+        except LockTimeout:
+            if timeout is not None and timeout <= 0:
+                raise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = LOCK_RETRY_MIN_S
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise LockTimeout(
+                    f"timed out after {timeout}s waiting for {self._lock.path}; another "
+                    f"process holds it (see `fuser {self._lock.path}`)")
+            time.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 2, LOCK_RETRY_MAX_S)
+            try:
+                self._lock.acquire(timeout=0)
+                return
+            except LockTimeout:
+                continue
 
     def _commit(self, txn: _Txn, durability: str) -> None:
         dur: Durability = "fsync" if durability == "fsync" else "none"
@@ -619,48 +719,100 @@ class TaskQueue:
 
     # ------------------------------------------------------------------ workers
     def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
-              now: float | None = None) -> dict[str, Any] | None:
+              now: float | None = None,
+              events_out: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """Atomically take the best runnable task for ``worker_id``; None when none is.
 
         Best: highest priority, then oldest ``created_at``, then task_id. Runnable: queued,
         ``not_before`` passed, every ``depends_on`` finished, its type among ``types`` (when
         given) and not paused. The task becomes ``running`` with ``attempts`` + 1.
+        With ``events_out`` the committed transaction's events are handed to the caller,
+        who appends them (after the commit, e.g. together with its own) instead.
         """
         wanted = set(types) if types is not None else None
         ts = clock.now() if now is None else now
-        paused = paused_types(read_control(self.home), ts)
+        paused = paused_types(self._control(), ts)
 
         def body(txn: _Txn) -> dict[str, Any] | None:
-            tasks = txn.state.tasks
-            best: dict[str, Any] | None = None
-            best_key: tuple[int, str, str] | None = None
-            now_iso = clock.iso(txn.now)
-            for task in tasks.values():
-                if task["status"] != "queued":
-                    continue
-                wtype = task.get("worker_type") or "default"
-                if (wanted is not None and wtype not in wanted) or wtype in paused:
-                    continue
-                nb = task.get("not_before")
-                if nb is not None and nb > now_iso:
-                    continue
-                if any(dep in tasks for dep in task.get("depends_on") or ()):
-                    continue
-                key = (PRIORITY_RANK[task["priority"]], task["created_at"] or "",
-                       task["task_id"])
-                if best_key is None or key < best_key:
-                    best, best_key = task, key
-            if best is None:
-                return None
-            best.update(status="running", worker_id=worker_id, started_at=now_iso,
-                        completed_at=None, attempts=best["attempts"] + 1, exit_code=None)
-            txn.touch(best)
-            txn.event("task_claimed", f"attempt {best['attempts']}/{best['max_attempts']}",
-                      best, attempt=best["attempts"])
-            return dict(best)
+            return self._claim_in(txn, worker_id, wanted, paused)
 
-        claimed: dict[str, Any] | None = self._transaction(ts, body)
+        claimed: dict[str, Any] | None = self._transaction(ts, body, events_out=events_out)
         return claimed
+
+    def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                           result: dict[str, Any] | None = None,
+                           types: Iterable[str] | None = None, now: float | None = None,
+                           events_out: list[dict[str, Any]] | None = None,
+                           ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """:meth:`complete` then :meth:`claim` for the same worker, in one transaction: one
+        lock hold, one history append, one queue publish. Returns ``(completed task, newly
+        claimed task or None)``. Exactly as atomic and durable as the two calls in a row
+        (the history record of the completion is appended before the queue revision that
+        drops the task and marks the next one running is published); a crash after the
+        commit leaves the claimed task running under ``worker_id``, which is reclaimed
+        like any task of a dead worker. Raises like :meth:`complete` (nothing is claimed
+        then)."""
+        wanted = set(types) if types is not None else None
+        ts = clock.now() if now is None else now
+        paused = paused_types(self._control(), ts)
+
+        def body(txn: _Txn) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            task = self._running(txn, task_id, worker_id)
+            task.update(exit_code=exit_code, last_error=None)
+            self._finish(txn, task, "completed", "completed", result)
+            txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
+                      exit_code=exit_code)
+            return dict(task), self._claim_in(txn, worker_id, wanted, paused)
+
+        out: tuple[dict[str, Any], dict[str, Any] | None] = self._transaction(
+            ts, body, events_out=events_out)
+        return out
+
+    def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
+                  paused: Iterable[str]) -> dict[str, Any] | None:
+        """The claim step of a transaction (see :meth:`claim`)."""
+        tasks = txn.state.tasks
+        best: dict[str, Any] | None = None
+        best_key: tuple[int, str, str] | None = None
+        now_iso = clock.iso(txn.now)
+        for task in tasks.values():
+            if task["status"] != "queued":
+                continue
+            wtype = task.get("worker_type") or "default"
+            if (wanted is not None and wtype not in wanted) or wtype in paused:
+                continue
+            nb = task.get("not_before")
+            if nb is not None and nb > now_iso:
+                continue
+            if any(dep in tasks for dep in task.get("depends_on") or ()):
+                continue
+            key = (PRIORITY_RANK[task["priority"]], task["created_at"] or "",
+                   task["task_id"])
+            if best_key is None or key < best_key:
+                best, best_key = task, key
+        if best is None:
+            return None
+        best.update(status="running", worker_id=worker_id, started_at=now_iso,
+                    completed_at=None, attempts=best["attempts"] + 1, exit_code=None)
+        txn.touch(best)
+        txn.event("task_claimed", f"attempt {best['attempts']}/{best['max_attempts']}",
+                  best, attempt=best["attempts"])
+        return dict(best)
+
+    def _control(self) -> dict[str, Any]:
+        """control.json, re-read only when its inode, size or mtime changed (it is
+        published by rename, so a change always shows there)."""
+        try:
+            st = os.stat(self.home.control_file)
+            sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            sig = None
+        cached = self._control_cache
+        if cached is not None and cached[0] == sig and sig is not None:
+            return cached[1]
+        state = read_control(self.home)
+        self._control_cache = (sig, state)
+        return state
 
     def _running(self, txn: _Txn, task_id: str, worker_id: str | None) -> dict[str, Any]:
         task = txn.state.tasks.get(task_id)
@@ -791,11 +943,32 @@ class TaskQueue:
         out: dict[str, Any] = self._transaction(now, body)
         return out
 
-    def reclaim(self, task_id: str, *, reason: str, now: float | None = None) -> dict[str, Any]:
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
+                now: float | None = None) -> dict[str, Any]: ...
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str,
+                now: float | None = None) -> dict[str, Any] | None: ...
+
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
+                now: float | None = None) -> dict[str, Any] | None:
         """Take a running task back from a worker proven dead: the attempt counts, so it is
-        queued again or dead-lettered exactly like a failure (``outcome`` reclaimed)."""
-        return self.fail(task_id, None, error=f"reclaimed: {reason}", outcome="reclaimed",
-                         now=now)
+        queued again or dead-lettered exactly like a failure (``outcome`` reclaimed).
+
+        With ``worker_id`` (the owner the caller proved dead), the check is made under the
+        queue lock: unless the task is still ``running`` under that worker, nothing changes
+        and None is returned (it finished, or was requeued and claimed by another worker
+        since the caller looked). Without ``worker_id`` there is no owner check, and a task
+        that is not running raises NotFound / InvalidTransition as :meth:`fail` does.
+        """
+        if worker_id is None:
+            return self.fail(task_id, None, error=f"reclaimed: {reason}",
+                             outcome="reclaimed", now=now)
+        try:
+            return self.fail(task_id, worker_id, error=f"reclaimed: {reason}",
+                             outcome="reclaimed", now=now)
+        except (NotFound, InvalidTransition):
+            return None
 
     # ------------------------------------------------------------------ operators
     def cancel(self, task_id: str, *, reason: str = "cancelled by operator",

@@ -11,9 +11,18 @@ Structure
   ``safety_recheck_s`` passes, a queued task's ``not_before`` comes due, or a heartbeat or
   systemd watchdog ping is due.
 
-Ordering: each event is emitted after the state it reports is durable (spec written, queue
-committed). The worker's spec moves to ``worker-specs/completed/`` with ``exit_reason`` on
-every exit path except when the supervisor already moved it (declared us dead).
+Ordering: each event is emitted after the state it reports is durable (queue committed).
+The worker's spec moves to ``worker-specs/completed/`` with ``exit_reason`` on every exit
+path except when the supervisor already moved it (declared us dead); the worker checks that
+its spec is still in ``active/`` before every claim and exits (``error``) once it is not.
+
+Throughput (back-to-back tasks): the outcome of a completed task and the claim of the next
+are one queue transaction (:meth:`TaskQueue.complete_and_claim`); its events are appended
+in one write together with the next task's ``task_started``; a worker going straight on from
+one task to the next publishes its spec's new ``current_task_id`` only once that task has
+run ``SPEC_DEFER_S`` or at the next heartbeat (idle/busy/draining/stopping transitions are
+published at once). A task claimed that way but not started when the worker must exit is
+released (handed back without spending an attempt).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from coordination.errors import (
     TemporaryFailure,
     UsageError,
 )
-from coordination.events import emit
+from coordination.events import append_events, make_event
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
@@ -64,6 +73,11 @@ SOURCE = "worker"
 CANCEL_CHECK_S = 0.5  # a running task's cancel_requested is seen at least this often
 STATUS_REFRESH_S = 2.0  # STATUS="busy t-... (12s)" is refreshed this often
 RETRY_AFTER_ERROR_S = 2.0  # after a failed queue operation (lock timeout, bad config)
+# A busy worker that goes straight on to its next task publishes the new current_task_id
+# only once that task has run this long (or at the next heartbeat): back-to-back short
+# tasks then cost no spec write each. Going busy from idle, draining, stopping and going
+# idle are published at once.
+SPEC_DEFER_S = 0.05
 MAX_RESULT_BYTES = 1 << 20
 RESULT_FILE = "result.json"
 EXIT_CODES = {"error": 1}  # every other exit_reason is a clean exit (0)
@@ -100,6 +114,7 @@ class _Timers:
     cancel_check_at: float = 0.0
     watchdog_mono: float = 0.0
     error_until: float = 0.0
+    spec_due: float | None = None  # a deferred spec change is published at this instant
     notes: dict[str, float] = field(default_factory=dict)
 
 
@@ -151,6 +166,14 @@ class Worker:
         self.task: dict[str, Any] | None = None
         self.task_started = 0.0
         self.pending: _Pending | None = None
+        # A task claimed together with the previous task's completion (complete_and_claim),
+        # not started yet. Released (handed back) if the worker exits before starting it.
+        self.claimed: dict[str, Any] | None = None
+        # Events of committed changes not appended yet: queue events of the latest
+        # transaction wait for the task_started event of the task it claimed, so that one
+        # append (one fdatasync) carries them all. Always appended before any newer event.
+        self.held_events: list[dict[str, Any]] = []
+        self.published_state = ""  # the spec's state as last published
         self.tasks_run = 0  # attempts run to an end (completed or failed), for max_tasks
         self.ticks = 0
         self.truncation_reported = False
@@ -209,12 +232,29 @@ class Worker:
     # ------------------------------------------------------------------ events
     def _emit(self, event_type: str, message: str = "", *, task: dict[str, Any] | None = None,
               severity: str = "info", **data: Any) -> None:
+        """Append one event (after any held ones, in the same write)."""
         try:
-            emit(self.home, event_type, severity=severity, source=SOURCE, message=message,
-                 task_id=task["task_id"] if task else None, worker_id=self.worker_id or None,
-                 correlation_id=task.get("correlation_id") if task else None, data=data)
-        except HarnessError as exc:  # the event log is best effort; the state is durable
+            event = make_event(event_type, severity=severity, source=SOURCE, message=message,
+                               task_id=task["task_id"] if task else None,
+                               worker_id=self.worker_id or None,
+                               correlation_id=task.get("correlation_id") if task else None,
+                               data=data)
+        except HarnessError as exc:
             print(f"harness worker: could not emit {event_type}: {exc}", file=sys.stderr)
+            return
+        self.held_events.append(event)
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        """Append the held events of committed changes (one write); best effort."""
+        if not self.held_events:
+            return
+        batch, self.held_events = self.held_events, []
+        try:
+            append_events(self.home, batch)
+        except HarnessError as exc:  # the event log is best effort; the state is durable
+            print(f"harness worker: could not emit {len(batch)} event(s) "
+                  f"({', '.join(e['type'] for e in batch)}): {exc}", file=sys.stderr)
 
     def _note(self, key: str, now: float, message: str, severity: str = "warning") -> None:
         """Emit a warning at most once a minute per key (errors in a retrying loop)."""
@@ -240,6 +280,7 @@ class Worker:
         self.spec = spec
         self.started_iso = spec["started_at"]
         write_spec(self.home, spec, create=True)
+        self.published_state = spec["state"]
         self.t.heartbeat_at = now
         self._emit("worker_started", f"worker {self.worker_id} registered",
                    pid=spec["pid"], instance=self.opts.instance, types=self.opts.types,
@@ -254,6 +295,9 @@ class Worker:
         self.t.heartbeat_at = now
         ok = write_spec(self.home, self.spec)
         self.spec_dirty = False
+        self.t.spec_due = None
+        if ok:
+            self.published_state = str(self.spec.get("state"))
         if not ok and not self.dead:
             self.dead = True
             print(f"harness worker {self.worker_id}: our spec was moved to completed/ (the "
@@ -277,6 +321,8 @@ class Worker:
             pending, self.pending = self.pending, None
             with contextlib.suppress(HarnessError):
                 self._record(pending, now)
+        self._release_claimed(now)
+        self._flush_events()
         if not self.worker_id:
             return None
         done: dict[str, Any] | None = None
@@ -325,33 +371,82 @@ class Worker:
             self.run.terminate("stopping")  # second signal: no more grace
 
     # -------------------------------------------------------------- idle
-    def _exit_due(self, now: float) -> str | None:
-        if self.dead:
+    def _exit_due(self, now: float, *, after_task: bool = False) -> str | None:
+        """Why the worker must exit now (None: it may claim). ``after_task``: asked while
+        the outcome of the attempt that just ended is being recorded, to decide whether to
+        claim the next task in the same transaction: that attempt counts as run already,
+        the worker is not idle, and a stop signal not yet taken counts too."""
+        if after_task and self.exit_reason is not None:
+            return self.exit_reason  # shutting down already
+        if self.dead or self._spec_gone():
             return "error"
-        if self.stop_requested_at is not None:
+        if self.stop_requested_at is not None or (after_task and self.flag_stop):
             return "signal"
         if self.draining or self._drain_requested():
             return "drained"
-        if self.opts.once and self.tasks_run >= 1:
+        tasks_run = self.tasks_run + (1 if after_task else 0)
+        if self.opts.once and tasks_run >= 1:
             return "once"
-        if self.opts.max_tasks is not None and self.tasks_run >= self.opts.max_tasks:
+        if self.opts.max_tasks is not None and tasks_run >= self.opts.max_tasks:
             return "max_tasks"
         if self.opts.max_uptime_s is not None and now - self.started_at >= self.opts.max_uptime_s:
             return "max_uptime"
         idle_exit = self.idle_exit_s()
-        if idle_exit > 0 and now - self.idle_since >= idle_exit:
+        if not after_task and idle_exit > 0 and now - self.idle_since >= idle_exit:
             return "idle"
         return None
+
+    def _release_claimed(self, now: float) -> None:
+        """Hand back a task claimed with the previous completion but not started (the
+        attempt does not count). If that fails, the task stays running under our id and
+        the supervisor reclaims it once we are gone (at-least-once either way)."""
+        if self.claimed is None:
+            return
+        claimed, self.claimed = self.claimed, None
+        self._flush_events()
+        try:
+            self.queue.release(claimed["task_id"], self.worker_id,
+                               reason="worker exiting before the task started; handed back "
+                               "without spending an attempt", now=now)
+        except HarnessError as exc:
+            print(f"harness worker {self.worker_id}: could not hand back "
+                  f"{claimed['task_id']}: {exc}", file=sys.stderr)
+
+    def _spec_gone(self) -> bool:
+        """Has our spec left ``worker-specs/active/``? Only the supervisor (or ``doctor
+        --repair``) moves it, after proving us dead and reclaiming our task: then we must
+        claim nothing more and exit without writing a spec (write_spec never re-creates it;
+        complete_spec is skipped once ``dead`` is set). One stat, checked before every
+        claim; a spec is published by rename, so it never looks absent while active."""
+        if not self.worker_id or self.dead:
+            return self.dead
+        if os.path.exists(active_path(self.home, self.worker_id)):
+            return False
+        self.dead = True
+        print(f"harness worker {self.worker_id}: our spec was moved out of worker-specs/active/"
+              " (the supervisor declared us dead); claiming nothing more, exiting",
+              file=sys.stderr)
+        return True
 
     def _idle_step(self, now: float) -> float | None:
         reason = self._exit_due(now)
         if reason is not None:
+            self._release_claimed(now)
+            self._flush_events()
             self.exit_reason = reason
             return None
+        if self.claimed is not None:
+            claimed, self.claimed = self.claimed, None
+            self._start_task(claimed, now)
+            if self.run is not None:
+                return self._supervise(now)
+            return 0.0
         if now < self.t.error_until:
+            self._flush_events()
             return self._idle_wait(now)
         try:
-            task = self.queue.claim(self.worker_id, types=self.opts.types, now=now)
+            task = self.queue.claim(self.worker_id, types=self.opts.types, now=now,
+                                    events_out=self.held_events)
         except (TemporaryFailure, ConfigError, CorruptFileError) as exc:
             self._note("claim_failed", now, f"claim failed: {exc}")
             self.t.error_until = now + RETRY_AFTER_ERROR_S
@@ -361,6 +456,7 @@ class Worker:
             if self.run is not None:
                 return self._supervise(now)
             return 0.0  # spawn failed and was recorded: look for the next task at once
+        self._flush_events()
         if self.opts.once:
             self.exit_reason = "idle"
             return None
@@ -494,6 +590,7 @@ class Worker:
         try:
             run.start()
         except SpawnError as exc:
+            self._flush_events()  # the claim's events come before the failure's
             self.tasks_run += 1
             self.spec["tasks_failed"] = int(self.spec.get("tasks_failed") or 0) + 1
             self.spec_dirty = True
@@ -509,8 +606,17 @@ class Worker:
         self.truncation_reported = False
         self.t.cancel_check_at = now + CANCEL_CHECK_S
         self.t.status_at = now + STATUS_REFRESH_S
-        self._write_spec(now, state="draining" if self.draining else "busy",
-                         current_task_id=task_id, task_started_at=clock.iso(now), progress=0)
+        changes = {"state": "draining" if self.draining else "busy",
+                   "current_task_id": task_id, "task_started_at": clock.iso(now),
+                   "progress": 0}
+        if self.published_state == changes["state"] and not self.dead:
+            # Straight on from the previous task: published once this one has run
+            # SPEC_DEFER_S (see _supervise) or with the next heartbeat, whichever is first.
+            self.spec.update(changes)
+            self.spec_dirty = True
+            self.t.spec_due = now + SPEC_DEFER_S
+        else:
+            self._write_spec(now, **changes)
         self._emit("task_started", f"attempt {task['attempts']} started as pid {run.pid}",
                    task=task, pid=run.pid, attempt=task["attempts"], argv=argv[:20])
         self._status(now)
@@ -573,6 +679,8 @@ class Worker:
             if self.dead and run.stop_reason is None:
                 run.terminate("dead")
             run.poll()
+            if not run.finished and self.t.spec_due is not None and now >= self.t.spec_due:
+                self._write_spec(now)
         if run.truncated and not self.truncation_reported:
             self.truncation_reported = True
             self._emit("task_output_truncated", f"output cut at {run.spec.log_max_bytes} bytes",
@@ -585,6 +693,8 @@ class Worker:
         self._housekeeping(now, busy=True)
         waits = [self.t.cancel_check_at - now, self.t.status_at - now,
                  self.t.heartbeat_at + float(self.cfg["heartbeat_interval_s"]) - now]
+        if self.t.spec_due is not None:
+            waits.append(self.t.spec_due - now)
         nxt = run.next_poll_in()
         if nxt is not None:
             waits.append(nxt)
@@ -766,7 +876,16 @@ class Worker:
                 self._emit("task_budget_exceeded", f"used {tokens} tokens, budget {budget}",
                            task=task, severity="warning", tokens_used=tokens, budget=budget)
                 return "budget_exceeded"
-            self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
+            if self._exit_due(now, after_task=True) is None and now >= self.t.error_until:
+                # Record the outcome and claim the next task in one transaction; its events
+                # are appended together with the next task's task_started.
+                _, self.claimed = self.queue.complete_and_claim(
+                    task_id, wid, exit_code=0, result=result, types=self.opts.types, now=now,
+                    events_out=self.held_events)
+                if self.claimed is None:
+                    self._flush_events()
+            else:
+                self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
             return "completed"
         tail = run.tail_line()
         self.queue.fail(task_id, wid, error=phrase + (f": {tail}" if tail else ""),

@@ -437,6 +437,89 @@ def test_complete_of_queued_or_unknown_task_raises(backend: Any) -> None:
     assert backend.get(task["task_id"])["status"] == "queued"
 
 
+def test_complete_and_claim_is_complete_then_claim_in_one_commit(backend: Any) -> None:
+    first = run_once(backend, req(priority="low"))
+    low = backend.enqueue(req(priority="low"), now=T0 + 1).task
+    high = backend.enqueue(req(priority="high"), now=T0 + 2).task
+    if is_file_backend(backend):
+        revision = json.loads(backend.home.queue_file.read_bytes())["revision"]
+    done, nxt = backend.complete_and_claim(first["task_id"], "w1", result={"n": 1},
+                                           now=T0 + 3)
+    assert done["status"] == "completed" and done["task_id"] == first["task_id"]
+    assert nxt is not None and nxt["task_id"] == high["task_id"]  # claim order holds
+    assert nxt["status"] == "running" and nxt["worker_id"] == "w1" and nxt["attempts"] == 1
+    record = backend.get(first["task_id"])
+    assert record["final"] is True and record["outcome"] == "completed"
+    assert record["result"] == {"n": 1}
+    assert backend.get(high["task_id"])["status"] == "running"
+    if is_file_backend(backend):  # one publish for both changes
+        assert json.loads(backend.home.queue_file.read_bytes())["revision"] == revision + 1
+    types = [e["type"] for e in events(backend.home)][-2:]
+    assert types == ["task_completed", "task_claimed"]
+    # Nothing runnable: completes, claims nothing.
+    backend.claim("w2", now=T0 + 4)
+    done, nxt = backend.complete_and_claim(high["task_id"], "w1", now=T0 + 5)
+    assert done["status"] == "completed" and nxt is None
+    assert backend.get(low["task_id"])["worker_id"] == "w2"
+
+
+def test_complete_and_claim_checks_the_owner_and_claims_nothing_then(backend: Any) -> None:
+    task = run_once(backend, req(), worker="w1")
+    other = backend.enqueue(req(), now=T0 + 1).task
+    with pytest.raises(InvalidTransition):
+        backend.complete_and_claim(task["task_id"], "w2", now=T0 + 2)
+    assert backend.get(other["task_id"])["status"] == "queued"
+    assert backend.get(task["task_id"])["worker_id"] == "w1"
+
+
+def test_complete_and_claim_respects_types_and_pauses(backend: Any) -> None:
+    task = run_once(backend, req())
+    backend.enqueue({"worker_type": "shell", "description": "echo"}, now=T0 + 1)
+    update_control(backend.home, lambda s: s["paused_types"].update(
+        {"shell": {"since": clock.iso(T0), "until": None, "reason": "x"}}), now=T0)
+    _, nxt = backend.complete_and_claim(task["task_id"], "w1", now=T0 + 2)
+    assert nxt is None
+    update_control(backend.home, lambda s: s["paused_types"].pop("shell"), now=T0)
+    again = run_once(backend, req(priority="critical"), now=T0 + 3)
+    _, nxt = backend.complete_and_claim(again["task_id"], "w1", types=["default"],
+                                        now=T0 + 4)
+    assert nxt is None
+    backend.enqueue(req(priority="low"), now=T0 + 5)
+    third = backend.claim("w1", types=["default"], now=T0 + 6)
+    _, nxt = backend.complete_and_claim(third["task_id"], "w1", types=["shell"], now=T0 + 7)
+    assert nxt is not None and nxt["worker_type"] == "shell"
+
+
+def test_queue_file_written_by_another_process_is_read_exactly(tmp_path: Path) -> None:
+    """A reader that parsed the queue before re-uses only the tasks whose lines it
+    published itself; changes by another writer, a hand-edited layout and a corrupt task
+    line are all read (or refused) exactly as a fresh reader would."""
+    home = make_home(tmp_path)
+    mine, other = TaskQueue(home), TaskQueue(home)
+    ids = [r.task["task_id"] for r in mine.enqueue_batch([req() for _ in range(5)], now=T0)]
+    assert len(mine.live_tasks()) == 5
+    claimed = other.claim("w2", now=T0 + 1)
+    assert claimed is not None
+    other.reprioritize(ids[4], "high", now=T0 + 2)
+    fresh = {t["task_id"]: t for t in TaskQueue(home).live_tasks()}
+    assert {t["task_id"]: t for t in mine.live_tasks()} == fresh
+    assert fresh[claimed["task_id"]]["worker_id"] == "w2"
+    assert fresh[ids[4]]["priority"] == "high"
+    # An operator rewrote the file in another layout (jq pretty-prints): still read.
+    raw = json.loads(home.queue_file.read_bytes())
+    raw["tasks"][1]["priority"] = "critical"
+    home.queue_file.write_text(json.dumps(raw, indent=2) + "\n")
+    assert {t["task_id"]: t["priority"] for t in mine.live_tasks()}[ids[1]] == "critical"
+    # Back in our layout, with one task line damaged by hand: refused, never half-read.
+    mine.reprioritize(ids[1], "low", now=T0 + 3)
+    lines = home.queue_file.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b'"status":"queued"', b'"status":"bogus"')
+    home.queue_file.write_bytes(b"\n".join(lines))
+    from coordination.errors import CorruptFileError
+    with pytest.raises(CorruptFileError):
+        mine.live_tasks()
+
+
 def test_fail_retries_with_backoff_bounded_by_max(make_backend: Callable[..., Any]) -> None:
     backend = make_backend(retry_backoff_base_s=10, retry_backoff_max_s=15, retry_jitter=0)
     task = backend.enqueue(req(max_attempts=3), now=T0).task
@@ -556,6 +639,36 @@ def test_reclaim_counts_the_attempt(make_backend: Callable[..., Any]) -> None:
     out = backend.reclaim(tid, reason="worker died again", now=T0 + 3)
     assert out["status"] == "failed"
     assert [d["task_id"] for d in backend.dead_letters()] == [tid]
+
+
+def test_reclaim_with_owner_requeues_only_that_owners_task(
+        make_backend: Callable[..., Any]) -> None:
+    """The supervisor proved w1 dead, but meanwhile the task was requeued and claimed by w2:
+    a reclaim naming w1 changes nothing (None), so w2's attempt is not stolen."""
+    backend = make_backend(retry_backoff_base_s=0)
+    tid = backend.enqueue(req(max_attempts=3), now=T0).task["task_id"]
+    backend.claim("w1", now=T0)
+    backend.release(tid, "w1", reason="handed back", now=T0 + 1)
+    backend.claim("w2", now=T0 + 2)
+    history = backend.history_of(tid)
+    assert backend.reclaim(tid, reason="w1 died", worker_id="w1", now=T0 + 3) is None
+    task = backend.get(tid)
+    assert task["status"] == "running" and task["worker_id"] == "w2"
+    assert task["attempts"] == 1
+    assert backend.history_of(tid) == history
+    # Named correctly, it reclaims as before (the attempt counts).
+    out = backend.reclaim(tid, reason="w2 died", worker_id="w2", now=T0 + 4)
+    assert out is not None and out["status"] == "queued" and out["attempts"] == 1
+    assert backend.history_of(tid)[-1]["outcome"] == "reclaimed"
+    # Not running (queued now), or not live at all: a no-op with an owner named ...
+    assert backend.reclaim(tid, reason="again", worker_id="w2", now=T0 + 5) is None
+    assert backend.reclaim("t-nope", reason="x", worker_id="w2", now=T0 + 5) is None
+    assert backend.get(tid)["status"] == "queued"
+    # ... and an error without one (unchanged behaviour).
+    with pytest.raises(InvalidTransition):
+        backend.reclaim(tid, reason="again", now=T0 + 5)
+    with pytest.raises(NotFound):
+        backend.reclaim("t-nope", reason="x", now=T0 + 5)
 
 
 # ------------------------------------------------------------------------------ operators

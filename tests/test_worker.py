@@ -55,19 +55,60 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(0.005)
 
 
+def _environ(pid: int) -> dict[bytes, bytes] | None:
+    """The environment of process ``pid`` from /proc/PID/environ; None when it is gone or
+    not ours to read (another user's process, or it vanished while we looked)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            data = fh.read()
+    except OSError:  # FileNotFoundError, PermissionError, ProcessLookupError (ESRCH)
+        return None
+    env: dict[bytes, bytes] = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key] = value
+    return env
+
+
+def task_processes(home_root: Path | None = None) -> list[int]:
+    """Pids of live task processes: only processes whose /proc/PID/environ carries
+    HARNESS_TASK_ID (set by a worker for every task it runs), and with ``home_root`` only
+    those of that home (HARNESS_HOME), so other test runs' tasks and unrelated processes on
+    the machine are never counted or killed."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    want = None if home_root is None else os.fsencode(str(home_root))
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        env = _environ(int(name))
+        if env is None or b"HARNESS_TASK_ID" not in env:
+            continue
+        if want is not None and env.get(b"HARNESS_HOME") != want:
+            continue
+        found.append(int(name))
+    return found
+
+
 @pytest.fixture
 def task_pids(tmp_path: Path) -> Iterator[Path]:
+    """Tasks write their pids here. At teardown every task process still running under this
+    test's directory is killed: found by its environment (HARNESS_TASK_ID, and HARNESS_HOME
+    under ``tmp_path``), never by a recorded pid alone, which may have been reused by an
+    unrelated process meanwhile."""
     folder = tmp_path / "pids"
     folder.mkdir()
     yield folder
-    for path in folder.glob("*.pid"):
-        try:
-            pid = int(path.read_text().split()[0])
-        except (ValueError, OSError):
+    root = os.fsencode(str(tmp_path)) + b"/"
+    for pid in task_processes():
+        env = _environ(pid)
+        if env is None or not (env.get(b"HARNESS_HOME", b"") + b"/").startswith(root):
             continue
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)  # tasks lead their own process group
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # ProcessLookupError: gone; PermissionError
             os.kill(pid, signal.SIGKILL)
 
 
@@ -390,3 +431,85 @@ def test_idle_worker_sleeps_without_polling(home: Home, procs: ProcGroup) -> Non
     assert used < 0.05, f"idle worker used {used:.3f}s CPU in 1.5s"
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(15) == 0
+
+
+# ---------------------------------------------------------------------------- declared dead
+def test_worker_declared_dead_claims_nothing_and_writes_no_spec(home: Home) -> None:
+    """The supervisor proved the worker dead and moved its spec to completed/ (crashed).
+    The worker notices before its next claim: it exits (error) without claiming, without
+    re-creating or updating a spec in active/, and leaves the completed spec as it is."""
+    from coordination import clock
+    from coordination.specs import complete_spec
+    from daemons.worker import Worker, WorkerOptions
+
+    worker = Worker(home, WorkerOptions(instance="dead"))
+    now = clock.now()
+    worker.start(now)
+    assert (home.specs_active / f"{worker.worker_id}.json").exists()
+    complete_spec(home, worker.worker_id, "crashed", now + 1, extra={"crash_proof": "test"})
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["true"]}).task
+    assert worker.step(now + 2) is None
+    assert worker.exit_reason == "error" and worker.dead
+    worker.shutdown(now + 3)
+    live = q.get(task["task_id"])
+    assert live is not None and live["status"] == "queued" and live["attempts"] == 0
+    assert not list(home.specs_active.glob("*.json"))
+    spec = completed_spec(home, os.getpid())
+    assert spec["exit_reason"] == "crashed" and spec["crash_proof"] == "test"
+    assert not events(home, "task_claimed")
+
+
+def test_task_processes_sees_only_harness_tasks(tmp_path: Path) -> None:
+    """The teardown scan counts a process only when its environment carries HARNESS_TASK_ID
+    (and, when asked, this home's HARNESS_HOME); it survives processes vanishing."""
+    env = dict(os.environ, HARNESS_TASK_ID="t-scan", HARNESS_HOME=str(tmp_path / "h"))
+    plain = dict(os.environ)
+    plain.pop("HARNESS_TASK_ID", None)
+    with subprocess.Popen(["sleep", "30"], env=env) as tagged, \
+            subprocess.Popen(["sleep", "30"], env=plain) as other:
+        try:
+            wait_until(lambda: tagged.pid in task_processes(tmp_path / "h"), 5, "the scan")
+            assert other.pid not in task_processes()
+            assert tagged.pid not in task_processes(tmp_path / "elsewhere")
+        finally:
+            tagged.kill()
+            other.kill()
+    assert _environ(tagged.pid) is None  # reaped: gone, and no error
+
+
+def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> None:
+    """After a task completes, the worker claims the next one in the same transaction
+    (complete_and_claim). A stop that arrives before it starts hands it back (released,
+    the attempt does not count), and the events of both commits are recorded in order."""
+    from coordination import clock
+    from daemons.worker import Worker, WorkerOptions
+
+    q = TaskQueue(home)
+    ids = {r.task["task_id"] for r in q.enqueue_batch([{"command": ["true"]},
+                                                         {"command": ["true"]}])}
+    worker = Worker(home, WorkerOptions(instance="ahead"))
+    worker.start(clock.now())
+    deadline = time.monotonic() + 10
+    while worker.claimed is None and time.monotonic() < deadline:
+        wait = worker.step(clock.now())
+        assert wait is not None
+        time.sleep(min(wait, 0.01))
+    assert worker.claimed is not None and worker.claimed["task_id"] in ids
+    second = worker.claimed
+    (first_id,) = ids - {second["task_id"]}
+    first = {"task_id": first_id}
+    assert final_records(home)[first["task_id"]][-1]["status"] == "completed"
+    running = q.get(second["task_id"])
+    assert running is not None and running["status"] == "running"
+    worker.request_stop()
+    assert worker.step(clock.now()) is None and worker.exit_reason == "signal"
+    worker.shutdown(clock.now())
+    back = q.get(second["task_id"])
+    assert back is not None and back["status"] == "queued" and back["attempts"] == 0
+    assert [r["outcome"] for r in q.history_of(second["task_id"])] == ["released"]
+    types = [e["type"] for e in events(home) if e["task_id"] in (first["task_id"],
+                                                                 second["task_id"])]
+    assert types == ["task_enqueued", "task_enqueued", "task_claimed", "task_started",
+                     "task_completed", "task_claimed", "task_released"]
+    assert completed_spec(home, os.getpid())["tasks_done"] == 1
