@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ProcGroup, make_home
+from helpers import ProcGroup, make_home, reap_zombie_children, set_subreaper
 
 from coordination.paths import Home
 
@@ -38,3 +38,16 @@ def procs(tmp_path: Path) -> Iterator[ProcGroup]:
         yield group
     finally:
         group.close()
+
+
+@pytest.fixture
+def adopt_orphans() -> Iterator[None]:
+    """Make this test process the subreaper of its descendants while the test runs, so the
+    task processes a killed worker leaves behind are reparented to us (not to an init that
+    may never reap them) and reaped at teardown. Request it before ``procs``."""
+    set_subreaper(True)
+    try:
+        yield
+    finally:
+        set_subreaper(False)
+        reap_zombie_children()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +239,71 @@ def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL)
     p.wait()
     return p.pid
+
+
+# ---------------------------------------------------------------------------- waiting
+def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Call ``cond`` until it returns something truthy and return that; AssertionError
+    naming ``what`` after ``timeout`` seconds (a long default only costs time on failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+#: What a daemon started by a test must not inherit from a test run inside systemd or an
+#: operator's shell: it would notify the wrong manager or pick the wrong home.
+_DAEMON_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                    "HARNESS_INSTANCE", "HARNESS_HOME")
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """This process's environment without systemd's and harness's own variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ENV_DROP}
+    env.update(extra)
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def set_subreaper(on: bool) -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER); False where it is unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(36, 1 if on else 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_zombie_children(timeout: float = 30.0) -> None:
+    """Reap zombie children (orphans adopted as subreaper) until none is left."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            zombies = [c.pid for c in psutil.Process().children()
+                       if c.status() == psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            zombies = []
+        for pid in zombies:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        if not zombies:
+            break
+        time.sleep(0.05)

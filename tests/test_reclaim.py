@@ -15,13 +15,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from helpers import REPO_ROOT, Child, ProcGroup, dead_pid, events, make_home, req
+from helpers import (
+    REPO_ROOT,
+    Child,
+    ProcGroup,
+    daemon_env,
+    dead_pid,
+    events,
+    make_home,
+    req,
+    wait_until,
+)
 
 from coordination import clock
 from coordination.doctor import check
@@ -34,21 +44,6 @@ from daemons.supervisor import Supervisor, reclaim_pass
 HARNESS = [sys.executable, "-m", "daemons"]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
-                         "HARNESS_INSTANCE", "HARNESS_HOME")}
 
 
 @pytest.fixture
@@ -68,45 +63,12 @@ def pid_dir(tmp_path: Path) -> Iterator[Path]:
                 proc.kill()
 
 
-def _set_subreaper(on: bool) -> bool:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(36, 1 if on else 0, 0, 0, 0)) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-@pytest.fixture
-def adopt_orphans() -> Iterator[None]:
-    """Make this test process the subreaper of its descendants while the test runs, so the
-    task processes a killed worker leaves behind are reparented to us (not to an init that
-    may never reap them) and reaped at teardown. Request it before ``procs``."""
-    _set_subreaper(True)
-    try:
-        yield
-    finally:
-        _set_subreaper(False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                zombies = [c.pid for c in psutil.Process().children()
-                           if c.status() == psutil.STATUS_ZOMBIE]
-            except psutil.Error:
-                zombies = []
-            for pid in zombies:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            if not zombies:
-                break
-            time.sleep(0.05)
 
 
 def start_worker(procs: ProcGroup, home: Home, instance: str) -> Child:
     child = procs.spawn(f"worker-{instance}", [*HARNESS, "worker", "run", "--instance",
                                                instance, "--home", str(home.root)],
-                        env=worker_env())
+                        env=daemon_env())
     child.wait_for_line("started worker-", timeout=60)
     return child
 
@@ -278,7 +240,7 @@ def test_dry_run_changes_nothing_and_cli(home: Home) -> None:
     assert home.queue_file.read_bytes() == before and len(read_specs(home)) == 1
     cli = subprocess.run([*HARNESS, "supervisor", "reclaim", "--json", "--home",
                           str(home.root)], capture_output=True, text=True, timeout=60,
-                         env=worker_env(), check=False)
+                         env=daemon_env(), check=False)
     assert cli.returncode == 0, cli.stderr
     data = __import__("json").loads(cli.stdout)
     assert data["reclaimed"][0]["task_id"] == task_id and data["dry_run"] is False
@@ -317,7 +279,7 @@ SCRIPT = REPO_ROOT / "scripts" / "cleanup-zombie-workers.sh"
 
 
 def script_env(tmp_path: Path) -> dict[str, str]:
-    env = worker_env()
+    env = daemon_env()
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     shim = bindir / "harness"

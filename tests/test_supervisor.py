@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from click.testing import CliRunner
-from helpers import T0, ProcGroup, events, make_home, req, set_system
+from helpers import T0, ProcGroup, daemon_env, events, make_home, req, set_system, wait_until
 
 from coordination import clock
 from coordination.config import default_system
@@ -41,58 +41,8 @@ from daemons.supervisor import (
 HARNESS = [sys.executable, "-m", "daemons"]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
-                        "HARNESS_INSTANCE", "HARNESS_HOME")}
-    env.update(extra)
-    return env
-
-
-def _set_subreaper(on: bool) -> bool:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(36, 1 if on else 0, 0, 0, 0)) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-@pytest.fixture
-def adopt_orphans() -> Iterator[None]:
-    """Make this test process the subreaper of its descendants while the test runs, so the
-    task processes a killed worker leaves behind are reparented to us (not to an init that
-    may never reap them) and reaped at teardown. Request it before ``procs``."""
-    _set_subreaper(True)
-    try:
-        yield
-    finally:
-        _set_subreaper(False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                zombies = [c.pid for c in psutil.Process().children()
-                           if c.status() == psutil.STATUS_ZOMBIE]
-            except psutil.Error:
-                zombies = []
-            for pid in zombies:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            if not zombies:
-                break
-            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- decide_scale
@@ -410,7 +360,7 @@ def test_scale_down_once_skips_while_a_supervisor_runs(home: Home, procs: ProcGr
         what="flock to hold the lock")
     out = subprocess.run([*HARNESS, "supervisor", "scale-down-once", "--home",
                           str(home.root)], capture_output=True, text=True, timeout=60,
-                         env=clean_env(), check=False)
+                         env=daemon_env(), check=False)
     assert out.returncode == 0 and "skipped" in out.stdout, out
 
 
@@ -447,14 +397,14 @@ def test_run_notifies_systemd_and_stops_on_sigterm(home: Home, procs: ProcGroup,
     set_system(home, actuator="process", min_workers=0, warm_pool=0, supervisor_tick_s=0.2,
                durability="none")
     sock, path = notify_socket
-    env = clean_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
+    env = daemon_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
     sup = procs.spawn("supervisor", [*HARNESS, "supervisor", "run", "--home", str(home.root)],
                       env=env)
     msgs = _messages(sock, lambda m: "READY=1" in m and "WATCHDOG=1" in m)
     assert any(m.startswith("STATUS=healthy; queued 0") for m in msgs), msgs
     # A second supervisor on the same home refuses (75); SIGHUP re-reads config.
     second = subprocess.run([*HARNESS, "supervisor", "run", "--home", str(home.root)],
-                            capture_output=True, text=True, timeout=60, env=clean_env(),
+                            capture_output=True, text=True, timeout=60, env=daemon_env(),
                             check=False)
     assert second.returncode == 75, second.stderr
     assert "another supervisor" in second.stderr

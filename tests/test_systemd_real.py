@@ -23,13 +23,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import final_records, make_home, set_system
+from helpers import final_records, make_home, set_system, wait_until
 
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -59,16 +58,6 @@ def _systemd_binary() -> str | None:
             return candidate
     return None
 
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass

@@ -7,12 +7,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
-from helpers import Child, ProcGroup, events, final_records, make_home, req
+from helpers import Child, ProcGroup, daemon_env, events, final_records, make_home, req, wait_until
 
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -22,21 +20,6 @@ from coordination.store import read_json
 HARNESS = [sys.executable, "-m", "daemons"]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
-                         "HARNESS_INSTANCE", "HARNESS_HOME")}
 
 
 class Family:
@@ -88,7 +71,7 @@ def processes_of_home(home: Home) -> list[str]:
 
 def start_up(procs: ProcGroup, home: Home, *args: str) -> Child:
     return procs.spawn("up", [*HARNESS, "--home", str(home.root), "up", *args],
-                       env=clean_env())
+                       env=daemon_env())
 
 
 def test_up_runs_tasks_and_sigint_leaves_nothing_behind(tmp_path: Path,
@@ -127,7 +110,7 @@ def test_up_runs_tasks_and_sigint_leaves_nothing_behind(tmp_path: Path,
 
 def test_demo_on_a_fresh_home(tmp_path: Path, procs: ProcGroup) -> None:
     home = Home(tmp_path / "harness-home")  # does not exist yet: the demo initialises it
-    demo = procs.spawn("demo", [*HARNESS, "--home", str(home.root), "demo"], env=clean_env(),
+    demo = procs.spawn("demo", [*HARNESS, "--home", str(home.root), "demo"], env=daemon_env(),
                        cwd=tmp_path)
     family = Family(demo.pid)
     deadline = time.monotonic() + 100

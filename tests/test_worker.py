@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Child, ProcGroup, events, final_records, set_system
+from helpers import (
+    Child,
+    ProcGroup,
+    daemon_env,
+    events,
+    final_records,
+    pid_alive,
+    set_system,
+    wait_until,
+)
 
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -27,32 +36,7 @@ def harness_argv() -> list[str]:
     return [sys.executable, "-m", "daemons"]
 
 
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
-                "HARNESS_INSTANCE"):
-        env.pop(key, None)
-    return env
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        return False
-    return data[data.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def _environ(pid: int) -> dict[bytes, bytes] | None:
@@ -114,14 +98,14 @@ def task_pids(tmp_path: Path) -> Iterator[Path]:
 
 def start_worker(procs: ProcGroup, home: Home, *args: str, name: str = "worker") -> Child:
     child = procs.spawn(name, [*harness_argv(), "worker", "run", "--home", str(home.root),
-                               *args], env=worker_env())
+                               *args], env=daemon_env())
     child.wait_for_line("started worker-", timeout=30)
     return child
 
 
 def cli(home: Home, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*harness_argv(), "--home", str(home.root), *args],
-                          capture_output=True, text=True, timeout=60, env=worker_env(),
+                          capture_output=True, text=True, timeout=60, env=daemon_env(),
                           check=False)
 
 
@@ -225,7 +209,7 @@ def test_once_and_max_uptime(home: Home, procs: ProcGroup) -> None:
 def test_unknown_type_is_a_usage_error(home: Home) -> None:
     proc = subprocess.run([*harness_argv(), "worker", "run", "--home", str(home.root),
                            "--types", "nope"], capture_output=True, text=True, timeout=60,
-                          env=worker_env(), check=False)
+                          env=daemon_env(), check=False)
     assert proc.returncode == 2, proc.stderr
     assert "unknown worker type 'nope'" in proc.stderr
 
