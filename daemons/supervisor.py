@@ -75,6 +75,7 @@ from coordination.store import Durability, read_json, replace_json
 
 from .actuators import Actuator, ProcessActuator, kill_orphaned_tasks, make_actuator
 from .notify import Notifier
+from .task_runner import reap_orphans
 from .wakeup import Wakeup
 
 SOURCE = "supervisor"
@@ -1155,27 +1156,6 @@ def status_text(report: Mapping[str, Any]) -> str:
             f"running {q.get('running', 0)}; workers {w.get('running', 0)} "
             f"(busy {w.get('busy', 0)}, idle {w.get('idle', 0)})"
             + ("; BACKPRESSURE" if report.get("backpressure") else ""))
-
-
-def reap_orphans(known: Iterable[int]) -> int:
-    """Reap zombie children that are not ours by Popen (orphans adopted as subreaper)."""
-    skip = set(known)
-    count = 0
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return 0
-    for child in children:
-        if child.pid in skip:
-            continue
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                continue
-            pid, _ = os.waitpid(child.pid, os.WNOHANG)
-            count += pid != 0
-        except (psutil.Error, ChildProcessError, OSError):
-            continue
-    return count
 
 
 def kill_descendants(timeout: float = 5.0) -> list[int]:

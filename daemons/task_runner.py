@@ -172,9 +172,9 @@ def signal_group(pgid: int, sig: int) -> bool:
 
 def reap_orphans(exclude: Iterable[int] = ()) -> int:
     """Reap zombie children other than ``exclude``: orphans a subreaper inherited from tasks
-    that escaped their process group (setsid) and exited later. Only for a worker process
-    whose children are all its own tasks (never in a process with other Popen children).
-    """
+    that escaped their process group (setsid) and exited later. Pass the pids this process
+    still waits for itself (its Popen children) as ``exclude``, so their exit status is left
+    to their owner. Returns how many were reaped."""
     import psutil
 
     # Cheap test first (one syscall, reaps nothing): is any child of ours a zombie at all?
