@@ -1,13 +1,23 @@
-"""``harness bench``: measure the coordination layer on a throwaway home.
+"""``harness bench``: measure the coordination layer on throwaway homes.
 
-Each benchmark runs ``repeat`` times on a fresh home; the table shows the median with min
-and max. Figures are printed, never asserted: tests only check that the command runs.
+Every benchmark runs ``repeats`` times, each run on a fresh home in a new temporary
+directory (deleted afterwards). A run returns one figure per row it reports; a row's
+``median``, ``min`` and ``max`` are over its runs. Latency rows (``dispatch_*``,
+``reclaim_latency``, ``emit_event_sh_latency``, the ``idle_cpu_*`` windows) take many
+samples within one run instead:
+their median/min/max and ``p50``/``p95``/``p99`` are over every sample of every run.
+``harness bench --list`` names every row; docs/performance.md explains them.
+
+Guarantees: figures are printed, never asserted (no threshold anywhere); a benchmark that
+fails (a missing ``jq``, a worker that does not start) yields rows with an ``error`` key and
+the others still run; every process a benchmark starts is stopped before the next one runs.
+Larger pieces live beside the daemons they measure (daemons/worker_bench.py,
+daemons/supervisor_bench.py); docs/performance.md has the figures of one machine.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,13 +40,34 @@ from .context import json_option, print_json
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: One run's figure for a row: a single value, or samples (latencies, windows).
+Figure = float | list[float]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the output."""
+
+    name: str
+    unit: str  # "ms/op", "ms" (per sample) or a rate, e.g. "tasks/s"
+    doc: str
+
 
 @dataclass(frozen=True)
 class Bench:
+    """A benchmark: ``run(root, quick)`` works at ``root`` (not yet created, in a fresh
+    temporary directory) and returns ``{metric name: figure}``. ``repeats`` overrides the
+    default number of runs (quick, full), e.g. for benches that sample many times within
+    one run."""
+
     name: str
-    unit: str  # what one sample measures, e.g. "ms/op" or "ops/s"
-    run: Callable[[Path, bool], float]
-    doc: str
+    groups: tuple[str, ...]
+    metrics: tuple[Metric, ...]
+    run: Callable[[Path, bool], dict[str, Figure]]
+    repeats: tuple[int, int] | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return (*self.groups, self.name, *(m.name for m in self.metrics))
 
 
 def make_home(root: Path, **overrides: Any) -> Home:
@@ -49,6 +80,27 @@ def make_home(root: Path, **overrides: Any) -> Home:
     return home
 
 
+def _env(home: Home | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                        "HARNESS_HOME", "HARNESS_INSTANCE")}
+    if home is not None:
+        env["HARNESS_HOME"] = str(home.root)
+    return env
+
+
+def _harness_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("harness")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemons"]
+
+
+def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {' | '.join(tail)}")
+
+
+# ---------------------------------------------------------------------------- enqueue
 def _fill(queue: TaskQueue, n: int) -> None:
     for start in range(0, n, 5000):
         queue.enqueue_batch([{"description": f"backlog {i}", "command": ["true"],
@@ -56,8 +108,7 @@ def _fill(queue: TaskQueue, n: int) -> None:
 
 
 def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
-    home = make_home(root)
-    queue = TaskQueue(home)
+    queue = TaskQueue(make_home(root))
     _fill(queue, backlog)
     n = 100 if quick else 500
     t0 = time.perf_counter()
@@ -66,56 +117,119 @@ def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
     return (time.perf_counter() - t0) / n * 1000
 
 
-def _enqueue_batch(root: Path, quick: bool) -> float:
+def _enqueue_batch(root: Path, quick: bool, backlog: int) -> float:
     queue = TaskQueue(make_home(root))
+    _fill(queue, backlog)
     n = 1000 if quick else 5000
     t0 = time.perf_counter()
     queue.enqueue_batch([{"description": f"b {i}", "command": ["true"]} for i in range(n)])
     return n / (time.perf_counter() - t0)
 
 
-def _claim_complete(root: Path, quick: bool, backlog: int) -> float:
+def _enqueue_batch_cli(root: Path, quick: bool) -> float:
     home = make_home(root)
-    queue = TaskQueue(home)
+    n = 1000 if quick else 5000
+    batch = root.parent / "batch.jsonl"
+    batch.write_text("".join(f'{{"description": "f {i}", "command": ["true"]}}\n'
+                             for i in range(n)))
+    t0 = time.perf_counter()
+    proc = subprocess.run([*_harness_cmd(), "task", "add", "--from-file", str(batch)],
+                          env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          check=False)
+    elapsed = time.perf_counter() - t0
+    _check(proc, "harness task add --from-file")
+    return n / elapsed
+
+
+#: Runs ``"$@"`` N times in each of P parallel loops (``bash -c SCRIPT name N P cmd...``).
+_LOOP = r'''
+n=$1 p=$2; shift 2
+one() { local i; for ((i = 0; i < n; i++)); do "$@" >/dev/null || exit 1; done; }
+if ((p == 1)); then one "$@"; exit; fi
+pids=(); for ((j = 0; j < p; j++)); do one "$@" & pids+=($!); done
+rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc
+'''
+
+
+def _loop_rate(home: Home, argv: list[str], n: int, parallel: int) -> float:
+    """Calls per second of ``argv`` from ``parallel`` bash loops of ``n`` calls each."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", "-c", _LOOP, "bench-loop", str(n), str(parallel), *argv],
+                          env=_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, check=False)
+    elapsed = time.perf_counter() - t0
+    _check(proc, Path(argv[0]).name)
+    return n * parallel / elapsed
+
+
+#: Times each of N calls of ``"$@"`` with $EPOCHREALTIME; prints one "start end" per call.
+_TIMED_LOOP = r'''
+n=$1; shift
+for ((i = 0; i < n; i++)); do
+    s=$EPOCHREALTIME; "$@" >/dev/null || exit 1; e=$EPOCHREALTIME
+    echo "${s/,/.} ${e/,/.}"
+done
+'''
+
+
+def _emit_event_latency(root: Path, quick: bool) -> list[float]:
+    """Milliseconds per scripts/emit-event.sh call, measured around each call in bash
+    (fork + exec of the script included, no Python in the loop)."""
+    home = make_home(root)
+    argv = [_script(EMIT_EVENT[0]), *EMIT_EVENT[1]]
+    proc = subprocess.run(["bash", "-c", _TIMED_LOOP, "bench-loop", str(50 if quick else 200),
+                           *argv], env=_env(home), stdin=subprocess.DEVNULL,
+                          capture_output=True, check=False)
+    _check(proc, "emit-event.sh")
+    pairs = (line.split() for line in proc.stdout.decode().splitlines())
+    return [(float(end) - float(start)) * 1000 for start, end in pairs]
+
+
+def _script(name: str) -> str:
+    path = REPO / "scripts" / name
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return str(path)
+
+
+CREATE_TASK = ("create-task.sh", ["--description", "x", "--", "true"])
+EMIT_EVENT = ("emit-event.sh", ["--type", "bench", "--message", "x"])
+TASK_ADD = ["task", "add", "-d", "x", "--", "true"]
+EVENTS_EMIT = ["events", "emit", "--type", "bench", "--message", "x"]
+
+
+def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
+           backlog: int = 0) -> Callable[[Path, bool], float]:
+    """A bench of repeated calls: ``kind`` is a script of scripts/ or ``cli:events`` /
+    ``cli:task``; ``n`` is the calls per loop (quick, full)."""
+    def run(root: Path, quick: bool) -> float:
+        home = make_home(root)
+        _fill(TaskQueue(home), backlog)
+        if kind == "cli:task":
+            argv = [*_harness_cmd(), *TASK_ADD]
+        elif kind == "cli:events":
+            argv = [*_harness_cmd(), *EVENTS_EMIT]
+        else:
+            script, args = CREATE_TASK if kind == CREATE_TASK[0] else EMIT_EVENT
+            argv = [_script(script), *args]
+        return _loop_rate(home, argv, n[0] if quick else n[1], parallel)
+    return run
+
+
+# ---------------------------------------------------------------------------- claim, events
+def _claim_complete(root: Path, quick: bool, backlog: int) -> float:
+    queue = TaskQueue(make_home(root))
     _fill(queue, backlog)
     n = 20 if quick else 100
     t0 = time.perf_counter()
     for _ in range(n):
         task = queue.claim("bench-worker")
-        assert task is not None
+        if task is None:
+            raise RuntimeError("nothing to claim")
         queue.complete(task["task_id"], "bench-worker")
         # keep the backlog constant so every sample sees the same size
         queue.enqueue({"description": "refill", "command": ["true"], "priority": "low"})
     return (time.perf_counter() - t0) / n * 1000
-
-
-def _harness_cmd() -> list[str]:
-    exe = shutil.which("harness")
-    return [exe] if exe else [sys.executable, "-m", "daemons"]
-
-
-def _cli_enqueue(root: Path, quick: bool) -> float:
-    home = make_home(root)
-    n = 10 if quick else 30
-    env = dict(os.environ, HARNESS_HOME=str(home.root))
-    t0 = time.perf_counter()
-    for i in range(n):
-        subprocess.run([*_harness_cmd(), "task", "add", "-d", f"cli {i}", "--", "true"],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
-    return n / (time.perf_counter() - t0)
-
-
-def _script_rate(script: str, args: list[str], quick: bool, root: Path) -> float:
-    home = make_home(root)
-    path = REPO / "scripts" / script
-    if not path.exists():
-        raise FileNotFoundError(path)
-    n = 50 if quick else 200
-    env = dict(os.environ, HARNESS_HOME=str(home.root))
-    loop = f'for i in $(seq {n}); do "$0" "$@" >/dev/null; done'
-    t0 = time.perf_counter()
-    subprocess.run(["bash", "-c", loop, str(path), *args], env=env, check=True)
-    return n / (time.perf_counter() - t0)
 
 
 def _events_python(root: Path, quick: bool) -> float:
@@ -127,55 +241,329 @@ def _events_python(root: Path, quick: bool) -> float:
     return n / (time.perf_counter() - t0)
 
 
+# ---------------------------------------------------------------------------- daemons
+def _dispatch(durability: str, suffix: str) -> Callable[[Path, bool], dict[str, Figure]]:
+    def run(root: Path, quick: bool) -> dict[str, Figure]:
+        from .worker_bench import dispatch_samples
+
+        from_call, from_commit = dispatch_samples(root, 50 if quick else 200, durability)
+        return {f"dispatch_latency{suffix}": from_call,
+                f"dispatch_latency{suffix}_after_commit": from_commit}
+    return run
+
+
+def _throughput(root: Path, quick: bool) -> dict[str, Figure]:
+    from .worker_bench import measure_throughput, spawn_ceiling
+
+    spawns, tasks = (200, 100) if quick else (1000, 500)
+    out: dict[str, Figure] = {
+        "spawn_ceiling": spawn_ceiling(spawns, "subprocess"),
+        "spawn_ceiling_posix_spawn": spawn_ceiling(spawns, "posix_spawn")}
+    for workers in (1, 2, 4):
+        out[f"throughput_{workers}w"] = measure_throughput(
+            root, workers, tasks, "fsync")["tasks_per_s"]
+    out["throughput_2w_nofsync"] = measure_throughput(root, 2, tasks, "none")["tasks_per_s"]
+    return out
+
+
+def _idle(root: Path, quick: bool) -> dict[str, Figure]:
+    from .supervisor_bench import sample_idle
+
+    windows, window_s, warmup = (3, 1.0, 1.0) if quick else (6, 10.0, 5.0)
+    got = sample_idle(windows, window_s, warmup_s=warmup, workdir=root.parent)
+    sup, wrk = got["supervisor_cpu_percent"], got["worker_cpu_percent"]
+    return {"idle_cpu_supervisor": sup, "idle_cpu_worker": wrk,
+            "idle_cpu_total": [a + b for a, b in zip(sup, wrk, strict=True)],
+            "rss_supervisor": got["supervisor_rss_mib"], "rss_worker": got["worker_rss_mib"]}
+
+
+def _reclaim(root: Path, quick: bool) -> dict[str, Figure]:
+    """Makes this process a child subreaper (the killed workers' tasks are reaped here), so
+    it is the last bench in table order."""
+    from .supervisor_bench import measure_reclaim_latency
+
+    got = measure_reclaim_latency(5 if quick else 20, workdir=root.parent)
+    return {"reclaim_latency": [s * 1000 for s in got["samples_s"]]}
+
+
+#: Spawns argv[1:], waits for it with wait4 and prints its exit status and ru_maxrss (KiB).
+_RSS_PROBE = """
+import os, sys
+devnull = os.open(os.devnull, os.O_WRONLY)
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
+                     file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 1)])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+def run_with_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    """Run ``argv`` (stdout and stderr discarded); return (exit status, its peak RSS in
+    KiB), read from its own rusage by a small ``python -S`` probe process. Not from this
+    process: Linux carries the parent's RSS high-water mark into a child's ru_maxrss
+    across fork/vfork + exec, and this process can be large."""
+    proc = subprocess.run([sys.executable, "-S", "-c", _RSS_PROBE, *argv], env=env,
+                          stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, check=False)
+    _check(proc, "the RSS probe")
+    code, kib = proc.stdout.split()[-2:]
+    return int(code), int(kib)
+
+
+def _peak_rss_mib(argv: list[str], env: dict[str, str]) -> float:
+    code, kib = run_with_peak_rss(argv, env)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv[-3:])} exited with {code}")
+    return kib / 1024
+
+
+def _oneshot_rss(root: Path, quick: bool) -> dict[str, Figure]:
+    home = make_home(root)
+    queue = TaskQueue(home)
+    _fill(queue, 100)
+    for i in range(50):
+        emit(home, "bench_event", message=f"event {i}", source="bench")
+    harness = _harness_cmd()
+    env = _env()
+    base = [*harness, "--home", str(home.root)]
+    return {"rss_janitor_run": _peak_rss_mib([*base, "janitor", "run"], env),
+            "rss_metrics_snapshot": _peak_rss_mib([*base, "metrics", "snapshot"], env),
+            "rss_cli_baseline": _peak_rss_mib([*harness, "--version"], env)}
+
+
+# ---------------------------------------------------------------------------- registry
+def _one(name: str, groups: tuple[str, ...], unit: str, doc: str,
+         fn: Callable[[Path, bool], float]) -> Bench:
+    return Bench(name, groups, (Metric(name, unit, doc),), lambda r, q: {name: fn(r, q)})
+
+
+_DIST = (1, 1)  # many samples within one run
 BENCHES: tuple[Bench, ...] = (
-    Bench("enqueue_empty", "ms/op", lambda r, q: _enqueue_singles(r, q, 0),
-          "single enqueue (Python API) into an empty queue"),
-    Bench("enqueue_backlog_2000", "ms/op", lambda r, q: _enqueue_singles(r, q, 2000),
-          "single enqueue into 2,000 queued tasks"),
-    Bench("enqueue_backlog_10000", "ms/op", lambda r, q: _enqueue_singles(r, q, 10000),
-          "single enqueue into 10,000 queued tasks"),
-    Bench("enqueue_batch", "tasks/s", _enqueue_batch, "one batch (task add --from-file path)"),
-    Bench("enqueue_cli", "tasks/s", _cli_enqueue, "`harness task add`, one process per task"),
-    Bench("enqueue_create_task_sh", "tasks/s",
-          lambda r, q: _script_rate("create-task.sh", ["--description", "x", "--", "true"], q,
-                                    r),
-          "scripts/create-task.sh, one call per task (inbox only)"),
-    Bench("claim_complete_100", "ms/op", lambda r, q: _claim_complete(r, q, 100),
-          "claim + complete with 100 live tasks"),
-    Bench("claim_complete_1000", "ms/op", lambda r, q: _claim_complete(r, q, 1000),
-          "claim + complete with 1,000 live tasks"),
-    Bench("claim_complete_10000", "ms/op", lambda r, q: _claim_complete(r, q, 10000),
-          "claim + complete with 10,000 live tasks"),
-    Bench("events_python", "events/s", _events_python, "coordination.events.emit"),
-    Bench("events_emit_event_sh", "events/s",
-          lambda r, q: _script_rate("emit-event.sh", ["--type", "bench", "--message", "x"], q,
-                                    r),
-          "scripts/emit-event.sh, one call per event"),
+    _one("enqueue_empty", ("enqueue",), "ms/op",
+         "single enqueue (Python API) into an empty queue",
+         lambda r, q: _enqueue_singles(r, q, 0)),
+    _one("enqueue_backlog_2000", ("enqueue",), "ms/op", "single enqueue into 2,000 queued",
+         lambda r, q: _enqueue_singles(r, q, 2000)),
+    _one("enqueue_backlog_10000", ("enqueue",), "ms/op", "single enqueue into 10,000 queued",
+         lambda r, q: _enqueue_singles(r, q, 10000)),
+    _one("enqueue_batch", ("enqueue",), "tasks/s", "one enqueue_batch (Python API)",
+         lambda r, q: _enqueue_batch(r, q, 0)),
+    _one("enqueue_batch_backlog_10000", ("enqueue",), "tasks/s",
+         "one enqueue_batch into 10,000 queued", lambda r, q: _enqueue_batch(r, q, 10000)),
+    _one("enqueue_batch_cli", ("enqueue",), "tasks/s",
+         "`harness task add --from-file PATH`, one process", _enqueue_batch_cli),
+    _one("enqueue_cli", ("enqueue", "calls"), "tasks/s",
+         "`harness task add`, one process per task, one bash loop",
+         _calls("cli:task", (5, 30))),
+    _one("enqueue_cli_backlog_10000", ("enqueue",), "tasks/s",
+         "`harness task add` per task into 10,000 queued",
+         _calls("cli:task", (5, 30), backlog=10000)),
+    _one("enqueue_cli_x4", ("enqueue", "calls"), "tasks/s",
+         "`harness task add`, 4 bash loops in parallel", _calls("cli:task", (2, 15), 4)),
+    _one("enqueue_create_task_sh", ("enqueue", "calls"), "tasks/s",
+         "scripts/create-task.sh per task, one bash loop (inbox only)",
+         _calls("create-task.sh", (20, 200))),
+    _one("enqueue_create_task_sh_x4", ("enqueue", "calls"), "tasks/s",
+         "scripts/create-task.sh, 4 bash loops in parallel",
+         _calls("create-task.sh", (10, 100), 4)),
+    _one("claim_complete_100", ("claim",), "ms/op", "claim + complete with 100 live tasks",
+         lambda r, q: _claim_complete(r, q, 100)),
+    _one("claim_complete_1000", ("claim",), "ms/op", "claim + complete with 1,000 live",
+         lambda r, q: _claim_complete(r, q, 1000)),
+    _one("claim_complete_10000", ("claim",), "ms/op", "claim + complete with 10,000 live",
+         lambda r, q: _claim_complete(r, q, 10000)),
+    _one("events_python", ("events",), "events/s", "coordination.events.emit",
+         _events_python),
+    _one("events_emit_event_sh", ("events", "calls"), "events/s",
+         "scripts/emit-event.sh per event, one bash loop", _calls("emit-event.sh", (50, 200))),
+    _one("events_emit_event_sh_x4", ("events", "calls"), "events/s",
+         "scripts/emit-event.sh, 4 bash loops in parallel",
+         _calls("emit-event.sh", (25, 100), 4)),
+    Bench("emit_event_sh_latency", ("events", "calls"), (
+        Metric("emit_event_sh_latency", "ms", "one scripts/emit-event.sh call, timed in bash"),
+    ), lambda r, q: {"emit_event_sh_latency": _emit_event_latency(r, q)}, _DIST),
+    _one("events_cli", ("events", "calls"), "events/s",
+         "`harness events emit` per event, one bash loop", _calls("cli:events", (5, 30))),
+    _one("events_cli_x4", ("events", "calls"), "events/s",
+         "`harness events emit`, 4 bash loops in parallel", _calls("cli:events", (2, 15), 4)),
+    Bench("dispatch", ("dispatch",), (
+        Metric("dispatch_latency", "ms", "enqueue call -> task process started, idle worker"),
+        Metric("dispatch_latency_after_commit", "ms", "enqueue returned -> task started"),
+    ), _dispatch("fsync", ""), _DIST),
+    Bench("dispatch_nofsync", ("dispatch",), (
+        Metric("dispatch_latency_nofsync", "ms", "the same with durability none"),
+        Metric("dispatch_latency_nofsync_after_commit", "ms", "the same, from the return"),
+    ), _dispatch("none", "_nofsync"), _DIST),
+    Bench("throughput", ("throughput",), (
+        Metric("spawn_ceiling", "procs/s", "subprocess.run(['true']) in a loop"),
+        Metric("spawn_ceiling_posix_spawn", "procs/s", "os.posix_spawn + waitpid of true"),
+        Metric("throughput_1w", "tasks/s", "`true` tasks end to end, 1 worker"),
+        Metric("throughput_2w", "tasks/s", "`true` tasks end to end, 2 workers"),
+        Metric("throughput_4w", "tasks/s", "`true` tasks end to end, 4 workers"),
+        Metric("throughput_2w_nofsync", "tasks/s", "2 workers, durability none"),
+    ), _throughput, (2, 3)),
+    Bench("idle", ("idle", "rss"), (
+        Metric("idle_cpu_supervisor", "%core", "idle supervisor, per window"),
+        Metric("idle_cpu_worker", "%core", "its idle worker, per window"),
+        Metric("idle_cpu_total", "%core", "supervisor + worker, per window"),
+        Metric("rss_supervisor", "MiB", "idle supervisor resident set"),
+        Metric("rss_worker", "MiB", "idle worker resident set"),
+    ), _idle, _DIST),
+    Bench("rss_oneshot", ("rss",), (
+        Metric("rss_janitor_run", "MiB", "peak RSS of `harness janitor run`"),
+        Metric("rss_metrics_snapshot", "MiB", "peak RSS of `harness metrics snapshot`"),
+        Metric("rss_cli_baseline", "MiB", "peak RSS of `harness --version`"),
+    ), _oneshot_rss),
+    Bench("reclaim", ("reclaim",), (
+        Metric("reclaim_latency", "ms", "SIGKILL of a busy worker -> its task queued again"),
+    ), _reclaim, _DIST),
+)
+
+#: (row, reference row, field): the row gets ``field`` relating it to the reference when
+#: both ran. "slowdown" fields are cost ratios (>1: the row is slower), "ratio"/"speedup"
+#: fields divide the row's median by the reference's.
+RELATIONS: tuple[tuple[str, str, str], ...] = (
+    ("enqueue_backlog_2000", "enqueue_empty", "slowdown_vs_empty"),
+    ("enqueue_backlog_10000", "enqueue_empty", "slowdown_vs_empty"),
+    ("enqueue_batch_backlog_10000", "enqueue_batch", "slowdown_vs_empty"),
+    ("enqueue_cli_backlog_10000", "enqueue_cli", "slowdown_vs_empty"),
+    ("enqueue_cli_x4", "enqueue_cli", "speedup_vs_sequential"),
+    ("enqueue_create_task_sh_x4", "enqueue_create_task_sh", "speedup_vs_sequential"),
+    ("events_emit_event_sh_x4", "events_emit_event_sh", "speedup_vs_sequential"),
+    ("events_cli_x4", "events_cli", "speedup_vs_sequential"),
+    *((f"throughput_{w}", "spawn_ceiling", "ratio_to_ceiling")
+      for w in ("1w", "2w", "4w", "2w_nofsync")),
 )
 
 
-def run_benches(quick: bool, only: tuple[str, ...], repeat: int | None) -> list[dict[str, Any]]:
-    selected = [b for b in BENCHES if not only or any(o in b.name for o in only)]
-    repeats = repeat or (3 if quick else 5)
-    rows = []
-    for bench in selected:
-        samples: list[float] = []
+def metric_names() -> list[str]:
+    return [m.name for b in BENCHES for m in b.metrics]
+
+
+def select(only: tuple[str, ...]) -> list[Bench]:
+    """The benches ``--only`` picks: each text that is exactly a group, bench or row name
+    selects by that name; any other text selects every bench whose names contain it."""
+    exact = {n for b in BENCHES for n in b.names()}
+
+    def picks(o: str, b: Bench) -> bool:
+        return o in b.names() if o in exact else any(o in n for n in b.names())
+
+    return [b for b in BENCHES if not only or any(picks(o, b) for o in only)]
+
+
+# ---------------------------------------------------------------------------- running
+def _quantile(data: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (``p50`` is the median)."""
+    pos = (len(data) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def _row(bench: Bench, metric: Metric, runs: list[dict[str, Figure]],
+         error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": metric.name, "group": bench.groups[0], "bench": bench.name,
+                           "unit": metric.unit, "doc": metric.doc, "runs": len(runs)}
+    values: list[float] = []
+    dist = False
+    for run in runs:
+        figure = run.get(metric.name)
+        if isinstance(figure, list):
+            dist = True
+            values.extend(figure)
+        elif figure is not None:
+            values.append(figure)
+    if values:
+        ordered = sorted(values)
+        row.update(median=statistics.median(ordered), min=ordered[0], max=ordered[-1])
+        if dist:
+            row.update(n=len(ordered), p50=_quantile(ordered, 0.5),
+                       p95=_quantile(ordered, 0.95), p99=_quantile(ordered, 0.99))
+    if error:
+        row["error"] = error
+    return row
+
+
+def _relate(rows: list[dict[str, Any]]) -> None:
+    by_name = {r["name"]: r for r in rows if "median" in r}
+    for name, ref_name, fld in RELATIONS:
+        row, ref = by_name.get(name), by_name.get(ref_name)
+        if row is None or ref is None or not ref["median"] or not row["median"]:
+            continue
+        if fld.startswith("slowdown"):
+            rate = row["unit"].endswith("/s")
+            row[fld] = ref["median"] / row["median"] if rate else row["median"] / ref["median"]
+        else:
+            row[fld] = row["median"] / ref["median"]
+        if fld == "ratio_to_ceiling":
+            row["ceiling"] = ref["median"]
+
+
+def run_benches(quick: bool, only: tuple[str, ...], repeat: int | None,
+                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run the benches :func:`select` picks (all when ``only`` is empty) and return their
+    rows in table order."""
+    rows: list[dict[str, Any]] = []
+    for bench in select(only):
+        default = bench.repeats or (3, 5)
+        repeats = repeat or (default[0] if quick else default[1])
+        runs: list[dict[str, Figure]] = []
         error = None
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+        started = time.monotonic()
+        for i in range(repeats):
+            if progress:
+                progress(f"{bench.name} {i + 1}/{repeats}")
+            with tempfile.TemporaryDirectory(prefix="harness-bench-",
+                                             ignore_cleanup_errors=True) as tmp:
                 try:
-                    samples.append(bench.run(Path(tmp) / "home", quick))
-                except (FileNotFoundError, subprocess.CalledProcessError) as exc:
-                    error = str(exc)
+                    runs.append(bench.run(Path(tmp) / "home", quick))
+                except Exception as exc:  # reported in the rows; the other benches run
+                    error = f"{type(exc).__name__}: {exc}"
                     break
-        row: dict[str, Any] = {"name": bench.name, "unit": bench.unit, "doc": bench.doc,
-                               "runs": len(samples)}
-        if samples:
-            row.update(median=statistics.median(samples), min=min(samples), max=max(samples))
-        if error:
-            row["error"] = error
-        rows.append(row)
+        seconds = round(time.monotonic() - started, 2)
+        rows.extend(dict(_row(bench, m, runs, error), bench_seconds=seconds)
+                    for m in bench.metrics)
+    _relate(rows)
     return rows
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt(value: float) -> str:
+    size = abs(value)
+    if size >= 1000:
+        return f"{value:.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+_NOTES = (("p95", "p95"), ("p99", "p99"), ("n", "n"), ("ceiling", "ceiling"),
+          ("ratio_to_ceiling", "ratio"), ("slowdown_vs_empty", "slowdown"),
+          ("speedup_vs_sequential", "speedup"))
+
+
+def format_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row under a header per group: median, min, max, unit, then notes
+    (percentiles, ratios) or the error."""
+    lines = [f"{'benchmark':<38} {'median':>9} {'min':>9} {'max':>9}  {'unit':<8} notes"]
+    group = None
+    for r in rows:
+        if r["group"] != group:
+            group = r["group"]
+            lines.append(f"[{group}]")
+        if "median" not in r:
+            lines.append(f"{r['name']:<38} {'-':>9} {'-':>9} {'-':>9}  {r['unit']:<8} "
+                         f"error: {r.get('error')}")
+            continue
+        notes = "  ".join(f"{label} {r[key] if key == 'n' else _fmt(r[key])}"
+                          for key, label in _NOTES if key in r)
+        if r.get("error"):
+            notes += f"  error after {r['runs']} run(s): {r['error']}"
+        lines.append(f"{r['name']:<38} {_fmt(r['median']):>9} {_fmt(r['min']):>9} "
+                     f"{_fmt(r['max']):>9}  {r['unit']:<8} {notes}".rstrip())
+    return lines
 
 
 def register(group: click.Group) -> None:
@@ -183,29 +571,37 @@ def register(group: click.Group) -> None:
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Fewer operations and 3 repeats (for CI).")
-@click.option("--only", multiple=True, help="Run benchmarks whose name contains this.")
-@click.option("--repeat", type=click.IntRange(1, 50), help="Repeats per benchmark.")
-@click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
+@click.option("--quick", is_flag=True,
+              help="Fewer operations and repeats (for CI; well under 90 s in all).")
+@click.option("--only", multiple=True,
+              help="Run the benches of this group (enqueue, calls, claim, events, "
+                   "dispatch, throughput, idle, rss, reclaim), bench or row name; any other "
+                   "text: those whose names contain it (repeatable).")
+@click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
+@click.option("--list", "list_only", is_flag=True, help="List the rows and exit.")
 @json_option
 def bench(quick: bool, only: tuple[str, ...], repeat: int | None, list_only: bool,
           as_json: bool) -> None:
-    """Measure enqueue, claim, event and dispatch costs on a throwaway home.
+    """Measure enqueue, claim, event, dispatch, throughput, idle and reclaim costs on
+    throwaway homes.
 
-    Each figure is the median of repeated runs, with min and max. Nothing is asserted.
+    Each figure is the median of repeated runs (latencies: of all samples) with min and
+    max. No figure is judged; a bench that fails reports its error in its rows, the others
+    still run, and the exit status is then 1 (so CI notices a bench that rotted).
     """
     if list_only:
         for b in BENCHES:
-            click.echo(f"{b.name:<24} {b.unit:<9} {b.doc}")
+            for m in b.metrics:
+                click.echo(f"{m.name:<38} {','.join(b.groups):<15} {m.unit:<8} {m.doc}")
         return
-    rows = run_benches(quick, only, repeat)
+    def progress(text: str) -> None:
+        click.echo(f"bench: {text}", err=True)
+
+    rows = run_benches(quick, only, repeat, progress if sys.stderr.isatty() else None)
     if as_json:
         print_json(rows)
-        return
-    click.echo(f"{'benchmark':<24} {'median':>10} {'min':>10} {'max':>10}  unit")
-    for r in rows:
-        if "median" in r:
-            click.echo(f"{r['name']:<24} {r['median']:>10.3f} {r['min']:>10.3f} "
-                       f"{r['max']:>10.3f}  {r['unit']}")
-        else:
-            click.echo(f"{r['name']:<24} {'-':>10} {'-':>10} {'-':>10}  {r.get('error')}")
+    else:
+        for line in format_table(rows):
+            click.echo(line)
+    if any("error" in row for row in rows):
+        sys.exit(1)

@@ -39,11 +39,12 @@ if sys.argv[1] != "-":
 
 def _run_child(home: str, out: Path) -> tuple[int, float, int]:
     """Run the rotation child; return (exit status, wall seconds, peak RSS in KiB)."""
-    argv = [sys.executable, "-c", _ROTATE, home, str(out)]
+    from .bench import run_with_peak_rss  # its probe reads the child's own peak RSS
+
     started = time.monotonic()
-    pid = os.posix_spawn(sys.executable, argv, dict(os.environ))
-    _, status, usage = os.wait4(pid, 0)
-    return os.waitstatus_to_exitcode(status), time.monotonic() - started, usage.ru_maxrss
+    status, kib = run_with_peak_rss([sys.executable, "-c", _ROTATE, home, str(out)],
+                                    dict(os.environ))
+    return status, time.monotonic() - started, kib
 
 
 def _generate(path: Path, size_bytes: int) -> int:

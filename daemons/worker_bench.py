@@ -11,6 +11,10 @@ returns a dict of figures:
 - ``rss_mib``: the idle worker's resident set size.
 - ``throughput``: ``true`` tasks per second end to end (enqueue of a batch -> all
   completed) with 1 and with 2 workers.
+
+``harness bench`` (daemons/bench.py) reuses the pieces: :func:`dispatch_samples` (raw
+latencies), :func:`measure_throughput` and :func:`spawn_ceiling` (how fast this machine can
+merely spawn and reap ``true``, the bound end-to-end throughput is compared with).
 """
 
 from __future__ import annotations
@@ -110,8 +114,12 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 3), "mean": round(statistics.fmean(ordered), 3)}
 
 
-def _latency(root: Path, samples: int, durability: str) -> dict[str, Any]:
-    home = _home(root / "latency", durability=durability)
+def dispatch_samples(root: Path, samples: int,
+                     durability: str) -> tuple[list[float], list[float]]:
+    """Dispatch latencies in ms on one idle ``harness worker run`` (home under ``root``):
+    ``(from_call, from_commit)``, one value per task, in order. Each task starts only once
+    the worker is idle again, so every sample is a wake-up from idle."""
+    home = _home(root / f"latency-{durability}", durability=durability)
     queue = TaskQueue(home)
     worker = _start_worker(home, "lat", root)
     from_call: list[float] = []
@@ -132,6 +140,11 @@ def _latency(root: Path, samples: int, durability: str) -> dict[str, Any]:
             from_commit.append((started - t1) * 1000)
     finally:
         _stop([worker])
+    return from_call, from_commit
+
+
+def _latency(root: Path, samples: int, durability: str) -> dict[str, Any]:
+    from_call, from_commit = dispatch_samples(root, samples, durability)
     return {"from_call": _percentiles(from_call), "from_commit": _percentiles(from_commit)}
 
 
@@ -154,23 +167,47 @@ def _idle_cost(root: Path, seconds: float, durability: str) -> dict[str, Any]:
             "threads": threads}
 
 
-def _throughput(root: Path, workers: int, tasks: int, durability: str) -> dict[str, Any]:
-    home = _home(root / f"throughput-{workers}", durability=durability)
+def measure_throughput(root: Path, workers: int, tasks: int,
+                       durability: str) -> dict[str, Any]:
+    """``tasks`` ``true`` tasks end to end on ``workers`` already registered workers: the
+    clock starts before the batch enqueue and stops when no task is live (all completed)."""
+    home = _home(root / f"throughput-{workers}-{durability}", durability=durability)
     queue = TaskQueue(home)
-    procs = [_start_worker(home, f"tp{i}", root) for i in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        for i in range(workers):
+            procs.append(_start_worker(home, f"tp{i}", root))
         t0 = time.monotonic()
         queue.enqueue_batch([{"command": ["true"]} for _ in range(tasks)])
         deadline = t0 + 600
-        while time.monotonic() < deadline:
-            if not queue.live_tasks():
-                break
+        while queue.live_tasks():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tasks} tasks not done within 600s")
             time.sleep(0.01)
         elapsed = time.monotonic() - t0
     finally:
         _stop(procs)
     return {"workers": workers, "tasks": tasks, "seconds": round(elapsed, 3),
             "tasks_per_s": round(tasks / elapsed, 1)}
+
+
+def spawn_ceiling(n: int, method: str = "subprocess") -> float:
+    """Processes per second this machine can merely spawn and reap, ``true`` after
+    ``true``: ``subprocess.run`` (what a worker's runner builds on) or bare
+    ``os.posix_spawn`` + ``waitpid``. No coordination at all: an upper bound."""
+    true = shutil.which("true") or "/bin/true"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    t0 = time.perf_counter()
+    if method == "subprocess":
+        for _ in range(n):
+            subprocess.run([true], check=True, env=env)
+    elif method == "posix_spawn":
+        for _ in range(n):
+            pid = os.posix_spawn(true, [true], env)
+            os.waitpid(pid, 0)
+    else:
+        raise ValueError(f"unknown spawn method {method!r}")
+    return n / (time.perf_counter() - t0)
 
 
 def run_worker_bench(samples: int = 200, *, idle_seconds: float = 60.0,
@@ -183,8 +220,8 @@ def run_worker_bench(samples: int = 200, *, idle_seconds: float = 60.0,
             "durability": durability,
             "dispatch_latency_ms": _latency(root, samples, durability),
             "idle": _idle_cost(root, idle_seconds, durability),
-            "throughput": [_throughput(root, 1, throughput_tasks, durability),
-                           _throughput(root, 2, throughput_tasks, durability)],
+            "throughput": [measure_throughput(root, 1, throughput_tasks, durability),
+                           measure_throughput(root, 2, throughput_tasks, durability)],
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(),
         }

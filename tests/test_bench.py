@@ -1,0 +1,204 @@
+"""`harness bench`: every bench runs and reports well-formed rows. Nothing here asserts a
+speed: figures vary by machine, only their shape and internal consistency are checked.
+
+The whole ``--quick`` set runs once (module fixture, well under 90 s on two cores); the
+dispatch, throughput and idle checks read its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ProcGroup
+
+from daemons import bench as bench_mod
+
+
+def bench_env(tmp: Path) -> dict[str, str]:
+    """The throwaway homes go under ``tmp``; no inherited home or systemd variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HARNESS_HOME", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                        "INVOCATION_ID", "HARNESS_INSTANCE")}
+    env["TMPDIR"] = str(tmp)
+    return env
+
+
+def run_bench(procs: ProcGroup, tmp: Path, *args: str, timeout: float = 60) -> str:
+    child = procs.spawn("bench", [sys.executable, "-m", "daemons", "bench", *args],
+                        env=bench_env(tmp))
+    code = child.wait(timeout)
+    assert code == 0, child.stderr()
+    return child.out.read_text()
+
+
+def rows_by_name(text: str) -> dict[str, dict[str, Any]]:
+    rows = json.loads(text)
+    assert isinstance(rows, list)
+    return {r["name"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    """``harness bench --quick --json``, the whole set, run once for this module."""
+    tmp = tmp_path_factory.mktemp("bench-quick")
+    group = ProcGroup(tmp / "procs")
+    try:
+        yield rows_by_name(run_bench(group, tmp, "--quick", "--json", timeout=240))
+    finally:
+        group.close()
+
+
+# ---------------------------------------------------------------------------- cheap ones
+def test_list_names_every_row(procs: ProcGroup, tmp_path: Path) -> None:
+    out = run_bench(procs, tmp_path, "--list")
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert listed == bench_mod.metric_names()
+    assert len(set(listed)) == len(listed)
+    groups = {g for b in bench_mod.BENCHES for g in b.groups}
+    for wanted in ("enqueue", "calls", "claim", "events", "dispatch", "throughput", "idle",
+                   "rss", "reclaim"):
+        assert wanted in groups
+
+
+def test_only_cheap_bench_json(procs: ProcGroup, tmp_path: Path) -> None:
+    rows = rows_by_name(run_bench(procs, tmp_path, "--quick", "--only", "enqueue_batch",
+                                  "--only", "enqueue_batch_backlog_10000", "--only",
+                                  "claim_complete_100", "--json", "--repeat", "1"))
+    assert set(rows) == {"enqueue_batch", "enqueue_batch_backlog_10000", "claim_complete_100"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["runs"] == 1
+        assert row["min"] <= row["median"] <= row["max"]
+        assert row["median"] > 0
+    assert rows["enqueue_batch"]["unit"] == "tasks/s"
+    assert rows["claim_complete_100"]["unit"] == "ms/op"
+    slowdown = rows["enqueue_batch_backlog_10000"]["slowdown_vs_empty"]
+    assert slowdown == pytest.approx(rows["enqueue_batch"]["median"]
+                                     / rows["enqueue_batch_backlog_10000"]["median"])
+    assert not list(tmp_path.glob("harness-bench-*")), "throwaway homes are deleted"
+
+
+def test_only_selects_groups_names_and_substrings() -> None:
+    def names(*only: str) -> set[str]:
+        return {b.name for b in bench_mod.select(only)}
+
+    assert names() == {b.name for b in bench_mod.BENCHES}
+    assert names("claim_complete_100") == {"claim_complete_100"}  # exact, not _1000
+    assert names("claim") == {"claim_complete_100", "claim_complete_1000",
+                              "claim_complete_10000"}
+    assert names("dispatch") == {"dispatch", "dispatch_nofsync"}
+    assert names("throughput_2w") == {"throughput"}  # a row selects its bench
+    assert names("idle") == {"idle"}
+    assert names("batch_") == {"enqueue_batch_backlog_10000", "enqueue_batch_cli"}
+    assert "idle" in names("rss") and "rss_oneshot" in names("rss")
+    assert names("no-such-bench") == set()
+
+
+def test_table_output(procs: ProcGroup, tmp_path: Path) -> None:
+    out = run_bench(procs, tmp_path, "--quick", "--only", "events_python", "--repeat", "2")
+    lines = out.splitlines()
+    assert lines[0].split() == ["benchmark", "median", "min", "max", "unit", "notes"]
+    assert lines[1] == "[events]"
+    assert lines[2].split()[0] == "events_python" and lines[2].split()[4] == "events/s"
+
+
+def test_failing_bench_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A missing script (as a missing jq would) fails its rows only."""
+    monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(bench_mod.tempfile, "tempdir", None)
+    rows = bench_mod.run_benches(True, ("emit_event_sh", "events_python"), 1)
+    by_name = {r["name"]: r for r in rows}
+    failing = {"events_emit_event_sh", "events_emit_event_sh_x4", "emit_event_sh_latency"}
+    assert set(by_name) == {*failing, "events_python"}
+    for name in failing:
+        assert "FileNotFoundError" in by_name[name]["error"]
+        assert "median" not in by_name[name] and by_name[name]["runs"] == 0
+    assert "error" not in by_name["events_python"] and by_name["events_python"]["median"] > 0
+    table = "\n".join(bench_mod.format_table(rows))
+    assert "error: FileNotFoundError" in table
+
+
+def test_a_failing_bench_makes_the_exit_status_1(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from daemons.cli import cli
+
+    monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(bench_mod.tempfile, "tempdir", None)
+    failed = CliRunner().invoke(cli, ["bench", "--quick", "--only", "events_emit_event_sh",
+                                      "--repeat", "1", "--json"])
+    assert failed.exit_code == 1
+    assert "FileNotFoundError" in failed.output
+    fine = CliRunner().invoke(cli, ["bench", "--quick", "--only", "events_python",
+                                    "--repeat", "1"])
+    assert fine.exit_code == 0, fine.output
+
+
+def test_distribution_rows_and_relations() -> None:
+    metric = bench_mod.Metric("lat", "ms", "a latency")
+    other = bench_mod.Metric("rate", "tasks/s", "a rate")
+    b = bench_mod.Bench("b", ("g",), (metric, other), lambda r, q: {})
+    rows = [bench_mod._row(b, metric, [{"lat": [float(i) for i in range(1, 101)]},
+                                       {"lat": [1000.0]}], None),
+            bench_mod._row(b, other, [{"rate": 10.0}, {"rate": 30.0}, {"rate": 20.0}], None)]
+    lat, rate = rows
+    assert lat["n"] == 101 and lat["runs"] == 2
+    assert lat["p50"] == lat["median"] == 51.0
+    assert lat["min"] == 1.0 and lat["max"] == 1000.0
+    assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert (rate["median"], rate["min"], rate["max"]) == (20.0, 10.0, 30.0)
+    assert "p95" not in rate
+    text = "\n".join(bench_mod.format_table(rows))
+    assert "p95" in text and "p99" in text
+
+
+# ---------------------------------------------------------------------------- the whole set
+@pytest.mark.timeout(300)
+def test_quick_bench_full_set(quick_rows: dict[str, dict[str, Any]]) -> None:
+    """Every bench produced its rows, none with an error (jq, bash are installed in CI)."""
+    assert list(quick_rows) == bench_mod.metric_names()
+    for row in quick_rows.values():
+        assert "error" not in row, row
+        assert row["runs"] >= 1
+        assert row["min"] <= row["median"] <= row["max"]
+
+
+@pytest.mark.timeout(300)
+def test_quick_dispatch_percentiles(quick_rows: dict[str, dict[str, Any]]) -> None:
+    for name in ("dispatch_latency", "dispatch_latency_after_commit",
+                 "dispatch_latency_nofsync", "reclaim_latency",
+                 "emit_event_sh_latency"):
+        row = quick_rows[name]
+        assert row["unit"] == "ms"
+        assert row["min"] <= row["p50"] <= row["p95"] <= row["p99"] <= row["max"]
+        assert row["p50"] == pytest.approx(row["median"])
+    assert quick_rows["dispatch_latency"]["n"] == 50
+
+
+@pytest.mark.timeout(300)
+def test_quick_throughput_against_ceiling(quick_rows: dict[str, dict[str, Any]]) -> None:
+    ceiling = quick_rows["spawn_ceiling"]
+    assert ceiling["unit"] == "procs/s" and quick_rows["spawn_ceiling_posix_spawn"]["median"]
+    for name in ("throughput_1w", "throughput_2w", "throughput_4w", "throughput_2w_nofsync"):
+        row = quick_rows[name]
+        assert row["unit"] == "tasks/s"
+        assert row["ceiling"] == ceiling["median"]
+        assert row["ratio_to_ceiling"] == pytest.approx(row["median"] / ceiling["median"])
+
+
+@pytest.mark.timeout(300)
+def test_quick_idle_and_rss(quick_rows: dict[str, dict[str, Any]]) -> None:
+    for name in ("idle_cpu_supervisor", "idle_cpu_worker", "idle_cpu_total"):
+        assert quick_rows[name]["unit"] == "%core" and quick_rows[name]["n"] == 3
+    for name in ("rss_supervisor", "rss_worker", "rss_janitor_run", "rss_metrics_snapshot",
+                 "rss_cli_baseline"):
+        assert quick_rows[name]["unit"] == "MiB" and quick_rows[name]["median"] > 1
