@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,10 @@ DEFAULT_WORKER_TYPES: dict[str, Any] = {
         "default_budget": "Token budget per task (from the result file's tokens_used); null: none.",
         "timeout_s": "Default task timeout; null: none.",
         "limits": "setrlimit caps: memory_mb (RLIMIT_AS), cpu_seconds, processes (RLIMIT_NPROC).",
+        "cgroup_limits": "null (off) or systemd resource-control properties of a transient "
+                         "scope per task (systemd-run --scope, when the worker runs under "
+                         "systemd): MemoryMax, MemoryHigh, CPUQuota, TasksMax, IOWeight as "
+                         "strings, e.g. {\"MemoryMax\": \"4G\", \"CPUQuota\": \"200%\"}.",
     },
     "version": 1,
     "types": {
@@ -186,6 +191,7 @@ DEFAULT_WORKER_TYPES: dict[str, Any] = {
             "default_budget": None,
             "timeout_s": None,
             "limits": {"memory_mb": None, "cpu_seconds": None, "processes": None},
+            "cgroup_limits": None,
         },
         "shell": {
             "description": "Runs the description as a bash script (explicit opt-in to a shell).",
@@ -194,6 +200,7 @@ DEFAULT_WORKER_TYPES: dict[str, Any] = {
             "default_budget": None,
             "timeout_s": 3600,
             "limits": {"memory_mb": None, "cpu_seconds": None, "processes": None},
+            "cgroup_limits": None,
         },
     },
 }
@@ -208,8 +215,25 @@ _TYPE_KEYS: dict[str, tuple[Check, str]] = {
     "max_attempts": (lambda v: v is None or _int(1, 1000)(v), "null or integer 1..1000"),
     "cwd": (lambda v: v is None or isinstance(v, str), "null or string"),
     "limits": (lambda v: isinstance(v, dict), "object"),
+    "cgroup_limits": (lambda v: v is None or isinstance(v, dict), "null or object"),
 }
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "processes")
+
+_SIZE = r"infinity|[0-9]+(\.[0-9]+)?[KMGTPE]?|[0-9]+(\.[0-9]+)?%"
+#: The systemd resource-control properties a worker type's ``cgroup_limits`` may set, each
+#: with the shape its value must have (a full match; the schema carries the same patterns)
+#: and how that shape reads in an error message. Values are passed to ``systemd-run -p``.
+SCOPE_PROPERTIES: dict[str, tuple[str, str]] = {
+    "MemoryMax": (_SIZE, 'a string: bytes with an optional K/M/G/T/P/E suffix (base 1024), '
+                         'a percentage of RAM such as "50%", or "infinity"'),
+    "MemoryHigh": (_SIZE, 'a string: bytes with an optional K/M/G/T/P/E suffix (base 1024), '
+                          'a percentage of RAM such as "50%", or "infinity"'),
+    "CPUQuota": (r"([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)%",
+                 'a string: a percentage above 0 of one CPU, such as "50%" or "200%"'),
+    "TasksMax": (r"[1-9][0-9]*|infinity|[0-9]+(\.[0-9]+)?%",
+                 'a string: an integer >= 1, a percentage such as "10%", or "infinity"'),
+    "IOWeight": (r"[1-9][0-9]{0,3}|10000", 'a string: an integer 1..10000, such as "100"'),
+}
 
 
 def default_system() -> dict[str, Any]:
@@ -265,7 +289,7 @@ def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
         clean: dict[str, Any] = {"description": "", "command_template": None,
                                  "env_allowlist": [], "default_budget": None,
                                  "timeout_s": None, "max_attempts": None, "cwd": None,
-                                 "limits": {}}
+                                 "limits": {}, "cgroup_limits": None}
         for key, value in spec.items():
             if key.startswith("_"):
                 continue
@@ -280,8 +304,27 @@ def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"{where}.limits: unknown key {lk!r} (known: {_LIMIT_KEYS})")
             if lv is not None and not _int(1)(lv):
                 raise ConfigError(f"{where}.limits.{lk} must be null or integer >= 1")
+        _check_cgroup_limits(where, clean["cgroup_limits"])
         types[name] = clean
     return types
+
+
+def _check_cgroup_limits(where: str, scope: dict[str, Any] | None) -> None:
+    """``cgroup_limits``: known property names, values of the documented shapes (or null)."""
+    for prop, value in (scope or {}).items():
+        rule = SCOPE_PROPERTIES.get(prop)
+        if rule is None:
+            raise ConfigError(f"{where}.cgroup_limits: unknown property {prop!r} (allowed: "
+                              f"{', '.join(SCOPE_PROPERTIES)})")
+        if value is not None and not (isinstance(value, str)
+                                      and re.fullmatch(rule[0], value)):
+            raise ConfigError(f"{where}.cgroup_limits.{prop} must be null or {rule[1]}, "
+                              f"got {value!r}")
+
+
+def scope_properties(wtype: dict[str, Any]) -> dict[str, str]:
+    """The properties a validated worker type sets for its tasks' scope ({}: no scope)."""
+    return {k: v for k, v in (wtype.get("cgroup_limits") or {}).items() if v is not None}
 
 
 _cache: dict[str, tuple[tuple[int, int, int], Any]] = {}

@@ -18,14 +18,21 @@ A :class:`TaskRun` is driven by its worker's loop and never blocks it:
   later. When the leader exits on its own, whatever is left of its group (a background
   grandchild) is stopped the same way, so no process of a task outlives it.
   Zombies do not count as survivors: group liveness is judged from ``/proc`` state.
+- With a :class:`Scope` (the worker type sets ``cgroup_limits`` and the worker runs under a
+  reachable systemd manager, :func:`find_scope_manager`), the argv is prefixed by
+  :func:`scope_command`: ``systemd-run [--user] --scope ... -- env -u ... --`` puts the
+  process into a transient scope with those cgroup limits and execs the command in place
+  (same pid, same process group, still our child), so everything above is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -41,6 +48,8 @@ TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
 LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
 EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
 TAIL_BYTES = 512
+SCOPE_PROBE_TIMEOUT_S = 10.0  # a systemd-run probe that takes longer counts as a failure
+SCOPE_UNIT_PREFIX = "harness-task-"
 
 _LIMITS = {
     "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
@@ -101,6 +110,133 @@ def limits_preexec(limits: Mapping[str, Any] | None) -> Callable[[], None] | Non
             resource.setrlimit(res, (soft, hard))
 
     return apply
+
+
+# -- systemd transient scopes -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ScopeManager:
+    """A systemd manager that ``systemd-run --scope`` can reach from this worker."""
+
+    user: bool  # the worker's own (user) manager: systemd-run --user
+    systemd_run: str  # absolute path
+    env_tool: str  # absolute path of env(1), which strips what systemd-run adds
+    bus_env: dict[str, str] = field(default_factory=dict)  # what systemd-run needs to connect
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The transient scope one attempt runs in."""
+
+    manager: ScopeManager
+    unit: str
+    properties: dict[str, str]
+
+
+def scope_unit_name(task_id: str, attempt: int) -> str:
+    """``harness-task-<task_id>-<attempt>.scope``, characters outside [A-Za-z0-9_.:-] as
+    ``_``. The attempt number keeps a retry clear of a previous attempt's scope that a
+    lingering process may still hold."""
+    safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", task_id)[:200]
+    return f"{SCOPE_UNIT_PREFIX}{safe}-{attempt}.scope"
+
+
+def find_scope_manager(environ: Mapping[str, str]) -> tuple[ScopeManager | None, str]:
+    """The manager a worker with environment ``environ`` can put its tasks' scopes into,
+    else None and why not.
+
+    Under systemd means ``INVOCATION_ID`` is set (systemd sets it for every unit it
+    starts). A user manager also sets ``MANAGERPID`` (systemd.exec(5)): then the scope goes
+    to that manager with ``systemd-run --user``, which finds it through ``XDG_RUNTIME_DIR``
+    (the private socket ``$XDG_RUNTIME_DIR/systemd/private``, else the session bus); without
+    ``MANAGERPID`` the system manager. ``systemd-run`` and ``env`` must be on ``PATH``.
+    Whether the manager then accepts the scope is :func:`probe_scope`'s question."""
+    if not environ.get("INVOCATION_ID"):
+        return None, "the worker does not run under systemd (no INVOCATION_ID)"
+    path = environ.get("PATH") or os.defpath
+    systemd_run = shutil.which("systemd-run", path=path)
+    if systemd_run is None:
+        return None, f"systemd-run is not on PATH ({path})"
+    env_tool = shutil.which("env", path=path)
+    if env_tool is None:
+        return None, f"env is not on PATH ({path})"
+    user = bool(environ.get("MANAGERPID"))
+    bus_env: dict[str, str] = {}
+    if user:
+        if not environ.get("XDG_RUNTIME_DIR"):
+            return None, ("the worker runs under a user manager (MANAGERPID) but "
+                          "XDG_RUNTIME_DIR is not set, so systemd-run --user cannot reach it")
+        bus_env = {k: environ[k] for k in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")
+                   if environ.get(k)}
+    return ScopeManager(user, os.path.abspath(systemd_run), os.path.abspath(env_tool),
+                        bus_env), ""
+
+
+def _systemd_run_head(manager: ScopeManager, properties: Mapping[str, str],
+                      unit: str | None = None) -> list[str]:
+    argv = [manager.systemd_run, *(["--user"] if manager.user else []),
+            "--scope", "--quiet", "--collect", *([f"--unit={unit}"] if unit else [])]
+    for key, value in properties.items():
+        argv += ["-p", f"{key}={value}"]
+    return argv
+
+
+def scope_command(scope: Scope, argv: list[str], env: Mapping[str, str]) \
+        -> tuple[list[str], dict[str, str]]:
+    """(argv, env) that run ``argv`` with environment ``env`` inside ``scope``.
+
+    ``systemd-run --scope`` creates the scope, moves itself into it and execs the rest in
+    place; ``env -u`` then drops what the task would not otherwise get: ``INVOCATION_ID``
+    (systemd-run sets the scope's) and the variables systemd-run needed to reach the
+    manager, unless ``env`` (the allowlisted task environment) already has them."""
+    manager = scope.manager
+    head = _systemd_run_head(manager, scope.properties, scope.unit)
+    run_env = dict(env)
+    strip = [] if "INVOCATION_ID" in env else ["INVOCATION_ID"]
+    for key, value in manager.bus_env.items():
+        if key not in env:
+            run_env[key] = value
+            strip.append(key)
+    unset = [arg for key in strip for arg in ("-u", key)]
+    return [*head, "--", manager.env_tool, *unset, "--", *argv], run_env
+
+
+def probe_scope(manager: ScopeManager, properties: Mapping[str, str],
+                timeout: float = SCOPE_PROBE_TIMEOUT_S) -> str | None:
+    """Start a throw-away scope with ``properties`` (running ``env``): None when the
+    manager accepted it, else why not (systemd-run's message). The manager may refuse
+    (no permission, no delegation, a value it rejects) or be unreachable."""
+    argv = [*_systemd_run_head(manager, properties), "--", manager.env_tool]
+    env = {"PATH": os.environ.get("PATH") or os.defpath, **manager.bus_env}
+    try:
+        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=timeout, check=False, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return f"systemd-run did not answer within {timeout:g}s"
+    except OSError as exc:
+        return f"cannot run {manager.systemd_run}: {exc.strerror or exc}"
+    if proc.returncode == 0:
+        return None
+    message = " ".join(proc.stderr.decode("utf-8", "replace").split())[:300]
+    return f"systemd-run --scope failed (exit {proc.returncode}): {message or 'no message'}"
+
+
+def check_executable(argv0: str, cwd: Path, env: Mapping[str, str]) -> None:
+    """Raise FileNotFoundError or PermissionError as exec would for ``argv0`` (PATH from
+    ``env``, a name with a slash relative to ``cwd``). A wrapped command (systemd-run, env)
+    would only fail after starting; this keeps such failures spawn failures."""
+    if "/" in argv0:
+        candidates = [cwd / argv0]
+    else:  # as subprocess searches: the task's PATH, relative entries from its cwd
+        candidates = [cwd / folder / argv0 for folder in os.get_exec_path(dict(env))]
+    seen = False
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return
+        seen = seen or path.exists()
+    if seen:
+        raise PermissionError(13, "Permission denied")
+    raise FileNotFoundError(2, "No such file or directory")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -231,6 +367,7 @@ class RunSpec:
     kill_grace_s: float = 5.0
     limits: dict[str, Any] = field(default_factory=dict)
     header: str = ""
+    scope: Scope | None = None  # run inside this transient systemd scope
 
 
 class TaskRun:
@@ -252,6 +389,7 @@ class TaskRun:
         self.lingering = False  # gave up waiting for a group member that would not die
         self.log_error: str | None = None  # a failed log write (the task kept running)
         self.finished = False
+        self.scope_unit: str | None = None  # the transient scope it runs in, if any
         self._term_sent_mono: float | None = None
         self._kill_at: float | None = None
         self._killed_mono: float | None = None
@@ -294,11 +432,23 @@ class TaskRun:
         if not spec.cwd.is_dir():
             raise SpawnError(f"working directory {spec.cwd} does not exist", retry=False,
                              exit_code=127)
+        argv, env = spec.argv, spec.env
+        # env(1) would take an argv[0] with "=" for an assignment: such a command runs
+        # without the scope (docs/coordination.md, cgroup_limits).
+        if spec.scope is not None and "=" not in argv[0]:
+            try:
+                check_executable(argv[0], spec.cwd, env)
+            except OSError as exc:
+                raise SpawnError(f"cannot execute {argv[0]!r}: {exc.strerror}", retry=False,
+                                 exit_code=127 if isinstance(exc, FileNotFoundError)
+                                 else 126) from None
+            argv, env = scope_command(spec.scope, argv, env)
+            self.scope_unit = spec.scope.unit
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.proc = subprocess.Popen(
-                spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL,
+                argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=out_w, stderr=out_w, start_new_session=True, close_fds=True,
                 preexec_fn=limits_preexec(spec.limits))
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:

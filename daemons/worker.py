@@ -39,7 +39,12 @@ from types import FrameType
 from typing import Any
 
 from coordination import clock
-from coordination.config import SystemConfig, load_system, load_worker_types
+from coordination.config import (
+    SystemConfig,
+    load_system,
+    load_worker_types,
+    scope_properties,
+)
 from coordination.control import read_control
 from coordination.errors import (
     ConfigError,
@@ -59,13 +64,18 @@ from coordination.store import read_json
 from .notify import Notifier
 from .task_runner import (
     RunSpec,
+    Scope,
+    ScopeManager,
     SpawnError,
     TaskRun,
     become_subreaper,
     build_env,
     describe_exit,
+    find_scope_manager,
     header_line,
+    probe_scope,
     reap_orphans,
+    scope_unit_name,
 )
 from .wakeup import Wakeup
 
@@ -188,6 +198,10 @@ class Worker:
         self._control_sig: tuple[int, int, int] | None = None
         self._control: dict[str, Any] = {}
         self.subreaper = False  # run_worker sets it: then orphans of tasks are reaped here
+        # cgroup_limits: the systemd manager for task scopes (found once), and per worker
+        # type and property set whether scopes work (None) or why not (warned about once).
+        self._scope_manager: tuple[ScopeManager | None, str] | None = None
+        self._scope_checks: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
         # Set by signal handlers (plain assignments only), consumed by step().
         self.flag_stop = 0
         self.flag_reload = False
@@ -221,6 +235,7 @@ class Worker:
             return
         self._cfg, self._types = cfg, types
         if announce:
+            self._scope_checks.clear()  # SIGHUP: probe the scopes again
             self._emit("worker_reloaded", "configuration re-read (SIGHUP)",
                        idle_exit_s=self.idle_exit_s())
 
@@ -568,9 +583,37 @@ class Worker:
             return path if path.is_absolute() else self.home.root / path
         return result_dir if result_dir.is_dir() else self.home.root
 
+    def _task_scope(self, task: dict[str, Any], type_name: str, wtype: dict[str, Any]) \
+            -> Scope | None:
+        """The transient scope of this attempt when the type sets ``cgroup_limits`` and a
+        systemd manager accepts the scope; else None (the task runs without one). Whether
+        it does is found out once per type and property set (a probe scope), and a refusal
+        is one ``worker_cgroup_limits_unavailable`` warning, not a failed task."""
+        props = scope_properties(wtype)
+        if not props:
+            return None
+        if self._scope_manager is None:
+            self._scope_manager = find_scope_manager(self.environ)
+        manager, reason = self._scope_manager
+        key = (type_name, tuple(props.items()))
+        if key not in self._scope_checks:
+            problem = reason if manager is None else probe_scope(manager, props)
+            self._scope_checks[key] = problem
+            if problem is not None:
+                message = (f"worker type {type_name!r} sets cgroup_limits but {problem}; its "
+                           f"tasks run without a scope (setrlimit limits still apply)")
+                print(f"harness worker {self.worker_id}: {message}", file=sys.stderr)
+                self._emit("worker_cgroup_limits_unavailable", message, severity="warning",
+                           worker_type=type_name, reason=problem, properties=props)
+        if manager is None or self._scope_checks[key] is not None:
+            return None
+        return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
+
     def _start_task(self, task: dict[str, Any], now: float) -> None:
         task_id = task["task_id"]
-        wtype = self._types.get(task.get("worker_type") or "default") or {}
+        type_name = task.get("worker_type") or "default"
+        wtype = self._types.get(type_name) or {}
+        scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
         result_file = result_dir / RESULT_FILE
         with contextlib.suppress(OSError):
@@ -585,7 +628,7 @@ class Worker:
             log_max_bytes=int(self.cfg["task_log_max_bytes"]),
             kill_grace_s=float(self.cfg["kill_grace_s"]),
             limits=dict(wtype.get("limits") or {}),
-            header=header_line(task, self.worker_id, argv, now))
+            header=header_line(task, self.worker_id, argv, now), scope=scope)
         run = TaskRun(spec, wake=self.wake)
         try:
             run.start()
@@ -617,8 +660,9 @@ class Worker:
             self.t.spec_due = now + SPEC_DEFER_S
         else:
             self._write_spec(now, **changes)
+        extra = {"scope": run.scope_unit} if run.scope_unit else {}
         self._emit("task_started", f"attempt {task['attempts']} started as pid {run.pid}",
-                   task=task, pid=run.pid, attempt=task["attempts"], argv=argv[:20])
+                   task=task, pid=run.pid, attempt=task["attempts"], argv=argv[:20], **extra)
         self._status(now)
 
     # -------------------------------------------------------------- supervising

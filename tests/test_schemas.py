@@ -330,6 +330,24 @@ def test_worker_type_limits_agree_with_the_loader(tmp_path: Path) -> None:
         assert loader_ok == is_valid("worker-types.schema.json", doc), limits
 
 
+def test_worker_type_cgroup_limits_agree_with_the_loader(tmp_path: Path) -> None:
+    from coordination.config import SCOPE_PROPERTIES, validate_worker_types
+    from coordination.errors import ConfigError
+
+    values: list[Any] = ["64M", "1.5G", "100", "0", "infinity", "50%", "0.5%", "0%", "200%",
+                         "10000", "10001", "1", "64 MB", "-1", "", "x", 20, True, None]
+    cases: list[Any] = [None, {}, {"bogus": "1"}, {"_c": "x"}, [],
+                        *({prop: value} for prop in SCOPE_PROPERTIES for value in values)]
+    for limits in cases:
+        doc = {"types": {"t": {"cgroup_limits": limits}}}
+        try:
+            validate_worker_types(tmp_path / "w.json", doc)
+            loader_ok = True
+        except ConfigError:
+            loader_ok = False
+        assert loader_ok == is_valid("worker-types.schema.json", doc), limits
+
+
 def test_schemas_reject_what_the_contract_forbids(scenario: Scenario) -> None:
     live = read_json(scenario.home.queue_file)["tasks"]
     task = dict(live[0])

@@ -10,7 +10,8 @@ ReadWritePaths). The home lives under /tmp, so the installer turns PrivateTmp of
 private /tmp would hide the home) and says so.
 
 Skips only when systemd is absent, when we may not create /run/systemd/system, or when the
-manager does not come up (its stderr is in the skip reason).
+manager does not come up (its stderr is in the skip reason); the cgroup_limits test also
+skips when the manager refuses transient scopes (the worker's warning is the reason).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from pathlib import Path
 import pytest
 from helpers import final_records, make_home, set_system, wait_until
 
+from coordination.config import DEFAULT_WORKER_TYPES
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
+from coordination.store import replace_json
+from daemons.task_runner import scope_unit_name
 
 pytestmark = pytest.mark.systemd
 
@@ -341,3 +345,81 @@ def test_watchdog_pings_keep_the_worker_alive(fleet: UserManager) -> None:
     finally:
         (dropin / "watchdog.conf").unlink()
         mgr.systemctl("daemon-reload")
+
+
+#: Prints the task's cgroups, then the memory and pids limits of its own cgroup: cgroup v2
+#: (memory.max in the unified hierarchy), else the v1 controllers of a hybrid host
+#: (memory.limit_in_bytes, pids.max); then waits for the test to release it.
+SCOPE_PROBE = r"""
+cat /proc/self/cgroup
+v2=$(sed -n 's/^0:://p' /proc/self/cgroup)
+for base in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+  [ -r "$base$v2/memory.max" ] && echo "MEMORY=$(cat "$base$v2/memory.max")"
+  [ -r "$base$v2/pids.max" ] && echo "PIDS=$(cat "$base$v2/pids.max")"
+done
+mem=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)
+pids=$(sed -n 's/^[0-9]*:pids://p' /proc/self/cgroup)
+f=/sys/fs/cgroup/memory$mem/memory.limit_in_bytes
+[ -n "$mem" ] && [ -r "$f" ] && echo "MEMORY=$(cat "$f")"
+f=/sys/fs/cgroup/pids$pids/pids.max
+[ -n "$pids" ] && [ -r "$f" ] && echo "PIDS=$(cat "$f")"
+echo "ENV_INVOCATION_ID=${INVOCATION_ID:-unset}"
+echo READY
+for _ in $(seq 600); do [ -e release ] && exit 0; sleep 0.05; done
+exit 3
+"""
+
+
+def test_cgroup_limits_put_the_task_in_a_transient_scope(fleet: UserManager) -> None:
+    """A worker type with cgroup_limits, under the user manager: each task runs in a
+    transient scope harness-task-<id>-<attempt>.scope with MemoryMax/TasksMax applied,
+    completes, and the scope is collected when it ends."""
+    mgr = fleet
+    types = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
+    types["types"]["scoped"] = {"command_template": ["bash", "-c", "{description}"],
+                                "cgroup_limits": {"MemoryMax": "64M", "TasksMax": "20"}}
+    replace_json(mgr.home.worker_types_config, types, pretty=True)
+    unit = unit_of(6)
+    try:
+        _start(mgr, unit)
+        q = TaskQueue(mgr.home)
+        task = q.enqueue({"description": SCOPE_PROBE, "worker_type": "scoped",
+                          "max_attempts": 1}).task
+        task_id = task["task_id"]
+        scope = scope_unit_name(task_id, 1)
+        log = mgr.home.task_log(task_id)
+
+        def progressed() -> bool:
+            text = log.read_text() if log.exists() else ""
+            return "READY" in text or task_id in final_records(mgr.home)
+
+        wait_until(progressed, 20, "the scoped task to report its cgroup")
+        warned = [json.loads(line) for line in mgr.home.events_file.read_text().splitlines()
+                  if '"worker_cgroup_limits_unavailable"' in line]
+        if warned:
+            (mgr.home.result_dir(task_id) / "release").touch()
+            pytest.skip(f"this manager refused transient scopes: {warned[0]['data']['reason']}")
+        shown = mgr.show(scope, "ActiveState", "MemoryMax", "TasksMax", "ControlGroup")
+        print(f"{scope}: {shown}\n{log.read_text()}")
+        assert shown["ActiveState"] == "active", (shown, mgr.log_tail())
+        assert shown["MemoryMax"] == str(64 * 2**20) and shown["TasksMax"] == "20", shown
+        (mgr.home.result_dir(task_id) / "release").touch()
+        wait_until(lambda: task_id in final_records(mgr.home), 20, "the scoped task to end")
+        rec = final_records(mgr.home)[task_id][-1]
+        assert rec["status"] == "completed", (rec, log.read_text())
+        text = log.read_text()
+        cgroups = [line for line in text.splitlines() if line[:1].isdigit() and ":" in line]
+        assert cgroups and all(line.endswith(f"/{scope}") for line in cgroups
+                               if line.split(":")[1] in ("", "memory", "pids")), text
+        # The limits as the kernel sees them, wherever this host's cgroup files are.
+        assert f"MEMORY={64 * 2**20}" in text and "PIDS=20" in text, text
+        assert "ENV_INVOCATION_ID=unset" in text  # the env allowlist still holds
+        started = [json.loads(line) for line in mgr.home.events_file.read_text().splitlines()
+                   if '"task_started"' in line and task_id in line]
+        assert started[-1]["data"]["scope"] == scope
+        wait_until(lambda: mgr.show(scope, "LoadState")["LoadState"] == "not-found", 10,
+                   "the scope to be collected")
+        assert mgr.show(unit, "ActiveState")["ActiveState"] == "active"
+    finally:
+        mgr.systemctl("stop", unit, check=False)
+        replace_json(mgr.home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from helpers import events, final_records, pid_alive, set_system, wait_until
 
-from coordination.config import DEFAULT_WORKER_TYPES
+from coordination.config import DEFAULT_WORKER_TYPES, scope_properties, validate_worker_types
+from coordination.errors import ConfigError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
@@ -29,11 +30,16 @@ from daemons.notify import Notifier
 from daemons.task_runner import (
     TRUNCATION_MARKER,
     RunSpec,
+    Scope,
+    ScopeManager,
     TaskRun,
     build_env,
     describe_exit,
+    find_scope_manager,
     group_alive,
     rlimits,
+    scope_command,
+    scope_unit_name,
 )
 from daemons.wakeup import Wakeup
 from daemons.worker import Worker, WorkerOptions
@@ -488,3 +494,202 @@ def test_notifier_messages(home: Home) -> None:
     assert any(m.startswith("STATUS=busy t-") and m.endswith("(0s)") for m in sent)
     assert sent[-1].startswith("STOPPING=1")
     assert not notifier.enabled
+
+
+# ---------------------------------------------------------------------------- cgroup_limits
+def test_cgroup_limits_validation(tmp_path: Path) -> None:
+    path = tmp_path / "worker-types.json"
+
+    def check(limits: Any) -> dict[str, Any]:
+        return validate_worker_types(path, {"types": {"t": {"cgroup_limits": limits}}})["t"]
+
+    good = {"MemoryMax": "64M", "MemoryHigh": "1.5G", "CPUQuota": "150%", "TasksMax": "20",
+            "IOWeight": "10000"}
+    assert scope_properties(check(good)) == good
+    assert scope_properties(check({"MemoryMax": "infinity", "TasksMax": "10%",
+                                   "CPUQuota": "0.5%", "MemoryHigh": None})) == \
+        {"MemoryMax": "infinity", "TasksMax": "10%", "CPUQuota": "0.5%"}
+    assert scope_properties(check(None)) == {} and scope_properties(check({})) == {}
+    assert check(None)["cgroup_limits"] is None
+    assert validate_worker_types(path, {"types": {"t": {}}})["t"]["cgroup_limits"] is None
+    with pytest.raises(ConfigError, match=r"worker-types\.json: types\.t\.cgroup_limits: "
+                       r"unknown property 'MemoryLimit' \(allowed: MemoryMax, MemoryHigh, "
+                       r"CPUQuota, TasksMax, IOWeight\)"):
+        check({"MemoryLimit": "64M"})
+    with pytest.raises(ConfigError, match=r"types\.t\.cgroup_limits must be null or object"):
+        check(["MemoryMax=64M"])
+    bad = [("MemoryMax", "64 MB"), ("MemoryMax", 67108864), ("MemoryMax", "64M\n"),
+           ("MemoryHigh", "-1"), ("CPUQuota", "50"), ("CPUQuota", "0%"), ("TasksMax", "0"),
+           ("TasksMax", 20), ("IOWeight", "0"), ("IOWeight", "10001"), ("IOWeight", True)]
+    for prop, value in bad:
+        with pytest.raises(ConfigError, match=rf"{path}: types\.t\.cgroup_limits\.{prop} "
+                           rf"must be null or a string: "):
+            check({prop: value})
+
+
+def test_scope_command_argv_and_env() -> None:
+    user = ScopeManager(True, "/usr/bin/systemd-run", "/usr/bin/env",
+                        {"XDG_RUNTIME_DIR": "/run/user/1000"})
+    unit = scope_unit_name("t-20260101T000000000-ab/c d", 2)
+    assert unit == "harness-task-t-20260101T000000000-ab_c_d-2.scope"
+    scope = Scope(user, unit, {"MemoryMax": "64M", "TasksMax": "20"})
+    task_env = {"PATH": "/bin", "HARNESS_TASK_ID": "t-1"}
+    argv, env = scope_command(scope, ["python3", "-c", "pass"], task_env)
+    assert argv == ["/usr/bin/systemd-run", "--user", "--scope", "--quiet", "--collect",
+                    f"--unit={unit}", "-p", "MemoryMax=64M", "-p", "TasksMax=20", "--",
+                    "/usr/bin/env", "-u", "INVOCATION_ID", "-u", "XDG_RUNTIME_DIR", "--",
+                    "python3", "-c", "pass"]
+    assert env == {**task_env, "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert task_env == {"PATH": "/bin", "HARNESS_TASK_ID": "t-1"}  # not modified
+    # System manager: no --user, nothing to reach it with; an allowlisted variable stays.
+    system = ScopeManager(False, "/bin/systemd-run", "/bin/env")
+    allowed = {"PATH": "/bin", "INVOCATION_ID": "abc"}
+    argv, env = scope_command(Scope(system, "u.scope", {"CPUQuota": "50%"}), ["true"], allowed)
+    assert argv == ["/bin/systemd-run", "--scope", "--quiet", "--collect", "--unit=u.scope",
+                    "-p", "CPUQuota=50%", "--", "/bin/env", "--", "true"]
+    assert env == allowed
+
+
+def _fake_tools(folder: Path, systemd_run: str | None) -> str:
+    folder.mkdir(exist_ok=True)
+    for name, body in (("systemd-run", systemd_run), ("env", "exec /usr/bin/env \"$@\"")):
+        if body is not None:
+            (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+            (folder / name).chmod(0o755)
+    return str(folder)
+
+
+def test_find_scope_manager(tmp_path: Path) -> None:
+    tools = _fake_tools(tmp_path / "bin", "exit 0")
+    manager, why = find_scope_manager({"PATH": tools})
+    assert manager is None and why == "the worker does not run under systemd (no INVOCATION_ID)"
+    manager, why = find_scope_manager({"PATH": str(tmp_path), "INVOCATION_ID": "x"})
+    assert manager is None and why == f"systemd-run is not on PATH ({tmp_path})"
+    manager, why = find_scope_manager({"PATH": tools, "INVOCATION_ID": "x"})
+    assert manager == ScopeManager(False, f"{tools}/systemd-run", f"{tools}/env", {})
+    manager, why = find_scope_manager({"PATH": tools, "INVOCATION_ID": "x", "MANAGERPID": "7"})
+    assert manager is None and "XDG_RUNTIME_DIR is not set" in why
+    manager, why = find_scope_manager({"PATH": tools, "INVOCATION_ID": "x", "MANAGERPID": "7",
+                                       "XDG_RUNTIME_DIR": "/run/user/5"})
+    assert manager == ScopeManager(True, f"{tools}/systemd-run", f"{tools}/env",
+                                   {"XDG_RUNTIME_DIR": "/run/user/5"})
+
+
+def test_cgroup_limits_without_manager_runs_tasks_and_warns_once(
+        home: Home, make_worker: Callable[..., Driver]) -> None:
+    add_types(home, scoped={"command_template": None,
+                            "cgroup_limits": {"MemoryMax": "64M", "TasksMax": "20"}})
+    q = TaskQueue(home)
+    ids = [q.enqueue({"command": [PY, "-c", "print('ran')"], "worker_type": "scoped"})
+           .task["task_id"] for _ in range(3)]
+    environ = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "MANAGERPID")}
+    d = make_worker(environ=environ)
+    d.until(lambda: set(ids) <= set(final_records(home)), what="the three tasks")
+    assert all(final(home, t)["status"] == "completed" for t in ids)
+    warned = events(home, "worker_cgroup_limits_unavailable")
+    assert len(warned) == 1, warned
+    assert warned[0]["severity"] == "warning"
+    assert warned[0]["data"]["worker_type"] == "scoped"
+    assert warned[0]["data"]["reason"] == \
+        "the worker does not run under systemd (no INVOCATION_ID)"
+    assert all("scope" not in e["data"] for e in events(home, "task_started"))
+
+
+FAKE_SYSTEMD_RUN = """\
+import json, os, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as fh:
+    fh.write(json.dumps({{"argv": args, "xdg": os.environ.get("XDG_RUNTIME_DIR")}}) + "\\n")
+if {fail!r}:
+    sys.exit("Failed to connect to bus: No medium found")
+os.environ["INVOCATION_ID"] = "scope-invocation"  # as the real systemd-run --scope does
+cmd = args[args.index("--") + 1:]
+os.execv(cmd[0], cmd)
+"""
+
+
+def _fake_systemd_run(tmp_path: Path, fail: bool = False) -> tuple[dict[str, str], Path]:
+    """A worker environment as under a user manager, with a fake systemd-run that logs its
+    argv and execs the command after ``--`` in place (as ``--scope`` does)."""
+    log = tmp_path / "systemd-run.jsonl"
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "systemd-run").write_text(f"#!{PY}\n" + FAKE_SYSTEMD_RUN.format(log=str(log),
+                                                                               fail=fail))
+    (tools / "systemd-run").chmod(0o755)
+    environ = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", INVOCATION_ID="w-inv",
+                   MANAGERPID="1", XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    return environ, log
+
+
+def test_cgroup_limits_wrap_the_task_in_a_scope(home: Home, make_worker: Callable[..., Driver],
+                                                tmp_path: Path, task_pids: Path) -> None:
+    set_system(home, kill_grace_s=0.3, retry_backoff_base_s=0)
+    add_types(home, scoped={"command_template": None, "limits": {"cpu_seconds": 100},
+                            "cgroup_limits": {"MemoryMax": "64M", "CPUQuota": "50%"}})
+    environ, log = _fake_systemd_run(tmp_path)
+    q = TaskQueue(home)
+    dump = ("import json, os, resource; json.dump({'env': dict(os.environ), 'pid': os.getpid(),"
+            " 'cpu': resource.getrlimit(resource.RLIMIT_CPU)}, "
+            "open(os.environ['HARNESS_RESULT_FILE'], 'w'))")
+    ok = q.enqueue({"command": [PY, "-c", dump], "worker_type": "scoped"}).task
+    pidfile, leader = task_pids / "gc.pid", task_pids / "leader.pid"
+    slow = q.enqueue({"command": ["bash", "-c", f"echo $$ > {leader}; sleep 300 & "
+                                  f"echo $! > {pidfile}; sleep 300"], "timeout_s": 0.5,
+                      "worker_type": "scoped", "max_attempts": 1}).task
+    missing = q.enqueue({"command": ["no-such-command-xyz"], "worker_type": "scoped"}).task
+    plain = q.enqueue({"command": ["true"]}).task
+    ids = {t["task_id"] for t in (ok, slow, missing, plain)}
+    d = make_worker(environ=environ)
+    d.until(lambda: ids <= set(final_records(home)), what="the four tasks")
+    # The scoped task ran through systemd-run, in place: same pid as task_started says.
+    rec = final(home, ok["task_id"])
+    assert rec["status"] == "completed", rec
+    started = {e["task_id"]: e["data"] for e in events(home, "task_started")}
+    assert rec["result"]["pid"] == started[ok["task_id"]]["pid"]
+    unit = scope_unit_name(ok["task_id"], 1)
+    assert started[ok["task_id"]]["scope"] == unit
+    assert started[ok["task_id"]]["argv"] == [PY, "-c", dump]  # the task's own argv
+    assert "scope" not in started[plain["task_id"]]
+    # The environment is still the allowlist: systemd-run's additions are stripped.
+    env = rec["result"]["env"]
+    assert "INVOCATION_ID" not in env and "XDG_RUNTIME_DIR" not in env
+    assert "MANAGERPID" not in env and env["HARNESS_TASK_ID"] == ok["task_id"]
+    assert rec["result"]["cpu"] == [100, 101]  # setrlimit limits still apply
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    probes = [c for c in calls if not any(a.startswith("--unit=") for a in c["argv"])]
+    assert len(probes) == 1  # one probe for the type, not one per task
+    assert probes[0]["argv"][:7] == ["--user", "--scope", "--quiet", "--collect", "-p",
+                                     "MemoryMax=64M", "-p"]
+    task_call = next(c for c in calls if f"--unit={unit}" in c["argv"])
+    assert task_call["xdg"] == environ["XDG_RUNTIME_DIR"]  # systemd-run can reach the manager
+    assert task_call["argv"][:10] == ["--user", "--scope", "--quiet", "--collect",
+                                      f"--unit={unit}", "-p", "MemoryMax=64M", "-p",
+                                      "CPUQuota=50%", "--"]
+    # The timeout still stops the whole process group, grandchild included.
+    timed = final(home, slow["task_id"])
+    assert timed["status"] == "failed" and timed["last_error"].startswith("timeout after 0.5s")
+    assert not pid_alive(int(pidfile.read_text())) and not pid_alive(int(leader.read_text()))
+    # A missing command is still a spawn failure (127, no retry), not a failed systemd-run.
+    gone = final(home, missing["task_id"])
+    assert gone["status"] == "failed" and gone["exit_code"] == 127 and gone["attempts"] == 1
+    assert not any(f"--unit={scope_unit_name(missing['task_id'], 1)}" in c["argv"]
+                   for c in calls)
+    assert not events(home, "worker_cgroup_limits_unavailable")
+
+
+def test_cgroup_limits_refused_by_manager_runs_unscoped(
+        home: Home, make_worker: Callable[..., Driver], tmp_path: Path) -> None:
+    add_types(home, scoped={"command_template": None, "cgroup_limits": {"IOWeight": "50"}})
+    environ, log = _fake_systemd_run(tmp_path, fail=True)
+    q = TaskQueue(home)
+    ids = [q.enqueue({"command": ["true"], "worker_type": "scoped"}).task["task_id"]
+           for _ in range(2)]
+    d = make_worker(environ=environ)
+    d.until(lambda: set(ids) <= set(final_records(home)), what="both tasks")
+    assert all(final(home, t)["status"] == "completed" for t in ids)
+    assert len(log.read_text().splitlines()) == 1  # the probe only
+    warned = events(home, "worker_cgroup_limits_unavailable")
+    assert [w["data"]["reason"] for w in warned] == [
+        "systemd-run --scope failed (exit 1): Failed to connect to bus: No medium found"]
+    assert warned[0]["data"]["properties"] == {"IOWeight": "50"}
