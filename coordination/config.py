@@ -112,6 +112,9 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     # -- health and circuit breaker (supervisor) -----------------------------------------
     Key("health_window_s", 900, _num(1), "number >= 1",
         "Success rate for health is computed over finished attempts in this window."),
+    Key("health_min_attempts", 5, _int(0), "integer >= 0",
+        "Health judges the success rate only once the window holds this many finished "
+        "attempts (one early failure is not an outage); stalled workers always count."),
     Key("circuit_failure_rate", 0.5, _num(0, 1), "number 0..1",
         "A worker type whose failure rate in circuit_window_s exceeds this is paused."),
     Key("circuit_min_tasks", 5, _int(1), "integer >= 1",

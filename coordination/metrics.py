@@ -365,13 +365,18 @@ def worker_rows(home: Home, cfg: SystemConfig, now: float) -> list[dict[str, Any
 
 # ---------------------------------------------------------------------------- health
 def compute_health(success_rate: float | None, stalled_workers: Sequence[str],
-                   window_s: float | None = None) -> tuple[str, list[str]]:
+                   window_s: float | None = None, *, attempts: int | None = None,
+                   min_attempts: int = 0) -> tuple[str, list[str]]:
     """The health rule shared with the supervisor: ``(state, reasons)``.
 
     healthy: success rate >= 80% (or no finished attempt in the window) and no stalled
     worker; unhealthy: success rate < 50% or more than 2 stalled workers; else degraded.
-    ``success_rate`` is completed / (completed + failed) attempts over ``health_window_s``.
+    ``success_rate`` is completed / (completed + failed) attempts over ``health_window_s``;
+    it is not judged while ``attempts`` (that count) is below ``min_attempts``
+    (``health_min_attempts``).
     """
+    if attempts is not None and attempts < min_attempts:
+        success_rate = None
     reasons: list[str] = []
     over = f" over {window_s:g}s" if window_s else ""
     stalled = len(stalled_workers)
@@ -411,9 +416,11 @@ def read_health_file(home: Home) -> dict[str, Any] | None:
 
 def health_document(success_rate: float | None, stalled_workers: Sequence[str], *,
                     backpressure: bool, now: float, window_s: float | None = None,
-                    circuits: dict[str, Any] | None = None) -> dict[str, Any]:
+                    circuits: dict[str, Any] | None = None, attempts: int | None = None,
+                    min_attempts: int = 0) -> dict[str, Any]:
     """A health.json document (the supervisor's format) for the given inputs."""
-    state, reasons = compute_health(success_rate, stalled_workers, window_s)
+    state, reasons = compute_health(success_rate, stalled_workers, window_s,
+                                    attempts=attempts, min_attempts=min_attempts)
     return {"version": 1, "updated_at": clock.iso(now), "health": state,
             "success_rate": _round(success_rate, 4), "stalled_workers": list(stalled_workers),
             "reasons": reasons, "backpressure": backpressure, "circuits": circuits or {}}
@@ -499,7 +506,9 @@ def observe(home: Home, now: float | None = None) -> Observation:
                   "stalled_workers": sorted(set(stalled) | set(computed_stalled))}
         backpressure = bool(supervisor.get("backpressure", backpressure)) or backpressure
     else:
-        state, reasons = compute_health(window.success_rate, computed_stalled, window_s)
+        state, reasons = compute_health(window.success_rate, computed_stalled, window_s,
+                                        attempts=window.completed + window.failed,
+                                        min_attempts=int(cfg["health_min_attempts"]))
         if supervisor is not None:
             reasons.append(f"health.json is stale (updated {supervisor.get('updated_at')}); "
                            "computed from the files")

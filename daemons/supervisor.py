@@ -890,7 +890,8 @@ class Supervisor:
         self.state["stalls"] = recent[-200:]
         stalled = sorted({s["worker_id"] for s in recent}
                          | {s["worker_id"] for s in report["stalled"]})
-        level, reasons = compute_health(rate, stalled, window)
+        level, reasons = compute_health(rate, stalled, window, attempts=ok + failed,
+                                        min_attempts=int(cfg["health_min_attempts"]))
         doc = {"version": 1, "updated_at": clock.iso(now), "health": level,
                "success_rate": rate, "stalled_workers": stalled, "reasons": reasons,
                "backpressure": bool(report["backpressure"]), "circuits": report["circuits"],

@@ -233,6 +233,15 @@ def test_health_rule(rate: float | None, stalled: int, state: str) -> None:
     assert bool(reasons) == (state != "healthy")
 
 
+def test_health_needs_enough_attempts_to_judge_the_rate() -> None:
+    """One failure among two attempts is not an outage; stalled workers always count."""
+    assert compute_health(0.5, [], 900, attempts=2, min_attempts=5) == ("healthy", [])
+    state, reasons = compute_health(0.5, [], 900, attempts=5, min_attempts=5)
+    assert state == "degraded" and "success rate 50%" in reasons[0]
+    assert compute_health(0.0, ["w1"], 900, attempts=1, min_attempts=5)[0] == "degraded"
+    assert compute_health(0.4, [], 900)[0] == "unhealthy"  # no count given: judged
+
+
 def test_health_document_has_the_supervisor_format() -> None:
     doc = health_document(0.4, ["w1"], backpressure=True, now=1_700_000_000.0)
     assert doc["version"] == 1 and doc["health"] == "unhealthy"

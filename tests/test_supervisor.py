@@ -307,8 +307,9 @@ def test_stalled_worker_is_fenced_and_its_task_retried(home_factory: Callable[..
     spec = read_json(home.specs_completed / f"{worker_id}.json")
     assert spec["exit_reason"] == "crashed"
     doc = read_json(health_path(home))
-    # one stalled worker, and its reclaimed attempt is the only (failed) one: 0 %
-    assert doc["stalled_workers"] == [worker_id] and doc["health"] == "unhealthy"
+    # One stalled worker: degraded. Its reclaimed attempt is the only (failed) one, 0 %,
+    # but one attempt is below health_min_attempts, so the rate is not judged yet.
+    assert doc["stalled_workers"] == [worker_id] and doc["health"] == "degraded"
 
 
 def test_progress_resets_the_stall_clock(home: Home) -> None:
