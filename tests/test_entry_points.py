@@ -43,3 +43,33 @@ def test_console_script_matches_python_m(tmp_path: Path) -> None:
                        text=True, env=_env(), timeout=60, cwd=tmp_path)
     assert a.returncode == b.returncode == 0
     assert a.stdout.split("Commands:")[1] == b.stdout.split("Commands:")[1]
+
+
+def test_lazy_command_table_matches_what_the_modules_register() -> None:
+    """Every command a module registers is listed under that module, and nothing else."""
+    import importlib
+
+    import click
+
+    from daemons.cli import LAZY_COMMANDS
+
+    found: dict[str, str] = {}
+    for module_name in sorted(set(LAZY_COMMANDS.values())):
+        group = click.Group("probe")
+        importlib.import_module(module_name).register(group)
+        found.update(dict.fromkeys(group.commands, module_name))
+    assert found == LAZY_COMMANDS
+
+
+def test_a_simple_command_does_not_import_the_daemons(tmp_path: Path) -> None:
+    code = ("import sys; from daemons.cli import main; sys.argv = ['harness', '--version'];\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('daemons.'))\n"
+            "print(' '.join(loaded), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(), timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stderr.split()
+    assert "daemons.cli" in loaded
+    assert not {"daemons.worker_commands", "daemons.supervisor", "daemons.bench",
+                "daemons.janitor"} & set(loaded), loaded
