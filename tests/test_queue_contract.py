@@ -513,7 +513,10 @@ def test_queue_file_written_by_another_process_is_read_exactly(tmp_path: Path) -
     # Back in our layout, with one task line damaged by hand: refused, never half-read.
     mine.reprioritize(ids[1], "low", now=T0 + 3)
     lines = home.queue_file.read_bytes().split(b"\n")
-    lines[2] = lines[2].replace(b'"status":"queued"', b'"status":"bogus"')
+    # The line of a queued task (which task the claim took depends on the random part of
+    # the ids, so find one by content rather than by position).
+    target = next(i for i, line in enumerate(lines) if b'"status":"queued"' in line)
+    lines[target] = lines[target].replace(b'"status":"queued"', b'"status":"bogus"')
     home.queue_file.write_bytes(b"\n".join(lines))
     from coordination.errors import CorruptFileError
     with pytest.raises(CorruptFileError):
