@@ -50,8 +50,16 @@ JQ_QUEUED = ("""jq '[.tasks[] | select(.status == "queued")] | length' """
              "coordination/task-queue.json")
 JQ_LIST = ("jq -c '.tasks[] | {task_id, priority, status, created_at}' "
            "coordination/task-queue.json")
-# The wait one-liner as first specified was `wait: (A) - (B)`; jq (1.6 and later) accepts no
-# binary operator in an object value without parentheses, so the doc has `wait: ((A) - (B))`.
+# The wait one-liner as specified (`wait: (A) - (B)`) needs jq >= 1.7; jq 1.6 (Debian 12)
+# accepts no binary operator in an object value without parentheses, so the doc also gives
+# `wait: ((A) - (B))` for it. The verbatim form is run through libjq >= 1.7 (the `jq` Python
+# binding) where the jq command is 1.6.
+JQ_WAIT_VERBATIM = (
+    """jq '[.tasks[] | select(.started_at != null and .created_at != null)] | """
+    """map({task_id, wait: (.started_at | sub("\\\\.[0-9]+"; "") | """
+    """strptime("%Y-%m-%dT%H:%M:%SZ") | mktime) - (.created_at | sub("\\\\.[0-9]+"; "") | """
+    """strptime("%Y-%m-%dT%H:%M:%SZ") | mktime)})' coordination/task-queue.json"""
+)
 JQ_WAIT = (
     """jq '[.tasks[] | select(.started_at != null and .created_at != null)] | """
     """map({task_id, wait: ((.started_at | sub("\\\\.[0-9]+"; "") | """
@@ -697,7 +705,7 @@ def run_sh(command: str, cwd: Path) -> str:
 
 def test_the_three_queue_one_liners_are_in_the_doc_verbatim() -> None:
     text = doc_text()
-    for command in (JQ_QUEUED, JQ_LIST, JQ_WAIT):
+    for command in (JQ_QUEUED, JQ_LIST, JQ_WAIT_VERBATIM, JQ_WAIT):
         assert command in text, command
 
 
@@ -719,6 +727,25 @@ def test_queue_one_liners_give_the_expected_numbers(scenario: Scenario) -> None:
     waits = sorted(json.loads(run_sh(JQ_WAIT, root)), key=lambda w: w["task_id"])
     # E: created T0+4, last started T0+50; I: created T0+8 (submit), started T0+55.
     assert waits == [{"task_id": "E", "wait": 46}, {"task_id": "I", "wait": 47}]
+    if not _jq_is_1_6():
+        verbatim = json.loads(run_sh(JQ_WAIT_VERBATIM, root))
+        assert sorted(verbatim, key=lambda w: w["task_id"]) == waits
+
+
+def _jq_is_1_6() -> bool:
+    done = subprocess.run(["jq", "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip().startswith("jq-1.6")
+
+
+def test_verbatim_wait_one_liner_with_libjq_1_7(scenario: Scenario) -> None:
+    """The issue's form, unchanged, on the live file, through libjq >= 1.7."""
+    import jq as libjq
+
+    program = JQ_WAIT_VERBATIM.split("'")[1]
+    data = json.loads(scenario.home.queue_file.read_bytes())
+    [waits] = libjq.compile(program).input_value(data).all()
+    assert sorted(waits, key=lambda w: w["task_id"]) == [
+        {"task_id": "E", "wait": 46}, {"task_id": "I", "wait": 47}]
 
 
 @needs_jq
@@ -727,6 +754,8 @@ def test_every_jq_one_liner_in_the_doc_runs(scenario: Scenario) -> None:
                 for line in body.splitlines() if line.startswith("jq ")]
     assert len(commands) >= 15
     for command in commands:
+        if command == JQ_WAIT_VERBATIM and _jq_is_1_6():
+            continue  # jq >= 1.7 only (the doc says so); checked through libjq below
         run_sh(command, scenario.home.root)
 
 
