@@ -556,21 +556,39 @@ class TaskQueue:
                 txn.inbox_done.append(path)
             txn.event("task_enqueued", f"{task['priority']} task queued", task,
                       priority=task["priority"], worker_type=task["worker_type"])
+        rejected = {t["task_id"] for t, _ in batch} - set(sources) - set(txn.dedup)
         # Only a new task can close a cycle: older ones were checked when they arrived.
-        cycle = self._find_cycle(tasks) if any(t["depends_on"] for t, _ in batch) else []
-        if cycle:
+        # Every cycle goes (one is found at a time), and with it whatever new task depends
+        # on a rejected one: it would otherwise run at once, its dependency never existing.
+        while any(t["depends_on"] for t, _ in batch):
+            cycle = self._find_cycle(tasks)
+            if not cycle:
+                break
             reason = f"depends_on forms a cycle: {' -> '.join(cycle)}"
-            for task_id in cycle:
-                if task_id not in tasks or task_id not in sources:
-                    continue
-                path = sources[task_id]
-                if path is None:
-                    raise UsageError(f"request: {reason}")
-                txn.state.remove(task_id)
-                txn.admitted = [t for t in txn.admitted if t["task_id"] != task_id]
-                txn.inbox_done.remove(path)
-                txn.events = [e for e in txn.events if e["task_id"] != task_id]
-                self._reject(txn, path, f"{path}: {reason}")
+            for task_id in dict.fromkeys(cycle):
+                if task_id in sources:
+                    self._unadmit(txn, task_id, sources.pop(task_id), reason)
+                    rejected.add(task_id)
+        while rejected:
+            orphans = [tid for tid in sources if rejected & set(tasks[tid]["depends_on"])]
+            if not orphans:
+                break
+            for task_id in orphans:
+                deps = sorted(rejected & set(tasks[task_id]["depends_on"]))
+                self._unadmit(txn, task_id, sources.pop(task_id),
+                              f"depends_on names rejected task(s): {', '.join(deps)}")
+                rejected.add(task_id)
+
+    def _unadmit(self, txn: _Txn, task_id: str, path: Path | None, reason: str) -> None:
+        """Take back a task admitted earlier in this transaction and reject its request
+        (a direct request: UsageError, which aborts the whole transaction)."""
+        if path is None:
+            raise UsageError(f"request: {reason}")
+        txn.state.remove(task_id)
+        txn.admitted = [t for t in txn.admitted if t["task_id"] != task_id]
+        txn.inbox_done.remove(path)
+        txn.events = [e for e in txn.events if e["task_id"] != task_id]
+        self._reject(txn, path, f"{path}: {reason}")
 
     @staticmethod
     def _find_cycle(tasks: dict[str, dict[str, Any]]) -> list[str]:

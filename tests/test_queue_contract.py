@@ -195,6 +195,46 @@ def test_longer_cycle_within_batch_is_rejected(backend: Any) -> None:
     assert backend.live_tasks() == []
 
 
+def _rejected_files(backend: Any) -> dict[str, str]:
+    folder = backend.home.inbox_rejected
+    return {p.stem: p.with_suffix(".reason").read_text() for p in folder.glob("*.json")}
+
+
+def test_inbox_batch_rejects_every_cycle_and_what_depends_on_it(backend: Any) -> None:
+    """Drained together: two cycles, a task depending on a cycle member, a task depending
+    on that one, and unrelated tasks. Every cycle member and every dependent of a rejected
+    task is rejected (a dependent must not run as if its dependency had finished)."""
+    requests = [req(task_id="C1", depends_on=["D1"]), req(task_id="D1", depends_on=["C1"]),
+                req(task_id="E1", depends_on=["F1"]), req(task_id="F1", depends_on=["E1"]),
+                req(task_id="G1", depends_on=["C1"]), req(task_id="A1", depends_on=["G1"]),
+                req(task_id="K1"), req(task_id="L1", depends_on=["K1"])]
+    for request in requests:
+        backend.submit(request, now=T0)
+    backend.ingest(now=T0 + 1)
+    assert live_ids(backend) == {"K1", "L1"}
+    reasons = _rejected_files(backend)
+    assert set(reasons) == {"A1", "C1", "D1", "E1", "F1", "G1"}
+    assert "cycle" in reasons["C1"] and "cycle" in reasons["E1"]
+    assert "rejected task(s): C1" in reasons["G1"]
+    assert "rejected task(s): G1" in reasons["A1"]
+    assert list(backend.home.inbox.glob("*.json")) == []
+    # The dependents never run before (or instead of) their rejected dependency.
+    claimed = backend.claim("w1", now=T0 + 2)
+    assert claimed is not None and claimed["task_id"] == "K1"
+    assert backend.claim("w1", now=T0 + 3) is None
+
+
+def test_inbox_task_depending_on_a_later_rejected_one_is_rejected(backend: Any) -> None:
+    """A1 is drained before B1, which is then rejected (unknown dependency): A1 goes too."""
+    backend.submit(req(task_id="A1", depends_on=["B1"]), now=T0)
+    backend.submit(req(task_id="B1", depends_on=["t-no-such-task"]), now=T0)
+    backend.ingest(now=T0 + 1)
+    assert backend.live_tasks() == []
+    reasons = _rejected_files(backend)
+    assert "unknown or not-completed" in reasons["B1"]
+    assert "rejected task(s): B1" in reasons["A1"]
+
+
 def test_acyclic_dependencies_within_batch_are_accepted(backend: Any) -> None:
     batch = [req(task_id="A"), req(task_id="B", depends_on=["A"]),
              req(task_id="C", depends_on=["A", "B"])]
