@@ -45,7 +45,14 @@ from .locks import lock_for
 from .paths import Home
 from .redact import redact
 from .specs import liveness, read_specs
-from .store import append_line, read_json, replace_json, tail_jsonl
+from .store import (
+    append_line,
+    jsonl_archives,
+    read_json,
+    replace_json,
+    scan_jsonl_gz,
+    tail_jsonl,
+)
 from .tasks import PRIORITIES
 
 SNAPSHOT_VERSION = 1
@@ -984,36 +991,11 @@ def _scan_jsonl(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]
                     yield record
 
 
-def _archives(home: Home, stem: str) -> list[Path]:
-    """Rotated gzip archives of ``stem`` (``NAME.N.jsonl.gz``), oldest first."""
-    found: list[tuple[int, Path]] = []
-    for folder in (home.coordination, home.coordination / "archive"):
-        for path in folder.glob(f"{stem}.*.jsonl.gz"):
-            middle = path.name[len(stem) + 1:-len(".jsonl.gz")]
-            if middle.isdigit():
-                found.append((int(middle), path))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def _scan_gzip(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
-    import gzip
-
-    try:
-        with gzip.open(path, "rb") as fh:
-            for raw in fh:
-                if any(n in raw for n in needles):
-                    record = _loads(raw)
-                    if record is not None:
-                        yield record
-    except (OSError, EOFError):
-        return
-
-
 def _scan_all(home: Home, path: Path, needles: Sequence[bytes], archives: bool
               ) -> Iterator[dict[str, Any]]:
     if archives:
-        for archive in _archives(home, path.name[:-len(".jsonl")]):
-            yield from _scan_gzip(archive, needles)
+        for archive in reversed(jsonl_archives(path)):  # oldest first
+            yield from scan_jsonl_gz(archive, needles)
     yield from _scan_jsonl(path, needles)
 
 

@@ -57,10 +57,12 @@ from .store import (
     append_bytes,
     dumps,
     iter_jsonl,
+    jsonl_archives,
     parse_json,
     read_json,
     replace_bytes,
     replace_json,
+    scan_jsonl_gz,
 )
 from .tasks import (
     PRIORITIES,
@@ -619,12 +621,23 @@ class TaskQueue:
         return []
 
     def _completed_ids(self, wanted: set[str]) -> set[str]:
-        """Which of ``wanted`` have a final ``completed`` record in history (streams)."""
+        """Which of ``wanted`` have a final ``completed`` record in history (streams), also
+        in the janitor's archives of it (newest first, only while some are not found), so a
+        dependency on a task whose record was rotated away is still known as completed."""
         found: set[str] = set()
         for _, record in iter_jsonl(self.home.history_file):
             if record and record.get("final") and record.get("task_id") in wanted \
                     and record.get("status") == "completed":
                 found.add(record["task_id"])
+        for archive in jsonl_archives(self.home.history_file):
+            rest = wanted - found
+            if not rest:
+                break
+            needles = [task_id.encode() for task_id in rest]
+            for record in scan_jsonl_gz(archive, needles):
+                if record.get("final") and record.get("task_id") in rest \
+                        and record.get("status") == "completed":
+                    found.add(record["task_id"])
         return found
 
     # ------------------------------------------------------------------ producers

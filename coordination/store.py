@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -230,3 +230,37 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict[str, A
             take(buf)
     newest_first.reverse()
     return newest_first
+
+
+# ---------------------------------------------------------------------------- archives
+def jsonl_archives(path: Path) -> list[Path]:
+    """The janitor's rotated archives of the JSONL file ``path`` (``NAME.N.jsonl.gz`` beside
+    it, and in a legacy ``archive/`` folder), newest (lowest N) first; [] when none."""
+    stem = path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    found: list[tuple[int, Path]] = []
+    for folder in (path.parent, path.parent / "archive"):
+        for candidate in folder.glob(f"{stem}.*.jsonl.gz"):
+            middle = candidate.name[len(stem) + 1:-len(".jsonl.gz")]
+            if middle.isdigit():
+                found.append((int(middle), candidate))
+    return [p for _, p in sorted(found)]
+
+
+def scan_jsonl_gz(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
+    """Objects of the lines of a gzip JSONL archive that contain one of ``needles`` (a
+    cheap byte filter before parsing); unparseable lines are skipped, and a truncated or
+    unreadable archive ends the scan quietly (archives are a best-effort record)."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            for raw in fh:
+                if any(n in raw for n in needles):
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict):
+                        yield obj
+    except (OSError, EOFError):
+        return

@@ -1015,3 +1015,27 @@ def test_history_of_shows_every_attempt(make_backend: Callable[..., Any]) -> Non
     assert records[0]["exit_code"] == 3 and records[0]["last_error"] == "e1"
     assert backend.history_of("t-unknown") == []
     assert backend.get("t-unknown") is None
+
+
+def test_dependency_on_a_task_whose_record_was_archived(tmp_path: Path) -> None:
+    """The janitor moved the completed task's history record into NAME.1.jsonl.gz: a new
+    task may still depend on it (it is known as completed, not as unknown)."""
+    from daemons.janitor import run_janitor
+
+    home = make_home(tmp_path, history_max_lines=10, history_keep_lines=0,
+                     durability="none")
+    queue = TaskQueue(home)
+    done = queue.enqueue(req(task_id="DONE"), now=T0).task
+    queue.claim("w1", now=T0 + 1)
+    queue.complete(done["task_id"], "w1", now=T0 + 2)
+    for i in range(12):  # push the history over its line limit
+        queue.enqueue(req(task_id=f"F{i:02d}"), now=T0 + 3)
+        queue.claim("w1", now=T0 + 3)
+        queue.complete(f"F{i:02d}", "w1", now=T0 + 3)
+    run_janitor(home, T0 + 10)
+    assert b'"DONE"' not in home.history_file.read_bytes()
+    assert list(home.coordination.glob("task-history.*.jsonl.gz"))
+    after = queue.enqueue(req(task_id="NEXT", depends_on=["DONE"]), now=T0 + 11).task
+    assert after["depends_on"] == ["DONE"]
+    with pytest.raises(UsageError, match="unknown or not-completed"):
+        queue.enqueue(req(task_id="NEXT2", depends_on=["NEVER"]), now=T0 + 12)
