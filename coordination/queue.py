@@ -1113,10 +1113,18 @@ class TaskQueue:
                 found = record
         return found
 
-    def history_of(self, task_id: str) -> list[dict[str, Any]]:
-        """Every history record of ``task_id`` in file order ([] when none)."""
-        return [r for _, r in iter_jsonl(self.home.history_file)
-                if r is not None and r.get("task_id") == task_id]
+    def history_of(self, task_id: str, *, archives: bool = False) -> list[dict[str, Any]]:
+        """Every history record of ``task_id`` in file order ([] when none). With
+        ``archives``, the records in the janitor's ``task-history.N.jsonl.gz`` come first,
+        oldest archive first (this decompresses every archive: slow when they are big)."""
+        older: list[dict[str, Any]] = []
+        if archives:
+            needle = [orjson.dumps(task_id)]
+            for archive in reversed(jsonl_archives(self.home.history_file)):
+                older.extend(r for r in scan_jsonl_gz(archive, needle)
+                             if r.get("task_id") == task_id)
+        return older + [r for _, r in iter_jsonl(self.home.history_file)
+                        if r is not None and r.get("task_id") == task_id]
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """Every dead letter, oldest task id first ([] when none)."""

@@ -265,17 +265,27 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
 @task.command("show")
 @click.argument("task_id")
 @click.option("--history", "with_history", is_flag=True, help="Include every history record.")
+@click.option("--archives", is_flag=True,
+              help="Also search the janitor's archives (task-history.N.jsonl.gz): finds "
+                   "tasks whose records were rotated away; reads every archive.")
 @json_option
 @pass_ctx
-def task_show(obj: CliContext, task_id: str, with_history: bool, as_json: bool) -> None:
-    """Show one task: live, else its final history record, else its dead letter."""
+def task_show(obj: CliContext, task_id: str, with_history: bool, archives: bool,
+              as_json: bool) -> None:
+    """Show one task: live, else its dead letter, else its final history record (with
+    --archives, also from the rotated archives). Exit 1 when it is found nowhere."""
     queue = obj.queue()
     found = queue.get(task_id)
+    records = queue.history_of(task_id, archives=True) if archives else None
+    if found is None and records:
+        found = next((r for r in reversed(records) if r.get("final")), records[-1])
     if found is None:
-        raise NotFound(f"no task {task_id} (not live, not in history, not a dead letter)")
+        hint = "" if archives else "; --archives also searches the rotated history"
+        raise NotFound(f"no task {task_id} (not live, not in history, not a dead "
+                       f"letter{hint})")
     out: dict[str, Any] = dict(found)
     if with_history:
-        out["history"] = queue.history_of(task_id)
+        out["history"] = records if records is not None else queue.history_of(task_id)
     if as_json:
         print_json(out)
         return

@@ -1039,3 +1039,18 @@ def test_dependency_on_a_task_whose_record_was_archived(tmp_path: Path) -> None:
     assert after["depends_on"] == ["DONE"]
     with pytest.raises(UsageError, match="unknown or not-completed"):
         queue.enqueue(req(task_id="NEXT2", depends_on=["NEVER"]), now=T0 + 12)
+    # An operator finds it too, when asking for the archives.
+    assert queue.history_of("DONE") == []
+    records = queue.history_of("DONE", archives=True)
+    assert [r["outcome"] for r in records] == ["completed"] and records[0]["final"]
+    from click.testing import CliRunner
+
+    from daemons.cli import cli
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["--home", str(home.root), "task", "show", "DONE"])
+    assert missing.exit_code == 1 and "--archives" in missing.output
+    shown = runner.invoke(cli, ["--home", str(home.root), "task", "show", "DONE",
+                                "--archives", "--history", "--json"])
+    assert shown.exit_code == 0, shown.output
+    out = json.loads(shown.output)
+    assert out["status"] == "completed" and len(out["history"]) == 1
