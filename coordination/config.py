@@ -180,6 +180,9 @@ DEFAULT_WORKER_TYPES: dict[str, Any] = {
         "default_budget": "Token budget per task (from the result file's tokens_used); null: none.",
         "timeout_s": "Default task timeout; null: none.",
         "limits": "setrlimit caps: memory_mb (RLIMIT_AS), cpu_seconds, processes (RLIMIT_NPROC).",
+        "stall_on_silence": "Optional, default false: the task's progress is its output only "
+                            "(not the worker's heartbeats), so a task silent for "
+                            "worker_stall_timeout_s is stalled: stopped and retried.",
         "cgroup_limits": "null (off) or systemd resource-control properties of a transient "
                          "scope per task (systemd-run --scope, when the worker runs under "
                          "systemd): MemoryMax, MemoryHigh, CPUQuota, TasksMax, IOWeight as "
@@ -219,6 +222,7 @@ _TYPE_KEYS: dict[str, tuple[Check, str]] = {
     "cwd": (lambda v: v is None or isinstance(v, str), "null or string"),
     "limits": (lambda v: isinstance(v, dict), "object"),
     "cgroup_limits": (lambda v: v is None or isinstance(v, dict), "null or object"),
+    "stall_on_silence": (lambda v: isinstance(v, bool), "true or false"),
 }
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "processes")
 

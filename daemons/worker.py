@@ -186,6 +186,7 @@ class Worker:
         self.published_state = ""  # the spec's state as last published
         self.tasks_run = 0  # attempts run to an end (completed or failed), for max_tasks
         self.ticks = 0
+        self.tick_progress = True
         self.truncation_reported = False
         self.exit_reason: str | None = None
         self.draining = False
@@ -646,6 +647,8 @@ class Worker:
             return
         self.run, self.task, self.task_started = run, task, now
         self.ticks = 0
+        # Heartbeat ticks count as progress unless the type wants silence to be a stall.
+        self.tick_progress = not wtype.get("stall_on_silence", False)
         self.truncation_reported = False
         self.t.cancel_check_at = now + CANCEL_CHECK_S
         self.t.status_at = now + STATUS_REFRESH_S
@@ -758,7 +761,7 @@ class Worker:
         if now - self.t.heartbeat_at >= interval:
             changes: dict[str, Any] = {}
             if busy and self.run is not None:
-                self.ticks += 1
+                self.ticks += self.tick_progress
                 changes["progress"] = self.run.output_bytes + self.ticks
             self._write_spec(now, **changes)
         if busy and now >= self.t.status_at:

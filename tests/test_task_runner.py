@@ -441,6 +441,46 @@ def test_heartbeat_refreshes_spec_while_busy(home: Home, make_worker: Callable[.
             what="idle again")
 
 
+@pytest.mark.parametrize("silence_stalls", [False, True])
+def test_progress_of_a_silent_task(home: Home, make_worker: Callable[..., Driver],
+                                   task_pids: Path, silence_stalls: bool) -> None:
+    """A silent task advances its progress by heartbeats, unless its type sets
+    stall_on_silence: then only output counts, so the supervisor can call it stalled."""
+    set_system(home, heartbeat_interval_s=0.05)
+    add_types(home, quiet={"command_template": None, "stall_on_silence": silence_stalls})
+    pidfile = task_pids / "quiet.pid"
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["bash", "-c", f"echo $$ > {pidfile}; sleep 0.6"],
+                      "worker_type": "quiet"}).task
+    d = make_worker()
+
+    def spec() -> dict[str, Any]:
+        found = [s.spec for s in read_specs(home) if s.spec]
+        return found[0] if found else {}
+
+    beats: set[str] = set()
+
+    def three_busy_heartbeats() -> bool:
+        current = spec()
+        if current.get("current_task_id") == task["task_id"]:
+            beats.add(current["heartbeat_at"])
+        return len(beats) >= 3
+
+    d.until(three_busy_heartbeats, what="three heartbeats while the task runs")
+    progress = spec()["progress"]
+    assert (progress == 0) if silence_stalls else (progress > 0)
+    d.until(lambda: task["task_id"] in final_records(home), what="completion")
+
+
+def test_stall_on_silence_must_be_a_boolean(home: Home) -> None:
+    from coordination.config import load_worker_types
+    from coordination.errors import ConfigError
+
+    add_types(home, quiet={"stall_on_silence": "yes"})
+    with pytest.raises(ConfigError, match="stall_on_silence"):
+        load_worker_types(home)
+
+
 def test_supervisor_declared_us_dead(home: Home, make_worker: Callable[..., Driver],
                                      task_pids: Path) -> None:
     """If the spec was moved away (presumed dead), the worker stops its task and exits."""
