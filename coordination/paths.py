@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .errors import NotInitialized
@@ -35,7 +36,8 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Home:
-    """The paths of one harness home. Cheap to build; touches no file."""
+    """The paths of one harness home. Cheap to build; touches no file. Each path is
+    computed once per instance (cached_property: daemons ask for them on every step)."""
 
     root: Path
 
@@ -44,93 +46,93 @@ class Home:
         return cls(resolve_home(explicit))
 
     # -- coordination/ -------------------------------------------------------------------
-    @property
+    @cached_property
     def coordination(self) -> Path:
         return self.root / "coordination"
 
-    @property
+    @cached_property
     def queue_file(self) -> Path:
         return self.coordination / "task-queue.json"
 
-    @property
+    @cached_property
     def queue_prev_file(self) -> Path:
         """The previous revision of the queue, kept as a hard link for ``doctor --repair``."""
         return self.coordination / "task-queue.prev.json"
 
-    @property
+    @cached_property
     def inbox(self) -> Path:
         return self.coordination / "inbox"
 
-    @property
+    @cached_property
     def inbox_rejected(self) -> Path:
         return self.inbox / "rejected"
 
-    @property
+    @cached_property
     def inbox_ingested(self) -> Path:
         """Requests drained by the latest queue revision, kept until the next one so that
         ``doctor --repair`` can rebuild it from ``task-queue.prev.json``."""
         return self.inbox / ".ingested"
 
-    @property
+    @cached_property
     def history_file(self) -> Path:
         return self.coordination / "task-history.jsonl"
 
-    @property
+    @cached_property
     def dead_letters(self) -> Path:
         return self.coordination / "dead-letters"
 
-    @property
+    @cached_property
     def specs_active(self) -> Path:
         return self.coordination / "worker-specs" / "active"
 
-    @property
+    @cached_property
     def specs_completed(self) -> Path:
         return self.coordination / "worker-specs" / "completed"
 
-    @property
+    @cached_property
     def events_file(self) -> Path:
         return self.coordination / "dashboard-events.jsonl"
 
-    @property
+    @cached_property
     def metrics_file(self) -> Path:
         return self.coordination / "metrics-snapshots.jsonl"
 
-    @property
+    @cached_property
     def control_file(self) -> Path:
         return self.coordination / "control.json"
 
-    @property
+    @cached_property
     def health_file(self) -> Path:
         """The supervisor's health verdict, published by rename under the metrics lock."""
         return self.coordination / "health.json"
 
-    @property
+    @cached_property
     def supervisor_state_file(self) -> Path:
         """What a supervisor carries across passes and restarts (scale time, circuits,
         progress watermarks, stalls), published by rename by the supervisor only."""
         return self.coordination / "supervisor-state.json"
 
-    @property
+    @cached_property
     def config_dir(self) -> Path:
         return self.coordination / "config"
 
-    @property
+    @cached_property
     def system_config(self) -> Path:
         return self.config_dir / "system.json"
 
-    @property
+    @cached_property
     def worker_types_config(self) -> Path:
         return self.config_dir / "worker-types.json"
 
-    @property
+    @cached_property
     def locks(self) -> Path:
         return self.coordination / "locks"
 
-    @property
+    @cached_property
     def quarantine(self) -> Path:
         return self.coordination / "quarantine"
 
-    @property
+    @cached_property
     def supervisor_lock(self) -> Path:
         """Held (flock) by a running supervisor for its life: one supervisor per home."""
         return self.lock_path("supervisor")
@@ -141,21 +143,21 @@ class Home:
         return self.locks / f"{name}.lock"
 
     # -- logs/ and results/ --------------------------------------------------------------
-    @property
+    @cached_property
     def logs(self) -> Path:
         return self.root / "logs"
 
-    @property
+    @cached_property
     def task_logs(self) -> Path:
         return self.logs / "tasks"
 
-    @property
+    @cached_property
     def worker_logs(self) -> Path:
         """stdout/stderr of workers started by the process actuator (``harness up``,
         ``demo``): ``worker-<instance>.log``, created on the first start (not by init)."""
         return self.logs / "workers"
 
-    @property
+    @cached_property
     def results(self) -> Path:
         return self.root / "results"
 
