@@ -325,12 +325,18 @@ def timeline(obj: CliContext, task_id: str | None, correlation_id: str | None,
               "stdout).")
 @click.option("--limit", default=1440, show_default=True, type=click.IntRange(2, 100000),
               help="Newest snapshots to chart (1440: a day of minutes).")
+@json_option
 @pass_ctx
-def report(obj: CliContext, home_dir: Path | None, html_file: str | None, limit: int) -> None:
-    """Report over the metrics snapshots: text summary, or --html with inline SVG charts."""
+def report(obj: CliContext, home_dir: Path | None, html_file: str | None, limit: int,
+           as_json: bool) -> None:
+    """Report over the metrics snapshots: text summary (--json: as data), or --html with
+    inline SVG charts."""
     from . import report as rep
 
     home = resolve_home(home_dir).require()
+    if as_json and html_file is None:
+        print_json(rep.summary_report(home, limit=limit))
+        return
     if html_file is None:
         click.echo(rep.text_report(home, limit=limit))
         return

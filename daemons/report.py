@@ -228,6 +228,19 @@ def _summary(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summary_report(home: Home, *, limit: int = 1440) -> dict[str, Any]:
+    """The summary of the newest ``limit`` snapshots as data (what ``--json`` prints):
+    ``snapshots`` 0 and null figures when there is none."""
+    snaps = sorted(recent_snapshots(home, limit), key=lambda s: str(s.get("timestamp")))
+    out = {"home": str(home.root), **_summary(snaps)}
+    last = snaps[-1] if snaps else {}
+    out["now"] = {"queued": (last.get("queue") or {}).get("queued"),
+                  "running": (last.get("queue") or {}).get("running"),
+                  "health": (last.get("health") or {}).get("state")}
+    out["tasks_total"] = dict((last.get("counters") or {}).get("tasks_total") or {})
+    return out
+
+
 def text_report(home: Home, *, limit: int = 1440) -> str:
     """A plain-text summary of the newest ``limit`` snapshots."""
     snaps = sorted(recent_snapshots(home, limit), key=lambda s: str(s.get("timestamp")))

@@ -3,6 +3,7 @@ headless Chromium where one is installed)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -77,6 +78,13 @@ def test_report_cli_writes_html_and_text(known: Known, tmp_path: Path) -> None:
     stdout = runner.invoke(cli, ["--home", str(known.home.root), "report", "--html", "-",
                                  "--limit", "5"], catch_exceptions=False)
     assert stdout.output.startswith("<!DOCTYPE html>") and "5</b>" in stdout.output
+    as_json = runner.invoke(cli, ["--home", str(known.home.root), "report", "--json"],
+                            catch_exceptions=False)
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.output)
+    assert data["snapshots"] == 32 and data["tasks_total"]["completed"] == 2
+    assert data["from"] <= data["to"] and data["now"]["health"] in (
+        "healthy", "degraded", "unhealthy")
 
 
 def test_report_without_snapshots(tmp_path: Path) -> None:
@@ -85,6 +93,10 @@ def test_report_without_snapshots(tmp_path: Path) -> None:
     assert "No metrics snapshots" in page and page.count("no data") == len(CHART_IDS)
     result = CliRunner().invoke(cli, ["--home", str(home.root), "report"])
     assert result.exit_code == 0 and "no metrics snapshots" in result.output
+    empty = CliRunner().invoke(cli, ["--home", str(home.root), "report", "--json"])
+    assert empty.exit_code == 0
+    data = json.loads(empty.output)
+    assert data["snapshots"] == 0 and data["from"] is None and data["tasks_total"] == {}
 
 
 def test_line_chart_breaks_lines_at_gaps_and_buckets_long_series() -> None:
