@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -120,13 +121,13 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
                                + sc.ramp_up_s * time_scale)
         ids: list[str] = []
         backpressure_refusals = 0
-        peak = 0
+        sampler = _PeakSampler(home)
+        sampler.start()
         try:
             ramp = sc.ramp_up_s * time_scale
             for i in range(sc.tasks):
                 due = started + ramp * i / max(1, sc.tasks)
                 while time.monotonic() < due:
-                    peak = max(peak, _active_workers(home))
                     time.sleep(min(0.05, max(0.0, due - time.monotonic())))
                 duration = mean * rng.uniform(1 - sc.variance, 1 + sc.variance)
                 request = {"description": f"load {sc.name} {i}",
@@ -143,7 +144,6 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
             deadline = started + budget
             finished: dict[str, dict[str, Any]] = {}
             while time.monotonic() < deadline and len(finished) < len(wanted):
-                peak = max(peak, _active_workers(home))
                 if up.poll() is not None:
                     tail = up.stderr.read().decode()[-2000:] if up.stderr else ""
                     raise HarnessError(f"harness up exited early ({up.returncode}): {tail}")
@@ -151,14 +151,41 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
                 time.sleep(0.2)
             elapsed = time.monotonic() - started
         finally:
+            sampler.stop()
             _stop(up)
         finished = _finals(home, set(ids))
-        return _report(home, sc, time_scale, ids, finished, peak, elapsed,
+        return _report(home, sc, time_scale, ids, finished, sampler.peak, elapsed,
                        backpressure_refusals)
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+class _PeakSampler(threading.Thread):
+    """Counts active worker specs every 50 ms in the background, so the peak is seen even
+    while the producer is busy enqueueing (sampling between enqueues missed it)."""
+
+    def __init__(self, home: Home) -> None:
+        super().__init__(name="peak-sampler", daemon=True)
+        self.home = home
+        self.peak = 0
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(0.05):
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.peak = max(self.peak, _active_workers(self.home))
+        except (OSError, HarnessError):  # a spec moved away mid-read: next sample
+            pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+        self._sample()
 
 
 def _active_workers(home: Home) -> int:
