@@ -263,10 +263,6 @@ def print_once(home: Home, *, width: int | None = None, color: bool = True) -> N
 
 
 # ---------------------------------------------------------------------------- live mode
-class _Stop(Exception):
-    """Raised by the SIGTERM/SIGHUP handler to leave the live loop cleanly."""
-
-
 @contextlib.contextmanager
 def _cbreak_tty() -> Iterator[int | None]:
     """A descriptor of the controlling terminal in cbreak mode (None without one); the
@@ -335,11 +331,20 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
     console = _console(None, color)
     ascii_only = not (console.encoding or "").lower().startswith("utf")
 
-    def stop(signum: int, frame: Any) -> None:
-        raise _Stop(signum)
-
-    old_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    stop_signals: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # Only a flag: the loop leaves at a clean point (an exception raised from here
+        # could land in the middle of a redraw or of the terminal's restore).
+        stop_signals.append(signum)
+
+    # The kernel may deliver a signal to any thread (watchdog's included), and then the
+    # main thread's select() is not interrupted: the C-level handler writes the signal
+    # number to this pipe instead, from whichever thread, which wakes the select().
+    old_wakeup_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    old_handlers = {sig: signal.signal(sig, stop)
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with _cbreak_tty() as key_fd, _watch(str(home.coordination), wake_w) as watching, \
                 Live(console=console, screen=True, auto_refresh=False,
@@ -354,9 +359,11 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
             draw()
             watched = [fd for fd in (key_fd, wake_r) if fd is not None]
             next_draw = time.monotonic() + every
-            while True:
+            while not stop_signals:
                 timeout = max(0.0, next_draw - time.monotonic())
                 ready, _, _ = select.select(watched, [], [], timeout)
+                if stop_signals:
+                    break
                 redraw = not ready
                 if key_fd is not None and key_fd in ready:
                     keys = os.read(key_fd, 64)
@@ -372,11 +379,12 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
                 if redraw:
                     draw()
                     next_draw = time.monotonic() + every
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:  # SIGINT before the handler was installed
         pass
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_wakeup_fd)
         os.close(wake_r)
         os.close(wake_w)
 
