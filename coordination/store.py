@@ -193,8 +193,11 @@ def read_jsonl(path: Path) -> JsonlRead:
     return result
 
 
-def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict[str, Any]]:
-    """The last ``limit`` parseable records, reading the file backwards (cheap on big files)."""
+def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
+               end: int | None = None) -> list[dict[str, Any]]:
+    """The last ``limit`` parseable records, reading the file backwards (cheap on big files);
+    with ``end``, only the bytes before that offset count (a follower that noted the size
+    first, then reads from there, sees every later line exactly once)."""
     if limit <= 0:
         return []
     try:
@@ -215,7 +218,8 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict[str, A
             newest_first.append(obj)
 
     with fh:
-        pos, buf = os.fstat(fh.fileno()).st_size, b""
+        size = os.fstat(fh.fileno()).st_size
+        pos, buf = (size if end is None else min(end, size)), b""
         # Count parseable records, not raw lines: blank and garbage lines do not count.
         while pos > 0 and len(newest_first) < limit:
             step = min(chunk, pos)

@@ -6,8 +6,10 @@ backpressure). Every read command takes ``--json``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -524,8 +526,14 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
         return _event_matches(e, types, severity, task_id, worker_id, correlation, since)
 
     filtered = any((types, severity, task_id, worker_id, correlation, since))
+    path = home.events_file
+    # A follower notes where the file ends *before* reading the window, and then prints
+    # from there: a line appended in between is printed once, not lost or doubled.
+    st = path.stat() if follow and path.exists() else None
+    position, inode = (st.st_size, st.st_ino) if st else (0, None)
     # Filtering reads further back; the file is read backwards, not loaded whole.
-    window = tail_jsonl(home.events_file, lines * 50 if filtered else lines)
+    window = tail_jsonl(path, lines * 50 if filtered else lines,
+                        end=position if st is not None else None)
     shown = [e for e in window if keep(e)][-lines:]
     emit_line = (lambda e: sys.stdout.write(orjson.dumps(e).decode() + "\n")) if as_json \
         else (lambda e: click.echo(_format_event(e)))
@@ -537,46 +545,56 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
     if not follow:
         return
     sys.stdout.flush()
-    path = home.events_file
-    st = path.stat() if path.exists() else None
-    position, inode = (st.st_size, st.st_ino) if st else (0, None)
     last_id: str | None = window[-1].get("event_id") if window else None
     skip_to: str | None = None  # after a rotation: the kept lines were printed already
+    from .wakeup import stop_signals, watch_changes
+
+    # Woken by inotify on coordination/ (appends included) and by Ctrl-C/SIGTERM; the
+    # 30 s timeout is only a safety net for a filesystem without inotify.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        while True:
-            st = path.stat() if path.exists() else None
-            size = st.st_size if st else 0
-            if st is not None and (st.st_ino != inode or size < position):
-                # Rotated by the janitor: the new file starts with the newest lines of the
-                # old one (events_keep_lines); resume after the last event already read.
-                inode, position, skip_to = st.st_ino, 0, last_id
-            if size > position:
-                with open(path, "rb") as fh:
-                    fh.seek(position)
-                    chunk = fh.read(size - position)
-                complete = chunk[: chunk.rfind(b"\n") + 1]
-                position += len(complete)
-                parsed = []
-                for raw in complete.splitlines():
-                    try:
-                        e = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(e, dict):
-                        parsed.append(e)
-                if skip_to is not None:
-                    ids = [e.get("event_id") for e in parsed]
-                    if skip_to in ids:
-                        parsed = parsed[ids.index(skip_to) + 1:]
-                    skip_to = None
-                for e in parsed:
-                    last_id = e.get("event_id") or last_id
-                    if keep(e):
-                        emit_line(e)
-                sys.stdout.flush()
-            time.sleep(0.25)
-    except KeyboardInterrupt:
+        with stop_signals(wake_w) as stopped, \
+                watch_changes(str(home.coordination), wake_w) as watching:
+            while not stopped:
+                st = path.stat() if path.exists() else None
+                size = st.st_size if st else 0
+                if st is not None and (st.st_ino != inode or size < position):
+                    # Rotated by the janitor: the new file starts with the newest lines of
+                    # the old one (events_keep_lines); resume after the last event read.
+                    inode, position, skip_to = st.st_ino, 0, last_id
+                if size > position:
+                    with open(path, "rb") as fh:
+                        fh.seek(position)
+                        chunk = fh.read(size - position)
+                    complete = chunk[: chunk.rfind(b"\n") + 1]
+                    position += len(complete)
+                    parsed = []
+                    for raw in complete.splitlines():
+                        try:
+                            e = orjson.loads(raw)
+                        except orjson.JSONDecodeError:
+                            continue
+                        if isinstance(e, dict):
+                            parsed.append(e)
+                    if skip_to is not None:
+                        ids = [e.get("event_id") for e in parsed]
+                        if skip_to in ids:
+                            parsed = parsed[ids.index(skip_to) + 1:]
+                        skip_to = None
+                    for e in parsed:
+                        last_id = e.get("event_id") or last_id
+                        if keep(e):
+                            emit_line(e)
+                    sys.stdout.flush()
+                select.select([wake_r], [], [], 30.0 if watching else 0.5)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 4096):
+                        pass
+    except KeyboardInterrupt:  # before the handlers were installed
         return
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 # ---------------------------------------------------------------------------- doctor

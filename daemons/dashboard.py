@@ -18,7 +18,6 @@ import contextlib
 import os
 import select
 import shutil
-import signal
 import sys
 import termios
 import time
@@ -38,6 +37,8 @@ from coordination.metrics import collect_status, recent_events, recent_snapshots
 from coordination.paths import Home
 from coordination.redact import redact
 
+from .wakeup import stop_signals, watch_changes
+
 SPARK_UTF8 = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-=+*#@"
 SNAPSHOT_POINTS = 60
@@ -48,7 +49,6 @@ HEALTH_STYLE = {"healthy": "bold green", "degraded": "bold yellow", "unhealthy":
 SEVERITY_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "red",
                   "critical": "bold red"}
 #: watchdog event types that mean a file really changed (not merely opened or read).
-_CHANGE_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
 
 
 def sparkline(values: list[float | None], chars: str = SPARK_UTF8) -> str:
@@ -288,41 +288,6 @@ def _cbreak_tty() -> Iterator[int | None]:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _watch(path: str, wake_fd: int) -> Iterator[bool]:
-    """Write a byte to ``wake_fd`` on every change under ``path``; yields whether the
-    inotify observer runs (False: the timer fallback alone)."""
-    try:
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-    except ImportError:
-        yield False
-        return
-
-    class Wake(FileSystemEventHandler):
-        def on_any_event(self, event: FileSystemEvent) -> None:
-            if event.event_type not in _CHANGE_EVENTS:
-                return
-            src = os.fsdecode(event.src_path)
-            if "/locks/" in src or src.endswith(".lock"):
-                return
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(wake_fd, b"x")
-
-    observer = Observer()
-    try:
-        observer.schedule(Wake(), path, recursive=True)
-        observer.start()
-    except OSError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        observer.stop()
-        observer.join(5)
-
-
 def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
              debounce: float = 0.25) -> None:
     """Run until q, Ctrl-C, SIGTERM or SIGHUP; restores the terminal on the way out."""
@@ -332,21 +297,9 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
     ascii_only = not (console.encoding or "").lower().startswith("utf")
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    stop_signals: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        # Only a flag: the loop leaves at a clean point (an exception raised from here
-        # could land in the middle of a redraw or of the terminal's restore).
-        stop_signals.append(signum)
-
-    # The kernel may deliver a signal to any thread (watchdog's included), and then the
-    # main thread's select() is not interrupted: the C-level handler writes the signal
-    # number to this pipe instead, from whichever thread, which wakes the select().
-    old_wakeup_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    old_handlers = {sig: signal.signal(sig, stop)
-                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with _cbreak_tty() as key_fd, _watch(str(home.coordination), wake_w) as watching, \
+        with stop_signals(wake_w) as stopped, _cbreak_tty() as key_fd, \
+                watch_changes(str(home.coordination), wake_w) as watching, \
                 Live(console=console, screen=True, auto_refresh=False,
                      redirect_stdout=False, redirect_stderr=False) as live:
             every = interval if watching else min(interval, 2.0)
@@ -359,10 +312,10 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
             draw()
             watched = [fd for fd in (key_fd, wake_r) if fd is not None]
             next_draw = time.monotonic() + every
-            while not stop_signals:
+            while not stopped:
                 timeout = max(0.0, next_draw - time.monotonic())
                 ready, _, _ = select.select(watched, [], [], timeout)
-                if stop_signals:
+                if stopped:
                     break
                 redraw = not ready
                 if key_fd is not None and key_fd in ready:
@@ -382,9 +335,6 @@ def run_live(home: Home, *, interval: float = 5.0, color: bool = True,
     except KeyboardInterrupt:  # SIGINT before the handler was installed
         pass
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        signal.set_wakeup_fd(old_wakeup_fd)
         os.close(wake_r)
         os.close(wake_w)
 

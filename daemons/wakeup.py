@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,69 @@ class Wakeup:
         if timeout is not None and timeout <= 0:
             return self.event.is_set()
         return self.event.wait(timeout)
+
+
+# ---------------------------------------------------------------------------- for CLI loops
+#: watchdog event types that mean "something changed" for a reader following files.
+CHANGE_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
+
+
+@contextlib.contextmanager
+def watch_changes(path: str, wake_fd: int) -> Iterator[bool]:
+    """Write a byte to ``wake_fd`` (non-blocking) on every change under ``path``, lock
+    files excepted (appends included, unlike :class:`Wakeup`); yields whether the inotify
+    observer runs (False: the caller's timer is the only wake-up)."""
+    try:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        yield False
+        return
+
+    class Wake(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type not in CHANGE_EVENTS:
+                return
+            src = os.fsdecode(event.src_path)
+            if "/locks/" in src or src.endswith(".lock"):
+                return
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(wake_fd, b"x")
+
+    observer = Observer()
+    observer.daemon = True
+    try:
+        observer.schedule(Wake(), path, recursive=True)
+        observer.start()
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        observer.stop()
+        observer.join(5)
+
+
+@contextlib.contextmanager
+def stop_signals(wake_fd: int, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM,
+                                                            signal.SIGHUP)) -> Iterator[list[int]]:
+    """While inside: ``signals`` only append their number to the yielded list (the loop
+    stops at a clean point), and ``signal.set_wakeup_fd(wake_fd)`` makes the C-level
+    handler write to ``wake_fd`` whichever thread the kernel picked, so a main thread
+    blocked in select() on the read end wakes up (a Python handler alone would run only
+    when the main thread next wakes). ``wake_fd`` must be non-blocking. Main thread only.
+    Previous handlers and wake-up fd are restored on exit."""
+    received: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    old_fd = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    old = {sig: signal.signal(sig, record) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_fd)
