@@ -558,6 +558,14 @@ class TaskQueue:
                 txn.inbox_done.append(path)
             txn.event("task_enqueued", f"{task['priority']} task queued", task,
                       priority=task["priority"], worker_type=task["worker_type"])
+        if txn.dedup:
+            # A request of this batch that names a deduplicated one depends on the live
+            # task that holds its dedup_key (the duplicate's id never exists).
+            for task_id in sources:
+                deps = tasks[task_id]["depends_on"]
+                if any(d in txn.dedup for d in deps):
+                    tasks[task_id]["depends_on"] = list(dict.fromkeys(
+                        txn.dedup.get(d, d) for d in deps))
         rejected = {t["task_id"] for t, _ in batch} - set(sources) - set(txn.dedup)
         # Only a new task can close a cycle: older ones were checked when they arrived.
         # Every cycle goes (one is found at a time), and with it whatever new task depends

@@ -235,6 +235,22 @@ def test_inbox_task_depending_on_a_later_rejected_one_is_rejected(backend: Any) 
     assert "rejected task(s): B1" in reasons["A1"]
 
 
+def test_dependency_on_a_deduplicated_request_follows_the_holder(backend: Any) -> None:
+    """B is deduplicated onto the live X (same dedup_key): C, which names B, waits for X."""
+    holder = backend.enqueue(req(task_id="X", dedup_key="nightly"), now=T0).task
+    results = backend.enqueue_batch([req(task_id="B", dedup_key="nightly"),
+                                     req(task_id="C", depends_on=["B"])], now=T0 + 1)
+    assert results[0].created is False and results[0].task["task_id"] == "X"
+    assert results[1].task["depends_on"] == ["X"]
+    assert backend.get("C")["depends_on"] == ["X"]
+    first = backend.claim("w1", now=T0 + 2)
+    assert first is not None and first["task_id"] == holder["task_id"]
+    assert backend.claim("w2", now=T0 + 3) is None  # C waits for X, not for a ghost B
+    backend.complete("X", "w1", now=T0 + 4)
+    after = backend.claim("w2", now=T0 + 5)
+    assert after is not None and after["task_id"] == "C"
+
+
 def test_acyclic_dependencies_within_batch_are_accepted(backend: Any) -> None:
     batch = [req(task_id="A"), req(task_id="B", depends_on=["A"]),
              req(task_id="C", depends_on=["A", "B"])]
