@@ -49,3 +49,15 @@ def resolve_home(home_dir: Path | None) -> Home:
         return Home.at(home_dir)
     obj = click.get_current_context().find_object(CliContext)
     return obj.home if obj is not None else Home.at(None)
+
+
+def add_commands(group: click.Group, commands: tuple[click.Command, ...]) -> None:
+    """Add ``commands`` to ``group``; a subgroup whose name the group already has is merged
+    into the existing one (so two modules may each contribute subcommands)."""
+    for command in commands:
+        existing = group.commands.get(command.name or "")
+        if isinstance(existing, click.Group) and isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                existing.add_command(sub, name)
+        else:
+            group.add_command(command)

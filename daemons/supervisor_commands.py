@@ -12,7 +12,7 @@ from coordination import clock
 from coordination.errors import CorruptFileError, UsageError
 from coordination.store import read_json
 
-from .context import home_option, json_option, print_json, resolve_home
+from .context import add_commands, home_option, json_option, print_json, resolve_home
 
 
 # ---------------------------------------------------------------------------- supervisor
@@ -222,10 +222,4 @@ def demo(workers: int, keep_running: bool, home_dir: Path | None) -> None:
 
 def register(group: click.Group) -> None:
     """Add the supervisor-side commands to ``group`` (the top-level ``harness`` group)."""
-    for command in (supervisor_group, up, demo):
-        existing = group.commands.get(command.name or "")
-        if isinstance(existing, click.Group) and isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                existing.add_command(sub, name)
-        else:
-            group.add_command(command)
+    add_commands(group, (supervisor_group, up, demo))

@@ -14,7 +14,7 @@ from coordination.control import update_control
 from coordination.errors import UsageError
 from coordination.events import emit
 
-from .context import home_option, json_option, print_json, resolve_home
+from .context import add_commands, home_option, json_option, print_json, resolve_home
 
 SOURCE = "cli"
 
@@ -228,10 +228,4 @@ def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
 
 def register(group: click.Group) -> None:
     """Add the worker-side commands to ``group`` (the top-level ``harness`` group)."""
-    for command in (worker_group, drain, pause, resume, systemd_group):
-        existing = group.commands.get(command.name or "")
-        if isinstance(existing, click.Group) and isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                existing.add_command(sub, name)
-        else:
-            group.add_command(command)
+    add_commands(group, (worker_group, drain, pause, resume, systemd_group))
