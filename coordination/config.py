@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError, CorruptFileError
 from .paths import Home
-from .store import Durability, read_json
+from .store import Durability, read_json, replace_json
 
 Check = Callable[[Any], bool]
 
@@ -246,6 +246,23 @@ SCOPE_PROPERTIES: dict[str, tuple[str, str]] = {
 def default_system() -> dict[str, Any]:
     doc = {k.name: k.doc for k in SYSTEM_KEYS}
     return {"_comments": doc, "version": 1, **{k.name: k.default for k in SYSTEM_KEYS}}
+
+
+def init_home(home: Home, *, force: bool = True, **system_overrides: Any) -> list[str]:
+    """Create the home's directories and lock files, and publish (by rename)
+    ``config/system.json`` (the defaults plus ``system_overrides``) and
+    ``config/worker-types.json`` (the defaults). With ``force`` False a config file that
+    exists is kept. Returns the paths written ([] when both were kept)."""
+    home.create()
+    system = default_system()
+    system.update(system_overrides)
+    written = []
+    for path, content in ((home.system_config, system),
+                          (home.worker_types_config, DEFAULT_WORKER_TYPES)):
+        if force or not path.exists():
+            replace_json(path, content, pretty=True)
+            written.append(str(path))
+    return written
 
 
 @dataclass(frozen=True)

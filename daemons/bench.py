@@ -30,11 +30,10 @@ from typing import Any
 
 import click
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.events import emit
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import replace_json
 
 from .context import json_option, print_json
 
@@ -72,11 +71,7 @@ class Bench:
 
 def make_home(root: Path, **overrides: Any) -> Home:
     home = Home(root)
-    home.create()
-    cfg = default_system()
-    cfg.update(max_queue_depth=10**9, **overrides)
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    init_home(home, **{"max_queue_depth": 10**9, **overrides})
     return home
 
 

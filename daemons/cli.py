@@ -17,11 +17,11 @@ import click
 import orjson
 
 from coordination import clock
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.errors import EXIT_USAGE, HarnessError, NotFound, UsageError
 from coordination.events import SEVERITIES, emit
 from coordination.paths import Home
-from coordination.store import replace_json, tail_jsonl
+from coordination.store import tail_jsonl
 from coordination.tasks import PRIORITIES, STATUSES
 
 from .context import CliContext, json_option, pass_ctx, print_json
@@ -97,13 +97,7 @@ def init(obj: CliContext, force: bool, as_json: bool) -> None:
     Idempotent: existing config files are kept unless --force.
     """
     home = obj.home
-    home.create()
-    written = []
-    for path, content in ((home.system_config, default_system()),
-                          (home.worker_types_config, DEFAULT_WORKER_TYPES)):
-        if force or not path.exists():
-            replace_json(path, content, pretty=True)
-            written.append(str(path))
+    written = init_home(home, force=force)
     if as_json:
         print_json({"home": str(home.root), "written": written})
     else:

@@ -22,27 +22,14 @@ from typing import Any
 import orjson
 
 from coordination import clock
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import replace_json
 
 from .supervisor import Tick
 from .up import run_up
 
 DEMO_WORKERS = 3
-
-
-def init_home(home: Home) -> list[str]:
-    """What ``harness init`` does: directories, lock files, default config if absent."""
-    home.create()
-    written = []
-    for path, content in ((home.system_config, default_system()),
-                          (home.worker_types_config, DEFAULT_WORKER_TYPES)):
-        if not path.exists():
-            replace_json(path, content, pretty=True)
-            written.append(str(path))
-    return written
 
 
 def _sh(script: str) -> list[str]:
@@ -180,7 +167,7 @@ class _Progress:
 def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = False,
              out: Callable[[str], None] | None = None, status_every_s: float = 1.0) -> int:
     say = out or (lambda line: print(line, flush=True))
-    written = init_home(home)
+    written = init_home(home, force=False)  # what `harness init` does
     say(f"harness demo: home {home.root}"
         + (" (initialised)" if written else " (existing home, config kept)"))
     correlation_id, ids = enqueue_demo(home)

@@ -18,11 +18,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.errors import HarnessError
 from coordination.events import make_event
 from coordination.paths import Home
-from coordination.store import dumps, replace_json
+from coordination.store import dumps
 
 _ROTATE = """
 import json, sys, time
@@ -99,9 +99,7 @@ def bench_rotation(size_bytes: int, workdir: str | os.PathLike[str] | None = Non
     scratch = Path(tempfile.mkdtemp(prefix="harness-janitor-bench-", dir=workdir))
     try:
         home = Home(scratch / "home")
-        home.create()
-        replace_json(home.system_config, default_system(), pretty=True)
-        replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+        init_home(home)
         t0 = time.monotonic()
         lines = _generate(home.events_file, size_bytes)
         generate_s = time.monotonic() - t0

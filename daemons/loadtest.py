@@ -33,12 +33,12 @@ from typing import Any
 import click
 
 from coordination import clock
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.errors import Backpressure, CorruptFileError, HarnessError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
-from coordination.store import iter_jsonl, read_json, replace_json
+from coordination.store import iter_jsonl, read_json
 
 from .context import json_option, print_json
 
@@ -86,12 +86,9 @@ def _task_command(duration: float, failure_rate: float) -> list[str]:
 
 def prepare_home(root: Path, sc: Scenario, time_scale: float) -> Home:
     home = Home(root)
-    home.create()
-    cfg = default_system()
-    cooldown = max(0.2, 2.0 * time_scale)
-    cfg.update(
-        min_workers=1, max_workers=sc.workers, max_concurrent_workers=sc.workers,
-        warm_pool=0, scale_cooldown_s=cooldown, scale_up_threshold=1.0,
+    init_home(
+        home, min_workers=1, max_workers=sc.workers, max_concurrent_workers=sc.workers,
+        warm_pool=0, scale_cooldown_s=max(0.2, 2.0 * time_scale), scale_up_threshold=1.0,
         scale_down_threshold=0.5, retry_backoff_base_s=0.2 * time_scale,
         retry_backoff_max_s=max(1.0, 2 * time_scale), heartbeat_interval_s=1,
         heartbeat_timeout_s=30, worker_stall_timeout_s=max(30.0, 20 * sc.mean_duration_s
@@ -99,8 +96,6 @@ def prepare_home(root: Path, sc: Scenario, time_scale: float) -> Home:
         max_queue_depth=max(10, int(sc.tasks * 0.8)), supervisor_tick_s=0.25,
         actuator="process", durability="fsync",
     )
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
     return home
 
 

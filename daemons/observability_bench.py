@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from coordination import clock
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.metrics import take_snapshot
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -44,11 +44,7 @@ def make_large_home(root: Path, *, history: int = 10_000, events: int = 200_000,
     rng = random.Random(seed)
     ts = time.time() if now is None else now
     home = Home(Path(root))
-    home.create()
-    cfg = default_system()
-    cfg.update(max_queue_depth=10**6, durability="none")
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    init_home(home, max_queue_depth=10**6, durability="none")
     queue = TaskQueue(home)
     queue.enqueue_batch([{"command": ["./agent.sh", "--repo", f"repo-{i % 40}"],
                           "description": f"fix issue #{i}", "priority":

@@ -24,10 +24,9 @@ from typing import Any
 import orjson
 import psutil
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import default_system, init_home
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import replace_json
 
 from .supervisor import health_path
 from .task_runner import become_subreaper, reap_orphans
@@ -37,11 +36,7 @@ HARNESS = [sys.executable, "-m", "daemons"]
 
 def _home(root: Path, **overrides: Any) -> Home:
     home = Home(root)
-    home.create()
-    cfg = default_system()
-    cfg.update(overrides)
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    init_home(home, **overrides)
     return home
 
 

@@ -33,20 +33,15 @@ from typing import Any
 
 import psutil
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
-from coordination.store import replace_json
 
 
 def _home(root: Path, **overrides: Any) -> Home:
     home = Home(root)
-    home.create()
-    cfg = default_system()
-    cfg.update(max_queue_depth=10**6, retry_backoff_base_s=0, **overrides)
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    init_home(home, **{"max_queue_depth": 10**6, "retry_backoff_base_s": 0, **overrides})
     return home
 
 

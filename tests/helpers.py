@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from coordination.config import DEFAULT_WORKER_TYPES, SYSTEM_KEYS, default_system
+from coordination.config import SYSTEM_KEYS, init_home
 from coordination.paths import Home
 from coordination.store import read_json, read_jsonl, replace_json
 
@@ -42,11 +42,7 @@ def make_home(tmp_path: Path | str, name: str = "home", **system_overrides: Any)
     if unknown:
         raise ValueError(f"unknown system key(s) {sorted(unknown)}")
     home = Home(Path(tmp_path) / name)
-    home.create()
-    cfg = default_system()
-    cfg.update(system_overrides)
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    init_home(home, **system_overrides)
     return home
 
 

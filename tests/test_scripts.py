@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import init_home as config_init_home
 from coordination.events import ENVELOPE_FIELDS, emit
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -55,11 +56,7 @@ pytestmark = [needs_bash, needs_flock]
 def init_home(root: Path, **system: Any) -> Home:
     """An initialised home at ``root`` (system.json defaults plus ``system`` overrides)."""
     home = Home(root)
-    home.create()
-    cfg = default_system()
-    cfg.update(system)
-    replace_json(home.system_config, cfg, pretty=True)
-    replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
+    config_init_home(home, **system)
     return home
 
 
