@@ -32,7 +32,7 @@ from .config import load_system, load_worker_types
 from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
-from .specs import complete_spec, liveness, read_specs
+from .specs import complete_spec, liveness, orphan_proof, read_specs
 from .store import iter_jsonl, read_json, replace_bytes, replace_json
 from .tasks import check_stored_task
 
@@ -291,14 +291,8 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
         if task["status"] != "running":
             continue
         owner = task.get("worker_id")
-        proof = None
-        if owner in dead_workers:
-            proof = dead_workers[owner]
-        elif owner not in active:
-            started = task.get("started_at")
-            age = now - clock.parse_iso(started) if started else float("inf")
-            if owner in completed_ids or age > heartbeat_timeout:
-                proof = f"worker {owner} has no active spec"
+        proof = orphan_proof(task, active, dead_workers, completed_ids.__contains__, now,
+                             heartbeat_timeout)
         if proof is None:
             continue
         f = report.add("warning", "orphaned_task", f"task {task['task_id']} is running on "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,4 +149,29 @@ def liveness(spec: dict[str, Any], now: float, heartbeat_timeout_s: float) -> st
             return f"pid {spec['pid']} was reused (start time {started:.2f} != {recorded:.2f})"
     if beat is not None and now - beat > heartbeat_timeout_s:
         return f"heartbeat is {now - beat:.1f}s old (limit {heartbeat_timeout_s}s)"
+    return None
+
+
+def orphan_proof(task: dict[str, Any], active: Container[str], dead: dict[str, str],
+                 spec_completed: Callable[[str], bool], now: float,
+                 heartbeat_timeout_s: float) -> str | None:
+    """Why the running ``task``'s owner can no longer finish it, as a phrase; None when it
+    may. The owner is proven dead (its proof in ``dead``, from :func:`liveness` or
+    stronger), or it has no spec in ``active``: its spec is completed (it exited without
+    finishing the task), or the task started more than ``heartbeat_timeout_s`` ago (a
+    younger one may belong to a worker between its claim and its first spec write).
+    Shared by the supervisor's reclaim and ``harness doctor``."""
+    owner = task.get("worker_id")
+    if owner in dead:
+        return dead[owner]
+    if owner in active:
+        return None
+    if owner and spec_completed(owner):
+        return f"worker {owner} exited without finishing it (its spec is completed)"
+    try:
+        started: float | None = clock.parse_iso(task.get("started_at") or "")
+    except ValueError:
+        started = None
+    if started is None or now - started > heartbeat_timeout_s:
+        return f"worker {owner} has no active spec"
     return None

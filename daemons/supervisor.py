@@ -70,7 +70,13 @@ from coordination.locks import lock_for
 from coordination.metrics import attempt_result, compute_health
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.specs import complete_spec, liveness, process_start_time, read_specs
+from coordination.specs import (
+    complete_spec,
+    liveness,
+    orphan_proof,
+    process_start_time,
+    read_specs,
+)
 from coordination.store import Durability, read_json, replace_json
 
 from .actuators import Actuator, ProcessActuator, kill_orphaned_tasks, make_actuator
@@ -422,15 +428,8 @@ def reclaim_pass(home: Home, now: float, *, queue: TaskQueue | None = None,
         if task["status"] != "running":
             continue
         owner = task.get("worker_id")
-        proof = None
-        if owner in dead:
-            proof = dead[owner]
-        elif owner not in active:
-            started = _ts(task.get("started_at"))
-            if owner and (home.specs_completed / f"{owner}.json").exists():
-                proof = f"worker {owner} exited without finishing it (its spec is completed)"
-            elif started is None or now - started > hb:
-                proof = f"worker {owner} has no active spec"
+        proof = orphan_proof(task, active, dead,
+                             lambda w: (home.specs_completed / f"{w}.json").exists(), now, hb)
         if proof is None:
             continue
         if dry_run:
