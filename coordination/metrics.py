@@ -48,6 +48,7 @@ from .specs import liveness, read_specs
 from .store import (
     append_line,
     jsonl_archives,
+    parse_record,
     read_json,
     replace_json,
     scan_jsonl_gz,
@@ -163,14 +164,6 @@ def iter_lines_reverse(path: Path, max_bytes: int, chunk: int = 1 << 18
         fh.close()
 
 
-def _loads(raw: bytes) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 @dataclass
 class HistoryWindow:
     """History records with ``recorded_at`` in ``[since, now]``, oldest first."""
@@ -191,7 +184,7 @@ def history_window(home: Home, since: float, max_bytes: int = HISTORY_TAIL_MAX_B
     except FileNotFoundError:
         return HistoryWindow([], True)
     for raw in iter_lines_reverse(home.history_file, max_bytes):
-        record = _loads(raw)
+        record = parse_record(raw)
         if record is None:
             continue
         recorded = record.get("recorded_at")
@@ -595,7 +588,7 @@ def snapshot_from(obs: Observation, counters: dict[str, Any] | None = None) -> d
 def last_snapshot(home: Home) -> dict[str, Any] | None:
     """The newest parseable snapshot (a torn or garbage last line is skipped)."""
     for raw in iter_lines_reverse(home.metrics_file, 16 << 20):
-        snap = _loads(raw)
+        snap = parse_record(raw)
         if snap is not None and isinstance(snap.get("timestamp"), str):
             return snap
     return None
@@ -691,7 +684,7 @@ def update_counters(home: Home, previous: dict[str, Any] | None) -> dict[str, An
                 if not raw.endswith(b"\n"):
                     break  # torn or still being written: read it next time
                 offset += len(raw)
-                record = _loads(raw)
+                record = parse_record(raw)
                 if record is None:
                     continue
                 if floor is not None and not str(record.get("recorded_at") or "") > floor:
@@ -754,7 +747,7 @@ def recent_alerts(home: Home, limit: int = 5, scan: int = ALERT_SCAN_LINES
             break
         if not any(w in raw for w in words):
             continue
-        event = _loads(raw)
+        event = parse_record(raw)
         if event is not None and event.get("severity") in ALERT_SEVERITIES:
             found.append(event)
             if len(found) >= limit:
@@ -986,7 +979,7 @@ def _scan_jsonl(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]
     with fh:
         for raw in fh:
             if any(n in raw for n in needles):
-                record = _loads(raw)
+                record = parse_record(raw)
                 if record is not None:
                     yield record
 

@@ -164,14 +164,31 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             stripped = raw.strip()
             if not stripped:
                 continue
-            try:
-                obj = orjson.loads(stripped)
-            except orjson.JSONDecodeError:
-                yield number, None
-                continue
-            yield number, obj if isinstance(obj, dict) else None
+            yield number, parse_record(stripped)
     finally:
         fh.close()
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    """One JSONL line as an object; None for a blank, unparseable or non-object line."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_appended(path: Path, offset: int, size: int) -> tuple[list[dict[str, Any]], int]:
+    """The records of the whole lines in ``path`` between ``offset`` and ``size`` (a size
+    the caller just read with stat), and the offset after the last whole line: a line still
+    being written is left for the next call. Unparseable lines are skipped. The caller owns
+    rotation (a new inode, or ``size`` below ``offset``): it starts again at 0."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(max(0, size - offset))
+    whole = data[:data.rfind(b"\n") + 1]
+    records = [r for r in map(parse_record, whole.splitlines()) if r is not None]
+    return records, offset + len(whole)
 
 
 def read_jsonl(path: Path) -> JsonlRead:
@@ -210,11 +227,8 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
         raw = raw.strip()
         if not raw or len(newest_first) >= limit:
             return
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(obj, dict):
+        obj = parse_record(raw)
+        if obj is not None:
             newest_first.append(obj)
 
     with fh:
@@ -260,11 +274,8 @@ def scan_jsonl_gz(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, An
         with gzip.open(path, "rb") as fh:
             for raw in fh:
                 if any(n in raw for n in needles):
-                    try:
-                        obj = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(obj, dict):
+                    obj = parse_record(raw)
+                    if obj is not None:
                         yield obj
     except (OSError, EOFError):
         return

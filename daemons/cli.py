@@ -21,7 +21,7 @@ from coordination.config import init_home
 from coordination.errors import EXIT_USAGE, HarnessError, NotFound, UsageError
 from coordination.events import SEVERITIES, emit
 from coordination.paths import Home
-from coordination.store import tail_jsonl
+from coordination.store import read_appended, tail_jsonl
 from coordination.tasks import PRIORITIES, STATUSES
 
 from .context import CliContext, json_option, pass_ctx, print_json
@@ -557,19 +557,7 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
                     # the old one (events_keep_lines); resume after the last event read.
                     inode, position, skip_to = st.st_ino, 0, last_id
                 if size > position:
-                    with open(path, "rb") as fh:
-                        fh.seek(position)
-                        chunk = fh.read(size - position)
-                    complete = chunk[: chunk.rfind(b"\n") + 1]
-                    position += len(complete)
-                    parsed = []
-                    for raw in complete.splitlines():
-                        try:
-                            e = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            continue
-                        if isinstance(e, dict):
-                            parsed.append(e)
+                    parsed, position = read_appended(path, position, size)
                     if skip_to is not None:
                         ids = [e.get("event_id") for e in parsed]
                         if skip_to in ids:

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from coordination import clock
 from coordination.config import init_home
 from coordination.paths import Home
 from coordination.queue import TaskQueue
+from coordination.store import read_appended
 
 from .supervisor import Tick
 from .up import run_up
@@ -142,18 +141,9 @@ class _Progress:
             self.offset = 0
         if size == self.offset:
             return
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read(size - self.offset)
-        whole = data[:data.rfind(b"\n") + 1]
-        self.offset += len(whole)
-        for raw in whole.splitlines():
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("final") \
-                    and record.get("task_id") in self.ids:
+        records, self.offset = read_appended(self.path, self.offset, size)
+        for record in records:
+            if record.get("final") and record.get("task_id") in self.ids:
                 self.outcomes[record["task_id"]] = str(record.get("status"))
 
     @property

@@ -77,7 +77,13 @@ from coordination.specs import (
     process_start_time,
     read_specs,
 )
-from coordination.store import Durability, read_json, replace_json
+from coordination.store import (
+    Durability,
+    parse_record,
+    read_appended,
+    read_json,
+    replace_json,
+)
 
 from .actuators import Actuator, ProcessActuator, kill_orphaned_tasks, make_actuator
 from .notify import Notifier
@@ -211,15 +217,9 @@ class HistoryWindow:
         self._ino: int | None = None
         self._offset = 0
 
-    def _add(self, raw: bytes, into: list[tuple[float, bool, str]]) -> float | None:
-        raw = raw.strip()
-        if not raw:
-            return None
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(record, dict):
+    def _add(self, record: dict[str, Any] | None,
+             into: list[tuple[float, bool, str]]) -> float | None:
+        if record is None:
             return None
         ts = _ts(record.get("recorded_at"))
         ok = attempt_outcome(record)
@@ -249,7 +249,7 @@ class HistoryWindow:
                 lines = parts[1:] if pos > 0 else parts
                 oldest = math.inf
                 for raw in reversed(lines):
-                    ts = self._add(raw, found)
+                    ts = self._add(parse_record(raw), found)
                     if ts is not None:
                         oldest = min(oldest, ts)
                 if oldest < cutoff - 60:  # appends are ordered to within a lock hold
@@ -270,14 +270,10 @@ class HistoryWindow:
             self._ino = st.st_ino
             self._load_tail(st.st_size, cutoff)
         elif st.st_size > self._offset:
-            with open(self.path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read(st.st_size - self._offset)
-            whole = data[:data.rfind(b"\n") + 1]
-            self._offset += len(whole)
+            records, self._offset = read_appended(self.path, self._offset, st.st_size)
             new: list[tuple[float, bool, str]] = []
-            for raw in whole.split(b"\n"):
-                self._add(raw, new)
+            for record in records:
+                self._add(record, new)
             self.records.extend(new)
         if self.records and self.records[0][0] < cutoff:
             self.records = deque(r for r in self.records if r[0] >= cutoff)

@@ -18,6 +18,8 @@ from coordination.store import (
     append_bytes,
     append_line,
     iter_jsonl,
+    parse_record,
+    read_appended,
     read_json,
     read_jsonl,
     replace_bytes,
@@ -298,3 +300,23 @@ def test_tail_jsonl_returns_limit_records_when_garbage_is_near_the_end(tmp_path:
     path = tmp_path / "t.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\ngarbage\n')
     assert [r["n"] for r in tail_jsonl(path, 2, chunk=8)] == [2, 3]
+
+
+def test_read_appended_leaves_a_torn_line_for_later(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"a":1}\n\ngarbage\n[1]\n{"b":2}\n{"c":')
+    size = path.stat().st_size
+    records, offset = read_appended(path, 0, size)
+    assert records == [{"a": 1}, {"b": 2}]
+    assert offset == size - len(b'{"c":')
+    with open(path, "ab") as fh:
+        fh.write(b"3}\n")
+    more, offset2 = read_appended(path, offset, path.stat().st_size)
+    assert more == [{"c": 3}] and offset2 == path.stat().st_size
+    assert read_appended(path, offset2, offset2) == ([], offset2)
+
+
+def test_parse_record_only_objects() -> None:
+    assert parse_record(b'{"x": 1}') == {"x": 1}
+    assert parse_record(b"[1]") is None and parse_record(b"") is None
+    assert parse_record(b"{torn") is None
