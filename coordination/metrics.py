@@ -77,11 +77,6 @@ _EVENTS_NAME = Home(Path("/")).events_file.name
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
-def health_file(home: Home) -> Path:
-    """``coordination/health.json``, published by the supervisor (:attr:`Home.health_file`)."""
-    return home.health_file
-
-
 def check_state_file(home: Home) -> Path:
     """``coordination/check-state.json``: the levels ``harness check`` last reported."""
     return home.coordination / "check-state.json"
@@ -406,7 +401,7 @@ def health_stale_after(cfg: SystemConfig) -> float:
 def read_health_file(home: Home) -> dict[str, Any] | None:
     """The supervisor's health.json, None when absent or unreadable."""
     try:
-        raw = read_json(health_file(home))
+        raw = read_json(home.health_file)
     except (FileNotFoundError, CorruptFileError):
         return None
     if not isinstance(raw, dict) or raw.get("health") not in HEALTH_STATES:

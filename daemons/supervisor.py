@@ -29,8 +29,8 @@ Rules (docs/supervisor.md has the operator's view)
   target; scale-up starts instances through the actuator, scale-down drains *idle* workers
   only (``control.json`` ``drain.instances``): a busy worker is never stopped.
 - Backpressure, health and the circuit breaker: see the methods of the same names. The
-  health rule itself is coordination.metrics' ``compute_health`` (shared with ``harness
-  status``/``check``).
+  health rule itself is coordination.metrics' ``compute_health``, applied through
+  ``health_document`` (shared with ``harness status``/``check``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from coordination.errors import (
 )
 from coordination.events import emit
 from coordination.locks import lock_for
-from coordination.metrics import attempt_result, compute_health
+from coordination.metrics import attempt_result, health_document
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import (
@@ -95,17 +95,6 @@ STATE_VERSION = 1
 HEALTH_REFRESH_S = 30.0  # health.json is republished at least this often, changed or not
 HISTORY_CHUNK = 1 << 16
 BUSY_STATES = ("busy", "draining", "stopping")
-
-
-# ---------------------------------------------------------------------------- files
-def state_path(home: Home) -> Path:
-    """``coordination/supervisor-state.json`` (:attr:`Home.supervisor_state_file`)."""
-    return home.supervisor_state_file
-
-
-def health_path(home: Home) -> Path:
-    """``coordination/health.json`` (:attr:`Home.health_file`)."""
-    return home.health_file
 
 
 def singleton_lock_path(home: Home) -> Path:
@@ -885,12 +874,12 @@ class Supervisor:
         self.state["stalls"] = recent[-200:]
         stalled = sorted({s["worker_id"] for s in recent}
                          | {s["worker_id"] for s in report["stalled"]})
-        level, reasons = compute_health(rate, stalled, window, attempts=ok + failed,
-                                        min_attempts=int(cfg["health_min_attempts"]))
-        doc = {"version": 1, "updated_at": clock.iso(now), "health": level,
-               "success_rate": rate, "stalled_workers": stalled, "reasons": reasons,
-               "backpressure": bool(report["backpressure"]), "circuits": report["circuits"],
-               "window_s": window, "attempts": {"completed": ok, "failed": failed}}
+        doc = health_document(rate, stalled, backpressure=bool(report["backpressure"]),
+                              now=now, window_s=window, circuits=report["circuits"],
+                              attempts=ok + failed,
+                              min_attempts=int(cfg["health_min_attempts"]))
+        doc.update(window_s=window, attempts={"completed": ok, "failed": failed})
+        level, reasons = doc["health"], doc["reasons"]
         previous = self.state.get("health")
         if level != previous:
             self.state["health"] = level

@@ -28,7 +28,6 @@ from coordination.config import default_system, init_home
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 
-from .supervisor import health_path
 from .task_runner import become_subreaper, reap_orphans
 
 HARNESS = [sys.executable, "-m", "daemons"]
@@ -110,7 +109,7 @@ def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
                  root / "supervisor.log", env)
     samples: list[float] = []
     try:
-        _wait(health_path(home).exists, 60, "the supervisor's first pass", 0.02)
+        _wait(home.health_file.exists, 60, "the supervisor's first pass", 0.02)
         queue = TaskQueue(home)
         for trial in range(trials):
             worker = _spawn([*HARNESS, "worker", "run", "--instance", f"b{trial}", "--home",
@@ -184,7 +183,7 @@ def sample_idle(windows: int = 6, window_s: float = 10.0, *, warmup_s: float = 5
     sup = _spawn([*HARNESS, "supervisor", "run", "--home", str(home.root)],
                  root / "supervisor.log", _env())
     try:
-        _wait(health_path(home).exists, 60, "the supervisor's first pass", 0.02)
+        _wait(home.health_file.exists, 60, "the supervisor's first pass", 0.02)
         proc = psutil.Process(sup.pid)
         _wait(lambda: bool(proc.children()), 60, "the supervisor's idle worker", 0.02)
         time.sleep(warmup_s)

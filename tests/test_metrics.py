@@ -25,7 +25,6 @@ from coordination.metrics import (
     build_snapshot,
     compute_health,
     health_document,
-    health_file,
     history_window,
     percentile,
     stall_reason,
@@ -254,7 +253,7 @@ def test_fresh_health_file_wins_and_a_stale_one_is_ignored(known: Known) -> None
            "success_rate": 0.1, "stalled_workers": ["worker-idle"], "reasons": ["from sup"],
            "backpressure": False, "circuits": {"shell": {"state": "open",
                                                          "until": clock.iso(known.now)}}}
-    replace_json(health_file(known.home), doc)
+    replace_json(known.home.health_file, doc)
     snap = build_snapshot(known.home, known.now, counters=False)
     assert snap["health"]["state"] == "unhealthy"
     assert snap["health"]["source"] == "supervisor"

@@ -32,10 +32,8 @@ from daemons.supervisor import (
     PidWatcher,
     Supervisor,
     decide_scale,
-    health_path,
     scale_down_once,
     singleton_lock_path,
-    state_path,
 )
 
 HARNESS = [sys.executable, "-m", "daemons"]
@@ -148,7 +146,7 @@ def test_backpressure_exit_75_and_events(home_factory: Callable[..., Home]) -> N
     assert report["ingested"] == 1  # the supervisor keeps draining the inbox
     assert report["queue"]["queued"] == 5 and report["backpressure"] is True
     assert len(events(home, "backpressure_on")) == 1  # no transition, no second event
-    assert read_json(health_path(home))["backpressure"] is True
+    assert read_json(home.health_file)["backpressure"] is True
     for task in queue.live_tasks()[:3]:
         queue.cancel(task["task_id"])
     report = sup.reconcile(clock.now())
@@ -164,7 +162,7 @@ def test_state_survives_a_restart(home_factory: Callable[..., Home]) -> None:
     queue.enqueue_batch([req(), req()], force=True)
     Supervisor(home).reconcile(clock.now())
     assert len(events(home, "backpressure_on")) == 1
-    state = read_json(state_path(home))
+    state = read_json(home.supervisor_state_file)
     assert state["backpressure"] is True and state["health"] == "healthy"
     again = Supervisor(home)  # a restarted supervisor: same decisions, no duplicate events
     again.reconcile(clock.now())
@@ -189,7 +187,7 @@ def test_health_transitions_with_crafted_history(home_factory: Callable[..., Hom
     now += 10
     add_history(home, now, [("failed", "default")] * 8, spread_s=5)
     report = sup.reconcile(now)
-    doc = read_json(health_path(home))
+    doc = read_json(home.health_file)
     assert report["health"]["health"] == doc["health"] == "unhealthy"
     assert doc["success_rate"] == pytest.approx(10 / 22, abs=1e-3)
     assert doc["reasons"] and doc["version"] == 1 and doc["stalled_workers"] == []
@@ -235,7 +233,7 @@ def test_circuit_breaker_opens_pauses_and_closes(home_factory: Callable[..., Hom
     assert report["circuits"] == {"shell": {"state": "open", "until": until}}
     pause = read_control(home)["paused_types"]["shell"]
     assert pause["reason"] == "circuit_open" and pause["until"] == until
-    assert read_json(health_path(home))["circuits"] == {"shell": {"state": "open",
+    assert read_json(home.health_file)["circuits"] == {"shell": {"state": "open",
                                                                   "until": until}}
     [opened] = events(home, "circuit_open")
     assert opened["data"]["worker_type"] == "shell" and opened["data"]["attempts"] == 6
@@ -306,7 +304,7 @@ def test_stalled_worker_is_fenced_and_its_task_retried(home_factory: Callable[..
     assert events(home, "task_reclaimed")[0]["data"]["cause"] == "stalled"
     spec = read_json(home.specs_completed / f"{worker_id}.json")
     assert spec["exit_reason"] == "crashed"
-    doc = read_json(health_path(home))
+    doc = read_json(home.health_file)
     # One stalled worker: degraded. Its reclaimed attempt is the only (failed) one, 0 %,
     # but one attempt is below health_min_attempts, so the rate is not judged yet.
     assert doc["stalled_workers"] == [worker_id] and doc["health"] == "degraded"
@@ -328,7 +326,7 @@ def test_progress_resets_the_stall_clock(home: Home) -> None:
     write_spec(home, spec)
     assert sup.reconcile(now + 8)["stalled"] == []
     assert sup.reconcile(now + 16)["stalled"] == []  # 8 s since the last change
-    assert read_json(state_path(home))["progress"][spec["worker_id"]]["progress"] == 2
+    assert read_json(home.supervisor_state_file)["progress"][spec["worker_id"]]["progress"] == 2
 
 
 # ---------------------------------------------------------------------------- idle stop
@@ -454,9 +452,9 @@ def test_pid_watcher_wakes_on_death(procs: ProcGroup) -> None:
 
 
 def test_corrupt_state_file_is_replaced(home: Home) -> None:
-    state_path(home).write_text("{not json")
+    home.supervisor_state_file.write_text("{not json")
     Supervisor(home).reconcile(clock.now())
-    assert read_json(state_path(home))["version"] == 1
+    assert read_json(home.supervisor_state_file)["version"] == 1
 
 
 def test_make_home_helper_is_compatible(tmp_path: Path) -> None:
