@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, overload
@@ -187,6 +187,22 @@ class QueueBackend(Protocol):
     def get(self, task_id: str) -> dict[str, Any] | None: ...
     def live_tasks(self) -> list[dict[str, Any]]: ...
     def dead_letters(self) -> list[dict[str, Any]]: ...
+
+
+def is_runnable(task: dict[str, Any], live: Container[str], now_iso: str,
+                paused: Container[str], wanted: Container[str] | None = None) -> bool:
+    """Whether ``task`` may be claimed now (docs/coordination.md, "Claim order"): queued,
+    its ``not_before`` due (timestamps compare as text), no ``depends_on`` task still in
+    ``live``, its worker type not in ``paused`` and, when ``wanted`` is given, in it."""
+    if task["status"] != "queued":
+        return False
+    wtype = task.get("worker_type") or "default"
+    if (wanted is not None and wtype not in wanted) or wtype in paused:
+        return False
+    nb = task.get("not_before")
+    if nb is not None and nb > now_iso:
+        return False
+    return not any(dep in live for dep in task.get("depends_on") or ())
 
 
 class TaskQueue:
@@ -808,22 +824,14 @@ class TaskQueue:
         return out
 
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
-                  paused: Iterable[str]) -> dict[str, Any] | None:
+                  paused: Container[str]) -> dict[str, Any] | None:
         """The claim step of a transaction (see :meth:`claim`)."""
         tasks = txn.state.tasks
         best: dict[str, Any] | None = None
         best_key: tuple[int, str, str] | None = None
         now_iso = clock.iso(txn.now)
         for task in tasks.values():
-            if task["status"] != "queued":
-                continue
-            wtype = task.get("worker_type") or "default"
-            if (wanted is not None and wtype not in wanted) or wtype in paused:
-                continue
-            nb = task.get("not_before")
-            if nb is not None and nb > now_iso:
-                continue
-            if any(dep in tasks for dep in task.get("depends_on") or ()):
+            if not is_runnable(task, tasks, now_iso, paused, wanted):
                 continue
             key = (PRIORITY_RANK[task["priority"]], task["created_at"] or "",
                    task["task_id"])

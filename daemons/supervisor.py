@@ -69,7 +69,7 @@ from coordination.events import emit
 from coordination.locks import lock_for
 from coordination.metrics import attempt_result, health_document
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import TaskQueue, is_runnable
 from coordination.specs import (
     complete_spec,
     liveness,
@@ -628,19 +628,8 @@ class Supervisor:
         paused = paused_types(control, now)
         live = {t["task_id"] for t in tasks}
         now_iso = clock.iso(now)
-        queued = runnable = 0
-        for task in tasks:
-            if task["status"] != "queued":
-                continue
-            queued += 1
-            if (task.get("worker_type") or "default") in paused:
-                continue
-            nb = task.get("not_before")
-            if nb is not None and nb > now_iso:
-                continue
-            if any(dep in live for dep in task.get("depends_on") or ()):
-                continue
-            runnable += 1
+        queued = sum(1 for task in tasks if task["status"] == "queued")
+        runnable = sum(1 for task in tasks if is_runnable(task, live, now_iso, paused))
         return queued, runnable
 
     def _backpressure(self, now: float, cfg: Mapping[str, Any], queued: int,
