@@ -54,6 +54,9 @@ def _str_list(v: Any) -> bool:
 
 
 SYSTEM_KEYS: tuple[Key, ...] = (
+    Key("queue_backend", "file", _choice("file"), '"file"',
+        "Where the queue keeps its tasks. file: a journal and the jq view task-queue.json in "
+        "this home (docs/coordination.md, \"Queue\")."),
     Key("durability", "fsync", _choice("fsync", "none"), '"fsync" or "none"',
         "fsync: every published file and appended line is fsynced (crash-durable). none: "
         "still atomic (publish by rename) but a power loss may lose recent writes."),

@@ -33,8 +33,7 @@ from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
-from .store import iter_jsonl, read_json, replace_bytes, replace_json
-from .tasks import check_stored_task
+from .store import iter_jsonl
 
 STALE_TEMP_S = 3600.0
 
@@ -81,24 +80,6 @@ def _quarantine(home: Home, path: Path, now: float) -> Path:
     return target
 
 
-def _parse_queue_bytes(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse and validate a queue file; raises CorruptFileError."""
-    raw = read_json(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
-        raise CorruptFileError(path, "top level must be an object with a 'tasks' list")
-    tasks: dict[str, dict[str, Any]] = {}
-    problems: list[str] = []
-    for index, task in enumerate(raw["tasks"]):
-        problems += check_stored_task(task, f"tasks[{index}]")
-        if isinstance(task, dict) and task.get("task_id") in tasks:
-            problems.append(f"tasks[{index}]: duplicate task_id {task['task_id']}")
-        elif isinstance(task, dict) and isinstance(task.get("task_id"), str):
-            tasks[task["task_id"]] = task
-    if problems:
-        raise CorruptFileError(path, "; ".join(problems[:5]))
-    return tasks
-
-
 def check(home: Home, *, repair: bool = False, now: float | None = None) -> Report:
     """Check the home's invariants (see module docstring); repair when asked.
 
@@ -130,10 +111,22 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
     except ConfigError as exc:
         report.add("error", "bad_config", str(exc))
         return report
-    with lock_for(home.lock_path("queue")).held_for(cfg.lock_timeout):
-        tasks = _check_queue(home, report, repair, ts)
-        if tasks is not None:
-            _check_cross(home, report, tasks, repair, ts, cfg.values["heartbeat_timeout_s"])
+    from .queue import open_queue  # local: the queue is the heaviest import
+
+    queue = open_queue(home)
+    tasks: dict[str, dict[str, Any]] | None
+    try:
+        for found in queue.check(repair=repair, now=ts):
+            report.findings.append(Finding(found.level, found.code, found.message, found.path,
+                                           found.repaired))
+        tasks = {t["task_id"]: t for t in queue.live_tasks()}
+    except CorruptFileError as exc:
+        report.add("error", "corrupt_queue", str(exc), exc.path if isinstance(exc.path, str)
+                   else str(exc.path))
+        tasks = None
+    if tasks is not None:
+        _check_specs(home, report, tasks, queue if repair else None, ts,
+                     cfg.values["heartbeat_timeout_s"])
     _check_temp_files(home, report, repair, ts)
     for path in (home.events_file, home.metrics_file, home.history_file):
         _check_jsonl(home, path, report, repair, ts)
@@ -144,124 +137,11 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
     return report
 
 
-def _check_queue(home: Home, report: Report, repair: bool,
-                 now: float) -> dict[str, dict[str, Any]] | None:
-    path = home.queue_file
-    if not path.exists():
-        return {}
-    try:
-        return _parse_queue_bytes(path)
-    except CorruptFileError as exc:
-        finding = report.add("error", "corrupt_queue", str(exc), path)
-    if not repair:
-        return None
-    prev_tasks: dict[str, dict[str, Any]] = {}
-    try:
-        prev_tasks = _parse_queue_bytes(home.queue_prev_file)
-        source = "the previous revision"
-    except (CorruptFileError, FileNotFoundError):
-        source = "an empty queue (no good previous revision)"
-    moved = _quarantine(home, path, now)
-    from .queue import TaskQueue  # local: queue imports doctor-free modules only
-
-    q = TaskQueue(home)
-    data = {"version": 1, "revision": 0, "updated_at": clock.iso(now),
-            "tasks": list(prev_tasks.values())}
-    from .store import dumps
-
-    replace_bytes(path, dumps(data) + b"\n", load_system(home).durability)
-    # The tasks the lost revision admitted wait in inbox/.ingested/rev-N.jsonl: add them
-    # again, except those that already finished (their final history record exists).
-    replayed: list[dict[str, Any]] = []
-    if home.inbox_ingested.is_dir():
-        kept = [r for n in sorted(os.listdir(home.inbox_ingested)) if n.endswith(".jsonl")
-                for _, r in iter_jsonl(home.inbox_ingested / n) if r and r.get("task_id")]
-        finished = _final_records(home, {t["task_id"] for t in kept})
-        replayed = [t for t in kept
-                    if t["task_id"] not in finished and t["task_id"] not in prev_tasks]
-    if replayed:
-        def body(txn: Any) -> None:
-            for task in replayed:
-                task.update(status="queued", worker_id=None)
-                txn.state.tasks[task["task_id"]] = task
-                txn.touch(task)
-        q._transaction(now, body, drain=False)
-    q.ingest(now=now)
-    finding.repaired = True
-    finding.message += f" -> quarantined as {moved.name}, restored {source}, re-ingested inbox"
-    if replayed:
-        finding.message += f" (replayed {len(replayed)} request(s) of the lost revision)"
-    return _parse_queue_bytes(path)
-
-
-def _final_records(home: Home, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    if not wanted:
-        return found
-    for _, record in iter_jsonl(home.history_file):
-        if record and record.get("final") and record.get("task_id") in wanted:
-            found[record["task_id"]] = record
-    return found
-
-
-def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], repair: bool,
-                 now: float, heartbeat_timeout: float) -> None:
-    from .queue import TaskQueue
-
-    queue = TaskQueue(home) if repair else None
-    # Dead letters: parse, and never also live.
-    dead_ids = set()
-    if home.dead_letters.is_dir():
-        for name in sorted(os.listdir(home.dead_letters)):
-            if not name.endswith(".json") or name.startswith("."):
-                continue
-            p = home.dead_letters / name
-            try:
-                letter = read_json(p)
-                if not isinstance(letter, dict) or letter.get("task_id") != name[:-5]:
-                    raise CorruptFileError(p, "task_id does not match the file name")
-                dead_ids.add(name[:-5])
-            except CorruptFileError as exc:
-                f = report.add("error", "corrupt_dead_letter", str(exc), p)
-                if repair:
-                    _quarantine(home, p, now)
-                    f.repaired = True
-    # Interrupted terminal moves: a live task with a final record of the same attempt.
-    finals = _final_records(home, set(tasks))
-    interrupted: set[str] = set()
-    for task_id, record in finals.items():
-        task = tasks[task_id]
-        if record.get("attempts") != task.get("attempts") \
-                or record.get("started_at") != task.get("started_at"):
-            continue  # requeued from dead letters since: the record is of an older run
-        interrupted.add(task_id)
-        f = report.add("warning", "interrupted_finish",
-                       f"task {task_id} is {task['status']} in the queue but history has its "
-                       f"final record ({record.get('status')}): a crash interrupted the move",
-                       home.queue_file)
-        if repair and queue is not None:
-            if record.get("status") == "failed" and not home.dead_letter(task_id).exists():
-                # The crash came before the dead letter was written: write it now.
-                letter = {k: v for k, v in record.items()
-                          if k not in ("final", "outcome", "recorded_at", "result")}
-                replace_json(home.dead_letter(task_id), letter,
-                             load_system(home).durability, pretty=True)
-            _drop_live(queue, task_id, now)
-            f.repaired = True
-            tasks.pop(task_id, None)
-    for task_id in sorted(dead_ids & set(tasks) - interrupted):
-        report.add("error", "dead_and_live", f"task {task_id} is both live and a dead letter",
-                   home.dead_letter(task_id))
-    # dedup keys unique among live tasks
-    seen: dict[str, str] = {}
-    for task in tasks.values():
-        key = task.get("dedup_key")
-        if key:
-            if key in seen:
-                report.add("error", "duplicate_dedup_key", f"dedup_key {key!r} is held by "
-                           f"{seen[key]} and {task['task_id']}", home.queue_file)
-            seen[key] = task["task_id"]
-    # Specs: parse; prove dead workers; running tasks must belong to a live worker.
+def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
+                 queue: Any, now: float, heartbeat_timeout: float) -> None:
+    """Worker specs against the live tasks: corrupt specs, dead workers, orphaned and
+    not-held tasks. ``queue`` (a QueueBackend) is given when repairing."""
+    repair = queue is not None
     active: dict[str, dict[str, Any]] = {}
     for item in read_specs(home):
         if item.spec is None:
@@ -297,7 +177,7 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
             continue
         f = report.add("warning", "orphaned_task", f"task {task['task_id']} is running on "
                        f"{owner}, which is dead: {proof}", home.queue_file)
-        if repair and queue is not None:
+        if queue is not None and isinstance(owner, str):
             queue.reclaim(task["task_id"], reason=proof, worker_id=owner, now=now)
             f.repaired = True
     for task in list(tasks.values()):
@@ -319,20 +199,6 @@ def _check_cross(home: Home, report: Report, tasks: dict[str, dict[str, Any]], r
                 f.repaired = True
             except HarnessError:
                 pass
-    for task in tasks.values():
-        for dep in task.get("depends_on") or ():
-            if dep == task["task_id"]:
-                report.add("error", "self_dependency", f"task {dep} depends on itself")
-    # Inbox leftovers
-    if home.inbox.is_dir():
-        pending = [n for n in os.listdir(home.inbox) if n.endswith(".json")
-                   and not n.startswith(".")]
-        if pending:
-            f = report.add("info", "inbox_pending", f"{len(pending)} task request(s) wait in "
-                           "the inbox for the next queue operation", home.inbox)
-            if repair and queue is not None:
-                queue.ingest(now=now)
-                f.repaired = True
 
 
 def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
@@ -364,15 +230,6 @@ def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
         return None  # the spec may predate the claim: a worker between claim and update
     doing = f"runs {current}" if current else f"is {spec.get('state')} with no task"
     return f"its spec (heartbeat {beat}, after the claim at {started}) says it {doing}"
-
-
-def _drop_live(queue: Any, task_id: str, now: float) -> None:
-    """Finish an interrupted move: remove a live task whose final record is written."""
-    def body(txn: Any) -> None:
-        if task_id in txn.state.tasks:
-            txn.state.remove(task_id)
-            txn.changed = True
-    queue._transaction(now, body, drain=False)
 
 
 def _check_temp_files(home: Home, report: Report, repair: bool, now: float) -> None:

@@ -6,9 +6,10 @@ daemons and the CLI (``harness metrics``, ``status``, ``check``, ``timeline``, `
 health rule) and may publish :func:`health_document` as ``coordination/health.json``.
 
 Cost bounds (so that ``harness status`` and ``harness check`` stay fast on a large home)
-- History: only the newest records are read, backwards, until a record older than the
-  window (minus :data:`WINDOW_SLACK_S`) is met or :data:`HISTORY_TAIL_MAX_BYTES` (8 MiB) have
-  been read; the result says whether the window was complete.
+- History: only the newest records are read (through the queue port's history cursor; the
+  file backend reads backwards), until a record older than the window (minus a minute) is
+  met or :data:`HISTORY_TAIL_MAX_RECORDS` records were taken; the result says whether the
+  window was complete. (:data:`HISTORY_TAIL_MAX_BYTES` bounds what status reads in all.)
 - Events: the alert list scans the newest :data:`ALERT_SCAN_LINES` lines (``tail_jsonl``).
 - Counters (``harness_tasks_total`` and friends) are cumulative and incremental: every
   snapshot stores a cursor (history inode and byte offset, newest ``recorded_at``; completed
@@ -59,6 +60,7 @@ from .tasks import PRIORITIES
 SNAPSHOT_VERSION = 1
 #: Newest bytes of task-history.jsonl that a window computation reads at most.
 HISTORY_TAIL_MAX_BYTES = 8 << 20
+HISTORY_TAIL_MAX_RECORDS = 20_000
 #: Records may be appended slightly out of time order by concurrent processes.
 WINDOW_SLACK_S = 300.0
 #: Newest event lines scanned for the "last alerts" of status and dashboard.
@@ -167,33 +169,17 @@ class HistoryWindow:
     complete: bool  # False: the byte limit was reached before the window's start
 
 
-def history_window(home: Home, since: float, max_bytes: int = HISTORY_TAIL_MAX_BYTES
-                   ) -> HistoryWindow:
-    """The history records recorded since ``since`` (bounded backwards read)."""
+def history_window(home: Home, since: float,
+                   max_records: int = HISTORY_TAIL_MAX_RECORDS) -> HistoryWindow:
+    """The history records recorded since ``since`` (at most ``max_records``, the newest:
+    ``complete`` is then False), through the queue port (the file backend reads backwards
+    from the end and stops at the window's start)."""
+    from .queue import open_queue  # the queue package is the heaviest import; keep it local
+
+    records, _ = open_queue(home).history_since(None, start_at=since, limit=max_records)
     since_iso = clock.iso(since)
-    stop_iso = clock.iso(since - WINDOW_SLACK_S)
-    out: list[dict[str, Any]] = []
-    complete = False
-    try:
-        size = home.history_file.stat().st_size
-    except FileNotFoundError:
-        return HistoryWindow([], True)
-    for raw in iter_lines_reverse(home.history_file, max_bytes):
-        record = parse_record(raw)
-        if record is None:
-            continue
-        recorded = record.get("recorded_at")
-        if not isinstance(recorded, str):
-            continue
-        if recorded < stop_iso:
-            complete = True
-            break
-        if recorded >= since_iso:
-            out.append(record)
-    else:
-        complete = size <= max_bytes
-    out.reverse()
-    return HistoryWindow(out, complete)
+    return HistoryWindow([r for r in records if str(r.get("recorded_at") or "") >= since_iso],
+                         len(records) < max_records)
 
 
 # ---------------------------------------------------------------------------- attempts
@@ -464,12 +450,12 @@ def disk_usage(home: Home) -> dict[str, Any]:
 
 def observe(home: Home, now: float | None = None) -> Observation:
     """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError."""
-    from .queue import TaskQueue  # the queue module is the heaviest import; keep it local
+    from .queue import open_queue  # the queue package is the heaviest import; keep it local
 
     home.require()
     ts = clock.now() if now is None else now
     cfg = load_system(home)
-    stats = TaskQueue(home).stats(ts)
+    stats = open_queue(home).stats(ts)
     window_s = float(cfg["health_window_s"])
     hist = history_window(home, ts - window_s)
     window = window_stats(hist.records, ts, window_s, hist.complete)
@@ -619,7 +605,7 @@ def take_snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- counters
 def empty_counters() -> dict[str, Any]:
-    return {"history": {"inode": None, "offset": 0, "last_recorded_at": None},
+    return {"history": {"cursor": None, "last_recorded_at": None},
             "tasks_total": {}, "attempts_total": {"completed": 0, "failed": 0},
             "duration": {"sum_s": 0.0, "count": 0}, "wait": {"sum_s": 0.0, "count": 0},
             "tokens_total": 0.0,
@@ -661,31 +647,27 @@ def update_counters(home: Home, previous: dict[str, Any] | None) -> dict[str, An
                 c.setdefault(key, value)
         except (TypeError, orjson.JSONDecodeError):
             c = empty_counters()
+    from .queue import open_queue
+
     cursor = c["history"]
-    path = home.history_file
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        offset = int(cursor.get("offset") or 0)
-        rotated = cursor.get("inode") not in (None, st.st_ino) or st.st_size < offset
-        floor = cursor.get("last_recorded_at") if rotated else None
-        if rotated or cursor.get("inode") is None:
-            offset = 0
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break  # torn or still being written: read it next time
-                offset += len(raw)
-                record = parse_record(raw)
-                if record is None:
-                    continue
-                if floor is not None and not str(record.get("recorded_at") or "") > floor:
-                    continue
-                _count_record(c, record)
-        cursor.update(inode=st.st_ino, offset=offset)
+    if cursor.get("cursor") is None and cursor.get("inode") is not None:
+        # Written before the queue port: the file backend's cursor is "inode:offset".
+        cursor["cursor"] = f"{cursor['inode']}.0:{int(cursor.get('offset') or 0)}"
+    cursor.pop("inode", None)
+    cursor.pop("offset", None)
+    previous_cursor = cursor.get("cursor")
+    records, new_cursor = open_queue(home).history_since(previous_cursor)
+    # A rotation starts the cursor over at the new file's first record: the records the
+    # janitor kept there were counted already, so only those after the newest counted one
+    # count (the cursor's first part names the file).
+    rotated = previous_cursor is not None and \
+        str(previous_cursor).rsplit(":", 1)[0] != new_cursor.rsplit(":", 1)[0]
+    floor = cursor.get("last_recorded_at") if rotated else None
+    for record in records:
+        if floor is not None and not str(record.get("recorded_at") or "") > floor:
+            continue
+        _count_record(c, record)
+    cursor["cursor"] = new_cursor
     _count_exits(home, c["worker_exits"])
     c["duration"]["sum_s"] = round(c["duration"]["sum_s"], 3)
     c["wait"]["sum_s"] = round(c["wait"]["sum_s"], 3)
@@ -1022,18 +1004,17 @@ def build_timeline(home: Home, task_id: str | None = None, correlation_id: str |
     """One ordered story of a task (or every task of a correlation id): its history
     records, its events, the workers involved and the tail of its log, by timestamp.
     Everything is redacted. Raises NotFound when nothing mentions the id."""
-    from .queue import TaskQueue
+    from .queue import open_queue
 
     if (task_id is None) == (correlation_id is None):
         raise ValueError("give exactly one of task_id and correlation_id")
     home.require()
-    live = [t for t in TaskQueue(home).live_tasks()
+    queue = open_queue(home)
+    live = [t for t in queue.live_tasks()
             if (task_id is not None and t["task_id"] == task_id)
             or (correlation_id is not None and t.get("correlation_id") == correlation_id)]
     needles = [(task_id or correlation_id or "").encode()]
-    history = [r for r in _scan_all(home, home.history_file, needles, archives)
-               if (task_id is not None and r.get("task_id") == task_id)
-               or (correlation_id is not None and r.get("correlation_id") == correlation_id)]
+    history = queue.history_of(task_id, correlation_id=correlation_id, archives=archives)
     task_ids = {task_id} if task_id else set()
     task_ids.update(str(r["task_id"]) for r in history if r.get("task_id"))
     task_ids.update(t["task_id"] for t in live)
@@ -1120,7 +1101,8 @@ def build_timeline(home: Home, task_id: str | None = None, correlation_id: str |
 
 
 __all__ = [
-    "CHECKS", "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "UNHEALTHY_STALLED",
+    "CHECKS", "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "HISTORY_TAIL_MAX_RECORDS",
+    "UNHEALTHY_STALLED",
     "UNHEALTHY_SUCCESS_RATE", "CheckRun", "Observation", "build_snapshot", "build_timeline",
     "check_summary", "collect_status", "compute_health", "evaluate_checks", "health_document",
     "history_window", "observe", "percentile", "recent_alerts", "run_check",

@@ -55,9 +55,15 @@ class Home:
         return self.coordination / "task-queue.json"
 
     @cached_property
-    def queue_prev_file(self) -> Path:
-        """The previous revision of the queue, kept as a hard link for ``doctor --repair``."""
-        return self.coordination / "task-queue.prev.json"
+    def queue_journal(self) -> Path:
+        """The file queue's journal: one line per committed transaction."""
+        return self.coordination / "task-queue.journal"
+
+    @cached_property
+    def queue_base_file(self) -> Path:
+        """The snapshot the current journal starts from (a hard link made at compaction),
+        for ``doctor --repair``."""
+        return self.coordination / "task-queue.base.json"
 
     @cached_property
     def inbox(self) -> Path:
@@ -67,11 +73,6 @@ class Home:
     def inbox_rejected(self) -> Path:
         return self.inbox / "rejected"
 
-    @cached_property
-    def inbox_ingested(self) -> Path:
-        """Requests drained by the latest queue revision, kept until the next one so that
-        ``doctor --repair`` can rebuild it from ``task-queue.prev.json``."""
-        return self.inbox / ".ingested"
 
     @cached_property
     def history_file(self) -> Path:
@@ -173,7 +174,7 @@ class Home:
     # -- lifecycle -------------------------------------------------------------------------
     def directories(self) -> tuple[Path, ...]:
         return (
-            self.coordination, self.inbox, self.inbox_rejected, self.inbox_ingested,
+            self.coordination, self.inbox, self.inbox_rejected,
             self.dead_letters,
             self.specs_active, self.specs_completed, self.config_dir, self.locks,
             self.quarantine, self.logs, self.task_logs, self.results,

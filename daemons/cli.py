@@ -175,7 +175,8 @@ def task_add(obj: CliContext, command: tuple[str, ...], description: str, priori
     """Enqueue a task; the argv follows `--`. Prints the task id (or the task with --json).
 
     \b
-    Returns once the task is visible in coordination/task-queue.json.
+    Returns once the task is committed (durable, and visible to every other
+    process); coordination/task-queue.json shows it before this command exits.
     Exit status:
       0   enqueued (or deduplicated onto the live task holding --dedup-key);
           the id is printed
@@ -185,13 +186,8 @@ def task_add(obj: CliContext, command: tuple[str, ...], description: str, priori
           - backpressure: the task would make more than max_queue_depth tasks
             queued (--force skips the check); checked before anything is
             written, so nothing is queued;
-          - the queue lock stayed busy for lock_timeout_s. A --from-file batch
-            wrote nothing. A single task had already been spooled to
-            coordination/inbox/<task_id>.json (done whenever the lock is busy
-            at the first try), so it MAY STILL BE ENQUEUED by the next queue
-            transaction of any process (the supervisor drains the inbox on
-            every pass); a plain retry can then create a second task, so
-            retry with --dedup-key, or check `harness task list` first.
+          - the queue lock stayed busy for lock_timeout_s; nothing was
+            written, so a retry is safe.
     Examples:
       harness task add --priority high -- ./run-agent.sh --repo foo
       harness task add --type shell -d 'make test'
@@ -362,6 +358,30 @@ def queue_stats(obj: CliContext, as_json: bool) -> None:
     if stats["oldest_queued_age_s"] is not None:
         click.echo(f"oldest queued: {stats['oldest_queued_at']} "
                    f"({stats['oldest_queued_age_s']:.1f}s ago)")
+
+
+@queue.command("sync")
+@click.option("--durable", is_flag=True,
+              help="Also fsync it and start a new journal from it (a compaction).")
+@json_option
+@pass_ctx
+def queue_sync(obj: CliContext, durable: bool, as_json: bool) -> None:
+    """Publish coordination/task-queue.json for the newest revision now.
+
+    The file follows the queue within 1 s on its own; run this before editing it by
+    hand (jq and mv under `flock coordination/locks/queue.lock`) so the edit starts
+    from the newest revision.
+    """
+    queue = obj.queue()
+    if durable:
+        queue.sync(durable=True)
+    else:
+        queue.sync()
+    revision = queue.stats()["revision"]
+    if as_json:
+        print_json({"revision": revision, "durable": durable})
+    else:
+        click.echo(f"task-queue.json shows revision {revision}")
 
 
 @queue.command("ingest")

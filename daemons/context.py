@@ -18,9 +18,10 @@ class CliContext:
     home: Home
 
     def queue(self) -> Any:
-        from coordination.queue import TaskQueue
+        """The home's queue (QueueBackend), chosen by system.json ``queue_backend``."""
+        from coordination.queue import open_queue
 
-        return TaskQueue(self.home)
+        return open_queue(self.home)
 
 
 pass_ctx = click.make_pass_decorator(CliContext)

@@ -22,8 +22,7 @@ from typing import Any
 from coordination import clock
 from coordination.config import init_home
 from coordination.paths import Home
-from coordination.queue import TaskQueue
-from coordination.store import read_appended
+from coordination.queue import QueueBackend, open_queue
 
 from .supervisor import Tick
 from .up import run_up
@@ -74,7 +73,7 @@ def enqueue_demo(home: Home, now: float | None = None) -> tuple[str, list[str]]:
     """Enqueue the demo workload in one commit; returns (correlation id, task ids)."""
     ts = clock.now() if now is None else now
     correlation_id = f"demo-{clock.compact(ts)}"
-    results = TaskQueue(home).enqueue_batch(demo_requests(correlation_id, ts), force=True,
+    results = open_queue(home).enqueue_batch(demo_requests(correlation_id, ts), force=True,
                                             now=ts)
     return correlation_id, [r.task["task_id"] for r in results]
 
@@ -121,27 +120,17 @@ def hints(home: Home) -> list[str]:
 
 
 class _Progress:
-    """Final outcomes of the demo tasks, read incrementally from task-history.jsonl."""
+    """Final outcomes of the demo tasks, read incrementally through the queue's history
+    cursor."""
 
-    def __init__(self, home: Home, ids: list[str]) -> None:
-        self.path = home.history_file
+    def __init__(self, queue: QueueBackend, ids: list[str]) -> None:
+        self.queue = queue
         self.ids = set(ids)
         self.outcomes: dict[str, str] = {}
-        try:
-            self.offset = self.path.stat().st_size
-        except FileNotFoundError:
-            self.offset = 0
+        _, self.cursor = queue.history_since(None, start_at=time.time())
 
     def refresh(self) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size < self.offset:  # rotated by the janitor
-            self.offset = 0
-        if size == self.offset:
-            return
-        records, self.offset = read_appended(self.path, self.offset, size)
+        records, self.cursor = self.queue.history_since(self.cursor)
         for record in records:
             if record.get("final") and record.get("task_id") in self.ids:
                 self.outcomes[record["task_id"]] = str(record.get("status"))
@@ -165,7 +154,7 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
         f"least {workers} workers, the supervisor scales up to max_workers on queue depth")
     for line in hints(home):
         say(line)
-    progress = _Progress(home, ids)
+    progress = _Progress(open_queue(home), ids)
     last: dict[str, Any] = {}
     started = time.monotonic()
     announced = [False]

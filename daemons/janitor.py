@@ -469,9 +469,9 @@ class _Run:
     # -- 2. retention ---------------------------------------------------------------------
     def prune(self) -> None:
         try:
-            from coordination.queue import TaskQueue
+            from coordination.queue import open_queue
 
-            protected = {t["task_id"] for t in TaskQueue(self.home).live_tasks()}
+            protected = {t["task_id"] for t in open_queue(self.home).live_tasks()}
         except (OSError, HarnessError) as exc:
             self.fail(exc, "reading the live tasks (nothing was pruned)")
             return

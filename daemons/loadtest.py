@@ -36,7 +36,7 @@ from coordination import clock
 from coordination.config import init_home
 from coordination.errors import Backpressure, CorruptFileError, HarnessError
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import open_queue
 from coordination.specs import read_specs
 from coordination.store import iter_jsonl, read_json
 
@@ -105,7 +105,7 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="harness-load-") as tmp:
         home = prepare_home(root or Path(tmp) / "home", sc, time_scale)
-        queue = TaskQueue(home)
+        queue = open_queue(home)
         env = dict(os.environ, HARNESS_HOME=str(home.root))
         up = subprocess.Popen([*_harness_cmd(), "--home", str(home.root), "up",
                                "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
@@ -189,8 +189,9 @@ def _active_workers(home: Home) -> int:
 
 def _finals(home: Home, wanted: set[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for _, record in iter_jsonl(home.history_file):
-        if record and record.get("final") and record.get("task_id") in wanted:
+    records, _ = open_queue(home).history_since(None)
+    for record in records:
+        if record.get("final") and record.get("task_id") in wanted:
             out[record["task_id"]] = record
     return out
 

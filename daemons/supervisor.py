@@ -56,11 +56,10 @@ import psutil
 
 from coordination import clock
 from coordination.config import load_system
-from coordination.control import paused_types, read_control, update_control
+from coordination.control import read_control, update_control
 from coordination.errors import (
     CorruptFileError,
     HarnessError,
-    InvalidTransition,
     LockTimeout,
     NotFound,
     TemporaryFailure,
@@ -69,7 +68,7 @@ from coordination.events import emit
 from coordination.locks import lock_for
 from coordination.metrics import attempt_result, health_document
 from coordination.paths import Home
-from coordination.queue import TaskQueue, is_runnable
+from coordination.queue import QueueBackend, open_queue
 from coordination.specs import (
     complete_spec,
     liveness,
@@ -79,8 +78,6 @@ from coordination.specs import (
 )
 from coordination.store import (
     Durability,
-    parse_record,
-    read_appended,
     read_json,
     replace_json,
 )
@@ -193,18 +190,17 @@ def attempt_outcome(record: dict[str, Any]) -> bool | None:
 
 
 class HistoryWindow:
-    """Attempt outcomes from ``task-history.jsonl`` kept for a sliding window.
+    """Attempt outcomes from the queue's history, kept for a sliding window.
 
-    The first read goes backwards from the end and stops once records are older than the
-    window (a long history costs nothing); later reads take only the bytes appended since.
-    A rotation (new inode, or a shorter file) starts over.
+    Reads through the queue port's history cursor: the first read takes only the records
+    of the window (the file backend reads backwards from the end, so a long history costs
+    nothing); later reads take only what was recorded since. A rotation starts over.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, queue: QueueBackend) -> None:
+        self.queue = queue
         self.records: deque[tuple[float, bool, str]] = deque()
-        self._ino: int | None = None
-        self._offset = 0
+        self._cursor: str | None = None
 
     def _add(self, record: dict[str, Any] | None,
              into: list[tuple[float, bool, str]]) -> float | None:
@@ -218,51 +214,20 @@ class HistoryWindow:
             into.append((ts, ok, str(record.get("worker_type") or "default")))
         return ts
 
-    def _load_tail(self, size: int, cutoff: float) -> None:
-        found: list[tuple[float, bool, str]] = []
-        with open(self.path, "rb") as fh:
-            pos, buf, end = size, b"", None
-            while pos > 0:
-                step = min(HISTORY_CHUNK, pos)
-                pos -= step
-                fh.seek(pos)
-                buf = fh.read(step) + buf
-                if end is None:  # only whole lines: a torn tail is read later, once whole
-                    cut = buf.rfind(b"\n")
-                    if cut < 0:
-                        continue
-                    end = pos + cut + 1
-                    buf = buf[:cut + 1]
-                parts = buf.split(b"\n")
-                buf = parts[0] if pos > 0 else b""
-                lines = parts[1:] if pos > 0 else parts
-                oldest = math.inf
-                for raw in reversed(lines):
-                    ts = self._add(parse_record(raw), found)
-                    if ts is not None:
-                        oldest = min(oldest, ts)
-                if oldest < cutoff - 60:  # appends are ordered to within a lock hold
-                    break
-        self._offset = end or 0
-        found.reverse()
-        self.records = deque(sorted(found))
-
     def refresh(self, now: float, keep_s: float) -> None:
         cutoff = now - keep_s
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self.records.clear()
-            self._ino, self._offset = None, 0
-            return
-        if st.st_ino != self._ino or st.st_size < self._offset:
-            self._ino = st.st_ino
-            self._load_tail(st.st_size, cutoff)
-        elif st.st_size > self._offset:
-            records, self._offset = read_appended(self.path, self._offset, st.st_size)
-            new: list[tuple[float, bool, str]] = []
-            for record in records:
-                self._add(record, new)
+        first = self._cursor is None
+        records, cursor = self.queue.history_since(self._cursor,
+                                                   start_at=cutoff if first else None)
+        # The part before the last ":" names the stream; another one: history started over.
+        restarted = not first and cursor.rsplit(":", 1)[0] != (self._cursor or "").rsplit(":", 1)[0]
+        self._cursor = cursor
+        new: list[tuple[float, bool, str]] = []
+        for record in records:
+            self._add(record, new)
+        if first or restarted:
+            self.records = deque(sorted(new))
+        else:
             self.records.extend(new)
         if self.records and self.records[0][0] < cutoff:
             self.records = deque(r for r in self.records if r[0] >= cutoff)
@@ -352,17 +317,17 @@ def _emit(home: Home, event_type: str, message: str, **fields: Any) -> None:
         print(f"harness supervisor: could not emit {event_type}: {exc}", file=sys.stderr)
 
 
-def reclaim_task(home: Home, queue: TaskQueue, task: Mapping[str, Any], proof: str,
+def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof: str,
                  now: float, *, cause: str = "dead_worker") -> dict[str, Any] | None:
     """Take a running task back from its dead owner (the attempt counts): queued again, or
     dead-lettered once attempts are spent. Checked against the owner under the queue lock,
     so a task completed or re-claimed meanwhile is left alone (None). Emits
     ``task_reclaimed`` after the commit."""
     owner = task.get("worker_id")
-    try:
-        after = queue.fail(task["task_id"], owner, error=f"reclaimed: {proof}",
-                           outcome="reclaimed", now=now)
-    except (NotFound, InvalidTransition):
+    if not isinstance(owner, str):
+        return None
+    after = queue.reclaim(task["task_id"], reason=proof, worker_id=owner, now=now)
+    if after is None:
         return None
     requeued = after.get("status") == "queued"
     _emit(home, "task_reclaimed",
@@ -377,7 +342,7 @@ def reclaim_task(home: Home, queue: TaskQueue, task: Mapping[str, Any], proof: s
             "attempt": after.get("attempts"), "status": after.get("status")}
 
 
-def reclaim_pass(home: Home, now: float, *, queue: TaskQueue | None = None,
+def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
                  dry_run: bool = False, heartbeat_timeout_s: float | None = None,
                  specs: list[dict[str, Any]] | None = None,
                  kill_orphans: bool = True) -> dict[str, Any]:
@@ -389,7 +354,7 @@ def reclaim_pass(home: Home, now: float, *, queue: TaskQueue | None = None,
     wedged) is fenced first (SIGKILL, with its tasks' process groups); ``kill_orphans``
     False skips fencing and the orphan kill.
     """
-    queue = queue or TaskQueue(home)
+    queue = queue or open_queue(home)
     hb = float(heartbeat_timeout_s if heartbeat_timeout_s is not None
                else load_system(home)["heartbeat_timeout_s"])
     if specs is None:
@@ -409,9 +374,7 @@ def reclaim_pass(home: Home, now: float, *, queue: TaskQueue | None = None,
         for worker_id in sorted(dead):
             if fence_worker(active[worker_id]):
                 out["fenced"].append(worker_id)
-    for task in queue.live_tasks():
-        if task["status"] != "running":
-            continue
+    for task in queue.live_tasks(status="running"):
         owner = task.get("worker_id")
         proof = orphan_proof(task, active, dead,
                              lambda w: (home.specs_completed / f"{w}.json").exists(), now, hb)
@@ -480,13 +443,13 @@ class Supervisor:
     def __init__(self, home: Home, actuator: Actuator | None = None, *,
                  overrides: Mapping[str, Any] | None = None, apply_scale: bool = True) -> None:
         self.home = home.require()
-        self.queue = TaskQueue(home)
+        self.queue: QueueBackend = open_queue(home)
         self.actuator = actuator
         self.overrides = dict(overrides or {})
         self.apply_scale = apply_scale
         self.state = load_state(home)
         self._saved: dict[str, Any] = orjson.loads(orjson.dumps(self.state))
-        self.history = HistoryWindow(home.history_file)
+        self.history = HistoryWindow(self.queue)
         self.health_written_at: float | None = None
         self._health_doc: dict[str, Any] | None = None
         self.specs: list[dict[str, Any]] = []
@@ -525,11 +488,11 @@ class Supervisor:
         stalled_ids = {s["worker_id"] for s in report["stalled"] if s.get("fenced")}
         specs = [s for s in specs if s["worker_id"] not in stalled_ids]
         self.specs = specs
-        tasks = self.queue.live_tasks()
         control = read_control(self.home)
-        queued, runnable = self._queue_depth(tasks, control, now)
+        stats = self.queue.stats(now)
+        queued, runnable = stats["by_status"]["queued"], stats["runnable"]
         report["queue"] = {"queued": queued, "runnable": runnable,
-                           "running": sum(1 for t in tasks if t["status"] == "running")}
+                           "running": stats["by_status"]["running"]}
         report["backpressure"] = self._backpressure(now, cfg, queued, report)
         self.history.refresh(now, max(float(cfg["health_window_s"]),
                                       float(cfg["circuit_window_s"])))
@@ -542,15 +505,7 @@ class Supervisor:
 
     # -------------------------------------------------------------- inbox
     def _ingest(self, now: float) -> int:
-        """Drain inbox requests into the queue (no lock taken when the inbox is empty)."""
-        try:
-            with os.scandir(self.home.inbox) as entries:
-                pending = any(e.name.endswith(".json") and not e.name.startswith(".")
-                              for e in entries)
-        except FileNotFoundError:
-            return 0
-        if not pending:
-            return 0
+        """Admit this host's inbox requests (the port takes no lock when there are none)."""
         try:
             return self.queue.ingest(now=now)
         except TemporaryFailure as exc:
@@ -621,17 +576,6 @@ class Supervisor:
         return found
 
     # -------------------------------------------------------------- queue
-    @staticmethod
-    def _queue_depth(tasks: list[dict[str, Any]], control: dict[str, Any],
-                     now: float) -> tuple[int, int]:
-        """(queued, runnable): runnable = queued, due, dependencies done, type not paused."""
-        paused = paused_types(control, now)
-        live = {t["task_id"] for t in tasks}
-        now_iso = clock.iso(now)
-        queued = sum(1 for task in tasks if task["status"] == "queued")
-        runnable = sum(1 for task in tasks if is_runnable(task, live, now_iso, paused))
-        return queued, runnable
-
     def _backpressure(self, now: float, cfg: Mapping[str, Any], queued: int,
                       report: dict[str, Any]) -> bool:
         limit = int(cfg["max_queue_depth"])
@@ -956,7 +900,7 @@ def scale_down_once(home: Home, now: float, *, actuator: Actuator | None = None,
         hb = float(cfg["heartbeat_timeout_s"])
         specs = [s for s in specs if death_proof(s, now, hb) is None]
         control = read_control(home)
-        _, runnable = sup._queue_depth(sup.queue.live_tasks(), control, now)
+        runnable = sup.queue.stats(now)["runnable"]
         report: dict[str, Any] = {"actions": []}
         views = sup._workers(specs, control)
         available = [v for v in views if v.available]
@@ -1196,6 +1140,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
 
             become_subreaper()
         wakeup.start()
+        wakeup.follow_queue(open_queue(home))
         watcher.start()
         cfg = dict(load_system(home).values)
         cfg.update(overrides or {})

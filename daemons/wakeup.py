@@ -2,10 +2,12 @@
 
 A :class:`Wakeup` owns one :class:`threading.Event`. It is set when
 
-- a file that matters is published in ``coordination/`` (``task-queue.json``,
-  ``control.json``), in ``coordination/inbox/`` (a new ``*.json`` request) or in
-  ``coordination/config/``; everything else there (event log appends, temp files, lock
-  files) is ignored, so a daemon's own writes do not keep it awake;
+- the queue may have changed: the queue port's ``on_change`` (inotify on the file
+  backend's journal and inbox, LISTEN/NOTIFY elsewhere) feeds the same event, see
+  :meth:`Wakeup.follow_queue`;
+- ``control.json`` or a file in ``coordination/config/`` is published; everything else
+  (event log appends, temp files, lock files) is ignored, so a daemon's own writes do not
+  keep it awake;
 - a signal arrives (:func:`signal.set_wakeup_fd` writes to a pipe from C, a small thread
   turns that into ``event.set()``; Python-level handlers then only set flags, and never
   touch a lock the interrupted main thread may hold);
@@ -28,7 +30,7 @@ from typing import Any
 
 from coordination.paths import Home
 
-WATCHED_NAMES = frozenset({"task-queue.json", "control.json"})
+WATCHED_NAMES = frozenset({"control.json"})
 
 
 def _is_relevant(home: Home, path: str) -> bool:
@@ -39,8 +41,6 @@ def _is_relevant(home: Home, path: str) -> bool:
         return False
     if folder == str(home.coordination):
         return name in WATCHED_NAMES
-    if folder == str(home.inbox):
-        return name.endswith(".json")
     if folder == str(home.config_dir):
         return name.endswith(".json")
     return False
@@ -79,6 +79,7 @@ class Wakeup:
         self._sig_thread: threading.Thread | None = None
         self._old_wakeup_fd: int | None = None
         self.prompt_moves = False  # watchdog's 0.5 s move-pairing delay is disabled
+        self._queue_stops: list[Any] = []
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, signals: bool = True) -> Wakeup:
@@ -108,7 +109,7 @@ class Wakeup:
         # wakes them at once, so a long one saves idle wake-ups and costs nothing.
         observer = Observer(timeout=30)
         handler = _Handler()
-        for folder in (home.coordination, home.inbox, home.config_dir):
+        for folder in (home.coordination, home.config_dir):
             if Path(folder).is_dir():
                 observer.schedule(handler, str(folder), recursive=False,
                                   event_filter=[FileMovedEvent, FileCreatedEvent])
@@ -116,6 +117,10 @@ class Wakeup:
         observer.start()
         self._observer = observer
         self.prompt_moves = all(_no_move_pairing_delay(e) for e in observer.emitters)
+
+    def follow_queue(self, queue: Any) -> None:
+        """Wake on every change of ``queue`` (a QueueBackend) until :meth:`stop`."""
+        self._queue_stops.append(queue.on_change(self.event.set))
 
     def _start_signal_pipe(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -140,6 +145,9 @@ class Wakeup:
             self.event.set()
 
     def stop(self) -> None:
+        for stop_queue in self._queue_stops:
+            stop_queue()
+        self._queue_stops.clear()
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()

@@ -17,7 +17,7 @@ path except when the supervisor already moved it (declared us dead); the worker 
 its spec is still in ``active/`` before every claim and exits (``error``) once it is not.
 
 Throughput (back-to-back tasks): the outcome of a completed task and the claim of the next
-are one queue transaction (:meth:`TaskQueue.complete_and_claim`); its events are appended
+are one queue transaction (``QueueBackend.complete_and_claim``); its events are appended
 in one write together with the next task's ``task_started``; a worker going straight on from
 one task to the next publishes its spec's new ``current_task_id`` only once that task has
 run ``SPEC_DEFER_S`` or at the next heartbeat (idle/busy/draining/stopping transitions are
@@ -57,7 +57,7 @@ from coordination.errors import (
 )
 from coordination.events import append_events, make_event
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import QueueBackend, open_queue
 from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
 from coordination.store import read_json
 
@@ -163,7 +163,7 @@ class Worker:
                  environ: dict[str, str] | None = None) -> None:
         self.home = home.require()
         self.opts = options
-        self.queue = TaskQueue(home)
+        self.queue: QueueBackend = open_queue(home)
         self.notifier = notifier or Notifier({})
         self.wake = wake or (lambda: None)
         self.environ = dict(os.environ if environ is None else environ)
@@ -968,6 +968,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     failure: BaseException | None = None
     try:
         wakeup.start()
+        wakeup.follow_queue(worker.queue)
         worker.start(clock.now())
         say(f"started {worker.worker_id} pid {os.getpid()} instance {options.instance}")
         while True:

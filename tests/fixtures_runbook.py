@@ -461,6 +461,9 @@ def make_stuck_worker(home: Home, pid: int, now: float | None = None) -> str:
 
 def make_corrupt_queue(home: Home) -> None:
     """task-queue.json cut in the middle (e.g. a disk that lied about a write)."""
+    queue = TaskQueue(home)
+    queue.sync()  # the jq view as 1 s of quiet leaves it
+    queue.close()
     data = home.queue_file.read_bytes()
     home.queue_file.write_bytes(data[: len(data) // 2])
 

@@ -65,7 +65,14 @@ def req(**fields: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- readers
 def queue_on_disk(home: Home) -> dict[str, dict[str, Any]]:
-    """task-queue.json parsed with the stdlib json module, by task id ({} when absent)."""
+    """The live queue as the files hold it, by task id: what another process reads (a
+    fresh queue instance brings task-queue.json up to date, as 1 s of quiet would), then
+    task-queue.json parsed with the stdlib json module ({} when absent)."""
+    from coordination.queue import FileQueue
+
+    queue = FileQueue(home)
+    queue.sync()
+    queue.close()
     try:
         raw = json.loads(home.queue_file.read_bytes())
     except FileNotFoundError:

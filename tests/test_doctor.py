@@ -20,10 +20,11 @@ import pytest
 from helpers import dead_pid, final_records, make_home, queue_on_disk, req, temp_files
 
 from coordination import clock, doctor
-from coordination import queue as queue_module
 from coordination.errors import CorruptFileError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
+from coordination.queue.file import backend as file_backend
+from coordination.queue.file.journal import Journal
 from coordination.specs import new_spec, write_spec
 from coordination.store import append_line, read_jsonl
 
@@ -78,6 +79,7 @@ def test_uninitialised_home_is_an_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ corrupt queue
 def corrupt_queue(home: Home) -> bytes:
     """Truncate task-queue.json in the middle (as a bad hand edit or bit rot would)."""
+    queue_on_disk(home)  # the jq view is up to date first
     data = home.queue_file.read_bytes()
     with open(home.queue_file, "r+b") as fh:
         fh.truncate(len(data) // 2)
@@ -90,7 +92,7 @@ def test_corrupt_queue_makes_operations_raise_and_leaves_bytes(home: Home,
     queue.enqueue(req(description="b"))
     broken = corrupt_queue(home)
     for operation in (lambda q: q.claim("w1"), lambda q: q.enqueue(req()),
-                      lambda q: q.live_tasks(), lambda q: q.ingest()):
+                      lambda q: q.live_tasks(), lambda q: q.stats()):
         with pytest.raises(CorruptFileError) as info:
             operation(TaskQueue(home))  # a fresh instance: nothing cached
         message = str(info.value)
@@ -120,12 +122,10 @@ def test_doctor_reports_corrupt_queue_without_touching_it(home: Home,
     assert not any(home.quarantine.iterdir())
 
 
-def test_repair_quarantines_restores_prev_and_reingests_inbox(home: Home,
-                                                              queue: TaskQueue) -> None:
+def test_repair_quarantines_rebuilds_from_the_journal_and_reingests_inbox(
+        home: Home, queue: TaskQueue) -> None:
     first = queue.enqueue(req(description="first")).task["task_id"]
-    queue.enqueue(req(description="second"))
-    prev = json.loads(home.queue_prev_file.read_bytes())
-    assert [t["task_id"] for t in prev["tasks"]] == [first]  # the revision before the last
+    second = queue.enqueue(req(description="second")).task["task_id"]
     broken = corrupt_queue(home)
     pending = queue.submit(req(description="waiting in the inbox"))
     report = doctor.check(home, repair=True)
@@ -135,7 +135,7 @@ def test_repair_quarantines_restores_prev_and_reingests_inbox(home: Home,
     quarantined = list(home.quarantine.iterdir())
     assert len(quarantined) == 1 and quarantined[0].read_bytes() == broken
     live = queue_on_disk(home)
-    assert first in live  # from task-queue.prev.json
+    assert {first, second} <= set(live)  # from the journal: nothing acknowledged is lost
     assert pending in live  # re-ingested from the inbox
     assert list(home.inbox.glob("*.json")) == []
     after = doctor.check(home)
@@ -164,17 +164,16 @@ def test_repair_keeps_directly_enqueued_task_of_the_lost_revision(
     assert second in queue_on_disk(home), "an acknowledged task was lost by the repair"
 
 
-def test_repair_without_good_prev_starts_empty_and_keeps_history(home: Home,
-                                                                 queue: TaskQueue) -> None:
+def test_repair_of_a_garbled_view_rebuilds_it_and_keeps_history(home: Home,
+                                                                queue: TaskQueue) -> None:
     done = queue.enqueue(req()).task["task_id"]
     queue.claim("w1")
     queue.complete(done, "w1")
+    kept = queue.enqueue(req()).task["task_id"]
     home.queue_file.write_bytes(b'{"version": 1, "tasks": [')
-    if home.queue_prev_file.exists():
-        home.queue_prev_file.write_bytes(b"garbage")
     report = doctor.check(home, repair=True)
     assert report.ok and "corrupt_queue" in codes(report)
-    assert queue_on_disk(home) == {}
+    assert set(queue_on_disk(home)) == {kept}
     assert TaskQueue(home).get(done)["status"] == "completed"
 
 
@@ -185,6 +184,7 @@ def test_hand_edit_under_flock_is_respected_by_next_claim(home: Home, queue: Tas
     queue.enqueue(req(task_id="A", priority="medium"))
     queue.enqueue(req(task_id="B", priority="medium"))
     assert [t["task_id"] for t in queue.live_tasks()] == ["A", "B"]  # cache is warm
+    queue.sync()  # what `harness queue sync` does (or 1 s of quiet)
     script = ("jq '(.tasks[] | select(.task_id == \"B\") | .priority) = \"critical\"' "
               "coordination/task-queue.json > coordination/task-queue.json.edit "
               "&& mv coordination/task-queue.json.edit coordination/task-queue.json")
@@ -200,6 +200,7 @@ def test_duplicate_dedup_key_in_hand_edited_queue_is_an_error(home: Home,
                                                                queue: TaskQueue) -> None:
     queue.enqueue(req(task_id="A", dedup_key="k"))
     queue.enqueue(req(task_id="B"))
+    queue.sync()
     doc = json.loads(home.queue_file.read_bytes())
     for task in doc["tasks"]:
         task["dedup_key"] = "k"
@@ -210,6 +211,7 @@ def test_duplicate_dedup_key_in_hand_edited_queue_is_an_error(home: Home,
 
 def test_self_dependency_in_hand_edited_queue_is_an_error(home: Home, queue: TaskQueue) -> None:
     queue.enqueue(req(task_id="A"))
+    queue.sync()
     doc = json.loads(home.queue_file.read_bytes())
     doc["tasks"][0]["depends_on"] = ["A"]
     home.queue_file.write_text(json.dumps(doc))
@@ -240,8 +242,8 @@ def test_crash_between_history_and_queue_publish_on_complete(
         home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
     tid = queue.enqueue(req()).task["task_id"]
     queue.claim("w1")
-    crash_during(monkeypatch, TaskQueue, "_publish", lambda: queue.complete(tid, "w1"))
-    assert queue_on_disk(home)[tid]["status"] == "running"  # the publish never happened
+    crash_during(monkeypatch, Journal, "append", lambda: queue.complete(tid, "w1"))
+    assert queue_on_disk(home)[tid]["status"] == "running"  # the commit never happened
     assert [r["status"] for r in final_records(home)[tid]] == ["completed"]
     report = doctor.check(home)
     assert report.ok and open_codes(report) == ["interrupted_finish"]
@@ -256,7 +258,7 @@ def test_crash_after_dead_letter_before_queue_publish_is_only_a_warning(
     queue = TaskQueue(home)
     tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
     queue.claim("w1")
-    crash_during(monkeypatch, TaskQueue, "_publish",
+    crash_during(monkeypatch, Journal, "append",
                  lambda: queue.fail(tid, "w1", error="boom"))
     assert home.dead_letter(tid).exists() and tid in queue_on_disk(home)
     report = doctor.check(home)
@@ -267,7 +269,7 @@ def test_crash_after_dead_letter_before_queue_publish_is_repaired(
         home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
     tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
     queue.claim("w1")
-    crash_during(monkeypatch, TaskQueue, "_publish",
+    crash_during(monkeypatch, Journal, "append",
                  lambda: queue.fail(tid, "w1", error="boom"))
     repaired = doctor.check(home, repair=True)
     assert repaired.ok, repaired.as_dict()
@@ -280,7 +282,7 @@ def test_crash_before_dead_letter_write_keeps_the_dead_letter(
         home: Home, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch) -> None:
     tid = queue.enqueue(req(max_attempts=1)).task["task_id"]
     queue.claim("w1")
-    crash_during(monkeypatch, queue_module, "replace_json",
+    crash_during(monkeypatch, file_backend, "replace_json",
                  lambda: queue.fail(tid, "w1", error="boom"))
     assert not home.dead_letter(tid).exists() and tid in queue_on_disk(home)
     assert doctor.check(home, repair=True).ok

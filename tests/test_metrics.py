@@ -294,8 +294,9 @@ def test_history_window_is_a_bounded_backwards_read(tmp_path: Path) -> None:
     full = history_window(home, now - 900)
     assert [r["task_id"] for r in full.records] == [f"t-new-{i}" for i in range(5)]
     assert full.complete
-    cut = history_window(home, now - 2 * 86400, max_bytes=64 * 1024)
-    assert not cut.complete and 0 < len(cut.records) < 2005
+    cut = history_window(home, now - 2 * 86400, max_records=100)
+    assert not cut.complete and len(cut.records) == 100
+    assert cut.records[-1]["task_id"] == "t-new-4"  # the newest are kept
 
 
 # ---------------------------------------------------------------------------- prometheus

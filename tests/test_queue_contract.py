@@ -6,22 +6,23 @@ over an initialised home (``backend.home``); configuration (backoff, queue depth
 through system.json via ``make_backend(**system_overrides)`` and pausing through
 control.json, exactly as an operator would do it. Time is injected with ``now=``.
 
-A few checks look at the file backend's files (task-queue.json, the inbox, the lock);
-they are guarded with ``is_file_backend``.
+No test here looks at a backend's storage: what only the file backend does (its journal,
+the jq snapshot, the inbox layout, lock timing) is tested in tests/test_queue_file.py.
+Events are the host's dashboard-events.jsonl with every backend, so they are read here.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import T0, event_counts, events, final_records, make_home, queue_on_disk, req
+from helpers import T0, event_counts, events, make_home, req
 
 from coordination import clock
-from coordination import queue as queue_module
 from coordination.control import update_control
 from coordination.errors import (
     EXIT_TEMPFAIL,
@@ -32,28 +33,8 @@ from coordination.errors import (
     UsageError,
 )
 from coordination.events import ENVELOPE_FIELDS
-from coordination.locks import lock_for
-from coordination.paths import Home
-from coordination.queue import QueueBackend, TaskQueue
+from coordination.queue import BACKENDS
 from coordination.store import read_jsonl
-
-
-class InboxTaskQueue(TaskQueue):
-    """The file backend forced onto its contended path: every enqueue publishes its requests
-    in the inbox and relies on the group commit, as when another process holds the lock."""
-
-    def _try_lock(self) -> bool:
-        return False
-
-
-BACKENDS: dict[str, Callable[[Home], QueueBackend]] = {
-    "file": TaskQueue,
-    "file-inbox": InboxTaskQueue,
-}
-
-
-def is_file_backend(backend: object) -> bool:
-    return isinstance(backend, TaskQueue)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -67,7 +48,7 @@ def make_backend(tmp_path: Path, backend_kind: str) -> Callable[..., Any]:
 
     def make(**system_overrides: Any) -> Any:
         home = make_home(tmp_path, f"home{next(counter)}", **system_overrides)
-        return BACKENDS[backend_kind](home)
+        return BACKENDS[backend_kind](home)  # a fresh instance: one "process" per call
 
     return make
 
@@ -103,10 +84,9 @@ def test_enqueue_returns_visible_queued_task(backend: Any) -> None:
     assert task["worker_id"] is None
     assert backend.get(task["task_id"]) == task
     assert [t["task_id"] for t in backend.live_tasks()] == [task["task_id"]]
-    if is_file_backend(backend):
-        # Visible to a reader of the file the moment enqueue returns; the inbox is drained.
-        assert queue_on_disk(backend.home)[task["task_id"]]["status"] == "queued"
-        assert list(backend.home.inbox.glob("*.json")) == []
+    # Visible to another process the moment enqueue returns.
+    other = BACKENDS[backend.backend_name](backend.home)
+    assert other.get(task["task_id"]) == task
 
 
 def test_enqueue_batch_commits_all_together(backend: Any) -> None:
@@ -125,8 +105,6 @@ def test_enqueue_batch_is_all_or_nothing_on_validation_error(backend: Any) -> No
     # Nothing of the batch is left behind to be picked up by a later operation either.
     backend.ingest(now=T0)
     assert backend.live_tasks() == []
-    if is_file_backend(backend):
-        assert list(backend.home.inbox.glob("*.json")) == []
 
 
 def test_enqueue_batch_duplicate_task_id_rejected(backend: Any) -> None:
@@ -298,23 +276,10 @@ def test_dedup_key_is_freed_once_holder_is_terminal(backend: Any, ending: str) -
     assert live_ids(backend) == {again.task["task_id"]}
 
 
-def test_dedup_by_a_concurrent_drain_returns_holder(backend: Any,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    if not is_file_backend(backend):
-        pytest.skip("simulates the file backend's group commit")
+def test_dedup_across_processes_returns_holder(backend: Any) -> None:
     holder = backend.enqueue(req(dedup_key="k"), now=T0).task
-    other_process = TaskQueue(backend.home)
-    real = backend._transaction
-
-    def drained_by_someone_else_first(now: Any, body: Any, **kw: Any) -> Any:
-        # Another producer takes the queue lock between our inbox write and our commit.
-        other_process.ingest(now=T0 + 1)
-        return real(now, body, **kw)
-
-    # Take the contended path (inbox + group commit), as when another process holds the lock.
-    monkeypatch.setattr(backend, "_try_lock", lambda: False, raising=False)
-    monkeypatch.setattr(backend, "_transaction", drained_by_someone_else_first)
-    res = backend.enqueue(req(dedup_key="k"), now=T0 + 1)
+    other_process = BACKENDS[backend.backend_name](backend.home)
+    res = other_process.enqueue(req(dedup_key="k"), now=T0 + 1)
     assert res.created is False
     assert res.task["task_id"] == holder["task_id"]
 
@@ -497,8 +462,7 @@ def test_complete_and_claim_is_complete_then_claim_in_one_commit(backend: Any) -
     first = run_once(backend, req(priority="low"))
     low = backend.enqueue(req(priority="low"), now=T0 + 1).task
     high = backend.enqueue(req(priority="high"), now=T0 + 2).task
-    if is_file_backend(backend):
-        revision = json.loads(backend.home.queue_file.read_bytes())["revision"]
+    revision = backend.stats(T0 + 2)["revision"]
     done, nxt = backend.complete_and_claim(first["task_id"], "w1", result={"n": 1},
                                            now=T0 + 3)
     assert done["status"] == "completed" and done["task_id"] == first["task_id"]
@@ -508,8 +472,7 @@ def test_complete_and_claim_is_complete_then_claim_in_one_commit(backend: Any) -
     assert record["final"] is True and record["outcome"] == "completed"
     assert record["result"] == {"n": 1}
     assert backend.get(high["task_id"])["status"] == "running"
-    if is_file_backend(backend):  # one publish for both changes
-        assert json.loads(backend.home.queue_file.read_bytes())["revision"] == revision + 1
+    assert backend.stats(T0 + 3)["revision"] == revision + 1  # one commit for both changes
     types = [e["type"] for e in events(backend.home)][-2:]
     assert types == ["task_completed", "task_claimed"]
     # Nothing runnable: completes, claims nothing.
@@ -544,39 +507,6 @@ def test_complete_and_claim_respects_types_and_pauses(backend: Any) -> None:
     third = backend.claim("w1", types=["default"], now=T0 + 6)
     _, nxt = backend.complete_and_claim(third["task_id"], "w1", types=["shell"], now=T0 + 7)
     assert nxt is not None and nxt["worker_type"] == "shell"
-
-
-def test_queue_file_written_by_another_process_is_read_exactly(tmp_path: Path) -> None:
-    """A reader that parsed the queue before re-uses only the tasks whose lines it
-    published itself; changes by another writer, a hand-edited layout and a corrupt task
-    line are all read (or refused) exactly as a fresh reader would."""
-    home = make_home(tmp_path)
-    mine, other = TaskQueue(home), TaskQueue(home)
-    ids = [r.task["task_id"] for r in mine.enqueue_batch([req() for _ in range(5)], now=T0)]
-    assert len(mine.live_tasks()) == 5
-    claimed = other.claim("w2", now=T0 + 1)
-    assert claimed is not None
-    other.reprioritize(ids[4], "high", now=T0 + 2)
-    fresh = {t["task_id"]: t for t in TaskQueue(home).live_tasks()}
-    assert {t["task_id"]: t for t in mine.live_tasks()} == fresh
-    assert fresh[claimed["task_id"]]["worker_id"] == "w2"
-    assert fresh[ids[4]]["priority"] == "high"
-    # An operator rewrote the file in another layout (jq pretty-prints): still read.
-    raw = json.loads(home.queue_file.read_bytes())
-    raw["tasks"][1]["priority"] = "critical"
-    home.queue_file.write_text(json.dumps(raw, indent=2) + "\n")
-    assert {t["task_id"]: t["priority"] for t in mine.live_tasks()}[ids[1]] == "critical"
-    # Back in our layout, with one task line damaged by hand: refused, never half-read.
-    mine.reprioritize(ids[1], "low", now=T0 + 3)
-    lines = home.queue_file.read_bytes().split(b"\n")
-    # The line of a queued task (which task the claim took depends on the random part of
-    # the ids, so find one by content rather than by position).
-    target = next(i for i, line in enumerate(lines) if b'"status":"queued"' in line)
-    lines[target] = lines[target].replace(b'"status":"queued"', b'"status":"bogus"')
-    home.queue_file.write_bytes(b"\n".join(lines))
-    from coordination.errors import CorruptFileError
-    with pytest.raises(CorruptFileError):
-        mine.live_tasks()
 
 
 def test_fail_retries_with_backoff_bounded_by_max(make_backend: Callable[..., Any]) -> None:
@@ -622,7 +552,7 @@ def test_fail_backoff_with_jitter_stays_within_bounds(make_backend: Callable[...
 def test_fail_backoff_never_exceeds_max_even_with_jitter(make_backend: Callable[..., Any],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     backend = make_backend(retry_backoff_base_s=100, retry_backoff_max_s=10, retry_jitter=0.25)
-    monkeypatch.setattr(queue_module.random, "uniform", lambda lo, hi: hi)  # worst-case jitter
+    monkeypatch.setattr(random, "uniform", lambda lo, hi: hi)  # worst-case jitter
     task = run_once(backend, req(max_attempts=5))
     out = backend.fail(task["task_id"], "w1", error="x", now=T0)
     assert clock.parse_iso(out["not_before"]) - T0 <= 10 + 0.002
@@ -654,9 +584,8 @@ def test_fail_after_max_attempts_dead_letters_and_final_history(
     records = backend.history_of(tid)
     assert [(r["attempts"], r["final"], r["status"]) for r in records] == [
         (1, False, "failed"), (2, True, "failed")]
-    if is_file_backend(backend):
-        assert event_counts(backend.home, "task_dead_lettered")[tid] == 1
-        assert event_counts(backend.home, "task_failed")[tid] == 1
+    assert event_counts(backend.home, "task_dead_lettered")[tid] == 1
+    assert event_counts(backend.home, "task_failed")[tid] == 1
 
 
 def test_fail_by_wrong_worker_raises(backend: Any) -> None:
@@ -870,8 +799,6 @@ def test_submit_publishes_to_inbox_and_ingest_queues_it(backend: Any) -> None:
         pytest.skip("backend has no inbox")
     tid = backend.submit(req(description="via inbox"), now=T0)
     assert tid not in live_ids(backend)
-    if is_file_backend(backend):
-        assert (backend.home.inbox / f"{tid}.json").exists()
     assert backend.ingest(now=T0 + 1) == 1
     assert live_ids(backend) == {tid}
     assert backend.ingest(now=T0 + 2) == 0
@@ -885,111 +812,8 @@ def test_any_operation_drains_the_inbox(backend: Any) -> None:
     assert claimed is not None and claimed["task_id"] == tid
 
 
-def test_invalid_inbox_file_is_rejected_with_reason(backend: Any) -> None:
-    if not is_file_backend(backend):
-        pytest.skip("file backend inbox layout")
-    home = backend.home
-    (home.inbox / "t-bad.json").write_text('{"command": "not a list"}\n')
-    (home.inbox / "t-garbage.json").write_text('{"command": [')
-    good = backend.submit(req(), now=T0)
-    assert backend.ingest(now=T0) == 1
-    assert live_ids(backend) == {good}
-    assert sorted(p.name for p in home.inbox_rejected.iterdir()) == [
-        "t-bad.json", "t-bad.reason", "t-garbage.json", "t-garbage.reason"]
-    assert "command" in (home.inbox_rejected / "t-bad.reason").read_text()
-    assert len(events(home, "inbox_rejected")) == 2
-
-
 # ------------------------------------------------------------------------------ events, history
-def test_every_mutation_emits_its_event_after_the_change_is_durable(
-        make_backend: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = make_backend(retry_backoff_base_s=0)
-    if not is_file_backend(backend):
-        pytest.skip("inspects the file backend's files at emission time")
-    home = backend.home
-    real_append = queue_module.append_events
-    seen: list[str] = []
-
-    def on_disk_check(h: Home, batch: list[dict[str, Any]]) -> None:
-        # Every file already says what the event claims.
-        live = queue_on_disk(home)
-        finals = final_records(home)
-        dead = {p.stem for p in home.dead_letters.glob("*.json")}
-        for event in batch:
-            tid, kind = event["task_id"], event["type"]
-            seen.append(kind)
-            if kind in ("task_enqueued", "task_requeued", "task_released"):
-                assert live[tid]["status"] == "queued", kind
-            elif kind == "task_claimed":
-                assert live[tid]["status"] == "running"
-            elif kind == "task_retry_scheduled":
-                assert live[tid]["status"] == "queued" and live[tid]["not_before"]
-            elif kind == "task_cancel_requested":
-                assert live[tid]["cancel_requested"] is True
-            elif kind == "task_reprioritized":
-                assert live[tid]["priority"] == event["data"]["new"]
-            elif kind in ("task_completed", "task_cancelled", "task_failed"):
-                assert tid not in live
-                assert finals[tid][-1]["status"] == kind.removeprefix("task_")
-            elif kind == "task_dead_lettered":
-                assert tid in dead and tid not in live
-            elif kind == "dlq_purged":
-                assert not set(event["data"]["task_ids"]) & dead
-            if kind == "task_requeued":
-                assert tid not in dead
-        real_append(h, batch)
-
-    monkeypatch.setattr(queue_module, "append_events", on_disk_check)
-    a = backend.enqueue(req(max_attempts=2), now=T0).task["task_id"]
-    backend.claim("w1", now=T0)
-    backend.fail(a, "w1", error="once", now=T0)             # retry scheduled
-    backend.claim("w1", now=T0 + 1)
-    backend.complete(a, "w1", now=T0 + 1)                   # completed
-    b = backend.enqueue(req(max_attempts=1), now=T0 + 2).task["task_id"]
-    backend.reprioritize(b, "critical", now=T0 + 2)
-    backend.claim("w1", now=T0 + 2)
-    backend.release(b, "w1", reason="bye", now=T0 + 2)
-    backend.claim("w1", now=T0 + 3)
-    backend.fail(b, "w1", error="fatal", now=T0 + 3)        # failed, dead-lettered
-    backend.requeue_dead(b, now=T0 + 4)
-    backend.claim("w1", now=T0 + 4)
-    backend.cancel(b, now=T0 + 4)                           # cancel requested
-    backend.fail(b, "w1", error="stopped", now=T0 + 4)      # cancelled
-    c = backend.enqueue(req(max_attempts=1), now=T0 + 5).task["task_id"]
-    backend.claim("w1", now=T0 + 5)
-    backend.fail(c, "w1", error="x", now=T0 + 5)
-    backend.purge_dead([c])
-    expected = {"task_enqueued", "task_claimed", "task_retry_scheduled", "task_completed",
-                "task_reprioritized", "task_released", "task_failed", "task_dead_lettered",
-                "task_requeued", "task_cancel_requested", "task_cancelled", "dlq_purged"}
-    assert expected <= set(seen)
-    assert expected <= {e["type"] for e in events(home)}
-
-
-def test_events_are_appended_after_the_queue_lock_is_released(
-        backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not is_file_backend(backend) or isinstance(backend, InboxTaskQueue):
-        pytest.skip("inspects the file backend's uncontended enqueue path")
-    lock = lock_for(backend.home.lock_path("queue"))
-    held_at_emit: list[tuple[str, bool]] = []
-    real_append = queue_module.append_events
-
-    def spy(h: Home, batch: list[dict[str, Any]]) -> None:
-        held_at_emit.extend((e["type"], lock.held) for e in batch)
-        real_append(h, batch)
-
-    monkeypatch.setattr(queue_module, "append_events", spy)
-    task = backend.enqueue(req(), now=T0).task
-    backend.claim("w1", now=T0)
-    backend.complete(task["task_id"], "w1", now=T0)
-    assert [kind for kind, _ in held_at_emit] == ["task_enqueued", "task_claimed",
-                                                  "task_completed"]
-    assert [kind for kind, held in held_at_emit if held] == []
-
-
 def test_events_file_lines_carry_the_envelope(backend: Any) -> None:
-    if not is_file_backend(backend):
-        pytest.skip("reads the file backend's events file")
     task = run_once(backend, req(correlation_id="corr-1"))
     backend.complete(task["task_id"], "w1", now=T0 + 1)
     read = read_jsonl(backend.home.events_file)
@@ -1033,40 +857,20 @@ def test_history_of_shows_every_attempt(make_backend: Callable[..., Any]) -> Non
     assert backend.get("t-unknown") is None
 
 
-def test_dependency_on_a_task_whose_record_was_archived(tmp_path: Path) -> None:
-    """The janitor moved the completed task's history record into NAME.1.jsonl.gz: a new
-    task may still depend on it (it is known as completed, not as unknown)."""
-    from daemons.janitor import run_janitor
+# ------------------------------------------------------------------------------ leases
+def test_a_stale_lease_cannot_commit(make_backend: Callable[..., Any]) -> None:
+    """A worker that was presumed dead and lost its claim (reclaimed, claimed again by the
+    same worker id after a restart) cannot finish the new attempt with its old lease."""
+    from coordination.queue.rules import lease_token
 
-    home = make_home(tmp_path, history_max_lines=10, history_keep_lines=0,
-                     durability="none")
-    queue = TaskQueue(home)
-    done = queue.enqueue(req(task_id="DONE"), now=T0).task
-    queue.claim("w1", now=T0 + 1)
-    queue.complete(done["task_id"], "w1", now=T0 + 2)
-    for i in range(12):  # push the history over its line limit
-        queue.enqueue(req(task_id=f"F{i:02d}"), now=T0 + 3)
-        queue.claim("w1", now=T0 + 3)
-        queue.complete(f"F{i:02d}", "w1", now=T0 + 3)
-    run_janitor(home, T0 + 10)
-    assert b'"DONE"' not in home.history_file.read_bytes()
-    assert list(home.coordination.glob("task-history.*.jsonl.gz"))
-    after = queue.enqueue(req(task_id="NEXT", depends_on=["DONE"]), now=T0 + 11).task
-    assert after["depends_on"] == ["DONE"]
-    with pytest.raises(UsageError, match="unknown or not-completed"):
-        queue.enqueue(req(task_id="NEXT2", depends_on=["NEVER"]), now=T0 + 12)
-    # An operator finds it too, when asking for the archives.
-    assert queue.history_of("DONE") == []
-    records = queue.history_of("DONE", archives=True)
-    assert [r["outcome"] for r in records] == ["completed"] and records[0]["final"]
-    from click.testing import CliRunner
-
-    from daemons.cli import cli
-    runner = CliRunner()
-    missing = runner.invoke(cli, ["--home", str(home.root), "task", "show", "DONE"])
-    assert missing.exit_code == 1 and "--archives" in missing.output
-    shown = runner.invoke(cli, ["--home", str(home.root), "task", "show", "DONE",
-                                "--archives", "--history", "--json"])
-    assert shown.exit_code == 0, shown.output
-    out = json.loads(shown.output)
-    assert out["status"] == "completed" and len(out["history"]) == 1
+    backend = make_backend(retry_backoff_base_s=0)
+    first = run_once(backend, req(max_attempts=3))
+    old_lease = lease_token(first)
+    backend.reclaim(first["task_id"], reason="heartbeat lost", worker_id="w1", now=T0 + 1)
+    again = backend.claim("w1", now=T0 + 2)
+    assert again is not None and again["task_id"] == first["task_id"]
+    with pytest.raises(InvalidTransition, match="lease lost"):
+        backend.complete(first["task_id"], "w1", lease=old_lease, now=T0 + 3)
+    assert backend.get(first["task_id"])["status"] == "running"
+    done = backend.complete(first["task_id"], "w1", lease=lease_token(again), now=T0 + 4)
+    assert done["status"] == "completed"

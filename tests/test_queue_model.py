@@ -1,4 +1,5 @@
-"""Model-based test: random operation sequences on TaskQueue against an in-memory model.
+"""Model-based test: random operation sequences on every queue backend against an in-memory
+model.
 
 Time is injected and advances one second per step, so ``created_at`` orders tasks and the
 model can predict exactly which task a claim returns. ``retry_backoff_base_s`` is 0, so a
@@ -29,7 +30,7 @@ from hypothesis.stateful import (
 )
 
 from coordination.errors import InvalidTransition, NotFound
-from coordination.queue import TaskQueue
+from coordination.queue import BACKENDS, QueueBackend
 from coordination.tasks import PRIORITIES, PRIORITY_RANK
 
 DEDUP_KEYS = [None, "k1", "k2"]
@@ -50,10 +51,13 @@ class Model:
 
 
 class QueueMachine(RuleBasedStateMachine):
+    #: The backend under test: a name of ``coordination.queue.BACKENDS`` (one subclass each).
+    backend = "file"
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.queue: TaskQueue
+        self.queue: QueueBackend
         self.now = T0
         self.live: dict[str, Model] = {}
         self.dead: dict[str, Model] = {}
@@ -63,7 +67,7 @@ class QueueMachine(RuleBasedStateMachine):
     def fresh_home(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="harness-model-")
         home = make_home(Path(self.tmp.name), retry_backoff_base_s=0, durability="none")
-        self.queue = TaskQueue(home)
+        self.queue = BACKENDS[self.backend](home)
 
     def teardown(self) -> None:
         if self.tmp is not None:
@@ -282,4 +286,9 @@ QueueMachine.TestCase.settings = settings(
     max_examples=30, stateful_step_count=30, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestQueueModel = QueueMachine.TestCase
+# One test case per backend the factory knows, each named after it (TestQueueModel_file).
+for _name in BACKENDS:
+    _machine = type(f"QueueMachine_{_name}", (QueueMachine,), {"backend": _name})
+    _machine.TestCase.settings = QueueMachine.TestCase.settings
+    globals()[f"TestQueueModel_{_name}"] = _machine.TestCase
+del _name, _machine

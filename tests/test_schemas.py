@@ -29,6 +29,7 @@ from coordination.config import (
 )
 from coordination.control import update_control
 from coordination.events import ENVELOPE_FIELDS, SEVERITIES, emit, make_event
+from coordination.locks import lock_for
 from coordination.paths import LOCK_NAMES, Home
 from coordination.queue import TaskQueue
 from coordination.specs import EXIT_REASONS, SPEC_STATES, complete_spec, new_spec, write_spec
@@ -44,6 +45,7 @@ SCHEMA_FILES = (
     "history-record.schema.json", "dead-letter.schema.json", "event.schema.json",
     "worker-spec.schema.json", "control.schema.json", "system-config.schema.json",
     "worker-types.schema.json", "health.schema.json", "supervisor-state.schema.json",
+    "queue-journal.schema.json",
 )
 
 JQ_QUEUED = ("""jq '[.tasks[] | select(.status == "queued")] | length' """
@@ -121,14 +123,25 @@ class Scenario:
         self.claimed: list[str] = []
 
     def check_queue(self) -> None:
+        self.q.sync()  # the jq view as it is once the queue has been quiet for 1 s
         data = read_json(self.home.queue_file)
         assert_valid("task-queue.schema.json", data, "task-queue.json")
         for task in data["tasks"]:
             assert list(task) == list(TASK_FIELDS)  # key order too: what jq -c shows
-        if self.home.queue_prev_file.exists():
-            assert_valid("task-queue.schema.json", read_json(self.home.queue_prev_file),
-                         "task-queue.prev.json")
+        if self.home.queue_base_file.exists():
+            assert_valid("task-queue.schema.json", read_json(self.home.queue_base_file),
+                         "task-queue.base.json")
+        self.check_journal()
         self.queue_revisions_checked += 1
+
+    def check_journal(self) -> None:
+        data = self.home.queue_journal.read_bytes()
+        whole = data.split(b"\0", 1)[0]
+        assert whole.endswith(b"\n") and not data[len(whole):].strip(b"\0")
+        lines = [json.loads(raw) for raw in whole.splitlines()]
+        assert "journal" in lines[0]
+        for line in lines:
+            assert_valid("queue-journal.schema.json", line, "task-queue.journal")
 
     def check_dead_letters(self) -> None:
         for path in sorted(self.home.dead_letters.glob("*.json")):
@@ -228,6 +241,19 @@ class Scenario:
         self.step(q.fail("L", w3, error="exit 1", exit_code=1, now=T0 + 107))
         self.check_dead_letters()
         assert q.purge_dead(["L"]) == ["L"]
+        self.check_queue()
+        # An operator's hand edit (jq and mv under flock): recorded by the next transaction.
+        edited = q.live_tasks()[0]
+        with lock_for(h.lock_path("queue")).held_for(5):
+            raw = json.loads(h.queue_file.read_bytes())
+            for task in raw["tasks"]:
+                if task["task_id"] == edited["task_id"]:
+                    task["description"] = "edited by hand"
+            tmp = h.coordination / ".task-queue.json.tmp-manual"
+            tmp.write_text(json.dumps(raw))
+            tmp.replace(h.queue_file)
+        q.reprioritize(edited["task_id"], edited["priority"], now=T0 + 108)
+        assert q.get(edited["task_id"])["description"] == "edited by hand"
         self.check_queue()
 
         emit(h, "deploy.started", severity="info", source="test", message="deploying",
@@ -458,12 +484,10 @@ def test_specs_control_and_config_match_schema(scenario: Scenario) -> None:
     assert_valid("worker-types.schema.json", read_json(h.worker_types_config))
 
 
-def test_pending_and_ingested_inbox_requests_match_schema(scenario: Scenario) -> None:
+def test_pending_inbox_requests_match_schema(scenario: Scenario) -> None:
     pending = sorted(scenario.home.inbox.glob("*.json"))
     assert [p.name for p in pending] == ["P.json"]
     assert_valid("task-request.schema.json", read_json(pending[0]))
-    for path in sorted(scenario.home.inbox_ingested.glob("*.json")):
-        assert_valid("task-request.schema.json", read_json(path), str(path))
 
 
 def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> None:
@@ -471,7 +495,7 @@ def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> Non
     h = scenario.home
     known = [
         (h.queue_file, "task-queue.schema.json"),
-        (h.queue_prev_file, "task-queue.schema.json"),
+        (h.queue_journal, "queue-journal.schema.json"),
         (h.history_file, "history-record.schema.json"),
         (h.events_file, "event.schema.json"),
         (h.control_file, "control.schema.json"),
@@ -481,7 +505,6 @@ def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> Non
     patterns = [
         (h.inbox, r"[A-Za-z0-9][A-Za-z0-9._-]*\.json"),
         (h.inbox_rejected, r".+\.(json|reason)"),
-        (h.inbox_ingested, r"[A-Za-z0-9][A-Za-z0-9._-]*\.json"),
         (h.dead_letters, r"[A-Za-z0-9][A-Za-z0-9._-]*\.json"),
         (h.specs_active, r".+\.json"),
         (h.specs_completed, r".+\.json"),
@@ -489,8 +512,10 @@ def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> Non
     ]
     exact = {p for p, _ in known}
     doc = doc_text()
+    optional = {h.queue_base_file, h.queue_journal.with_name("task-queue.journal.prev")}
     for path in sorted(p for p in h.root.rglob("*") if p.is_file()):
-        if path in exact:
+        if path in exact or path in optional:
+            assert str(path.relative_to(h.root)) in doc, path
             continue
         folder = next((f for f, _ in patterns if path.parent == f), None)
         assert folder is not None, f"{path} is not part of the contract"
@@ -601,8 +626,10 @@ def test_every_file_the_supervisor_wrote_is_in_the_contract(
         assert str(path.relative_to(h.root)) in doc, path
     assert h.supervisor_lock.stat().st_size == 0
     written = {p for p in h.coordination.iterdir() if p.is_file()}
-    assert written <= {h.queue_file, h.queue_prev_file, h.history_file, h.events_file,
-                       h.control_file, h.health_file, h.supervisor_state_file}, written
+    assert written <= {h.queue_file, h.queue_journal, h.queue_base_file,
+                       h.queue_journal.with_name("task-queue.journal.prev"), h.history_file,
+                       h.events_file, h.control_file, h.health_file,
+                       h.supervisor_state_file}, written
 
 
 # ------------------------------------------------------------------------------- the doc
@@ -623,7 +650,7 @@ def test_doc_names_every_task_field() -> None:
 def test_doc_names_every_path_lock_and_constant() -> None:
     text = doc_text()
     h = Home(Path("/HOME"))
-    paths = [h.queue_file, h.queue_prev_file, h.inbox, h.inbox_rejected, h.inbox_ingested,
+    paths = [h.queue_file, h.queue_journal, h.queue_base_file, h.inbox, h.inbox_rejected,
              h.history_file,
              h.dead_letters, h.specs_active, h.specs_completed, h.events_file,
              h.metrics_file, h.control_file, h.system_config, h.worker_types_config,
@@ -637,7 +664,7 @@ def test_doc_names_every_path_lock_and_constant() -> None:
                 "coordination/dashboard-events.jsonl", "coordination/metrics-snapshots.jsonl",
                 "coordination/control.json", "coordination/config/system.json",
                 "coordination/config/worker-types.json", "logs/tasks/<task_id>.log",
-                "results/<task_id>/", "inbox/rejected/", "inbox/.ingested/", "worker-specs/",
+                "results/<task_id>/", "inbox/rejected/", "worker-specs/",
                 "quarantine/", "coordination/health.json", "coordination/supervisor-state.json",
                 "locks/supervisor.lock", "logs/workers/", "`crash_proof`"):
         assert rel in text, rel
@@ -655,8 +682,8 @@ def test_doc_names_every_path_lock_and_constant() -> None:
 
 
 def queue_event_types() -> set[str]:
-    source = (ROOT / "coordination" / "queue.py").read_text()
-    return set(re.findall(r'txn\.event\(\s*"([a-z_.-]+)"', source))
+    source = "".join(p.read_text() for p in (ROOT / "coordination" / "queue").rglob("*.py"))
+    return set(re.findall(r'(?:txn\.event|make_event)\(\s*"([a-z_.-]+)"', source))
 
 
 def test_doc_lists_every_queue_event_type() -> None:

@@ -369,15 +369,23 @@ def test_worker_reaps_orphans_that_escaped_their_group(home: Home, procs: ProcGr
 
 # ---------------------------------------------------------------------------- wake-ups
 def test_wakeup_fires_on_queue_inbox_control_and_config_only(home: Home) -> None:
+    from coordination.queue import FileQueue, open_queue
     from coordination.store import append_line, replace_bytes, replace_json
     from daemons.wakeup import Wakeup
 
+    def commit_elsewhere() -> None:  # another process's queue commit (a journal write)
+        other = FileQueue(home)
+        other.enqueue({"command": ["true"]})
+        other.close()  # publishes its jq view now, not from a timer later
+
     wakeup = Wakeup(home).start(signals=False)
+    wakeup.follow_queue(open_queue(home))
     try:
         # watchdog's 0.5 s move-pairing delay is off (else p99 dispatch latency is 500 ms).
         assert wakeup.prompt_moves
         publishes: list[Callable[[], object]] = [
-            lambda: replace_bytes(home.queue_file, b'{"tasks": []}\n', "none"),
+            commit_elsewhere,
+            lambda: replace_bytes(home.queue_file, b'{"tasks": []}\n', "none"),  # by hand
             lambda: replace_bytes(home.inbox / "t-1.json", b"{}\n", "none"),
             lambda: replace_json(home.control_file, {"paused_types": {}}, "none"),
             lambda: replace_json(home.system_config, json.loads(

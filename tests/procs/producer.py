@@ -4,8 +4,9 @@
 
 Prints ``ready`` once set up, then ``ack <task_id>`` (one write per line, flushed) only
 after enqueue returned, and ``done`` at the end. ``--count 0`` enqueues until killed.
-Backpressure is waited out, never fatal. ``--via-inbox`` forces the contended path of
-enqueue (publish in the inbox, then group commit) even when the queue lock is free.
+Backpressure is waited out, never fatal. ``--via-inbox`` hands every request to the inbox
+without the queue lock (``submit(durable=True)``, create-task.sh's contract: acknowledged
+once the inbox file is durable; the next queue operation of any process admits it).
 """
 
 from __future__ import annotations
@@ -22,13 +23,6 @@ from coordination.queue import TaskQueue
 from coordination.tasks import PRIORITIES
 
 
-class InboxQueue(TaskQueue):
-    """TaskQueue that always behaves as if another process held the queue lock."""
-
-    def _try_lock(self) -> bool:
-        return False
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("home")
@@ -38,7 +32,7 @@ def main() -> int:
     parser.add_argument("--via-inbox", action="store_true")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    queue = (InboxQueue if args.via_inbox else TaskQueue)(Home(Path(args.home)))
+    queue = TaskQueue(Home(Path(args.home)))
     out = sys.stdout
     out.write("ready\n")
     out.flush()
@@ -47,11 +41,14 @@ def main() -> int:
         request = {"command": ["true"], "description": f"{args.prefix}-{i}",
                    "priority": rng.choice(PRIORITIES), "correlation_id": args.prefix}
         try:
-            result = queue.enqueue(request)
+            if args.via_inbox:
+                task_id = queue.submit(request, durable=True)
+            else:
+                task_id = queue.enqueue(request).task["task_id"]
         except Backpressure:
             time.sleep(0.01)
             continue
-        out.write(f"ack {result.task['task_id']}\n")
+        out.write(f"ack {task_id}\n")
         out.flush()
         i += 1
     out.write("done\n")

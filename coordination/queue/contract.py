@@ -1,0 +1,164 @@
+"""The queue port: what every backend guarantees (docs/coordination.md, "Queue").
+
+Daemons, the CLI, metrics and doctor are typed against :class:`QueueBackend` and nothing
+else: they never name a backend's files or call its private methods. ``open_queue(home)``
+(in :mod:`coordination.queue`) picks the backend from system.json ``queue_backend``.
+
+Every method is atomic with respect to every other caller, in this process or another.
+A method that changes the queue returns once the change is durable (per ``durability``);
+its events are appended after that. Policy (claim order, retries, dependencies, dedup) is
+:mod:`coordination.queue.rules`, the same for every backend.
+
+Shaped for a networked backend too: the fencing token of a claim is
+:func:`~coordination.queue.rules.lease_token` (a worker that lost its task cannot commit:
+complete / fail / release check the owner under the backend's own lock or row lock); the
+history cursor is an opaque string (a file offset here, a sequence number in a database);
+``wait`` / ``on_change`` are what inotify or LISTEN/NOTIFY provide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, overload, runtime_checkable
+
+Task = dict[str, Any]
+HistoryRecord = dict[str, Any]
+
+
+@dataclass
+class EnqueueResult:
+    """What became of one enqueued request."""
+
+    task: Task
+    created: bool  # False: deduplicated onto an existing live task (``task`` is that one)
+
+
+@dataclass
+class QueueFinding:
+    """One result of :meth:`QueueBackend.check` (doctor's levels: error, warning, info)."""
+
+    level: str
+    code: str
+    message: str
+    path: str | None = None
+    repaired: bool = False
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """The queue contract. See each method for its guarantee."""
+
+    #: "file", "postgres", ...
+    backend_name: str
+
+    # -- producers -------------------------------------------------------------------
+    def enqueue(self, request: dict[str, Any], *, force: bool = False,
+                now: float | None = None) -> EnqueueResult:
+        """Add one task; return once it is durable. UsageError on bad input (nothing is
+        queued), Backpressure (exit 75) above ``max_queue_depth`` unless ``force``; a
+        ``dedup_key`` held by a live task returns that task with ``created`` False."""
+    def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
+                      now: float | None = None) -> list[EnqueueResult]:
+        """Add many tasks in one commit, all or nothing."""
+    def submit(self, request: dict[str, Any], *, now: float | None = None,
+               durable: bool = False) -> str:
+        """Validate and hand a request to this host's inbox without waiting for the queue
+        (create-task.sh's path); the next ``ingest`` admits it. Returns the task id."""
+    def ingest(self, *, now: float | None = None, timeout: float | None = None) -> int:
+        """Admit this host's pending inbox requests; returns how many were added. Cheap
+        when the inbox is empty (no lock is taken). ``timeout`` bounds the wait for the
+        queue (0: only if free at once; LockTimeout otherwise)."""
+    def ensure_published(self, *, now: float | None = None) -> bool:
+        """Make the operator-facing view exist (an empty queue in a new home); True when it
+        was written. Never replaces one."""
+
+    # -- workers ---------------------------------------------------------------------
+    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
+              now: float | None = None,
+              events_out: list[dict[str, Any]] | None = None) -> Task | None:
+        """Take the best runnable task (rules.claim_key) for ``worker_id``: it becomes
+        ``running`` with ``attempts`` + 1. None when none is runnable. With ``events_out``
+        the caller appends the committed transaction's events itself."""
+    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                 result: dict[str, Any] | None = None, now: float | None = None,
+                 lease: str | None = None) -> Task:
+        """Finish a task running under ``worker_id``: a final history record, the task
+        leaves the live queue. NotFound / InvalidTransition (nothing changes) when it is
+        not running under ``worker_id`` any more (reclaimed meanwhile), or, with ``lease``
+        (rules.lease_token of the claimed task), when that claim is not the current one."""
+    def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                           result: dict[str, Any] | None = None,
+                           types: Iterable[str] | None = None, now: float | None = None,
+                           events_out: list[dict[str, Any]] | None = None,
+                           lease: str | None = None) -> tuple[Task, Task | None]:
+        """``complete`` then ``claim`` for the same worker in one commit."""
+    def fail(self, task_id: str, worker_id: str | None, *, error: str,
+             exit_code: int | None = None, retry: bool = True,
+             result: dict[str, Any] | None = None, outcome: str = "failed",
+             now: float | None = None, lease: str | None = None) -> Task:
+        """Record a failed attempt: queued again after rules.backoff_delay while attempts
+        remain (and ``retry``), else ``failed`` with a dead letter. ``worker_id`` None
+        skips the owner check. ``outcome`` names it in history (failed, reclaimed)."""
+    def release(self, task_id: str, worker_id: str, *, reason: str,
+                now: float | None = None, lease: str | None = None) -> Task:
+        """Hand a running task back without spending an attempt."""
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
+                now: float | None = None) -> Task: ...
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str,
+                now: float | None = None) -> Task | None: ...
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
+                now: float | None = None) -> Task | None:
+        """Take a task back from a worker proven dead (the attempt counts). With
+        ``worker_id`` the owner is checked under the lock and None is returned when the
+        task is no longer running under it (each task is reclaimed at most once)."""
+
+    # -- operators -------------------------------------------------------------------
+    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
+               now: float | None = None) -> Task:
+        """Queued: cancelled at once. Running: ``cancel_requested``, its worker stops it."""
+    def reprioritize(self, task_id: str, priority: str, *,
+                     now: float | None = None) -> Task:
+        """Change a live task's priority; claims see it at once."""
+    def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
+                     now: float | None = None) -> Task:
+        """Move a dead letter back into the queue as a fresh queued task."""
+    def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]:
+        """Delete dead letters (all when None); returns the ids removed."""
+
+    # -- reads -----------------------------------------------------------------------
+    def get(self, task_id: str) -> Task | None:
+        """The live task, else its dead letter, else its newest final history record."""
+    def live_tasks(self, status: str | None = None) -> list[Task]:
+        """Queued and running tasks (only ``status`` ones when given), a consistent view."""
+    def dead_letters(self) -> list[Task]:
+        """Every dead letter, oldest task id first."""
+    def history_of(self, task_id: str | None, *, correlation_id: str | None = None,
+                   archives: bool = False) -> list[HistoryRecord]:
+        """Every history record of one task (or, with ``correlation_id`` and no task id, of
+        every task of that correlation id), oldest first; ``archives`` includes rotated
+        history."""
+    def history_since(self, cursor: str | None, *, start_at: float | None = None,
+                      limit: int | None = None) -> tuple[list[HistoryRecord], str]:
+        """History records after ``cursor`` and the cursor to pass next time. With no
+        cursor: from ``start_at`` (a time: records recorded since) or the beginning. A
+        cursor the backend no longer recognises (history rotated) starts over."""
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Counts by status and priority, runnable counts per type, oldest queued age,
+        inbox and dead-letter sizes, revision."""
+
+    # -- wake-ups and upkeep ---------------------------------------------------------
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the queue may have changed (or ``timeout``); True when woken."""
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from another thread) whenever the queue may have changed;
+        returns the function that stops it."""
+    def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
+        """The queue's own invariants (doctor's queue part); with ``repair`` fix what can
+        be fixed without losing data and mark those findings repaired."""
+    def sync(self) -> None:
+        """Bring the backend's operator-facing view (the jq file) up to date now."""
+    def close(self) -> None:
+        """Release descriptors and threads; pending view updates are published first."""
