@@ -17,6 +17,7 @@ daemons/supervisor_bench.py); docs/performance.md has the figures of one machine
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import click
 from coordination.config import init_home
 from coordination.events import emit
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import QueueBackend, open_queue
 
 from .context import json_option, print_json
 
@@ -64,6 +65,8 @@ class Bench:
     metrics: tuple[Metric, ...]
     run: Callable[[Path, bool], dict[str, Figure]]
     repeats: tuple[int, int] | None = None
+    peer: bool = False  # runs a peer queue (huey): only with --peers
+    full_only: bool = False  # too slow for --quick (100,000-task homes) unless named in --only
 
     def names(self) -> tuple[str, ...]:
         return (*self.groups, self.name, *(m.name for m in self.metrics))
@@ -96,14 +99,14 @@ def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- enqueue
-def _fill(queue: TaskQueue, n: int) -> None:
+def _fill(queue: QueueBackend, n: int) -> None:
     for start in range(0, n, 5000):
         queue.enqueue_batch([{"description": f"backlog {i}", "command": ["true"],
                               "priority": "low"} for i in range(start, min(n, start + 5000))])
 
 
 def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
-    queue = TaskQueue(make_home(root))
+    queue = open_queue(make_home(root), shared=False)
     _fill(queue, backlog)
     n = 100 if quick else 500
     t0 = time.perf_counter()
@@ -113,7 +116,7 @@ def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
 
 
 def _enqueue_batch(root: Path, quick: bool, backlog: int) -> float:
-    queue = TaskQueue(make_home(root))
+    queue = open_queue(make_home(root), shared=False)
     _fill(queue, backlog)
     n = 1000 if quick else 5000
     t0 = time.perf_counter()
@@ -199,7 +202,7 @@ def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
     ``cli:task``; ``n`` is the calls per loop (quick, full)."""
     def run(root: Path, quick: bool) -> float:
         home = make_home(root)
-        _fill(TaskQueue(home), backlog)
+        _fill(open_queue(home, shared=False), backlog)
         if kind == "cli:task":
             argv = [*_harness_cmd(), *TASK_ADD]
         elif kind == "cli:events":
@@ -213,7 +216,7 @@ def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
 
 # ---------------------------------------------------------------------------- claim, events
 def _claim_complete(root: Path, quick: bool, backlog: int) -> float:
-    queue = TaskQueue(make_home(root))
+    queue = open_queue(make_home(root), shared=False)
     _fill(queue, backlog)
     n = 20 if quick else 100
     t0 = time.perf_counter()
@@ -314,7 +317,7 @@ def _peak_rss_mib(argv: list[str], env: dict[str, str]) -> float:
 
 def _oneshot_rss(root: Path, quick: bool) -> dict[str, Figure]:
     home = make_home(root)
-    queue = TaskQueue(home)
+    queue = open_queue(home, shared=False)
     _fill(queue, 100)
     for i in range(50):
         emit(home, "bench_event", message=f"event {i}", source="bench")
@@ -324,6 +327,45 @@ def _oneshot_rss(root: Path, quick: bool) -> dict[str, Figure]:
     return {"rss_janitor_run": _peak_rss_mib([*base, "janitor", "run"], env),
             "rss_metrics_snapshot": _peak_rss_mib([*base, "metrics", "snapshot"], env),
             "rss_cli_baseline": _peak_rss_mib([*harness, "--version"], env)}
+
+
+def _worker_rss_backlog(root: Path, quick: bool) -> float:
+    from .worker_bench import idle_rss_with_backlog
+
+    return idle_rss_with_backlog(root, 100_000)
+
+
+def _jq_length(root: Path, quick: bool) -> list[float]:
+    """``jq '.tasks | length' task-queue.json`` with 10,000 queued, per call (ms)."""
+    import shutil
+
+    jq = shutil.which("jq")
+    if jq is None:
+        raise RuntimeError("needs jq (apt install jq)")
+    home = make_home(root)
+    queue = open_queue(home, shared=False)
+    _fill(queue, 10_000)
+    queue.close()  # publishes the jq view
+    samples = []
+    for _ in range(5 if quick else 20):
+        t0 = time.perf_counter()
+        proc = subprocess.run([jq, ".tasks | length", str(home.queue_file)],
+                              capture_output=True, check=False)
+        samples.append((time.perf_counter() - t0) * 1000)
+        if proc.returncode != 0 or proc.stdout.strip() != b"10000":
+            raise RuntimeError(f"jq printed {proc.stdout[:40]!r}, exit {proc.returncode}")
+    return samples
+
+
+def _peers(root: Path, quick: bool) -> dict[str, Figure]:
+    """600 ``true`` tasks on 2 workers: harness (fsync) and huey SqliteHuey (2 process
+    workers), one after the other in the same run."""
+    from .peer_bench import peer_throughput
+    from .worker_bench import measure_throughput
+
+    ours = measure_throughput(root, 2, 600, "fsync")["tasks_per_s"]
+    theirs = peer_throughput(root.parent / "peer", 2, 600)
+    return {"throughput_2w_600": ours, "peer_huey_2w_600": theirs}
 
 
 # ---------------------------------------------------------------------------- registry
@@ -341,6 +383,9 @@ BENCHES: tuple[Bench, ...] = (
          lambda r, q: _enqueue_singles(r, q, 2000)),
     _one("enqueue_backlog_10000", ("enqueue",), "ms/op", "single enqueue into 10,000 queued",
          lambda r, q: _enqueue_singles(r, q, 10000)),
+    dataclasses.replace(_one(
+        "enqueue_backlog_100000", ("enqueue",), "ms/op", "single enqueue into 100,000 queued",
+        lambda r, q: _enqueue_singles(r, q, 100_000)), full_only=True, repeats=(1, 3)),
     _one("enqueue_batch", ("enqueue",), "tasks/s", "one enqueue_batch (Python API)",
          lambda r, q: _enqueue_batch(r, q, 0)),
     _one("enqueue_batch_backlog_10000", ("enqueue",), "tasks/s",
@@ -367,6 +412,9 @@ BENCHES: tuple[Bench, ...] = (
          lambda r, q: _claim_complete(r, q, 1000)),
     _one("claim_complete_10000", ("claim",), "ms/op", "claim + complete with 10,000 live",
          lambda r, q: _claim_complete(r, q, 10000)),
+    dataclasses.replace(_one(
+        "claim_complete_100000", ("claim",), "ms/op", "claim + complete with 100,000 live",
+        lambda r, q: _claim_complete(r, q, 100_000)), full_only=True, repeats=(1, 3)),
     _one("events_python", ("events",), "events/s", "coordination.events.emit",
          _events_python),
     _one("events_emit_event_sh", ("events", "calls"), "events/s",
@@ -404,6 +452,12 @@ BENCHES: tuple[Bench, ...] = (
         Metric("rss_supervisor", "MiB", "idle supervisor resident set"),
         Metric("rss_worker", "MiB", "idle worker resident set"),
     ), _idle, _DIST),
+    Bench("rss_worker_backlog", ("rss",), (
+        Metric("rss_worker_100000", "MiB", "idle worker (its type paused), 100,000 queued"),
+    ), lambda r, q: {"rss_worker_100000": _worker_rss_backlog(r, q)}, (1, 1), full_only=True),
+    Bench("jq_length", ("jq",), (
+        Metric("jq_length_10000", "ms", "jq '.tasks | length' task-queue.json, 10,000 queued"),
+    ), lambda r, q: {"jq_length_10000": _jq_length(r, q)}, _DIST),
     Bench("rss_oneshot", ("rss",), (
         Metric("rss_janitor_run", "MiB", "peak RSS of `harness janitor run`"),
         Metric("rss_metrics_snapshot", "MiB", "peak RSS of `harness metrics snapshot`"),
@@ -412,6 +466,10 @@ BENCHES: tuple[Bench, ...] = (
     Bench("reclaim", ("reclaim",), (
         Metric("reclaim_latency", "ms", "SIGKILL of a busy worker -> its task queued again"),
     ), _reclaim, _DIST),
+    Bench("peers", ("peers",), (
+        Metric("throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers, fsync (harness)"),
+        Metric("peer_huey_2w_600", "tasks/s", "the same on huey SqliteHuey, 2 process workers"),
+    ), _peers, (1, 3), peer=True),
 )
 
 #: (row, reference row, field): the row gets ``field`` relating it to the reference when
@@ -420,6 +478,10 @@ BENCHES: tuple[Bench, ...] = (
 RELATIONS: tuple[tuple[str, str, str], ...] = (
     ("enqueue_backlog_2000", "enqueue_empty", "slowdown_vs_empty"),
     ("enqueue_backlog_10000", "enqueue_empty", "slowdown_vs_empty"),
+    ("enqueue_backlog_100000", "enqueue_empty", "slowdown_vs_empty"),
+    ("claim_complete_10000", "claim_complete_100", "slowdown_vs_empty"),
+    ("claim_complete_100000", "claim_complete_100", "slowdown_vs_empty"),
+    ("throughput_2w_600", "peer_huey_2w_600", "ratio_to_peer"),
     ("enqueue_batch_backlog_10000", "enqueue_batch", "slowdown_vs_empty"),
     ("enqueue_cli_backlog_10000", "enqueue_cli", "slowdown_vs_empty"),
     ("enqueue_cli_x4", "enqueue_cli", "speedup_vs_sequential"),
@@ -435,15 +497,18 @@ def metric_names() -> list[str]:
     return [m.name for b in BENCHES for m in b.metrics]
 
 
-def select(only: tuple[str, ...]) -> list[Bench]:
+def select(only: tuple[str, ...], peers: bool = False, quick: bool = False) -> list[Bench]:
     """The benches ``--only`` picks: each text that is exactly a group, bench or row name
-    selects by that name; any other text selects every bench whose names contain it."""
+    selects by that name; any other text selects every bench whose names contain it.
+    Peer benches run only with ``peers``; with ``quick`` and no ``--only``, the benches on
+    100,000-task homes are left out."""
     exact = {n for b in BENCHES for n in b.names()}
 
     def picks(o: str, b: Bench) -> bool:
         return o in b.names() if o in exact else any(o in n for n in b.names())
 
-    return [b for b in BENCHES if not only or any(picks(o, b) for o in only)]
+    return [b for b in BENCHES if (peers or not b.peer)
+            and (any(picks(o, b) for o in only) if only else not (quick and b.full_only))]
 
 
 # ---------------------------------------------------------------------------- running
@@ -495,11 +560,12 @@ def _relate(rows: list[dict[str, Any]]) -> None:
 
 
 def run_benches(quick: bool, only: tuple[str, ...], repeat: int | None,
-                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                progress: Callable[[str], None] | None = None,
+                peers: bool = False) -> list[dict[str, Any]]:
     """Run the benches :func:`select` picks (all when ``only`` is empty) and return their
     rows in table order."""
     rows: list[dict[str, Any]] = []
-    for bench in select(only):
+    for bench in select(only, peers, quick):
         default = bench.repeats or (3, 5)
         repeats = repeat or (default[0] if quick else default[1])
         runs: list[dict[str, Figure]] = []
@@ -536,7 +602,7 @@ def _fmt(value: float) -> str:
 
 _NOTES = (("p95", "p95"), ("p99", "p99"), ("n", "n"), ("ceiling", "ceiling"),
           ("ratio_to_ceiling", "ratio"), ("slowdown_vs_empty", "slowdown"),
-          ("speedup_vs_sequential", "speedup"))
+          ("speedup_vs_sequential", "speedup"), ("ratio_to_peer", "vs peer"))
 
 
 def format_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -567,16 +633,21 @@ def register(group: click.Group) -> None:
 
 @click.command()
 @click.option("--quick", is_flag=True,
-              help="Fewer operations and repeats (for CI; well under 90 s in all).")
+              help="Fewer operations and repeats, and no 100,000-task homes unless named in "
+                   "--only (for CI).")
 @click.option("--only", multiple=True,
               help="Run the benches of this group (enqueue, calls, claim, events, "
-                   "dispatch, throughput, idle, rss, reclaim), bench or row name; any other "
+                   "dispatch, throughput, idle, rss, jq, reclaim, peers), bench or row name; "
+                   "any other "
                    "text: those whose names contain it (repeatable).")
 @click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
 @click.option("--list", "list_only", is_flag=True, help="List the rows and exit.")
+@click.option("--peers", is_flag=True,
+              help="Also run the same workload on a peer queue (huey SqliteHuey; needs the "
+                   "bench extra: pip install -e '.[bench]').")
 @json_option
 def bench(quick: bool, only: tuple[str, ...], repeat: int | None, list_only: bool,
-          as_json: bool) -> None:
+          peers: bool, as_json: bool) -> None:
     """Measure enqueue, claim, event, dispatch, throughput, idle and reclaim costs on
     throwaway homes.
 
@@ -592,7 +663,7 @@ def bench(quick: bool, only: tuple[str, ...], repeat: int | None, list_only: boo
     def progress(text: str) -> None:
         click.echo(f"bench: {text}", err=True)
 
-    rows = run_benches(quick, only, repeat, progress if sys.stderr.isatty() else None)
+    rows = run_benches(quick, only, repeat, progress if sys.stderr.isatty() else None, peers)
     if as_json:
         print_json(rows)
     else:

@@ -28,7 +28,7 @@ from coordination import clock
 from coordination.config import init_home
 from coordination.metrics import take_snapshot
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import open_queue
 from coordination.specs import new_spec
 from coordination.store import append_bytes, replace_json
 
@@ -45,7 +45,7 @@ def make_large_home(root: Path, *, history: int = 10_000, events: int = 200_000,
     ts = time.time() if now is None else now
     home = Home(Path(root))
     init_home(home, max_queue_depth=10**6, durability="none")
-    queue = TaskQueue(home)
+    queue = open_queue(home, shared=False)
     queue.enqueue_batch([{"command": ["./agent.sh", "--repo", f"repo-{i % 40}"],
                           "description": f"fix issue #{i}", "priority":
                           ("critical", "high", "medium", "low")[i % 4]}

@@ -26,7 +26,7 @@ import psutil
 
 from coordination.config import default_system, init_home
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import open_queue
 
 from .task_runner import become_subreaper, reap_orphans
 
@@ -75,14 +75,10 @@ def _wait(cond: Any, timeout: float, what: str, poll: float = 0.002) -> None:
 
 
 def _status(home: Home, task_id: str) -> tuple[str | None, str | None]:
-    try:
-        data = orjson.loads(home.queue_file.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
+    task = open_queue(home).get(task_id)
+    if task is None:
         return None, None
-    for task in data.get("tasks", []):
-        if task["task_id"] == task_id:
-            return task["status"], task.get("worker_id")
-    return None, None
+    return task["status"], task.get("worker_id")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -110,7 +106,7 @@ def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
     samples: list[float] = []
     try:
         _wait(home.health_file.exists, 60, "the supervisor's first pass", 0.02)
-        queue = TaskQueue(home)
+        queue = open_queue(home)
         for trial in range(trials):
             worker = _spawn([*HARNESS, "worker", "run", "--instance", f"b{trial}", "--home",
                              str(home.root)], root / f"worker-{trial}.log", env)

@@ -5,7 +5,7 @@ returns a dict of figures:
 
 - ``dispatch_latency_ms``: enqueue -> the task's process is running, on an idle worker
   (each task runs ``date +%s.%N``; its output is the start instant). ``from_call`` counts
-  from just before ``TaskQueue.enqueue`` (includes the enqueue's own commit), ``from_commit``
+  from just before ``QueueBackend.enqueue`` (includes the enqueue's own commit), ``from_commit``
   from its return. p50/p95/p99/max over ``samples``.
 - ``idle_cpu``: CPU seconds an idle worker used over ``idle_seconds`` (psutil cpu_times).
 - ``rss_mib``: the idle worker's resident set size.
@@ -33,9 +33,10 @@ from typing import Any
 
 import psutil
 
+from coordination import clock
 from coordination.config import init_home
 from coordination.paths import Home
-from coordination.queue import TaskQueue
+from coordination.queue import QueueBackend, open_queue
 from coordination.specs import read_specs
 
 
@@ -88,7 +89,7 @@ def _idle(home: Home, pid: int) -> bool:
     return False
 
 
-def _wait_gone(queue: TaskQueue, task_id: str, timeout: float = 30) -> None:
+def _wait_gone(queue: QueueBackend, task_id: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = queue.get(task_id)
@@ -115,7 +116,7 @@ def dispatch_samples(root: Path, samples: int,
     ``(from_call, from_commit)``, one value per task, in order. Each task starts only once
     the worker is idle again, so every sample is a wake-up from idle."""
     home = _home(root / f"latency-{durability}", durability=durability)
-    queue = TaskQueue(home)
+    queue = open_queue(home, shared=False)
     worker = _start_worker(home, "lat", root)
     from_call: list[float] = []
     from_commit: list[float] = []
@@ -167,7 +168,7 @@ def measure_throughput(root: Path, workers: int, tasks: int,
     """``tasks`` ``true`` tasks end to end on ``workers`` already registered workers: the
     clock starts before the batch enqueue and stops when no task is live (all completed)."""
     home = _home(root / f"throughput-{workers}-{durability}", durability=durability)
-    queue = TaskQueue(home)
+    queue = open_queue(home, shared=False)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(workers):
@@ -175,15 +176,41 @@ def measure_throughput(root: Path, workers: int, tasks: int,
         t0 = time.monotonic()
         queue.enqueue_batch([{"command": ["true"]} for _ in range(tasks)])
         deadline = t0 + 600
-        while queue.live_tasks():
+        while queue.stats()["live"]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{tasks} tasks not done within 600s")
-            time.sleep(0.01)
+            queue.wait(0.05)  # woken by the workers' commits, not a polling loop
         elapsed = time.monotonic() - t0
     finally:
         _stop(procs)
+        queue.close()
     return {"workers": workers, "tasks": tasks, "seconds": round(elapsed, 3),
             "tasks_per_s": round(tasks / elapsed, 1)}
+
+
+def idle_rss_with_backlog(root: Path, backlog: int) -> float:
+    """Resident set (MiB) of an idle worker whose queue holds ``backlog`` queued tasks of a
+    paused type (so it loads them all and claims none)."""
+    from coordination.control import update_control
+
+    home = _home(root / "rss-backlog", durability="none")
+    queue = open_queue(home, shared=False)
+    for start in range(0, backlog, 5000):
+        queue.enqueue_batch([{"command": ["true"], "description": f"backlog {i}"}
+                             for i in range(start, min(backlog, start + 5000))])
+    queue.close()
+    update_control(home, lambda s: s["paused_types"].update(
+        {"default": {"since": clock.iso(time.time()), "until": None, "reason": "bench"}}))
+    worker = _start_worker(home, "rss", root)
+    try:
+        proc = psutil.Process(worker.pid)
+        deadline = time.monotonic() + 120
+        while not _idle(home, worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # its first claim attempt has loaded the whole queue by now
+        return float(proc.memory_info().rss / 2**20)
+    finally:
+        _stop([worker])
 
 
 def spawn_ceiling(n: int, method: str = "subprocess") -> float:

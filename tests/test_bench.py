@@ -87,10 +87,14 @@ def test_only_selects_groups_names_and_substrings() -> None:
     def names(*only: str) -> set[str]:
         return {b.name for b in bench_mod.select(only)}
 
-    assert names() == {b.name for b in bench_mod.BENCHES}
+    assert names() == {b.name for b in bench_mod.BENCHES if not b.peer}
+    assert {b.name for b in bench_mod.select((), peers=True)} == \
+        {b.name for b in bench_mod.BENCHES}
+    quick = {b.name for b in bench_mod.select((), quick=True)}
+    assert "claim_complete_100000" not in quick and "claim_complete_10000" in quick
     assert names("claim_complete_100") == {"claim_complete_100"}  # exact, not _1000
     assert names("claim") == {"claim_complete_100", "claim_complete_1000",
-                              "claim_complete_10000"}
+                              "claim_complete_10000", "claim_complete_100000"}
     assert names("dispatch") == {"dispatch", "dispatch_nofsync"}
     assert names("throughput_2w") == {"throughput"}  # a row selects its bench
     assert names("idle") == {"idle"}
@@ -165,7 +169,8 @@ def test_distribution_rows_and_relations() -> None:
 @pytest.mark.timeout(300)
 def test_quick_bench_full_set(quick_rows: dict[str, dict[str, Any]]) -> None:
     """Every bench produced its rows, none with an error (jq, bash are installed in CI)."""
-    assert list(quick_rows) == bench_mod.metric_names()
+    assert list(quick_rows) == [m.name for b in bench_mod.select((), quick=True)
+                                for m in b.metrics]
     for row in quick_rows.values():
         assert "error" not in row, row
         assert row["runs"] >= 1
