@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from coordination.errors import HarnessError
+from coordination.errors import HarnessError, UsageError
 from daemons.systemd_units import (
     default_unit_dir,
     install_units,
@@ -48,9 +48,12 @@ def test_templates_exist_and_have_no_stray_placeholders() -> None:
         assert "@HARNESS_" not in unit.text, unit.name
 
 
-def test_every_non_default_line_has_a_why_comment() -> None:
-    """The shipped worker unit explains each setting on the comment line(s) above it."""
-    text = (TEMPLATES / "harness-worker@.service").read_text()
+@pytest.mark.parametrize("name", ["harness-worker@.service", "sandbox.inc",
+                                  "sandbox-offline.inc"])
+def test_every_non_default_line_has_a_why_comment(name: str) -> None:
+    """The shipped worker unit and the sandbox fragments every service includes explain
+    each setting on the comment line(s) above it."""
+    text = (TEMPLATES / name).read_text()
     previous = ""
     undocumented = []
     for line in text.splitlines():
@@ -167,3 +170,107 @@ def test_cli_install_dry_run_and_write(tmp_path: Path, monkeypatch: pytest.Monke
     assert unit.is_file() and f"--home {home}" in unit.read_text()
     missing = runner.invoke(cli, ["systemd", "install", "--home", str(home)])
     assert missing.exit_code == 2
+
+
+#: `systemd-analyze security` exposure targets (docs/security.md): the worker keeps the
+#: network, W^X off (JITs) and @resources for its tasks; every other service is offline.
+EXPOSURE_TARGETS = {"harness-worker@.service": 3.0}
+EXPOSURE_DEFAULT = 2.0
+
+
+def exposure(unit: Path) -> float:
+    """The overall exposure ``systemd-analyze security --offline=true`` prints last."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("needs systemd-analyze (apt install systemd)")
+    proc = subprocess.run([exe, "security", "--offline=true", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("scope", ["system", "user"])
+def test_rendered_units_meet_the_exposure_targets(tmp_path: Path, scope: str) -> None:
+    """Every service, as `harness systemd install` renders it, scores at most its target;
+    the system units run as the unprivileged service user."""
+    out = tmp_path / "units"
+    install_units(Path("/srv/harness"), scope=scope, unit_dir=out, harness_bin=" ".join(BIN),
+                  reload=False, create_user=False)
+    scores = {}
+    for unit in sorted(out.glob("*.service")):
+        scores[unit.name] = exposure(unit)
+        active = [ln for ln in unit.read_text().splitlines() if not ln.startswith("#")]
+        if scope == "system":
+            assert "User=harness" in active and "Group=harness" in active, unit.name
+        else:
+            assert not any(ln.startswith(("User=", "Group=")) for ln in active), unit.name
+    print(scores)
+    assert len(scores) == 5
+    for name, score in scores.items():
+        assert score <= EXPOSURE_TARGETS.get(name, EXPOSURE_DEFAULT), (name, score)
+    # The targets are what they are because the sandbox is there: without it (the
+    # --no-sandbox rendering keeps only what needs no namespace) the worker is far worse.
+    bare = tmp_path / "bare"
+    install_units(Path("/srv/harness"), scope=scope, unit_dir=bare, harness_bin=" ".join(BIN),
+                  reload=False, create_user=False, sandbox=False)
+    assert exposure(bare / "harness-worker@.service") > scores["harness-worker@.service"]
+
+
+def test_worker_sandbox_keeps_what_tasks_need() -> None:
+    [unit] = [u for u in render_units(Path("/srv/harness"), harness_argv=BIN, scope="system")
+              if u.name == "harness-worker@.service"]
+    active = [ln for ln in unit.text.splitlines() if ln and not ln.startswith("#")]
+    families = [ln for ln in active if ln.startswith("RestrictAddressFamilies=")]
+    assert families == ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    assert not any(ln.startswith(("MemoryDenyWriteExecute=", "PrivateNetwork=",
+                                  "IPAddressDeny=")) for ln in active)
+    assert "SystemCallFilter=~@resources" not in active  # setrlimit, nice for tasks
+    for line in ("CapabilityBoundingSet=", "SystemCallFilter=@system-service",
+                 "SystemCallArchitectures=native", "RestrictNamespaces=yes",
+                 "PrivateDevices=yes", "PrivateTmp=yes", "ReadWritePaths=/srv/harness"):
+        assert line in active, line
+
+
+def test_service_user_creation_dry_run_and_names(tmp_path: Path) -> None:
+    from daemons.systemd_units import ensure_service_user
+
+    home = tmp_path / "home"
+    home.mkdir()
+    actions = ensure_service_user("harness-no-such-user", "harness-no-such-user", home,
+                                  dry_run=True)
+    assert actions[0].startswith("useradd --system") and actions[0].endswith(
+        "harness-no-such-user")
+    assert f"--home-dir {home}" in actions[0]
+    assert actions[1] == f"chown -R harness-no-such-user:harness-no-such-user {home}"
+    with pytest.raises(UsageError, match="--service-user"):
+        install_units(home, scope="system", unit_dir=tmp_path / "u", harness_bin="/bin/true",
+                      reload=False, service_user="Root; rm")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a system user needs root")
+def test_system_install_creates_the_service_user_and_hands_it_the_home(
+        tmp_path: Path) -> None:
+    import pwd
+
+    if shutil.which("useradd") is None or shutil.which("userdel") is None:
+        pytest.skip("needs useradd/userdel (apt install passwd)")
+    name = f"hns{os.getpid()}"
+    home = tmp_path / "home"
+    (home / "coordination").mkdir(parents=True)
+    (home / "coordination" / "x.json").write_text("{}")
+    try:
+        report = install_units(home, scope="system", unit_dir=tmp_path / "u",
+                               harness_bin="/bin/true", reload=False, service_user=name)
+        entry = pwd.getpwnam(name)
+        assert entry.pw_uid != 0 and entry.pw_dir == str(home)
+        assert entry.pw_shell.endswith(("nologin", "false"))
+        assert (home / "coordination" / "x.json").stat().st_uid == entry.pw_uid
+        assert any(a.startswith("useradd") for a in report.user_actions)
+        again = install_units(home, scope="system", unit_dir=tmp_path / "u",
+                              harness_bin="/bin/true", reload=False, service_user=name)
+        assert again.user_actions == []  # exists and owns the home: nothing to do
+        assert f"User={name}" in (tmp_path / "u" / "harness-worker@.service").read_text()
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+        subprocess.run(["groupdel", name], capture_output=True, check=False)
