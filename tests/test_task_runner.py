@@ -690,7 +690,8 @@ def test_cgroup_limits_wrap_the_task_in_a_scope(home: Home, make_worker: Callabl
     unit = scope_unit_name(ok["task_id"], 1)
     assert started[ok["task_id"]]["scope"] == unit
     assert started[ok["task_id"]]["argv"] == [PY, "-c", dump]  # the task's own argv
-    assert "scope" not in started[plain["task_id"]]
+    # Under systemd every task gets a scope, the default type's too (no limits then).
+    assert started[plain["task_id"]]["scope"] == scope_unit_name(plain["task_id"], 1)
     # The environment is still the allowlist: systemd-run's additions are stripped.
     env = rec["result"]["env"]
     assert "INVOCATION_ID" not in env and "XDG_RUNTIME_DIR" not in env
@@ -698,7 +699,8 @@ def test_cgroup_limits_wrap_the_task_in_a_scope(home: Home, make_worker: Callabl
     assert rec["result"]["cpu"] == [100, 101]  # setrlimit limits still apply
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     probes = [c for c in calls if not any(a.startswith("--unit=") for a in c["argv"])]
-    assert len(probes) == 1  # one probe for the type, not one per task
+    assert len(probes) == 2  # one probe per type (scoped, default), not one per task
+    probes = [c for c in probes if "MemoryMax=64M" in c["argv"]]
     assert probes[0]["argv"][:7] == ["--user", "--scope", "--quiet", "--collect", "-p",
                                      "MemoryMax=64M", "-p"]
     task_call = next(c for c in calls if f"--unit={unit}" in c["argv"])
