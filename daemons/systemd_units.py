@@ -83,6 +83,20 @@ DevicePolicy=auto
 # Chromium and Electron build their sandbox from user, pid and network namespaces.
 RestrictNamespaces=no
 """,
+    "kernel-protections": """\
+# For a host whose service manager cannot apply ProtectKernelTunables= and
+# ProtectKernelLogs= (units fail with status 226/NAMESPACE; seen with a user manager
+# running as root in a microVM, systemd 252 on Linux 6.18). Milder than --no-sandbox: the
+# rest of the sandbox stays. Save it as harness-.service.d/kernel-protections.conf in the
+# unit directory (the "harness-" prefix applies it to every harness service), then
+# `systemctl [--user] daemon-reload`. docs/security.md.
+[Service]
+# /proc/sys and /sys stay writable as far as file permissions allow (the service user has
+# no capability, so the root-owned tunables stay out of reach anyway).
+ProtectKernelTunables=no
+# The kernel log is readable as far as its permissions allow (dmesg_restrict).
+ProtectKernelLogs=no
+""",
     "home": _DROPIN_HEAD.format(what="to write to home directories (tools caching under ~)",
                                 name="home") + """\
 # Home directories writable again (a --user worker's own home, e.g. ~/.cache, ~/.npm).

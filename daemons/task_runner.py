@@ -50,6 +50,8 @@ EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
 TAIL_BYTES = 512
 SCOPE_PROBE_TIMEOUT_S = 10.0  # a systemd-run probe that takes longer counts as a failure
 SCOPE_UNIT_PREFIX = "harness-task-"
+#: How systemd-run reports that the manager refused the scope (the command never ran).
+SCOPE_REFUSED = b"Failed to start transient scope unit"
 
 _LIMITS = {
     "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
@@ -376,6 +378,33 @@ def become_subreaper() -> bool:
         return int(libc.prctl(36, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def parent_death_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn making the child receive ``sig`` when this process dies
+    (PR_SET_PDEATHSIG), so it cannot outlive us even after a SIGKILL; None where prctl is
+    unavailable. The parent may die between fork and the prctl: the child then sees
+    another parent (getppid) and sends itself ``sig`` at once. libc's prctl is looked up
+    here, before the fork, so the child only makes two system calls. The setting survives
+    exec; it fires when the *thread* that forked the child exits, so spawn from the main
+    thread."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def apply() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return apply
 
 
 def has_children() -> bool:
@@ -775,6 +804,16 @@ class TaskRun:
     def duration_s(self) -> float:
         end = self.ended_mono if self.ended_mono is not None else time.monotonic()
         return max(0.0, end - self.started_mono) if self.started_mono else 0.0
+
+    @property
+    def scope_refused(self) -> bool:
+        """The manager refused the attempt's scope, so systemd-run exited (status 1) without
+        running the command: e.g. a scope bound to a worker unit whose stop job is already
+        queued is a "destructive transaction". Not the task's failure."""
+        with self._lock:
+            tail = self.tail
+        return self.scope_unit is not None and self.returncode == 1 \
+            and tail.lstrip().startswith(SCOPE_REFUSED) and tail.count(b"\n") <= 1
 
     def tail_line(self, limit: int = 200) -> str:
         """The last non-empty output line (for last_error), at most ``limit`` characters."""

@@ -850,6 +850,9 @@ class Worker:
         run, task = pending.run, pending.task
         exit_code, phrase = describe_exit(run.returncode)
         reason = run.stop_reason
+        if reason is None and run.scope_refused:
+            reason = "scope_refused"
+            self._scope_checks.clear()  # probe again before the next scope
         if not pending.footer_written:
             pending.footer_written = True
             run.append_log_line(f"=== harness: {phrase} after {run.duration_s():.3f}s"
@@ -915,6 +918,11 @@ class Worker:
         if reason == "stopping":
             self.queue.release(task_id, wid, reason="worker stopped (signal) before the task "
                                "finished; handed back without spending an attempt", now=now)
+            return "released"
+        if reason == "scope_refused":
+            self.queue.release(task_id, wid, reason=f"the systemd manager refused the task's "
+                               f"scope ({run.tail_line()}); handed back without spending an "
+                               "attempt", now=now)
             return "released"
         if reason == "dead":
             self.queue.release(task_id, wid, reason="worker presumed dead by the supervisor; "
