@@ -67,6 +67,35 @@ _DROPIN_HEAD = """\
 # the price. docs/security.md lists what each line gives up.
 [Service]
 """
+DEFAULT_POLKIT_DIR = Path("/etc/polkit-1/rules.d")
+POLKIT_RULE = """\
+// harness: lets the service user {user} (harness-supervisor.service runs as it) start,
+// stop and kill the harness-worker@ instances of the system manager, and nothing else.
+// Written by `harness systemd install --system`; docs/security.md.
+// Transient units (systemd-run) are deliberately NOT allowed: the manager passes no unit
+// name for them, so a rule allowing them would let {user} run anything as root. Tasks of
+// system workers therefore run without a transient scope; the worker, a child subreaper,
+// still stops every descendant of a task (docs/security.md).
+polkit.addRule(function(action, subject) {{
+    if (action.id != "org.freedesktop.systemd1.manage-units" || subject.user != "{user}") {{
+        return polkit.Result.NOT_HANDLED;
+    }}
+    var unit = action.lookup("unit") || "";
+    var verb = action.lookup("verb") || "";
+    if (/^harness-worker@[A-Za-z0-9_.:-]+\\.service$/.test(unit) &&
+            ["start", "stop", "restart", "kill"].indexOf(verb) >= 0) {{
+        return polkit.Result.YES;
+    }}
+    return polkit.Result.NOT_HANDLED;
+}});
+"""
+
+
+def polkit_rule(user: str) -> str:
+    """The polkit rule allowing ``user`` to drive the worker units (see POLKIT_RULE)."""
+    return POLKIT_RULE.format(user=user)
+
+
 #: ``harness systemd install --print-dropin NAME``: ready-made drop-ins for the worker.
 DROPINS = {
     "devices": _DROPIN_HEAD.format(what="hardware devices (a GPU)", name="devices") + """\
@@ -341,13 +370,15 @@ def install_units(home: Path, *, scope: str, dry_run: bool = False,
                   environ: dict[str, str] | None = None,
                   service_user: str = DEFAULT_SERVICE_USER,
                   service_group: str | None = None,
-                  create_user: bool = True) -> InstallReport:
+                  create_user: bool = True,
+                  polkit_dir: Path | None = DEFAULT_POLKIT_DIR) -> InstallReport:
     """Render the units, write them to the scope's unit directory (atomically, by rename)
     and run ``systemctl [--user] daemon-reload`` unless ``dry_run`` or not ``reload``.
 
     For the system scope the units run as ``service_user``; with ``create_user`` (the
     default) :func:`ensure_service_user` creates it when missing and hands it the home
-    (reported in ``InstallReport.user_actions``, only listed on a dry run)."""
+    (reported in ``InstallReport.user_actions``, only listed on a dry run), and the polkit
+    rule that lets it drive the worker units is written to ``polkit_dir`` (None: not)."""
     home = Path(home).expanduser().absolute()
     env = dict(os.environ if environ is None else environ)
     target = unit_dir or default_unit_dir(scope, env)
@@ -376,6 +407,19 @@ def install_units(home: Path, *, scope: str, dry_run: bool = False,
     if dry_run:
         return report
     target.mkdir(parents=True, exist_ok=True)
+    if scope == "system" and polkit_dir is not None:
+        rule = Path(polkit_dir) / f"50-harness-{service_user}.rules"
+        try:
+            rule.parent.mkdir(parents=True, exist_ok=True)
+            tmp = rule.parent / f".{rule.name}.tmp-{os.getpid()}"
+            tmp.write_text(polkit_rule(service_user))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, rule)
+            report.written.append(rule)
+        except OSError as exc:
+            warnings.append(f"cannot write the polkit rule {rule}: {exc.strerror or exc}; "
+                            f"the supervisor (user {service_user}) cannot start worker "
+                            "units without it")
     for unit in units:
         path = target / unit.name
         tmp = target / f".{unit.name}.tmp-{os.getpid()}"

@@ -196,6 +196,11 @@ def systemd_group() -> None:
               "the user's own group). Created with `groupadd --system` when missing.")
 @click.option("--no-create-user", is_flag=True, help="--system: neither create the service "
               "user nor chown the home (they are managed elsewhere).")
+@click.option("--polkit-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/etc/polkit-1/rules.d"), show_default=True, help="--system: "
+              "where to write the polkit rule that lets the service user start, stop and "
+              "kill harness-worker@ units (and nothing else).")
+@click.option("--no-polkit", is_flag=True, help="--system: write no polkit rule.")
 @click.option("--print-dropin", "print_dropin", type=click.Choice(sorted(DROPINS)),
               default=None, help="Print a drop-in that loosens the worker sandbox for a "
               "worker type that needs it (docs/security.md) and exit; writes nothing.")
@@ -204,7 +209,8 @@ def systemd_group() -> None:
 def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
                     harness_bin: str | None, no_sandbox: bool, no_reload: bool,
                     service_user: str, service_group: str | None, no_create_user: bool,
-                    print_dropin: str | None, as_json: bool, home_dir: Path | None) -> None:
+                    polkit_dir: Path, no_polkit: bool, print_dropin: str | None,
+                    as_json: bool, home_dir: Path | None) -> None:
     """Render the units with the real ExecStart and home, write them, daemon-reload.
 
     \b
@@ -230,7 +236,8 @@ def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
     report = install_units(home.root, scope=scope, dry_run=dry_run, unit_dir=unit_dir,
                            harness_bin=harness_bin, sandbox=not no_sandbox,
                            reload=not no_reload, service_user=service_user,
-                           service_group=service_group, create_user=not no_create_user)
+                           service_group=service_group, create_user=not no_create_user,
+                           polkit_dir=None if no_polkit else polkit_dir)
     for warning in report.warnings:
         click.echo(f"harness: warning: {warning}", err=True)
     for action in report.user_actions:

@@ -135,7 +135,8 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, user: bool,
     home.mkdir()
     out = tmp_path / "units"
     report = install_units(home, scope="user" if user else "system", unit_dir=out,
-                           harness_bin=" ".join(BIN), sandbox=sandbox, reload=False)
+                           harness_bin=" ".join(BIN), sandbox=sandbox, reload=False,
+                           create_user=False, polkit_dir=None)
     assert sorted(p.name for p in report.written) == sorted(
         p.name for p in TEMPLATES.iterdir() if p.suffix in (".service", ".target", ".timer"))
     proc = analyze(out, tmp_path, user=user)
@@ -196,7 +197,7 @@ def test_rendered_units_meet_the_exposure_targets(tmp_path: Path, scope: str) ->
     the system units run as the unprivileged service user."""
     out = tmp_path / "units"
     install_units(Path("/srv/harness"), scope=scope, unit_dir=out, harness_bin=" ".join(BIN),
-                  reload=False, create_user=False)
+                  reload=False, create_user=False, polkit_dir=None)
     scores = {}
     for unit in sorted(out.glob("*.service")):
         scores[unit.name] = exposure(unit)
@@ -213,7 +214,7 @@ def test_rendered_units_meet_the_exposure_targets(tmp_path: Path, scope: str) ->
     # --no-sandbox rendering keeps only what needs no namespace) the worker is far worse.
     bare = tmp_path / "bare"
     install_units(Path("/srv/harness"), scope=scope, unit_dir=bare, harness_bin=" ".join(BIN),
-                  reload=False, create_user=False, sandbox=False)
+                  reload=False, create_user=False, sandbox=False, polkit_dir=None)
     assert exposure(bare / "harness-worker@.service") > scores["harness-worker@.service"]
 
 
@@ -245,7 +246,7 @@ def test_service_user_creation_dry_run_and_names(tmp_path: Path) -> None:
     assert actions[1] == f"chown -R harness-no-such-user:harness-no-such-user {home}"
     with pytest.raises(UsageError, match="--service-user"):
         install_units(home, scope="system", unit_dir=tmp_path / "u", harness_bin="/bin/true",
-                      reload=False, service_user="Root; rm")
+                      reload=False, service_user="Root; rm", polkit_dir=None)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a system user needs root")
@@ -261,16 +262,85 @@ def test_system_install_creates_the_service_user_and_hands_it_the_home(
     (home / "coordination" / "x.json").write_text("{}")
     try:
         report = install_units(home, scope="system", unit_dir=tmp_path / "u",
-                               harness_bin="/bin/true", reload=False, service_user=name)
+                               harness_bin="/bin/true", reload=False, service_user=name,
+                               polkit_dir=tmp_path / "polkit")
         entry = pwd.getpwnam(name)
         assert entry.pw_uid != 0 and entry.pw_dir == str(home)
         assert entry.pw_shell.endswith(("nologin", "false"))
         assert (home / "coordination" / "x.json").stat().st_uid == entry.pw_uid
         assert any(a.startswith("useradd") for a in report.user_actions)
         again = install_units(home, scope="system", unit_dir=tmp_path / "u",
-                              harness_bin="/bin/true", reload=False, service_user=name)
+                              harness_bin="/bin/true", reload=False, service_user=name,
+                              polkit_dir=tmp_path / "polkit")
         assert again.user_actions == []  # exists and owns the home: nothing to do
         assert f"User={name}" in (tmp_path / "u" / "harness-worker@.service").read_text()
+        rule = (tmp_path / "polkit" / f"50-harness-{name}.rules").read_text()
+        assert f'subject.user != "{name}"' in rule and "harness-worker@" in rule
+        assert "StartTransientUnit" not in rule and '"start", "stop", "restart", "kill"' in rule
     finally:
         subprocess.run(["userdel", name], capture_output=True, check=False)
         subprocess.run(["groupdel", name], capture_output=True, check=False)
+
+
+def test_cli_system_dry_run_and_dropins(tmp_path: Path) -> None:
+    """--system --dry-run says what it would do to the accounts and writes nothing;
+    --print-dropin prints a drop-in systemd accepts (it is a [Service] section)."""
+    from daemons.cli import cli
+
+    home = tmp_path / "home"
+    home.mkdir()
+    runner = CliRunner()
+    dry = runner.invoke(cli, ["systemd", "install", "--system", "--dry-run", "--home",
+                              str(home), "--service-user", "harness-no-such-user",
+                              "--unit-dir", str(tmp_path / "u"),
+                              "--polkit-dir", str(tmp_path / "p")])
+    assert dry.exit_code == 0, dry.output
+    assert "would run: useradd --system" in dry.output
+    assert "User=harness-no-such-user" in dry.output
+    assert not (tmp_path / "u").exists() and not (tmp_path / "p").exists()
+    for name in ("devices", "namespaces", "home", "kernel-protections"):
+        out = runner.invoke(cli, ["systemd", "install", "--print-dropin", name])
+        assert out.exit_code == 0 and "\n[Service]\n" in out.output, out.output
+        keys = [ln.split("=", 1)[0] for ln in out.output.splitlines()
+                if ln and not ln.startswith(("#", "["))]
+        assert keys, name
+    bad = runner.invoke(cli, ["systemd", "install", "--print-dropin", "everything"])
+    assert bad.exit_code == 2
+
+
+POLKIT_SHIM = """
+let rule = null;
+const polkit = {Result: {YES: "yes", NOT_HANDLED: "not_handled"}, addRule: f => { rule = f; }};
+%s
+const cases = JSON.parse(process.argv[2]);
+console.log(JSON.stringify(cases.map(([id, user, unit, verb]) => rule(
+    {id: id, lookup: k => ({unit: unit, verb: verb})[k]}, {user: user}))));
+"""
+
+
+def test_polkit_rule_allows_only_worker_units(tmp_path: Path) -> None:
+    """The rule, run by node against a stand-in for polkit: the service user may start,
+    stop, restart and kill harness-worker@ units; not other units, not transient units (no
+    unit name), not other users."""
+    import json
+
+    from daemons.systemd_units import polkit_rule
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("needs node to evaluate the polkit rule (apt install nodejs)")
+    manage = "org.freedesktop.systemd1.manage-units"
+    cases = [[manage, "harness", "harness-worker@3.service", "start"],
+             [manage, "harness", "harness-worker@t-1.service", "kill"],
+             [manage, "harness", "harness-worker@3.service", "stop"],
+             [manage, "harness", "ssh.service", "stop"],
+             [manage, "harness", "harness-worker@3.service.evil", "start"],
+             [manage, "harness", None, None],  # StartTransientUnit: no unit detail
+             [manage, "mallory", "harness-worker@3.service", "start"],
+             ["org.freedesktop.systemd1.manage-unit-files", "harness", None, None]]
+    script = tmp_path / "rule.js"
+    script.write_text(POLKIT_SHIM % polkit_rule("harness"))
+    proc = subprocess.run([node, str(script), json.dumps(cases)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["yes", "yes", "yes"] + ["not_handled"] * 5
