@@ -355,6 +355,28 @@ def ensure_service_user(user: str, group: str, home: Path, *,
     return actions
 
 
+def unreachable_parents(home: Path, group: str) -> list[Path]:
+    """Parent directories of ``home`` that another user cannot traverse (no search
+    permission for "other", and not for ``group`` either): the service user would fail to
+    reach the home (e.g. a home under /root)."""
+    import grp
+
+    try:
+        gid: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = None
+    out = []
+    for parent in reversed(home.parents):
+        try:
+            st = parent.stat()
+        except OSError:
+            continue
+        if st.st_mode & 0o001 or (gid is not None and st.st_gid == gid and st.st_mode & 0o010):
+            continue
+        out.append(parent)
+    return out
+
+
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
     """``chown -R`` without following symlinks (a link in the home cannot hand a file
     elsewhere to the service user)."""
@@ -404,6 +426,13 @@ def install_units(home: Path, *, scope: str, dry_run: bool = False,
     if scope == "system" and create_user:
         report.user_actions = ensure_service_user(service_user, service_group or service_user,
                                                   home, dry_run=dry_run)
+    if scope == "system":
+        blocked = unreachable_parents(home, service_group or service_user)
+        if blocked:
+            warnings.append(f"the service user {service_user} cannot reach the home "
+                            f"{home}: {', '.join(map(str, blocked))} lack(s) search "
+                            "permission for other users; move the home (e.g. under "
+                            "/var/lib) or chmod o+x those directories")
     if dry_run:
         return report
     target.mkdir(parents=True, exist_ok=True)

@@ -344,3 +344,25 @@ def test_polkit_rule_allows_only_worker_units(tmp_path: Path) -> None:
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == ["yes", "yes", "yes"] + ["not_handled"] * 5
+
+
+def test_system_install_warns_when_the_service_user_cannot_reach_the_home(
+        tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    home = closed / "home"
+    home.mkdir(parents=True)
+    closed.chmod(0o700)
+    try:
+        report = install_units(home, scope="system", unit_dir=tmp_path / "u",
+                               harness_bin="/bin/true", reload=False, create_user=False,
+                               polkit_dir=None, dry_run=True)
+        assert any(str(closed) in w and "cannot reach the home" in w
+                   for w in report.warnings), report.warnings
+        closed.chmod(0o711)
+        report = install_units(home, scope="system", unit_dir=tmp_path / "u",
+                               harness_bin="/bin/true", reload=False, create_user=False,
+                               polkit_dir=None, dry_run=True)
+        # (pytest's own tmp directories are 0700 too: only ours must no longer be named)
+        assert not any(f"{closed}," in w or f"{closed} lack" in w for w in report.warnings)
+    finally:
+        closed.chmod(0o755)
