@@ -15,9 +15,13 @@ A :class:`TaskRun` is driven by its worker's loop and never blocks it:
   One thread per attempt, no preexec_fn unless the type sets limits: subprocess then
   spawns with vfork, the cheap path.
 - :meth:`TaskRun.terminate` sends SIGTERM to the whole group and SIGKILL ``kill_grace_s``
-  later. When the leader exits on its own, whatever is left of its group (a background
-  grandchild) is stopped the same way, so no process of a task outlives it.
-  Zombies do not count as survivors: group liveness is judged from ``/proc`` state.
+  later. With ``RunSpec.sweep_descendants`` (the worker, a child subreaper that runs one
+  task at a time) both also go to every descendant of the worker, so children that left
+  the group (setsid, setpgid, a double-fork daemon) go too, and the SIGKILL sweep repeats
+  until none is left; with a scope, SIGKILL also goes to the scope's cgroup. When the
+  leader exits on its own, whatever is left (a background grandchild, a daemon) is stopped
+  the same way, so no process of a task outlives it (docs/security.md).
+  Zombies do not count as survivors: liveness is judged from ``/proc`` state.
 - With a :class:`Scope` (the worker type sets ``cgroup_limits`` and the worker runs under a
   reachable systemd manager, :func:`find_scope_manager`), the argv is prefixed by
   :func:`scope_command`: ``systemd-run [--user] --scope ... -- env -u ... --`` puts the
@@ -35,6 +39,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -704,7 +709,10 @@ class TaskRun:
             signal_descendants(sig, skip_pgid=self.pid)
         if sig == signal.SIGKILL and self.spec.scope is not None and not self._scope_killed:
             self._scope_killed = True
-            kill_scope(self.spec.scope)
+            problem = kill_scope(self.spec.scope)
+            if problem is not None:  # the sweep above still ran; say why the cgroup did not
+                print(f"harness: cannot kill the scope {self.spec.scope.unit}: {problem}",
+                      file=sys.stderr)
 
     def kill_now(self, reason: str) -> None:
         """Skip the grace: SIGKILL the group at once."""
