@@ -602,9 +602,8 @@ class Worker:
         if manager is None and not limits:
             return None
         props = dict(limits)
-        unit = systemd_unit(self.environ)
-        if unit:
-            props.update(BindsTo=unit, Before=unit)
+        if self.opts.unit:  # our own unit, found once at start (systemd_unit)
+            props.update(BindsTo=self.opts.unit, Before=self.opts.unit)
         key = (type_name, tuple(props.items()))
         if key not in self._scope_checks:
             problem = reason if manager is None else probe_scope(manager, props)
