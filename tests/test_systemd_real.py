@@ -79,6 +79,9 @@ class UserManager:
     log: Path
     home: Home
     pids: set[int] = field(default_factory=set)  # every worker MainPID seen (for cleanup)
+    # How much of the sandbox this manager applies: "full", "kernel-protections" (that
+    # drop-in was needed) or "none" (--no-sandbox: no mount namespace at all).
+    sandbox: str = "full"
 
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(["systemctl", "--user", "--no-pager", *args], env=self.env,
@@ -222,11 +225,13 @@ def fleet(manager: UserManager) -> UserManager:
         dropin = write_host_limits_dropin(unit.parent)
         manager.systemctl("daemon-reload")
         print(f"sandboxed unit failed with 226/NAMESPACE here; added {dropin}")
+        manager.sandbox = "kernel-protections"
         started, state = start_probe()
     if started.returncode != 0 and state.get("ExecMainStatus") == "226":
         print(f"still 226/NAMESPACE; reinstalling with --no-sandbox. Manager log:\n"
               f"{manager.log_tail(1500)}")
         _install(manager, "--no-sandbox")
+        manager.sandbox = "none"
     else:
         assert started.returncode == 0, (started.stderr, state, manager.log_tail())
     manager.systemctl("stop", probe, check=False)
@@ -449,16 +454,29 @@ def test_cgroup_limits_put_the_task_in_a_transient_scope(fleet: UserManager) -> 
 #: its rlimits, cgroup and sandbox (NoNewPrivs, Seccomp, CapBnd of /proc/self/status), and
 #: writes all of it as its result.
 NETWORK_TASK = r"""
-import json, os, resource, socket, sys
+import errno, json, os, resource, socket, stat, sys
 port = int(sys.argv[1])
 with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
     conn.sendall(b"ping " + os.environ["HARNESS_TASK_ID"].encode() + b"\n")
     reply = conn.makefile("rb").readline().decode().strip()
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+def write_error(path):
+    try:
+        with open(path, "w"):
+            pass
+        os.unlink(path)
+        return None
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+block_devices = [n for n in os.listdir("/dev")
+                 if stat.S_ISBLK(os.lstat("/dev/" + n).st_mode)]
 result = {"reply": reply, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
           "cpu": resource.getrlimit(resource.RLIMIT_CPU),
           "cgroup": open("/proc/self/cgroup").read().splitlines(),
-          "sandbox": {k: status[k].strip() for k in ("NoNewPrivs", "Seccomp", "CapBnd")}}
+          "sandbox": {k: status[k].strip() for k in ("NoNewPrivs", "Seccomp", "CapBnd")},
+          "etc": write_error("/etc/harness-sandbox-probe"),
+          "home": write_error(os.environ["HARNESS_RESULT_FILE"] + ".probe"),
+          "block_devices": block_devices}
 with open(os.environ["HARNESS_RESULT_FILE"], "w") as fh:
     json.dump(result, fh)
 """
@@ -532,6 +550,13 @@ def test_hardened_worker_runs_a_network_task_with_rlimits_in_a_scope(
         assert result["cpu"] == [120, 121]  # the type's limits, applied by the worker
         assert result["sandbox"] == {"NoNewPrivs": "1", "Seccomp": "2",
                                      "CapBnd": status["CapBnd"].strip()}
+        # The mount namespace is in effect: /etc is read-only (ProtectSystem=strict), the
+        # home is writable (ReadWritePaths=), /dev has no block device (PrivateDevices=).
+        # Not on a host whose manager could only run the units with --no-sandbox.
+        print(f"sandbox applied by this manager: {mgr.sandbox}")
+        assert result["home"] is None, result
+        if mgr.sandbox != "none":
+            assert result["etc"] == "EROFS" and result["block_devices"] == [], result
         scope = scope_unit_name(task_id, 1)
         assert any(line.endswith(f"/{scope}") for line in result["cgroup"]), result["cgroup"]
         started = [json.loads(line) for line in mgr.home.events_file.read_text().splitlines()
