@@ -295,6 +295,15 @@ def render_units(home: Path, *, harness_argv: list[str] | None = None, sandbox: 
             for n in names]
 
 
+def _is_root_account(user: str) -> bool:
+    import pwd
+
+    try:
+        return user == "root" or pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False
+
+
 def nologin_shell() -> str:
     for shell in ("/usr/sbin/nologin", "/sbin/nologin"):
         if os.access(shell, os.X_OK):
@@ -419,6 +428,9 @@ def install_units(home: Path, *, scope: str, dry_run: bool = False,
         if name is not None and not ACCOUNT_NAME_RE.fullmatch(name):
             raise UsageError(f"{option}: {name!r} is not a valid user or group name "
                              "(lower-case letters, digits, _ and -, at most 32)")
+    if scope == "system" and _is_root_account(service_user):
+        raise UsageError(f"--service-user: {service_user!r} is root (uid 0); the units run "
+                         "as an unprivileged user, never root")
     units = render_units(home, harness_argv=argv, sandbox=sandbox, source=source,
                          warnings=warnings, scope=scope, service_user=service_user,
                          service_group=service_group)

@@ -247,6 +247,9 @@ def test_service_user_creation_dry_run_and_names(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--service-user"):
         install_units(home, scope="system", unit_dir=tmp_path / "u", harness_bin="/bin/true",
                       reload=False, service_user="Root; rm", polkit_dir=None)
+    with pytest.raises(UsageError, match="never root"):
+        install_units(home, scope="system", unit_dir=tmp_path / "u", harness_bin="/bin/true",
+                      reload=False, service_user="root", polkit_dir=None, dry_run=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a system user needs root")
