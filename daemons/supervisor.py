@@ -1335,7 +1335,7 @@ def _stop_adopted(home: Home, actuator: ProcessActuator, cfg: Mapping[str, Any],
     while True:
         wakeup.clear()
         adopted = alive()
-        if not adopted or time.monotonic() >= deadline:
+        if not adopted or time.monotonic() >= deadline or seen >= 3:
             break
         if flags.stop > seen:
             seen = flags.stop
