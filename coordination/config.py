@@ -86,7 +86,8 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     Key("stop_grace_s", 30, _num(0), "number >= 0",
         "On SIGTERM a worker lets its current task run this long before handing it back."),
     Key("kill_grace_s", 5, _num(0), "number >= 0",
-        "After SIGTERM to a task's process group (timeout, cancel), SIGKILL follows this late."),
+        "After SIGTERM to a task's process group and every other descendant of the worker "
+        "(timeout, cancel; docs/security.md), SIGKILL follows this late."),
     Key("task_log_max_bytes", 10 * 1024 * 1024, _int(1024), "integer >= 1024",
         "Cap of logs/tasks/<task_id>.log; output beyond it is dropped and the cut is marked."),
     Key("idle_exit_s", 0, _num(0), "number >= 0",

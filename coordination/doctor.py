@@ -12,7 +12,9 @@ Levels
   One warning is the operator's to resolve: ``task_not_held``, a running task whose live
   worker provably runs something else (e.g. after a restored queue revision). Its worker
   is alive, so neither the supervisor nor ``--repair`` takes the task; restarting the
-  worker lets the next reclaim pass requeue it.
+  worker lets the next reclaim pass requeue it. ``stray_task_process``: a process on this
+  host still running for a task attempt that is over (it escaped its worker's stop);
+  ``--repair`` kills it.
 - ``info``: facts worth knowing (pending inbox files, quarantined files).
 
 A report is *ok* when it has no errors and *clean* when it has no errors and no warnings.
@@ -26,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import clock
 from .config import load_system, load_worker_types
@@ -127,6 +131,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
     if tasks is not None:
         _check_specs(home, report, tasks, queue if repair else None, ts,
                      cfg.values["heartbeat_timeout_s"])
+        _check_stray_task_processes(home, report, tasks, repair)
     _check_temp_files(home, report, repair, ts)
     for path in (home.events_file, home.metrics_file, home.history_file):
         _check_jsonl(home, path, report, repair, ts)
@@ -230,6 +235,53 @@ def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
         return None  # the spec may predate the claim: a worker between claim and update
     doing = f"runs {current}" if current else f"is {spec.get('state')} with no task"
     return f"its spec (heartbeat {beat}, after the claim at {started}) says it {doing}"
+
+
+def stray_task_processes(home: Home, tasks: dict[str, dict[str, Any]]) \
+        -> list[tuple[psutil.Process, str]]:
+    """Processes on this host that a worker started for a task of ``home`` (their
+    environment carries ``HARNESS_HOME`` and ``HARNESS_TASK_ID``, which every worker sets and
+    children inherit) although that attempt is not running any more: the task is not live,
+    not running, or running as another attempt or on another worker. A worker waits for
+    every descendant of a task before it records the outcome (docs/security.md), so each is
+    a process that escaped. Best effort: processes of other users cannot be read, and one
+    that cleared its environment is not recognised."""
+    root = str(home.root)
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("HARNESS_HOME") != root or not env.get("HARNESS_TASK_ID"):
+            continue
+        task_id = env["HARNESS_TASK_ID"]
+        task = tasks.get(task_id)
+        if task is not None and task.get("status") == "running" \
+                and task.get("worker_id") == env.get("HARNESS_WORKER_ID") \
+                and str(task.get("attempts")) == env.get("HARNESS_ATTEMPT"):
+            continue
+        state = "not live" if task is None else (
+            f"{task.get('status')}, attempt {task.get('attempts')} on {task.get('worker_id')}")
+        out.append((proc, f"pid {proc.pid} still runs for task {task_id} (attempt "
+                          f"{env.get('HARNESS_ATTEMPT')} on {env.get('HARNESS_WORKER_ID')}), "
+                          f"which is {state}"))
+    return out
+
+
+def _check_stray_task_processes(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
+                                repair: bool) -> None:
+    for proc, message in stray_task_processes(home, tasks):
+        f = report.add("warning", "stray_task_process",
+                       message + ("; --repair kills it" if not repair else ""))
+        if repair:
+            try:
+                proc.kill()  # psutil checks the start time: never a reused pid
+                f.repaired = True
+            except psutil.NoSuchProcess:
+                f.repaired = True
+            except psutil.Error:
+                pass
 
 
 def _check_temp_files(home: Home, report: Report, repair: bool, now: float) -> None:

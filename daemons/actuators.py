@@ -36,6 +36,8 @@ import psutil
 
 from coordination.paths import Home
 
+from .task_runner import parent_death_preexec
+
 WORKER_UNIT_TEMPLATE = "harness-worker@.service"
 #: Environment a spawned worker must not inherit from a supervisor run by systemd: it is
 #: not the unit's main process (sd_notify would be refused) and it is not "in" that unit.
@@ -97,6 +99,10 @@ class _Child:
 class ProcessActuator:
     """Workers as child processes, one session (and process group) each.
 
+    Each child gets SIGTERM when this process dies, however it dies (PR_SET_PDEATHSIG,
+    :func:`~daemons.task_runner.parent_death_preexec`): a ``kill -9`` of ``harness up``
+    leaves no worker behind; each hands back its task and stops it, as on any SIGTERM.
+
     Their stdout/stderr go to ``logs/workers/worker-<N>.log`` (appended), so the terminal
     of ``harness up`` stays readable and no pipe can fill up. Children never outlive
     :meth:`close`: SIGTERM, ``grace_s`` to finish or hand back their tasks, then SIGKILL of
@@ -135,7 +141,8 @@ class ProcessActuator:
             popen = subprocess.Popen(self.command(instance), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT,
                                      env=self._env(instance), start_new_session=True,
-                                     close_fds=True)
+                                     close_fds=True,
+                                     preexec_fn=parent_death_preexec(signal.SIGTERM))
         self.children[instance] = _Child(instance, popen, time.monotonic())
 
     def instances(self) -> dict[str, Instance]:

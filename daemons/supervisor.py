@@ -1205,6 +1205,8 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
         notifier.stopping(status="stopping")
         if stop_workers and isinstance(actuator, ProcessActuator) and actuator.children:
             _stop_children(actuator, sup.config(), flags, say)
+        if stop_workers and adopt_orphans and isinstance(actuator, ProcessActuator):
+            _stop_adopted(home, actuator, sup.config(), flags, say, watcher, wakeup)
         return 0
     finally:
         try:
@@ -1219,6 +1221,77 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             lock.release()
+
+
+def adopted_workers(home: Home, own: Iterable[int]) -> list[tuple[str, psutil.Process]]:
+    """Live workers of ``home`` on this host that are neither ours (``own`` pids) nor
+    systemd's (a spec with a ``unit``): those a previous ``harness up`` left behind, which
+    this one counted in its fleet. Only a worker proven to be the process of its spec (pid
+    and start time) is listed: a reused pid is never signalled."""
+    mine = set(own) | {os.getpid()}
+    out = []
+    for read in read_specs(home):
+        spec = read.spec
+        if not spec or not _same_host(spec) or spec.get("unit") or spec["pid"] in mine:
+            continue
+        recorded = spec.get("process_start_time")
+        if not isinstance(recorded, int | float) or isinstance(recorded, bool):
+            continue
+        try:
+            proc = psutil.Process(spec["pid"])
+            if abs(proc.create_time() - recorded) > 0.05 or \
+                    proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        out.append((str(spec.get("worker_id")), proc))
+    return out
+
+
+def _stop_adopted(home: Home, actuator: ProcessActuator, cfg: Mapping[str, Any],
+                  flags: _Flags, say: Callable[[str], None], watcher: PidWatcher,
+                  wakeup: Wakeup) -> None:
+    """``harness up`` stops the workers it adopted as it stops its own children: SIGTERM
+    (they hand back their task), each further SIGINT/SIGTERM hurries them, SIGKILL after
+    the grace. Woken by the pid watcher when one exits."""
+    adopted = adopted_workers(home, actuator.pids().values())
+    if not adopted:
+        return
+    grace = float(cfg["stop_grace_s"]) + float(cfg["kill_grace_s"]) + 5.0
+    say(f"stopping {len(adopted)} adopted worker(s) ({', '.join(w for w, _ in adopted)}): "
+        f"running tasks finish or are handed back (up to {grace:.0f}s)")
+
+    def signal_all(sig: int) -> None:
+        for _, proc in adopted:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+
+    def alive() -> list[tuple[str, psutil.Process]]:
+        out = []
+        for worker_id, proc in adopted:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append((worker_id, proc))
+        return out
+
+    signal_all(signal.SIGTERM)
+    seen = flags.stop
+    deadline = time.monotonic() + grace
+    while True:
+        wakeup.clear()
+        adopted = alive()
+        if not adopted or time.monotonic() >= deadline or seen >= 3:
+            break
+        if flags.stop > seen:
+            seen = flags.stop
+            if seen >= 3:
+                break
+            signal_all(signal.SIGTERM)  # a second signal ends their stop grace
+        watcher.watch((proc.pid, None) for _, proc in adopted)
+        wakeup.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+    if adopted:
+        say(f"killing {len(adopted)} adopted worker(s) that did not stop")
+        signal_all(signal.SIGKILL)
 
 
 def _stop_children(actuator: ProcessActuator, cfg: Mapping[str, Any], flags: _Flags,

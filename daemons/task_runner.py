@@ -15,9 +15,13 @@ A :class:`TaskRun` is driven by its worker's loop and never blocks it:
   One thread per attempt, no preexec_fn unless the type sets limits: subprocess then
   spawns with vfork, the cheap path.
 - :meth:`TaskRun.terminate` sends SIGTERM to the whole group and SIGKILL ``kill_grace_s``
-  later. When the leader exits on its own, whatever is left of its group (a background
-  grandchild) is stopped the same way, so no process of a task outlives it.
-  Zombies do not count as survivors: group liveness is judged from ``/proc`` state.
+  later. With ``RunSpec.sweep_descendants`` (the worker, a child subreaper that runs one
+  task at a time) both also go to every descendant of the worker, so children that left
+  the group (setsid, setpgid, a double-fork daemon) go too, and the SIGKILL sweep repeats
+  until none is left; with a scope, SIGKILL also goes to the scope's cgroup. When the
+  leader exits on its own, whatever is left (a background grandchild, a daemon) is stopped
+  the same way, so no process of a task outlives it (docs/security.md).
+  Zombies do not count as survivors: liveness is judged from ``/proc`` state.
 - With a :class:`Scope` (the worker type sets ``cgroup_limits`` and the worker runs under a
   reachable systemd manager, :func:`find_scope_manager`), the argv is prefixed by
   :func:`scope_command`: ``systemd-run [--user] --scope ... -- env -u ... --`` puts the
@@ -35,6 +39,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -50,6 +55,8 @@ EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
 TAIL_BYTES = 512
 SCOPE_PROBE_TIMEOUT_S = 10.0  # a systemd-run probe that takes longer counts as a failure
 SCOPE_UNIT_PREFIX = "harness-task-"
+#: How systemd-run reports that the manager refused the scope (the command never ran).
+SCOPE_REFUSED = b"Failed to start transient scope unit"
 
 _LIMITS = {
     "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
@@ -221,6 +228,31 @@ def probe_scope(manager: ScopeManager, properties: Mapping[str, str],
     return f"systemd-run --scope failed (exit {proc.returncode}): {message or 'no message'}"
 
 
+def kill_scope(scope: Scope, timeout: float = SCOPE_PROBE_TIMEOUT_S) -> str | None:
+    """SIGKILL every process in the scope's cgroup (``systemctl kill``): None when the
+    manager did it or the scope is already gone, else why not. Belt and braces beside the
+    descendant sweep: the cgroup holds whatever the task started, wherever it moved in the
+    process tree."""
+    manager = scope.manager
+    systemctl = shutil.which("systemctl", path=os.path.dirname(manager.systemd_run)) \
+        or shutil.which("systemctl")
+    if systemctl is None:
+        return "systemctl not found"
+    argv = [systemctl, *(["--user"] if manager.user else []), "kill", "--signal=SIGKILL",
+            "--kill-whom=all", scope.unit]
+    env = {"PATH": os.environ.get("PATH") or os.defpath, **manager.bus_env}
+    try:
+        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=timeout, check=False)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        return f"systemctl kill: {exc}"
+    if proc.returncode == 0:
+        return None
+    message = proc.stderr.decode("utf-8", "replace").strip()
+    return None if "not loaded" in message or "not found" in message else message[:300]
+
+
 def check_executable(argv0: str, cwd: Path, env: Mapping[str, str]) -> None:
     """Raise FileNotFoundError or PermissionError as exec would for ``argv0`` (PATH from
     ``env``, a name with a slash relative to ``cwd``). A wrapped command (systemd-run, env)
@@ -353,6 +385,86 @@ def become_subreaper() -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def parent_death_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn making the child receive ``sig`` when this process dies
+    (PR_SET_PDEATHSIG), so it cannot outlive us even after a SIGKILL; None where prctl is
+    unavailable. The parent may die between fork and the prctl: the child then sees
+    another parent (getppid) and sends itself ``sig`` at once. libc's prctl is looked up
+    here, before the fork, so the child only makes two system calls. The setting survives
+    exec; it fires when the *thread* that forked the child exits, so spawn from the main
+    thread."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def apply() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return apply
+
+
+def has_children() -> bool:
+    """Whether this process has any child, live or zombie (one waitid(2), reaps nothing).
+    With none, it has no descendant at all: every live descendant of a subreaper hangs
+    below one of its children."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def live_descendants() -> list[Any]:
+    """This process's descendants that are not zombies (psutil processes, so a signal
+    sent through them cannot hit a recycled pid)."""
+    import psutil
+
+    if not has_children():
+        return []
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for proc in procs:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def signal_descendants(sig: int, skip_pgid: int | None = None) -> int:
+    """Send ``sig`` to every live descendant of this process, except members of process
+    group ``skip_pgid`` (already signalled with killpg: a second SIGTERM would read as
+    "hurry" to a program that counts them); returns how many got it.
+
+    Children that called setsid(2) or setpgid(2), or daemonized by a double fork, left the
+    task's process group but not our tree: as a child subreaper (:func:`become_subreaper`)
+    this process inherits every orphan of its tasks. A process forked between the scan and
+    the signal is caught by the next call: callers repeat until none is left."""
+    import psutil
+
+    count = 0
+    for proc in live_descendants():
+        with contextlib.suppress(psutil.Error, OSError):
+            if skip_pgid is not None and os.getpgid(proc.pid) == skip_pgid:
+                continue
+            proc.send_signal(sig)
+            count += 1
+    return count
+
+
 @dataclass
 class RunSpec:
     """Everything needed to start one attempt."""
@@ -368,6 +480,10 @@ class RunSpec:
     limits: dict[str, Any] = field(default_factory=dict)
     header: str = ""
     scope: Scope | None = None  # run inside this transient systemd scope
+    # The running process is a child subreaper whose only children are this attempt's
+    # (the worker): stopping the attempt then stops every descendant of the process, not
+    # only the task's process group, so setsid/setpgid/double-fork children go too.
+    sweep_descendants: bool = False
 
 
 class TaskRun:
@@ -390,6 +506,7 @@ class TaskRun:
         self.log_error: str | None = None  # a failed log write (the task kept running)
         self.finished = False
         self.scope_unit: str | None = None  # the transient scope it runs in, if any
+        self._scope_killed = False
         self._term_sent_mono: float | None = None
         self._kill_at: float | None = None
         self._killed_mono: float | None = None
@@ -579,9 +696,23 @@ class TaskRun:
         now = time.monotonic()
         self._term_sent_mono = now
         self._kill_at = now + max(0.0, self.spec.kill_grace_s)
-        signal_group(self.pid, signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         if self.spec.kill_grace_s <= 0:
             self._sigkill(now)
+
+    def _signal_all(self, sig: int) -> None:
+        """``sig`` to the task's process group and, with ``sweep_descendants``, to every
+        descendant of ours; with a scope, SIGKILL also goes to the scope's cgroup."""
+        assert self.pid is not None
+        signal_group(self.pid, sig)
+        if self.spec.sweep_descendants:
+            signal_descendants(sig, skip_pgid=self.pid)
+        if sig == signal.SIGKILL and self.spec.scope is not None and not self._scope_killed:
+            self._scope_killed = True
+            problem = kill_scope(self.spec.scope)
+            if problem is not None:  # the sweep above still ran; say why the cgroup did not
+                print(f"harness: cannot kill the scope {self.spec.scope.unit}: {problem}",
+                      file=sys.stderr)
 
     def kill_now(self, reason: str) -> None:
         """Skip the grace: SIGKILL the group at once."""
@@ -592,7 +723,7 @@ class TaskRun:
         if self.pid is not None and not self.killed:
             self.killed = True
             self._killed_mono = now
-            signal_group(self.pid, signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
 
     def poll(self) -> bool:
         """Advance the stop sequence; True once the attempt is over: the leader was reaped,
@@ -612,13 +743,18 @@ class TaskRun:
             if self.ended_mono is None:
                 self.ended_mono = now
         reap_group(self.pid)
+        if self.spec.sweep_descendants:
+            reap_orphans()  # killed descendants re-parented to us are zombies of ours
         if self._group_gone_mono is None:
-            if group_alive(self.pid):
+            if self._leftovers():
                 if self._term_sent_mono is None:
                     # The leader is gone but left processes behind: stop them too.
                     self._term_sent_mono = now
                     self._kill_at = now + max(0.0, self.spec.kill_grace_s)
-                    signal_group(self.pid, signal.SIGTERM)
+                    self._signal_all(signal.SIGTERM)
+                elif self.killed and self.spec.sweep_descendants:
+                    # A descendant may have forked after the last sweep: sweep again.
+                    signal_descendants(signal.SIGKILL)
                 if self._killed_mono is not None and now - self._killed_mono \
                         > LINGER_AFTER_KILL_S:
                     self.lingering = True
@@ -632,6 +768,13 @@ class TaskRun:
         self._finish_threads()
         self.finished = True
         return True
+
+    def _leftovers(self) -> bool:
+        """After the leader was reaped: is any process of the attempt still alive?"""
+        assert self.pid is not None
+        if group_alive(self.pid):
+            return True
+        return self.spec.sweep_descendants and bool(live_descendants())
 
     def next_poll_in(self) -> float | None:
         """How soon :meth:`poll` needs calling without a wake-up (None: only on wake-up)."""
@@ -669,6 +812,16 @@ class TaskRun:
     def duration_s(self) -> float:
         end = self.ended_mono if self.ended_mono is not None else time.monotonic()
         return max(0.0, end - self.started_mono) if self.started_mono else 0.0
+
+    @property
+    def scope_refused(self) -> bool:
+        """The manager refused the attempt's scope, so systemd-run exited (status 1) without
+        running the command: e.g. a scope bound to a worker unit whose stop job is already
+        queued is a "destructive transaction". Not the task's failure."""
+        with self._lock:
+            tail = self.tail
+        return self.scope_unit is not None and self.returncode == 1 \
+            and tail.lstrip().startswith(SCOPE_REFUSED) and tail.count(b"\n") <= 1
 
     def tail_line(self, limit: int = 200) -> str:
         """The last non-empty output line (for last_error), at most ``limit`` characters."""

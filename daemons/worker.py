@@ -586,26 +586,37 @@ class Worker:
 
     def _task_scope(self, task: dict[str, Any], type_name: str, wtype: dict[str, Any]) \
             -> Scope | None:
-        """The transient scope of this attempt when the type sets ``cgroup_limits`` and a
-        systemd manager accepts the scope; else None (the task runs without one). Whether
-        it does is found out once per type and property set (a probe scope), and a refusal
-        is one ``worker_cgroup_limits_unavailable`` warning, not a failed task."""
-        props = scope_properties(wtype)
-        if not props:
-            return None
+        """The transient scope of this attempt: under a systemd manager that accepts
+        transient scopes from us, every task gets one (its cgroup is what stopping the task
+        kills, docs/security.md), bound to our own unit (BindsTo=, ordered Before= it) so a
+        task never outlives its worker's unit, with the type's ``cgroup_limits`` if any.
+        Else None: the task runs without a scope (the descendant sweep of the subreaper
+        still stops all of it). Whether the manager accepts the scope is found out once per
+        type and property set (a probe scope); a refusal is one
+        ``worker_cgroup_limits_unavailable`` warning for a type that sets cgroup_limits, a
+        line on stderr otherwise."""
+        limits = scope_properties(wtype)
         if self._scope_manager is None:
             self._scope_manager = find_scope_manager(self.environ)
         manager, reason = self._scope_manager
+        if manager is None and not limits:
+            return None
+        props = dict(limits)
+        if self.opts.unit:  # our own unit, found once at start (systemd_unit)
+            props.update(BindsTo=self.opts.unit, Before=self.opts.unit)
         key = (type_name, tuple(props.items()))
         if key not in self._scope_checks:
             problem = reason if manager is None else probe_scope(manager, props)
             self._scope_checks[key] = problem
-            if problem is not None:
+            if problem is not None and limits:
                 message = (f"worker type {type_name!r} sets cgroup_limits but {problem}; its "
                            f"tasks run without a scope (setrlimit limits still apply)")
                 print(f"harness worker {self.worker_id}: {message}", file=sys.stderr)
                 self._emit("worker_cgroup_limits_unavailable", message, severity="warning",
-                           worker_type=type_name, reason=problem, properties=props)
+                           worker_type=type_name, reason=problem, properties=limits)
+            elif problem is not None:
+                print(f"harness worker {self.worker_id}: tasks of type {type_name!r} run "
+                      f"without a transient scope: {problem}", file=sys.stderr)
         if manager is None or self._scope_checks[key] is not None:
             return None
         return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
@@ -629,7 +640,8 @@ class Worker:
             log_max_bytes=int(self.cfg["task_log_max_bytes"]),
             kill_grace_s=float(self.cfg["kill_grace_s"]),
             limits=dict(wtype.get("limits") or {}),
-            header=header_line(task, self.worker_id, argv, now), scope=scope)
+            header=header_line(task, self.worker_id, argv, now), scope=scope,
+            sweep_descendants=self.subreaper)
         run = TaskRun(spec, wake=self.wake)
         try:
             run.start()
@@ -837,6 +849,9 @@ class Worker:
         run, task = pending.run, pending.task
         exit_code, phrase = describe_exit(run.returncode)
         reason = run.stop_reason
+        if reason is None and run.scope_refused:
+            reason = "scope_refused"
+            self._scope_checks.clear()  # probe again before the next scope
         if not pending.footer_written:
             pending.footer_written = True
             run.append_log_line(f"=== harness: {phrase} after {run.duration_s():.3f}s"
@@ -902,6 +917,11 @@ class Worker:
         if reason == "stopping":
             self.queue.release(task_id, wid, reason="worker stopped (signal) before the task "
                                "finished; handed back without spending an attempt", now=now)
+            return "released"
+        if reason == "scope_refused":
+            self.queue.release(task_id, wid, reason=f"the systemd manager refused the task's "
+                               f"scope ({run.tail_line()}); handed back without spending an "
+                               "attempt", now=now)
             return "released"
         if reason == "dead":
             self.queue.release(task_id, wid, reason="worker presumed dead by the supervisor; "

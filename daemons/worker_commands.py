@@ -15,6 +15,7 @@ from coordination.errors import UsageError
 from coordination.events import emit
 
 from .context import add_commands, home_option, json_option, print_json, resolve_home
+from .systemd_units import DROPINS
 
 SOURCE = "cli"
 
@@ -188,10 +189,27 @@ def systemd_group() -> None:
               "ProtectHome, PrivateTmp, ...) for hosts whose manager cannot set up mount "
               "namespaces (some containers). Each dropped line is noted in the unit.")
 @click.option("--no-reload", is_flag=True, help="Do not run `systemctl daemon-reload`.")
+@click.option("--service-user", default="harness", show_default=True, help="--system: the "
+              "unprivileged user the units run as (User=); created with `useradd --system` "
+              "when missing, and given the home.")
+@click.option("--service-group", default=None, help="--system: its group (Group=; default: "
+              "the user's own group). Created with `groupadd --system` when missing.")
+@click.option("--no-create-user", is_flag=True, help="--system: neither create the service "
+              "user nor chown the home (they are managed elsewhere).")
+@click.option("--polkit-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/etc/polkit-1/rules.d"), show_default=True, help="--system: "
+              "where to write the polkit rule that lets the service user start, stop and "
+              "kill harness-worker@ units (and nothing else).")
+@click.option("--no-polkit", is_flag=True, help="--system: write no polkit rule.")
+@click.option("--print-dropin", "print_dropin", type=click.Choice(sorted(DROPINS)),
+              default=None, help="Print a drop-in that loosens the worker sandbox for a "
+              "worker type that needs it (docs/security.md) and exit; writes nothing.")
 @json_option
 @home_option
 def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
                     harness_bin: str | None, no_sandbox: bool, no_reload: bool,
+                    service_user: str, service_group: str | None, no_create_user: bool,
+                    polkit_dir: Path, no_polkit: bool, print_dropin: str | None,
                     as_json: bool, home_dir: Path | None) -> None:
     """Render the units with the real ExecStart and home, write them, daemon-reload.
 
@@ -201,17 +219,29 @@ def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
     ReadWritePaths= of the sandbox). A home under /tmp or /var/tmp cannot be combined with
     PrivateTmp=yes (the service would see an empty private /tmp): PrivateTmp is then turned
     off with a warning and a comment in the unit.
+
+    \b
+    The services are sandboxed (systemd/sandbox.inc, docs/security.md). --system runs them
+    as the unprivileged --service-user, never root: created when missing, and the home is
+    chowned to it. --user units run as the user of that manager.
     """
     from .systemd_units import install_units
 
+    if print_dropin is not None:
+        click.echo(DROPINS[print_dropin], nl=False)
+        return
     if scope is None:
         raise UsageError("give --user or --system")
     home = resolve_home(home_dir)
     report = install_units(home.root, scope=scope, dry_run=dry_run, unit_dir=unit_dir,
                            harness_bin=harness_bin, sandbox=not no_sandbox,
-                           reload=not no_reload)
+                           reload=not no_reload, service_user=service_user,
+                           service_group=service_group, create_user=not no_create_user,
+                           polkit_dir=None if no_polkit else polkit_dir)
     for warning in report.warnings:
         click.echo(f"harness: warning: {warning}", err=True)
+    for action in report.user_actions:
+        click.echo(f"{'would run' if dry_run else 'ran'}: {action}", err=dry_run)
     if as_json:
         print_json(report.as_dict(with_text=dry_run))
         return

@@ -310,3 +310,17 @@ def reap_zombie_children(timeout: float = 30.0) -> None:
         if not zombies:
             break
         time.sleep(0.05)
+
+
+def write_host_limits_dropin(unit_dir: Path) -> Path:
+    """The ``kernel-protections`` drop-in of ``harness systemd install --print-dropin`` for
+    every harness service in ``unit_dir``: for a manager that cannot apply
+    ProtectKernelTunables/ProtectKernelLogs (status 226/NAMESPACE) but the rest of the
+    sandbox. Returns the file written."""
+    from daemons.systemd_units import DROPINS
+
+    folder = unit_dir / "harness-.service.d"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "kernel-protections.conf"
+    path.write_text(DROPINS["kernel-protections"])
+    return path

@@ -545,3 +545,38 @@ def test_inbox_pending_is_info_and_repair_ingests(home: Home, queue: TaskQueue) 
     assert report.clean and codes(report) == ["inbox_pending"]
     doctor.check(home, repair=True)
     assert tid in queue_on_disk(home)
+
+
+def test_stray_task_process_is_reported_and_killed_by_repair(home: Home,
+                                                             queue: TaskQueue) -> None:
+    """A process left running for a task attempt that is over (it escaped its worker's
+    stop) is a warning; --repair kills it. The process of a running attempt is not."""
+    task = queue.enqueue(req()).task
+    claimed = queue.claim("w1")
+    assert claimed is not None and claimed["task_id"] == task["task_id"]
+
+    def task_env(attempt: str) -> dict[str, str]:
+        return dict(os.environ, HARNESS_HOME=str(home.root), HARNESS_TASK_ID=task["task_id"],
+                    HARNESS_WORKER_ID="w1", HARNESS_ATTEMPT=attempt)
+
+    running = subprocess.Popen(["sleep", "300"], env=task_env("1"))
+    stray = subprocess.Popen(["sleep", "300"], env=task_env("0"))  # an older attempt's
+    try:
+        time.sleep(0.2)  # both have exec'd: /proc/PID/environ is sleep's
+        report = doctor.check(home)
+        strays = [f for f in report.findings if f.code == "stray_task_process"]
+        assert len(strays) == 1 and f"pid {stray.pid} " in strays[0].message, report.as_dict()
+        assert strays[0].level == "warning"
+        repaired = doctor.check(home, repair=True)
+        assert [f.repaired for f in repaired.findings if f.code == "stray_task_process"] \
+            == [True]
+        assert stray.wait(10) == -9 and running.poll() is None
+        queue.complete(task["task_id"], "w1")
+        # The attempt is over: its process is a stray now.
+        after = doctor.check(home)
+        assert [f for f in after.findings if f.code == "stray_task_process"
+                and f"pid {running.pid} " in f.message]
+    finally:
+        for proc in (running, stray):
+            proc.kill()
+            proc.wait(10)

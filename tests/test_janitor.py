@@ -36,6 +36,7 @@ from daemons.janitor import (
     rotated_files,
     run_janitor,
 )
+from daemons.systemd_units import render_unit
 
 REPO = Path(__file__).resolve().parents[1]
 PROCS = Path(__file__).resolve().parent / "procs"
@@ -810,9 +811,9 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     (tmp_path / "home").mkdir()
     rendered = []
     for name in ("harness-janitor.service", "harness-janitor.timer"):
-        text = (REPO / "systemd" / name).read_text()
-        text = text.replace("@HARNESS_BIN@", sys.executable + " -m daemons") \
-            .replace("@HARNESS_HOME@", str(tmp_path / "home"))
+        text = render_unit((REPO / "systemd" / name).read_text(), name=name,
+                           harness_argv=[sys.executable, "-m", "daemons"],
+                           home=tmp_path / "home")
         (tmp_path / name).write_text(text)
         rendered.append(str(tmp_path / name))
     done = subprocess.run([analyze, "verify", *rendered], capture_output=True, text=True,

@@ -31,6 +31,7 @@ from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.store import append_bytes, read_json, replace_bytes
 from daemons.cli import cli
+from daemons.systemd_units import render_unit
 
 HARNESS = str(Path(sys.executable).with_name("harness"))
 CHECK_SH = REPO_ROOT / "scripts" / "check-performance.sh"
@@ -385,8 +386,9 @@ def test_metrics_units_verify(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     for name in ("harness-metrics.service", "harness-metrics.timer"):
         text = (REPO_ROOT / "systemd" / name).read_text()
-        (tmp_path / name).write_text(text.replace("@HARNESS_BIN@", HARNESS)
-                                     .replace("@HARNESS_HOME@", str(home.root)))
+        (tmp_path / name).write_text(render_unit(text, name=name,
+                                                 harness_argv=[HARNESS],
+                                                 home=home.root))
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no",
                            str(tmp_path / "harness-metrics.service"),
                            str(tmp_path / "harness-metrics.timer")],

@@ -642,20 +642,27 @@ with open({log!r}, "a") as fh:
     fh.write(json.dumps({{"argv": args, "xdg": os.environ.get("XDG_RUNTIME_DIR")}}) + "\\n")
 if {fail!r}:
     sys.exit("Failed to connect to bus: No medium found")
+refuse = {refuse!r}
+if refuse and any(a.startswith("--unit=") for a in args) and not os.path.exists(refuse):
+    open(refuse, "w").close()  # refuse the first task scope only, as a stopping unit would
+    sys.exit("Failed to start transient scope unit: Transaction for x.scope/start is "
+             "destructive (harness-worker@1.service has 'stop' job queued, but 'start' "
+             "is included in transaction).")
 os.environ["INVOCATION_ID"] = "scope-invocation"  # as the real systemd-run --scope does
 cmd = args[args.index("--") + 1:]
 os.execv(cmd[0], cmd)
 """
 
 
-def _fake_systemd_run(tmp_path: Path, fail: bool = False) -> tuple[dict[str, str], Path]:
+def _fake_systemd_run(tmp_path: Path, fail: bool = False,
+                      refuse: str = "") -> tuple[dict[str, str], Path]:
     """A worker environment as under a user manager, with a fake systemd-run that logs its
     argv and execs the command after ``--`` in place (as ``--scope`` does)."""
     log = tmp_path / "systemd-run.jsonl"
     tools = tmp_path / "bin"
     tools.mkdir()
-    (tools / "systemd-run").write_text(f"#!{PY}\n" + FAKE_SYSTEMD_RUN.format(log=str(log),
-                                                                               fail=fail))
+    (tools / "systemd-run").write_text(f"#!{PY}\n" + FAKE_SYSTEMD_RUN.format(
+        log=str(log), fail=fail, refuse=refuse))
     (tools / "systemd-run").chmod(0o755)
     environ = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", INVOCATION_ID="w-inv",
                    MANAGERPID="1", XDG_RUNTIME_DIR=str(tmp_path / "run"))
@@ -690,7 +697,8 @@ def test_cgroup_limits_wrap_the_task_in_a_scope(home: Home, make_worker: Callabl
     unit = scope_unit_name(ok["task_id"], 1)
     assert started[ok["task_id"]]["scope"] == unit
     assert started[ok["task_id"]]["argv"] == [PY, "-c", dump]  # the task's own argv
-    assert "scope" not in started[plain["task_id"]]
+    # Under systemd every task gets a scope, the default type's too (no limits then).
+    assert started[plain["task_id"]]["scope"] == scope_unit_name(plain["task_id"], 1)
     # The environment is still the allowlist: systemd-run's additions are stripped.
     env = rec["result"]["env"]
     assert "INVOCATION_ID" not in env and "XDG_RUNTIME_DIR" not in env
@@ -698,7 +706,8 @@ def test_cgroup_limits_wrap_the_task_in_a_scope(home: Home, make_worker: Callabl
     assert rec["result"]["cpu"] == [100, 101]  # setrlimit limits still apply
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     probes = [c for c in calls if not any(a.startswith("--unit=") for a in c["argv"])]
-    assert len(probes) == 1  # one probe for the type, not one per task
+    assert len(probes) == 2  # one probe per type (scoped, default), not one per task
+    probes = [c for c in probes if "MemoryMax=64M" in c["argv"]]
     assert probes[0]["argv"][:7] == ["--user", "--scope", "--quiet", "--collect", "-p",
                                      "MemoryMax=64M", "-p"]
     task_call = next(c for c in calls if f"--unit={unit}" in c["argv"])
@@ -733,3 +742,24 @@ def test_cgroup_limits_refused_by_manager_runs_unscoped(
     assert [w["data"]["reason"] for w in warned] == [
         "systemd-run --scope failed (exit 1): Failed to connect to bus: No medium found"]
     assert warned[0]["data"]["properties"] == {"IOWeight": "50"}
+
+
+def test_refused_task_scope_hands_the_task_back(home: Home, make_worker: Callable[..., Driver],
+                                                tmp_path: Path) -> None:
+    """systemd-run exits 1 without running the command when the manager refuses the scope
+    (a worker unit being stopped makes the scope's BindsTo= start destructive): the task is
+    handed back without spending an attempt, the scope probed again, and the next attempt
+    runs."""
+    set_system(home, retry_backoff_base_s=0)
+    environ, log = _fake_systemd_run(tmp_path, refuse=str(tmp_path / "refused-once"))
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["true"], "max_attempts": 1}).task
+    d = make_worker(environ=environ)
+    d.until(lambda: task["task_id"] in final_records(home), what="the task")
+    rec = final(home, task["task_id"])
+    assert rec["status"] == "completed" and rec["attempts"] == 1, rec
+    outcomes = [r["outcome"] for r in q.history_of(task["task_id"])]
+    assert outcomes[0] == "released", outcomes
+    calls = [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+    probes = [c for c in calls if not any(a.startswith("--unit=") for a in c)]
+    assert len(probes) == 2  # probed again after the refusal

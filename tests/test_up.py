@@ -76,9 +76,11 @@ def start_up(procs: ProcGroup, home: Home, *args: str) -> Child:
 
 def test_up_runs_tasks_and_sigint_leaves_nothing_behind(tmp_path: Path,
                                                          procs: ProcGroup) -> None:
+    # max_concurrent_workers 2: a burst of tasks must not scale the fleet up and then drain
+    # the extra worker (exit_reason drained), which would make the exit reasons timing-bound.
     home = make_home(tmp_path, durability="none", heartbeat_interval_s=0.5,
                      stop_grace_s=1, kill_grace_s=1, retry_backoff_base_s=0,
-                     scale_cooldown_s=1)
+                     scale_cooldown_s=1, max_concurrent_workers=2)
     up = start_up(procs, home, "--workers", "2")
     family = Family(up.pid)
     wait_until(lambda: family.sample() and len(read_specs(home)) == 2,
@@ -132,3 +134,86 @@ def test_demo_on_a_fresh_home(tmp_path: Path, procs: ProcGroup) -> None:
     assert build["result"]["tokens_used"] == 42
     assert family.survivors() == []
     assert read_json(home.system_config)["version"] == 1
+
+
+def _live_workers(home: Home) -> dict[int, float]:
+    """pid -> start time of every registered worker process that still runs."""
+    out = {}
+    for read in read_specs(home):
+        if read.spec is None:
+            continue
+        pid = int(read.spec["pid"])
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out[pid] = proc.create_time()
+        except psutil.Error:
+            continue
+    return out
+
+
+def _running(procs: dict[int, float]) -> list[int]:
+    """Those of ``procs`` (pid -> start time) still running as the same process."""
+    alive = []
+    for pid, started in procs.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def test_workers_die_with_a_killed_up(tmp_path: Path, procs: ProcGroup) -> None:
+    """kill -9 of `harness up`: its workers get SIGTERM from the kernel (parent-death
+    signal), hand back their task and exit within seconds instead of running on with
+    parent 1. Their task processes go with them."""
+    home = make_home(tmp_path, durability="none", heartbeat_interval_s=0.5,
+                     stop_grace_s=1, kill_grace_s=0.5, retry_backoff_base_s=0)
+    up = start_up(procs, home, "--workers", "2")
+    family = Family(up.pid)
+    workers = wait_until(lambda: (lambda w: w if len(w) == 2 else None)(_live_workers(home)),
+                         what="two workers to register")
+    queue = TaskQueue(home)
+    long_id = queue.enqueue(req(command=["sleep", "300"], description="long")).task["task_id"]
+    wait_until(lambda: family.sample() and (queue.get(long_id) or {}).get("status")
+               == "running", what="the long task to start")
+    wait_until(lambda: family.sample() >= 3, timeout=10, what="the task process")
+    os.kill(up.pid, signal.SIGKILL)
+    up.wait(10)
+    try:
+        wait_until(lambda: not _running(workers), timeout=10,
+                   what=f"the workers of the killed up to exit (still running: {workers})")
+        wait_until(lambda: family.survivors() == [], timeout=10, what="the task processes")
+    finally:  # never leave an orphan behind, even when the assertion failed
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
+    task = queue.get(long_id)
+    assert task is not None and task["status"] == "queued", task  # handed back, not lost
+
+
+def test_up_stops_the_workers_it_adopted(tmp_path: Path, procs: ProcGroup) -> None:
+    """Workers of this home that are not its children (left by an earlier up, or started
+    by hand) count towards `up --workers`; when that up stops, it stops them too."""
+    home = make_home(tmp_path, durability="none", heartbeat_interval_s=0.5,
+                     stop_grace_s=1, kill_grace_s=0.5, retry_backoff_base_s=0)
+    strays = [procs.spawn(f"stray-{i}", [*HARNESS, "worker", "run", "--instance", f"s{i}",
+                                          "--home", str(home.root)], env=daemon_env())
+              for i in range(2)]
+    for stray in strays:
+        stray.wait_for_line("started worker-", timeout=30)
+    adopted = _live_workers(home)
+    assert sorted(adopted) == sorted(s.pid for s in strays)
+    up = start_up(procs, home, "--workers", "2")
+    up.wait_for_line("supervisor pid", timeout=30)
+    time.sleep(1.5)  # a few passes: the two strays are its fleet, it starts none
+    assert sorted(_live_workers(home)) == sorted(adopted)
+    os.kill(up.pid, signal.SIGINT)
+    assert up.wait(60) == 0, up.stderr()
+    assert "adopted worker(s)" in "\n".join(up.lines())
+    for stray in strays:  # they exit on their own, through the SIGTERM of up
+        assert stray.wait(10) == 0, stray.stderr()
+    assert _running(adopted) == []
+    exits = {s.spec["exit_reason"] for s in read_specs(home, completed=True) if s.spec}
+    assert exits == {"signal"}

@@ -505,3 +505,63 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
     assert types == ["task_enqueued", "task_enqueued", "task_claimed", "task_started",
                      "task_completed", "task_claimed", "task_released"]
     assert completed_spec(home, os.getpid())["tasks_done"] == 1
+
+
+# ---------------------------------------------------------------------------- escapees
+ESCAPING_TASK = Path(__file__).parent / "procs" / "escaping_task.py"
+
+
+def _escapees(pidfile: Path) -> dict[str, tuple[int, float]]:
+    """The escaping task's children: name -> (pid, start time), read while they run."""
+    import psutil
+
+    pids = wait_until(lambda: pidfile.exists() and json.loads(pidfile.read_text()), 30,
+                      "the escaping task to start its children")
+    return {name: (pid, psutil.Process(pid).create_time()) for name, pid in pids.items()}
+
+
+def _still_running(escapees: dict[str, tuple[int, float]]) -> list[str]:
+    """Those escapees whose pid still runs the same process (same start time)."""
+    import psutil
+
+    out = []
+    for name, (pid, started) in escapees.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{name} (pid {pid})")
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+def test_stopped_task_leaves_no_descendant(home: Home, procs: ProcGroup, task_pids: Path,
+                                           stop: str) -> None:
+    """Children that leave the task's process group (setsid, double-fork daemon,
+    start_new_session, setpgid) are stopped with it, after a timeout and after a cancel,
+    before the outcome is recorded; the worker reaps them (no zombie is left either)."""
+    import psutil
+
+    set_system(home, kill_grace_s=0.5)
+    q = TaskQueue(home)
+    pidfile = task_pids / "escapees.json"
+    task = q.enqueue({"command": [sys.executable, str(ESCAPING_TASK), str(pidfile)],
+                      "max_attempts": 1,
+                      **({"timeout_s": 3} if stop == "timeout" else {})}).task
+    worker = start_worker(procs, home)
+    escapees = _escapees(pidfile)
+    assert len(escapees) == 4 and not _still_running({}) and len(_still_running(escapees)) == 4
+    if stop == "cancel":
+        q.cancel(task["task_id"])
+    wait_until(lambda: task["task_id"] in final_records(home), 30, "the task to be stopped")
+    record = final_records(home)[task["task_id"]][-1]
+    assert record["status"] in ("failed", "cancelled"), record
+    assert ("timeout" if stop == "timeout" else "cancel") in record["last_error"], record
+    # Gone by the time the outcome was recorded: the worker waits for them.
+    assert _still_running(escapees) == [], worker.stderr()
+    # The daemon was re-parented to the worker (its subreaper), which reaped it.
+    zombies = wait_until(lambda: not [c for c in psutil.Process(worker.pid).children()
+                                      if c.status() == psutil.STATUS_ZOMBIE], 5,
+                         "the worker to reap its adopted zombies")
+    assert zombies
