@@ -209,9 +209,9 @@ done
 # shellcheck disable=SC2016  # $names are jq variables, not shell ones
 filter='
 def opt($key; $value; f): if $value == "" then {} else {($key): ($value | f)} end;
-($wt[0].types // {}) as $types
+($wt[0].worker_types // $wt[0].types // {}) as $types
 | if ($types | type) != "object" then
-    error("worker-types.json has no \"types\" object")
+    error("worker-types.json has no \"worker_types\" object")
   elif ($types | has($worker_type) | not) then
     error("unknown worker type \($worker_type | @json); known: \($types | keys | join(", ")) (coordination/config/worker-types.json)")
   elif $has_command == 0 and (($types[$worker_type].command_template // []) | length) == 0 then

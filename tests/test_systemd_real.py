@@ -376,7 +376,7 @@ def test_cgroup_limits_put_the_task_in_a_transient_scope(fleet: UserManager) -> 
     completes, and the scope is collected when it ends."""
     mgr = fleet
     types = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
-    types["types"]["scoped"] = {"command_template": ["bash", "-c", "{description}"],
+    types["worker_types"]["scoped"] = {"command_template": ["bash", "-c", "{description}"],
                                 "cgroup_limits": {"MemoryMax": "64M", "TasksMax": "20"}}
     replace_json(mgr.home.worker_types_config, types, pretty=True)
     unit = unit_of(6)
