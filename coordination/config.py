@@ -166,6 +166,12 @@ SYSTEM_KEYS: tuple[Key, ...] = (
         "harness check: size of any single coordination file."),
     Key("check_events_file_mb", [50, 200], _pair(), "[warning, critical]",
         "harness check: size of dashboard-events.jsonl."),
+    Key("check_oldest_queued_s", [300, 1800], _pair(), "[warning, critical]",
+        "harness check: age of the oldest runnable queued task (waiting since its "
+        "not_before when later than created_at)."),
+    Key("check_supervisor_stale_s", 180, _num(1), "number >= 1",
+        "harness check: critical when tasks wait and no supervisor has published "
+        "health.json for this long (it refreshes it at least every 30 s)."),
 )
 
 _SYSTEM_BY_NAME = {k.name: k for k in SYSTEM_KEYS}

@@ -88,9 +88,12 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
               default="prometheus", show_default=True)
 @click.option("--textfile/--no-textfile", default=True, show_default=True,
               help="Also publish the exposition at metrics_textfile when it is configured.")
+@json_option
 @pass_ctx
-def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: bool) -> None:
-    """Print the current metrics (not appended): Prometheus text or the snapshot as JSON.
+def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: bool,
+                 as_json: bool) -> None:
+    """Print the current metrics (not appended): Prometheus text or the snapshot as JSON
+    (--json is --format json).
 
     Counters continue from the last stored snapshot's cursor (cheap); without any
     snapshot they are counted over the whole live history file once.
@@ -104,7 +107,7 @@ def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: boo
     text = render(snap)
     if textfile:
         publish_textfile(home, snap)
-    if fmt == "json":
+    if as_json or fmt == "json":
         print_json(snap)
     else:
         sys.stdout.write(text)
@@ -125,6 +128,13 @@ def format_status(s: dict[str, Any]) -> list[str]:
         f"; backpressure {'ON' if s['backpressure'] else 'off'} (max {q['max_queue_depth']})")
     lines.append("  " + "  ".join(f"{p} {c['queued']}/{c['running']}"
                                   for p, c in q["by_priority"].items()) + "  (queued/running)")
+    svc = s["service"]
+    lines.append(f"supervisor: {svc['supervisor']}"
+                 + (f" (health.json {_age(svc['health_age_s'])} old)"
+                    if svc["health_age_s"] is not None else " (no health.json)"))
+    if not svc["served"]:
+        lines.append(f"NOTHING SERVES THE QUEUE: {svc['waiting']} task(s) waiting, no live "
+                     f"worker, supervisor {svc['supervisor']}. To start: {svc['hint']}")
     wc = s["worker_counts"]
     lines.append(f"workers: {wc['active']} active (busy {wc['busy']}, idle {wc['idle']}, "
                  f"draining {wc['draining']}), {wc['stalled']} stalled, "
