@@ -558,9 +558,10 @@ def oldest_runnable_since(tasks: Sequence[dict[str, Any]], paused: Container[str
 
 
 #: What to run when tasks wait and nothing serves them (``harness status`` prints it).
-START_HINT = ("run `harness up` (foreground, no systemd), or start the systemd units: "
-              "`systemctl --user start harness.target` (after `harness systemd install "
-              "--user`; --system / plain systemctl for a system install)")
+START_HINT = ("run `harness up` (foreground, no systemd), or with the systemd units "
+              "installed (`harness systemd install --user`): `systemctl --user start "
+              "harness-supervisor.service` (it starts the workers; plain systemctl for a "
+              "--system install)")
 
 
 def service_state(queue: dict[str, Any], workers: Sequence[dict[str, Any]], *,

@@ -309,7 +309,7 @@ def test_status_says_what_to_run_when_nothing_serves_the_queue(tmp_path: Path) -
     assert "supervisor: absent (no health.json)" in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("NOTHING SERVES")]
     assert "12 task(s) waiting" in line and "`harness up`" in line
-    assert "systemctl --user start harness.target" in line
+    assert "systemctl --user start harness-supervisor.service" in line
     s = orjson.loads(invoke("--home", str(home.root), "status", "--json").output)
     assert s["service"]["served"] is False and s["service"]["waiting"] == 12
     assert s["queue"]["oldest_runnable_age_s"] >= 360
