@@ -23,6 +23,34 @@ class CliContext:
         return TaskQueue(self.home)
 
 
+def ingest_if_free(queue: Any) -> tuple[int, int]:
+    """Admit the inbox's requests (create-task.sh's) now if the queue lock is free, never
+    waiting for it: returns ``(ingested, still pending)``.
+
+    Read commands (``task list``, ``status``) call it so a request published without
+    Python shows up at once. The lock is the queue's own ``locks/queue.lock`` instance
+    (``lock_for`` is process-wide and re-entrant), taken without waiting and held across
+    ``TaskQueue.ingest``, whose own acquire then succeeds at once; when another process
+    holds it, nothing is ingested and the requests stay pending (the holder, or the
+    supervisor's next pass, admits them)."""
+    from coordination.errors import LockTimeout
+    from coordination.locks import lock_for
+
+    pending = int(queue.stats()["inbox_pending"])
+    if not pending:
+        return 0, 0
+    lock = lock_for(queue.home.lock_path("queue"))
+    try:
+        lock.acquire(timeout=0)
+    except LockTimeout:
+        return 0, pending
+    try:
+        ingested = int(queue.ingest())
+    finally:
+        lock.release()
+    return ingested, int(queue.stats()["inbox_pending"])
+
+
 pass_ctx = click.make_pass_decorator(CliContext)
 
 

@@ -115,6 +115,12 @@ def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: boo
 
 
 # ---------------------------------------------------------------------------- status
+def _queue_of(home: Any) -> Any:
+    from coordination.queue import TaskQueue
+
+    return TaskQueue(home)
+
+
 def format_status(s: dict[str, Any]) -> list[str]:
     """The text form of ``harness status`` (one glance)."""
     h = s["health"]
@@ -181,11 +187,17 @@ def format_status(s: dict[str, Any]) -> list[str]:
 def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -> None:
     """One-glance summary: health, queue, workers, backpressure, paused types, alerts.
 
-    Fast on a large home: history and events are read backwards and bounded.
+    Fast on a large home: history and events are read backwards and bounded. Requests
+    create-task.sh left in the inbox are admitted first when the queue lock is free (else
+    they show as `inbox N`). When tasks wait and nothing serves them, it says what to run.
     """
     from coordination.metrics import collect_status
 
-    summary = collect_status(resolve_home(home_dir).require(), alerts=alerts)
+    from .context import ingest_if_free
+
+    home = resolve_home(home_dir).require()
+    ingest_if_free(_queue_of(home))  # create-task.sh's requests count as queued at once
+    summary = collect_status(home, alerts=alerts)
     if as_json:
         print_json(summary)
     else:

@@ -18,9 +18,13 @@ Usage: create-task.sh --description D [--priority P] [--type T] [--dedup-key K]
                       [--correlation ID] [--not-before TS] [--budget N] [--home DIR]
                       [-- CMD [ARG]...]
 
-Publish a task request in the harness inbox and print its task id. The queue picks it up
-(validates, deduplicates, checks dependencies) at its next operation by any process, e.g.
-`harness task list`; a request it cannot accept moves to inbox/rejected/ with a .reason file.
+Publish a task request in the harness inbox and print its task id. The queue admits it
+(validates, deduplicates, checks dependencies) at its next write by any process: the
+supervisor's next pass, a worker's claim, `harness task add`, `harness queue ingest` (now),
+and `harness task list` or `harness status` when the queue lock is free (they do not wait
+for it; while it is busy they report the request as pending in the inbox). Until then it is
+not in task-queue.json. A request the queue cannot accept moves to inbox/rejected/ with a
+.reason file.
 
 Options:
   --description D     what the task is (required, non-empty, at most max_description_bytes)
