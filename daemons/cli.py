@@ -92,12 +92,24 @@ def cli(ctx: click.Context, home_dir: Path | None) -> None:
 @json_option
 @pass_ctx
 def init(obj: CliContext, force: bool, as_json: bool) -> None:
-    """Create the home: directories, lock files, and commented default config.
+    """Create the home: directories, lock files, commented default config, an empty
+    coordination/dashboard-events.jsonl and (through the queue) task-queue.json.
 
-    Idempotent: existing config files are kept unless --force.
+    Idempotent: existing config files are kept unless --force (a worker-types.json with
+    the legacy top-level key `types` is rewritten with it renamed `worker_types`); the
+    events file and the queue are never overwritten.
     """
+    from coordination.events import create_events_file
+
     home = obj.home
     written = init_home(home, force=force)
+    if create_events_file(home):
+        written.append(str(home.events_file))
+    queue = obj.queue()
+    # The queue backend publishes its own (empty) state: init never writes its file. The
+    # method arrives with the queue rewrite; until then a fresh home has no queue file.
+    if hasattr(queue, "ensure_published") and queue.ensure_published():
+        written.append(str(home.queue_file))
     if as_json:
         print_json({"home": str(home.root), "written": written})
     else:
