@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dead_pid, final_records, make_home, queue_on_disk, req, temp_files
+from helpers import dead_pid, final_records, make_home, needs, queue_on_disk, req, temp_files
 
 from coordination import clock, doctor
 from coordination import queue as queue_module
@@ -179,8 +178,7 @@ def test_repair_without_good_prev_starts_empty_and_keeps_history(home: Home,
 
 
 # ------------------------------------------------------------------------------ hand edits
-@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("flock") is None,
-                    reason="needs jq and flock(1)")
+@needs("jq", "flock")
 def test_hand_edit_under_flock_is_respected_by_next_claim(home: Home, queue: TaskQueue) -> None:
     queue.enqueue(req(task_id="A", priority="medium"))
     queue.enqueue(req(task_id="B", priority="medium"))

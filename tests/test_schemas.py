@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import needs
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
@@ -740,7 +741,7 @@ def test_doc_json_examples_parse_and_match_their_schema() -> None:
 
 
 # ------------------------------------------------------------------------------- jq
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+needs_jq = needs("jq")
 
 
 def run_sh(command: str, cwd: Path) -> str:

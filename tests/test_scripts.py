@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import wait_until
+from helpers import needs, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
 from coordination.config import init_home as config_init_home
@@ -43,13 +43,10 @@ EVENT_ID_RE = re.compile(r"^ev-(\d{8}T\d{9})-[0-9a-f]{12}$")
 TASK_ID_RE = re.compile(r"^t-(\d{8}T\d{9})-[0-9a-f]{10}$")
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
-needs_flock = pytest.mark.skipif(shutil.which("flock") is None,
-                                 reason="flock(1) (util-linux) is not installed")
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
-needs_shellcheck = pytest.mark.skipif(
-    shutil.which("shellcheck") is None,
-    reason="shellcheck is not installed (apt-get install shellcheck)")
+needs_bash = needs("bash")
+needs_flock = needs("flock")
+needs_jq = needs("jq")
+needs_shellcheck = needs("shellcheck")
 
 pytestmark = [needs_bash, needs_flock]
 
@@ -243,7 +240,7 @@ def test_emit_event_long_line_is_one_valid_line(shome: Home, env: dict[str, str]
     assert [r["message"] for r in read.records] == [message] * 3
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@needs("strace")
 @pytest.mark.parametrize("size", [10, 900, 5000, 16384])
 def test_emit_event_appends_with_a_single_write(shome: Home, env: dict[str, str],
                                                 tmp_path: Path, size: int) -> None:
@@ -654,7 +651,7 @@ def test_create_task_without_command_uses_the_worker_type_template(
 
 
 @needs_jq
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@needs("strace")
 def test_create_task_publishes_by_rename(shome: Home, env: dict[str, str],
                                          tmp_path: Path) -> None:
     """The request is written to a hidden temp file in the inbox and renamed into place;

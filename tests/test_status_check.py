@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT, events, make_home, req, set_system
+from helpers import REPO_ROOT, events, make_home, needs, req, set_system
 from test_metrics import Known, build_known_home
 
 from coordination import clock
@@ -419,7 +418,7 @@ def test_check_performance_sh_help_and_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 3 and "not executable" in proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@needs("shellcheck")
 def test_scripts_are_shellcheck_clean() -> None:
     scripts = [CHECK_SH, REPO_ROOT / "scripts" / "dashboards" / "metrics-dashboard.sh"]
     proc = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True,
@@ -460,7 +459,7 @@ def test_metrics_units() -> None:
     assert timer["WantedBy"] == "timers.target"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@needs("systemd-analyze")
 def test_metrics_units_verify(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     for name in ("harness-metrics.service", "harness-metrics.timer"):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import final_records, make_home, set_system, wait_until
+from helpers import final_records, make_home, set_system, skip_reason, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES
 from coordination.paths import Home
@@ -101,7 +101,7 @@ class UserManager:
 def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
     systemd = _systemd_binary()
     if systemd is None or shutil.which("systemctl") is None:
-        pytest.skip("systemd is not installed (no systemd / systemctl binary)")
+        pytest.skip(skip_reason("systemd"))
     marker = Path("/run/systemd/system")
     if not marker.is_dir() and os.geteuid() != 0:
         pytest.skip("/run/systemd/system does not exist and we are not root, so a private "
