@@ -463,14 +463,16 @@ def disk_usage(home: Home) -> dict[str, Any]:
             "free_mb": round(usage.free / _MB, 1)}
 
 
-def observe(home: Home, now: float | None = None) -> Observation:
-    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError."""
+def observe(home: Home, now: float | None = None, *, queue: Any = None) -> Observation:
+    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError.
+    ``queue``: a ``TaskQueue`` of this home the caller already has (its parsed queue is
+    reused instead of parsed again)."""
     from .queue import TaskQueue  # the queue module is the heaviest import; keep it local
 
     home.require()
     ts = clock.now() if now is None else now
     cfg = load_system(home)
-    queue_api = TaskQueue(home)
+    queue_api = TaskQueue(home) if queue is None else queue
     stats = queue_api.stats(ts)
     window_s = float(cfg["health_window_s"])
     hist = history_window(home, ts - window_s)
@@ -831,9 +833,11 @@ def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]
     return status
 
 
-def collect_status(home: Home, now: float | None = None, alerts: int = 5) -> dict[str, Any]:
-    """The one-glance summary of ``harness status --json`` (bounded reads, redacted)."""
-    return status_from(observe(home, now), home, alerts)
+def collect_status(home: Home, now: float | None = None, alerts: int = 5, *,
+                   queue: Any = None) -> dict[str, Any]:
+    """The one-glance summary of ``harness status --json`` (bounded reads, redacted);
+    ``queue`` as for :func:`observe`."""
+    return status_from(observe(home, now, queue=queue), home, alerts)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -33,7 +33,7 @@ def ingest_if_free(queue: Any) -> tuple[int, int]:
     ``TaskQueue.ingest``, whose own acquire then succeeds at once; when another process
     holds it, nothing is ingested and the requests stay pending (the holder, or the
     supervisor's next pass, admits them)."""
-    from coordination.errors import LockTimeout
+    from coordination.errors import LockTimeout, TemporaryFailure
     from coordination.locks import lock_for
 
     pending = int(queue.stats()["inbox_pending"])
@@ -46,6 +46,8 @@ def ingest_if_free(queue: Any) -> tuple[int, int]:
         return 0, pending
     try:
         ingested = int(queue.ingest())
+    except TemporaryFailure:  # e.g. the history lock is busy: a read command still reads
+        ingested = 0
     finally:
         lock.release()
     return ingested, int(queue.stats()["inbox_pending"])

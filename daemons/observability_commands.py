@@ -196,8 +196,9 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     from .context import ingest_if_free
 
     home = resolve_home(home_dir).require()
-    ingest_if_free(_queue_of(home))  # create-task.sh's requests count as queued at once
-    summary = collect_status(home, alerts=alerts)
+    queue = _queue_of(home)
+    ingest_if_free(queue)  # create-task.sh's requests count as queued at once
+    summary = collect_status(home, alerts=alerts, queue=queue)
     if as_json:
         print_json(summary)
     else:
