@@ -24,7 +24,7 @@ from coordination.errors import CorruptFileError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import new_spec, write_spec
-from coordination.store import append_line, read_jsonl
+from coordination.store import append_line, read_json, read_jsonl, replace_json
 
 
 class SimulatedCrash(BaseException):
@@ -72,6 +72,24 @@ def test_fresh_and_busy_homes_are_clean(home: Home, queue: TaskQueue) -> None:
 def test_uninitialised_home_is_an_error(tmp_path: Path) -> None:
     report = doctor.check(Home(tmp_path / "nothing"))
     assert not report.ok and codes(report) == ["not_initialised"]
+
+
+def test_legacy_worker_types_key_is_a_warning_repair_renames_it(home: Home) -> None:
+    raw = read_json(home.worker_types_config)
+    raw["types"] = raw.pop("worker_types")
+    replace_json(home.worker_types_config, raw, pretty=True)
+    report = doctor.check(home)
+    assert report.ok and codes(report, "warning") == ["legacy_worker_types_key"]
+    repaired = doctor.check(home, repair=True)
+    assert [f.repaired for f in repaired.findings if f.code == "legacy_worker_types_key"] \
+        == [True]
+    assert "worker_types" in read_json(home.worker_types_config)
+    assert codes(doctor.check(home), "warning") == []
+    # An unknown top-level key is a config error, naming the file and the key.
+    replace_json(home.worker_types_config, dict(raw, extra=1), pretty=True)
+    report = doctor.check(home)
+    assert not report.ok and codes(report, "error") == ["bad_config"]
+    assert "unknown top-level key 'extra'" in report.findings[-1].message
 
 
 # ------------------------------------------------------------------------------ corrupt queue
