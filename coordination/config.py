@@ -170,13 +170,21 @@ SYSTEM_KEYS: tuple[Key, ...] = (
         "harness check: size of any single coordination file."),
     Key("check_events_file_mb", [50, 200], _pair(), "[warning, critical]",
         "harness check: size of dashboard-events.jsonl."),
+    Key("check_oldest_queued_s", [300, 1800], _pair(), "[warning, critical]",
+        "harness check: age of the oldest runnable queued task (waiting since its "
+        "not_before when later than created_at)."),
+    Key("check_supervisor_stale_s", 180, _num(1), "number >= 1",
+        "harness check: critical when tasks wait and no supervisor has published "
+        "health.json for this long (it refreshes it at least every 30 s)."),
 )
 
 _SYSTEM_BY_NAME = {k.name: k for k in SYSTEM_KEYS}
 
 DEFAULT_WORKER_TYPES: dict[str, Any] = {
     "_comments": {
-        "types": "Map of worker type name to its settings.",
+        "worker_types": "Map of worker type name to its settings (homes made before this "
+                        "key was named so have 'types', still read; `harness init` renames "
+                        "it).",
         "command_template": "argv list with {description} {task_id} {priority} {worker_type} "
                             "{correlation_id} placeholders, substituted per element (no shell);"
                             " null: tasks must carry their own command.",
@@ -193,7 +201,7 @@ DEFAULT_WORKER_TYPES: dict[str, Any] = {
                          "strings, e.g. {\"MemoryMax\": \"4G\", \"CPUQuota\": \"200%\"}.",
     },
     "version": 1,
-    "types": {
+    "worker_types": {
         "default": {
             "description": "Runs the task's own argv.",
             "command_template": None,
@@ -256,7 +264,9 @@ def init_home(home: Home, *, force: bool = True, **system_overrides: Any) -> lis
     """Create the home's directories and lock files, and publish (by rename)
     ``config/system.json`` (the defaults plus ``system_overrides``) and
     ``config/worker-types.json`` (the defaults). With ``force`` False a config file that
-    exists is kept. Returns the paths written ([] when both were kept)."""
+    exists is kept, except that a worker-types.json with the legacy top-level key ``types``
+    is republished with it renamed ``worker_types`` (content and order otherwise kept).
+    Returns the paths written ([] when both were kept)."""
     home.create()
     system = default_system()
     system.update(system_overrides)
@@ -266,7 +276,31 @@ def init_home(home: Home, *, force: bool = True, **system_overrides: Any) -> lis
         if force or not path.exists():
             replace_json(path, content, pretty=True)
             written.append(str(path))
+    if not force and migrate_worker_types_key(home.worker_types_config):
+        written.append(str(home.worker_types_config))
     return written
+
+
+#: Top-level keys of worker-types.json besides ``_*`` comments (``types``: the legacy name
+#: of ``worker_types``, read from homes made before the rename).
+WORKER_TYPES_TOP_KEYS = ("version", "worker_types", "types")
+
+
+def migrate_worker_types_key(path: Path) -> bool:
+    """Republish ``path`` (by rename) with its legacy ``types`` key renamed
+    ``worker_types``, in the same position. True when it did; False when there was nothing
+    to rename (no file, already ``worker_types``, or not a valid worker-types file, which
+    is left alone for the loader to report)."""
+    try:
+        raw = read_json(path)
+    except (FileNotFoundError, CorruptFileError):
+        return False
+    if not isinstance(raw, dict) or "types" not in raw or "worker_types" in raw:
+        return False
+    validate_worker_types(path, raw)
+    renamed = {("worker_types" if k == "types" else k): v for k, v in raw.items()}
+    replace_json(path, renamed, pretty=True)
+    return True
 
 
 @dataclass(frozen=True)
@@ -307,11 +341,26 @@ def validate_system(path: Path, raw: Any) -> SystemConfig:
 
 
 def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("types"), dict):
-        raise ConfigError(f"{path}: must be an object with a 'types' object")
+    """The worker types of a parsed worker-types.json, by name, with defaults filled in.
+
+    The map is the top-level ``worker_types`` object (``types`` in homes made before the
+    rename, still accepted; both at once is an error). Any other top-level key that does
+    not start with ``_`` and is not ``version`` is refused, naming the file and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    for name in raw:
+        if not name.startswith("_") and name not in WORKER_TYPES_TOP_KEYS:
+            raise ConfigError(f"{path}: unknown top-level key {name!r} (known: "
+                              "worker_types, version, and _comments or other '_' keys)")
+    if "worker_types" in raw and "types" in raw:
+        raise ConfigError(f"{path}: both 'worker_types' and its legacy name 'types' are "
+                          "present; keep only 'worker_types'")
+    key = "types" if "types" in raw else "worker_types"
+    if not isinstance(raw.get(key), dict):
+        raise ConfigError(f"{path}: must be an object with a 'worker_types' object")
     types: dict[str, dict[str, Any]] = {}
-    for name, spec in raw["types"].items():
-        where = f"{path}: types.{name}"
+    for name, spec in raw[key].items():
+        where = f"{path}: {key}.{name}"
         if not isinstance(spec, dict):
             raise ConfigError(f"{where} must be an object")
         clean: dict[str, Any] = {"description": "", "command_template": None,

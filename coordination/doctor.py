@@ -32,12 +32,12 @@ from typing import Any
 import psutil
 
 from . import clock
-from .config import load_system, load_worker_types
+from .config import load_system, load_worker_types, migrate_worker_types_key
 from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
-from .store import iter_jsonl
+from .store import iter_jsonl, read_json
 
 STALE_TEMP_S = 3600.0
 
@@ -115,6 +115,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
     except ConfigError as exc:
         report.add("error", "bad_config", str(exc))
         return report
+    _check_legacy_worker_types_key(home, report, repair)
     from .queue import open_queue  # local: the queue is the heaviest import
 
     queue = open_queue(home)
@@ -140,6 +141,24 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
             report.add("info", "quarantined", f"quarantined file {name} (inspect, then delete)",
                        home.quarantine / name)
     return report
+
+
+def _check_legacy_worker_types_key(home: Home, report: Report, repair: bool) -> None:
+    """worker-types.json still names its map ``types`` (read, but scripts that edit
+    ``.worker_types`` would add an ignored key): a warning; --repair renames it as
+    ``harness init`` does."""
+    try:
+        raw = read_json(home.worker_types_config)
+    except (FileNotFoundError, CorruptFileError):
+        return
+    if not isinstance(raw, dict) or "types" not in raw:
+        return
+    f = report.add("warning", "legacy_worker_types_key",
+                   f"{home.worker_types_config}: the map is under the legacy key 'types'; "
+                   "`harness init` or `doctor --repair` renames it 'worker_types'",
+                   home.worker_types_config)
+    if repair and migrate_worker_types_key(home.worker_types_config):
+        f.repaired = True
 
 
 def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],

@@ -74,6 +74,19 @@ def append_events(home: Home, events: list[dict[str, Any]]) -> None:
         append_bytes(home.events_file, data, cfg.durability)
 
 
+def create_events_file(home: Home) -> bool:
+    """Create ``dashboard-events.jsonl`` empty (zero lines) when it does not exist, the way
+    the first append would (under the events lock, mode 0644 less the umask, its directory
+    entry fsynced), so ``jq``/``tail`` work on a fresh home. True when it was created; an
+    existing file is left untouched."""
+    cfg = load_system(home)
+    with lock_for(home.lock_path("events")).held_for(cfg.lock_timeout):
+        if home.events_file.exists():
+            return False
+        append_bytes(home.events_file, b"", cfg.durability)
+    return True
+
+
 def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:
     """Build, append and return one event (see :func:`make_event` for the fields)."""
     event = make_event(event_type, **fields)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
@@ -423,6 +423,7 @@ class Observation:
     circuits: dict[str, Any]
     disk: dict[str, Any]
     files: dict[str, int]
+    service: dict[str, Any]
 
 
 def file_sizes(home: Home) -> dict[str, int]:
@@ -448,14 +449,17 @@ def disk_usage(home: Home) -> dict[str, Any]:
             "free_mb": round(usage.free / _MB, 1)}
 
 
-def observe(home: Home, now: float | None = None) -> Observation:
-    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError."""
+def observe(home: Home, now: float | None = None, *, queue: Any = None) -> Observation:
+    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError.
+    ``queue``: the home's queue (QueueBackend) the caller already has (its in-memory queue
+    is reused instead of read again)."""
     from .queue import open_queue  # the queue package is the heaviest import; keep it local
 
     home.require()
     ts = clock.now() if now is None else now
     cfg = load_system(home)
-    stats = open_queue(home).stats(ts)
+    queue_api = open_queue(home) if queue is None else queue
+    stats = queue_api.stats(ts)
     window_s = float(cfg["health_window_s"])
     hist = history_window(home, ts - window_s)
     window = window_stats(hist.records, ts, window_s, hist.complete)
@@ -467,6 +471,8 @@ def observe(home: Home, now: float | None = None) -> Observation:
     active_pauses = paused_types(control, ts)
     paused = {name: info for name, info in control.get("paused_types", {}).items()
               if name in active_pauses}
+    oldest_runnable = (oldest_runnable_since(queue_api.live_tasks(), active_pauses, ts)
+                       if queued else None)
     supervisor = read_health_file(home)
     age = None if supervisor is None else ts_of(supervisor.get("updated_at"))
     fresh = supervisor is not None and age is not None \
@@ -504,10 +510,64 @@ def observe(home: Home, now: float | None = None) -> Observation:
         "inbox_pending": stats["inbox_pending"], "dead_letters": stats["dead_letters"],
         "oldest_queued_at": stats["oldest_queued_at"],
         "oldest_queued_age_s": stats["oldest_queued_age_s"],
+        "oldest_runnable_at": oldest_runnable,
+        "oldest_runnable_age_s": _age_s(oldest_runnable, ts),
         "max_queue_depth": max_depth,
     }
+    service = service_state(queue, workers, health_file_at=None if supervisor is None
+                            else supervisor.get("updated_at"), fresh=fresh, now=ts)
     return Observation(ts, cfg, queue, workers, window, health, backpressure, paused,
-                       circuits, disk_usage(home), file_sizes(home))
+                       circuits, disk_usage(home), file_sizes(home), service)
+
+
+def _age_s(stamp: str | None, now: float) -> float | None:
+    at = ts_of(stamp)
+    return None if at is None else round(max(0.0, now - at), 3)
+
+
+def oldest_runnable_since(tasks: Sequence[dict[str, Any]], paused: Container[str],
+                          now: float) -> str | None:
+    """Since when the oldest runnable task has been waiting: its ``not_before`` when that
+    is later than its ``created_at`` (a deferred task or a retry waits from then), else its
+    ``created_at``; None when no task is runnable. Runnable is the claim rule
+    (``coordination.queue.is_runnable``): queued, due, dependencies finished, type not
+    paused, so a deliberately paused type or a future ``not_before`` never looks stuck."""
+    from .queue import is_runnable
+
+    live = {t["task_id"] for t in tasks}
+    now_iso = clock.iso(now)
+    oldest: str | None = None
+    for task in tasks:
+        if is_runnable(task, live, now_iso, paused):
+            since = max(task["created_at"], task.get("not_before") or "")
+            if oldest is None or since < oldest:
+                oldest = since
+    return oldest
+
+
+#: What to run when tasks wait and nothing serves them (``harness status`` prints it).
+START_HINT = ("run `harness up` (foreground, no systemd), or with the systemd units "
+              "installed (`harness systemd install --user`): `systemctl --user start "
+              "harness-supervisor.service` (it starts the workers; plain systemctl for a "
+              "--system install)")
+
+
+def service_state(queue: dict[str, Any], workers: Sequence[dict[str, Any]], *,
+                  health_file_at: str | None, fresh: bool, now: float) -> dict[str, Any]:
+    """Whether anything serves the queue: ``waiting`` (queued tasks plus inbox requests),
+    ``live_workers`` (alive, not draining or stopping), ``supervisor`` (``running``: its
+    health.json is fresh; ``stale``; ``absent``), ``health_age_s``, ``served`` (False when
+    tasks wait with neither a live worker nor a running supervisor) and ``hint``: what to
+    run then (None otherwise)."""
+    waiting = int(queue["queued"]) + int(queue.get("inbox_pending") or 0)
+    live = sum(1 for w in workers if w.get("alive")
+               and w.get("state") in ("starting", "idle", "busy"))
+    supervisor = "absent" if health_file_at is None else "running" if fresh else "stale"
+    served = not waiting or live > 0 or supervisor == "running"
+    return {"waiting": waiting, "live_workers": live, "supervisor": supervisor,
+            "health_updated_at": health_file_at,
+            "health_age_s": _age_s(health_file_at, now),
+            "served": served, "hint": None if served else START_HINT}
 
 
 # ---------------------------------------------------------------------------- snapshot
@@ -559,6 +619,8 @@ def snapshot_from(obs: Observation, counters: dict[str, Any] | None = None) -> d
         "circuits": obs.circuits,
         "disk": obs.disk,
         "files": obs.files,
+        "supervisor": {k: obs.service[k] for k in ("supervisor", "health_updated_at",
+                                                     "health_age_s")},
         "history_window_complete": w.complete,
     }
     if counters is not None:
@@ -747,14 +809,17 @@ def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]
         "durations": snap["durations"],
         "paused_types": obs.paused, "circuits": obs.circuits,
         "alerts": recent_alerts(home, alerts),
+        "service": obs.service,
         "disk": obs.disk, "history_window_complete": obs.window.complete,
     })
     return status
 
 
-def collect_status(home: Home, now: float | None = None, alerts: int = 5) -> dict[str, Any]:
-    """The one-glance summary of ``harness status --json`` (bounded reads, redacted)."""
-    return status_from(observe(home, now), home, alerts)
+def collect_status(home: Home, now: float | None = None, alerts: int = 5, *,
+                   queue: Any = None) -> dict[str, Any]:
+    """The one-glance summary of ``harness status --json`` (bounded reads, redacted);
+    ``queue`` as for :func:`observe`."""
+    return status_from(observe(home, now, queue=queue), home, alerts)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -778,6 +843,10 @@ CHECKS: tuple[CheckDef, ...] = (
     CheckDef("file_mb", "check_file_mb", False, "MB", "largest coordination file"),
     CheckDef("events_file_mb", "check_events_file_mb", False, "MB",
              "dashboard-events.jsonl"),
+    CheckDef("oldest_queued_s", "check_oldest_queued_s", False, "s",
+             "age of the oldest runnable queued task"),
+    CheckDef("supervisor_stale_s", "check_supervisor_stale_s", False, "s",
+             "age of health.json while tasks wait (critical only)"),
 )
 
 
@@ -800,14 +869,35 @@ def _check_value(check: CheckDef, snap: dict[str, Any]) -> tuple[float | None, s
         return round(files[name] / _MB, 3), name
     if check.name == "events_file_mb":
         return round(files.get(_EVENTS_NAME, 0) / _MB, 3), ""
+    if check.name == "oldest_queued_s":
+        return _number(snap["queue"].get("oldest_runnable_age_s")), ""
+    if check.name == "supervisor_stale_s":
+        return _supervisor_staleness(snap)
     raise ValueError(check.name)
+
+
+def _supervisor_staleness(snap: dict[str, Any]) -> tuple[float | None, str]:
+    """How long no supervisor has published health.json while tasks wait (None: nothing
+    waits). Without any health.json, the oldest waiting task's age: no supervisor has run
+    during its whole wait."""
+    q, sup = snap["queue"], snap.get("supervisor") or {}
+    if not int(q["queued"]) + int(q.get("inbox_pending") or 0):
+        return None, ""
+    age = _number(sup.get("health_age_s"))
+    if age is not None:
+        return age, f"health.json updated {sup.get('health_updated_at')}"
+    waited = _number(q.get("oldest_queued_age_s")) or 0.0
+    return waited, "no health.json: no supervisor has run on this home"
 
 
 def evaluate_checks(snap: dict[str, Any], cfg: SystemConfig) -> list[dict[str, Any]]:
     """One result per :data:`CHECKS` entry: name, value, thresholds, level, detail."""
     out = []
     for check in CHECKS:
-        warn, crit = (float(x) for x in cfg[check.key])
+        limits = cfg[check.key]
+        # A single number (check_supervisor_stale_s) is a critical-only threshold.
+        warn, crit = (float(x) for x in (limits if isinstance(limits, list)
+                                         else (limits, limits)))
         value, detail = _check_value(check, snap)
         level = "ok"
         if value is not None:

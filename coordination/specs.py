@@ -44,8 +44,16 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+def worker_type_label(types: list[str] | None) -> str:
+    """The spec's ``worker_type``: the single type a worker serves, ``"any"`` when it
+    serves every type (``types`` null), else its types joined by commas."""
+    return "any" if not types else ",".join(types)
+
+
 def new_spec(worker_id: str, instance: str, now: float, *, types: list[str] | None = None,
              unit: str | None = None, pid: int | None = None) -> dict[str, Any]:
+    """A fresh spec in state ``starting``; ``created_at`` and ``started_at`` are ``now``
+    (operators' scripts read ``created_at``; ``started_at`` is kept for older readers)."""
     pid = os.getpid() if pid is None else pid
     try:
         started = process_start_time(pid)
@@ -54,7 +62,8 @@ def new_spec(worker_id: str, instance: str, now: float, *, types: list[str] | No
     return {
         "version": 1, "worker_id": worker_id, "instance": instance, "pid": pid,
         "process_start_time": started, "hostname": socket.gethostname(),
-        "unit": unit, "types": types, "state": "starting", "started_at": clock.iso(now),
+        "unit": unit, "types": types, "worker_type": worker_type_label(types),
+        "state": "starting", "created_at": clock.iso(now), "started_at": clock.iso(now),
         "heartbeat_at": clock.iso(now), "progress": 0, "current_task_id": None,
         "task_started_at": None, "tasks_done": 0, "tasks_failed": 0, "tokens_used": 0,
         "completed_at": None, "exit_reason": None,

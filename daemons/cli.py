@@ -92,12 +92,22 @@ def cli(ctx: click.Context, home_dir: Path | None) -> None:
 @json_option
 @pass_ctx
 def init(obj: CliContext, force: bool, as_json: bool) -> None:
-    """Create the home: directories, lock files, and commented default config.
+    """Create the home: directories, lock files, commented default config, an empty
+    coordination/dashboard-events.jsonl and (through the queue) task-queue.json.
 
-    Idempotent: existing config files are kept unless --force.
+    Idempotent: existing config files are kept unless --force (a worker-types.json with
+    the legacy top-level key `types` is rewritten with it renamed `worker_types`); the
+    events file and the queue are never overwritten.
     """
+    from coordination.events import create_events_file
+
     home = obj.home
     written = init_home(home, force=force)
+    if create_events_file(home):
+        written.append(str(home.events_file))
+    # The queue backend publishes its own (empty) state: init never writes its file.
+    if obj.queue().ensure_published():
+        written.append(str(home.queue_file))
     if as_json:
         print_json({"home": str(home.root), "written": written})
     else:
@@ -222,11 +232,17 @@ def task_add(obj: CliContext, command: tuple[str, ...], description: str, priori
                        err=True)
 
 
+_TASK_COLUMNS = "{:<34}  {:<9} {:<8} {:<8} {:<24} {}"
+TASK_LIST_HEADER = _TASK_COLUMNS.format("TASK_ID", "STATUS", "PRIORITY", "ATTEMPTS",
+                                        "WORKER", "DESCRIPTION")
+
+
 def _task_line(t: dict[str, Any]) -> str:
     argv = " ".join(t.get("command") or [])
-    return (f"{t['task_id']}  {t['status']:<9} {t['priority']:<8} "
-            f"{t['attempts']}/{t['max_attempts']}  {t.get('worker_id') or '-':<24} "
-            f"{(t.get('description') or argv)[:60]}")
+    return _TASK_COLUMNS.format(t["task_id"], t["status"], t["priority"],
+                                f"{t['attempts']}/{t['max_attempts']}",
+                                t.get("worker_id") or "-",
+                                (t.get("description") or argv)[:60]).rstrip()
 
 
 @task.command("list")
@@ -237,17 +253,31 @@ def _task_line(t: dict[str, Any]) -> str:
 @pass_ctx
 def task_list(obj: CliContext, status: str | None, priority: str | None, limit: int | None,
               as_json: bool) -> None:
-    """List live tasks (queued and running), highest priority first, then oldest."""
+    """List live tasks (queued and running), highest priority first, then oldest.
+
+    Requests that create-task.sh left in the inbox are admitted first when the queue lock
+    is free (so they are listed); when it is busy, how many wait is said on stderr.
+    """
     from coordination.tasks import PRIORITY_RANK
 
-    tasks = [t for t in obj.queue().live_tasks()
+    from .context import ingest_if_free
+
+    queue = obj.queue()
+    _, pending = ingest_if_free(queue)
+    tasks = [t for t in queue.live_tasks()
              if (status is None or t["status"] == status)
              and (priority is None or t["priority"] == priority)]
     tasks.sort(key=lambda t: (PRIORITY_RANK[t["priority"]], t["created_at"], t["task_id"]))
     tasks = tasks[:limit] if limit else tasks
+    if pending:
+        click.echo(f"{pending} request(s) pending in coordination/inbox/ (the queue lock is "
+                   "busy; they are admitted by its holder or `harness queue ingest`)",
+                   err=True)
     if as_json:
         print_json(tasks)
         return
+    if tasks:
+        click.echo(TASK_LIST_HEADER)
     for t in tasks:
         click.echo(_task_line(t))
     if not tasks:

@@ -24,6 +24,25 @@ class CliContext:
         return open_queue(self.home)
 
 
+def ingest_if_free(queue: Any) -> tuple[int, int]:
+    """Admit the inbox's requests (create-task.sh's) now if the queue is free, never waiting
+    for it: returns ``(ingested, still pending)``.
+
+    Read commands (``task list``, ``status``) call it so a request published without
+    Python shows up at once (``QueueBackend.ingest(timeout=0)``); when another process
+    holds the queue, nothing is ingested and the requests stay pending (the holder, or the
+    supervisor's next pass, admits them)."""
+    from coordination.errors import TemporaryFailure
+
+    if not int(queue.stats()["inbox_pending"]):
+        return 0, 0
+    try:
+        ingested = int(queue.ingest(timeout=0))
+    except TemporaryFailure:  # busy (LockTimeout), or the history lock: a read still reads
+        ingested = 0
+    return ingested, int(queue.stats()["inbox_pending"])
+
+
 pass_ctx = click.make_pass_decorator(CliContext)
 
 

@@ -10,10 +10,6 @@ A status line is printed every second; the command exits 0 once every demo task 
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +18,10 @@ from typing import Any
 from coordination import clock
 from coordination.config import init_home
 from coordination.paths import Home
-from coordination.queue import QueueBackend, open_queue
+from coordination.queue import open_queue
 
 from .supervisor import Tick
-from .up import run_up
+from .up import Outcomes, command_prefix, run_up, worker_counts
 
 DEMO_WORKERS = 3
 
@@ -78,25 +74,8 @@ def enqueue_demo(home: Home, now: float | None = None) -> tuple[str, list[str]]:
     return correlation_id, [r.task["task_id"] for r in results]
 
 
-def _display(home: Home) -> tuple[str, str]:
-    """How to spell the harness command and the home in the printed hints."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    if os.path.basename(argv0) == "harness":
-        found = shutil.which("harness")
-        prog = "harness" if found and os.path.samefile(found, argv0) else argv0
-    else:
-        prog = f"{sys.executable} -m daemons"
-    root = home.root
-    try:
-        rel = root.relative_to(Path.cwd())
-        shown = "./" + str(rel) if str(rel) != "." else "."
-    except ValueError:
-        shown = str(root)
-    return prog, shlex.quote(shown)
-
-
 def hints(home: Home) -> list[str]:
-    prog, where = _display(home)
+    prog, where = command_prefix(home)
     h = f"{prog} --home {where}"
     coord = f"{where}/coordination"
 
@@ -119,30 +98,6 @@ def hints(home: Home) -> list[str]:
     ]
 
 
-class _Progress:
-    """Final outcomes of the demo tasks, read incrementally through the queue's history
-    cursor."""
-
-    def __init__(self, queue: QueueBackend, ids: list[str]) -> None:
-        self.queue = queue
-        self.ids = set(ids)
-        self.outcomes: dict[str, str] = {}
-        _, self.cursor = queue.history_since(None, start_at=time.time())
-
-    def refresh(self) -> None:
-        records, self.cursor = self.queue.history_since(self.cursor)
-        for record in records:
-            if record.get("final") and record.get("task_id") in self.ids:
-                self.outcomes[record["task_id"]] = str(record.get("status"))
-
-    @property
-    def finished(self) -> bool:
-        return len(self.outcomes) >= len(self.ids)
-
-    def count(self, status: str) -> int:
-        return sum(1 for s in self.outcomes.values() if s == status)
-
-
 def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = False,
              out: Callable[[str], None] | None = None, status_every_s: float = 1.0) -> int:
     say = out or (lambda line: print(line, flush=True))
@@ -150,11 +105,11 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
     say(f"harness demo: home {home.root}"
         + (" (initialised)" if written else " (existing home, config kept)"))
     correlation_id, ids = enqueue_demo(home)
-    say(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id}); keeping at "
-        f"least {workers} workers, the supervisor scales up to max_workers on queue depth")
+    say(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id}); running "
+        f"{workers} workers")
     for line in hints(home):
         say(line)
-    progress = _Progress(open_queue(home), ids)
+    progress = Outcomes(home, ids)
     last: dict[str, Any] = {}
     started = time.monotonic()
     announced = [False]
@@ -162,11 +117,11 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
     def status_line(now: float) -> None:
         progress.refresh()
         q = last.get("queue") or {}
-        w = last.get("workers") or {}
+        _, busy, idle, starting = worker_counts(last)
         elapsed = time.monotonic() - started
         say(f"[{elapsed:5.1f}s] queue: {q.get('queued', 0)} queued, {q.get('running', 0)} "
-            f"running | workers: {w.get('busy', 0)} busy, {w.get('idle', 0)} idle"
-            f"{', ' + str(w['starting']) + ' starting' if w.get('starting') else ''} | "
+            f"running | workers: {busy} busy, {idle} idle"
+            f"{', ' + str(starting) + ' starting' if starting else ''} | "
             f"demo: {progress.count('completed')} completed, {progress.count('failed')} "
             f"failed, {len(ids) - len(progress.outcomes)} to go | "
             f"{(last.get('health') or {}).get('health', '?')}")
@@ -198,5 +153,5 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
         say(f"demo finished with {len(failed)} task(s) not completed: {', '.join(failed)}")
         return 1
     say(f"demo finished: all {len(ids)} tasks completed. Try "
-        f"`{_display(home)[0]} --home {_display(home)[1]} task show {ids[-1]} --history`")
+        f"`{' --home '.join(command_prefix(home))} task show {ids[-1]} --history`")
     return code

@@ -107,8 +107,11 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
         home = prepare_home(root or Path(tmp) / "home", sc, time_scale)
         queue = open_queue(home)
         env = dict(os.environ, HARNESS_HOME=str(home.root))
+        # One worker at the start; the supervisor scales up to the scenario's fleet
+        # (`up --workers N` alone would keep exactly N).
         up = subprocess.Popen([*_harness_cmd(), "--home", str(home.root), "up",
-                               "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                               "--workers", "1", "--max-workers", str(sc.workers)],
+                              env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
         started = time.monotonic()
         mean = sc.mean_duration_s * time_scale

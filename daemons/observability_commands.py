@@ -88,9 +88,12 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
               default="prometheus", show_default=True)
 @click.option("--textfile/--no-textfile", default=True, show_default=True,
               help="Also publish the exposition at metrics_textfile when it is configured.")
+@json_option
 @pass_ctx
-def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: bool) -> None:
-    """Print the current metrics (not appended): Prometheus text or the snapshot as JSON.
+def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: bool,
+                 as_json: bool) -> None:
+    """Print the current metrics (not appended): Prometheus text or the snapshot as JSON
+    (--json is --format json).
 
     Counters continue from the last stored snapshot's cursor (cheap); without any
     snapshot they are counted over the whole live history file once.
@@ -104,7 +107,7 @@ def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: boo
     text = render(snap)
     if textfile:
         publish_textfile(home, snap)
-    if fmt == "json":
+    if as_json or fmt == "json":
         print_json(snap)
     else:
         sys.stdout.write(text)
@@ -112,6 +115,12 @@ def metrics_show(obj: CliContext, home_dir: Path | None, fmt: str, textfile: boo
 
 
 # ---------------------------------------------------------------------------- status
+def _queue_of(home: Any) -> Any:
+    from coordination.queue import open_queue
+
+    return open_queue(home)
+
+
 def format_status(s: dict[str, Any]) -> list[str]:
     """The text form of ``harness status`` (one glance)."""
     h = s["health"]
@@ -125,6 +134,13 @@ def format_status(s: dict[str, Any]) -> list[str]:
         f"; backpressure {'ON' if s['backpressure'] else 'off'} (max {q['max_queue_depth']})")
     lines.append("  " + "  ".join(f"{p} {c['queued']}/{c['running']}"
                                   for p, c in q["by_priority"].items()) + "  (queued/running)")
+    svc = s["service"]
+    lines.append(f"supervisor: {svc['supervisor']}"
+                 + (f" (health.json {_age(svc['health_age_s'])} old)"
+                    if svc["health_age_s"] is not None else " (no health.json)"))
+    if not svc["served"]:
+        lines.append(f"NOTHING SERVES THE QUEUE: {svc['waiting']} task(s) waiting, no live "
+                     f"worker, supervisor {svc['supervisor']}. To start: {svc['hint']}")
     wc = s["worker_counts"]
     lines.append(f"workers: {wc['active']} active (busy {wc['busy']}, idle {wc['idle']}, "
                  f"draining {wc['draining']}), {wc['stalled']} stalled, "
@@ -171,11 +187,18 @@ def format_status(s: dict[str, Any]) -> list[str]:
 def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -> None:
     """One-glance summary: health, queue, workers, backpressure, paused types, alerts.
 
-    Fast on a large home: history and events are read backwards and bounded.
+    Fast on a large home: history and events are read backwards and bounded. Requests
+    create-task.sh left in the inbox are admitted first when the queue lock is free (else
+    they show as `inbox N`). When tasks wait and nothing serves them, it says what to run.
     """
     from coordination.metrics import collect_status
 
-    summary = collect_status(resolve_home(home_dir).require(), alerts=alerts)
+    from .context import ingest_if_free
+
+    home = resolve_home(home_dir).require()
+    queue = _queue_of(home)
+    ingest_if_free(queue)  # create-task.sh's requests count as queued at once
+    summary = collect_status(home, alerts=alerts, queue=queue)
     if as_json:
         print_json(summary)
     else:

@@ -77,6 +77,15 @@ def render(snap: dict[str, Any]) -> str:
     x.gauge("harness_oldest_queued_age_seconds",
             "Age of the oldest queued task (0 when none is queued).",
             _num(queue.get("oldest_queued_age_s")) or 0.0)
+    x.gauge("harness_oldest_runnable_age_seconds",
+            "How long the oldest runnable queued task has waited (0 when none is runnable; "
+            "harness check: check_oldest_queued_s).",
+            _num(queue.get("oldest_runnable_age_s")) or 0.0)
+    supervisor = snap.get("supervisor") or {}
+    x.gauge("harness_supervisor_health_age_seconds",
+            "Age of the supervisor's health.json (NaN when absent; harness check: "
+            "check_supervisor_stale_s while tasks wait).",
+            _num(supervisor.get("health_age_s")))
     x.gauge("harness_dead_letters", "Tasks in the dead-letter directory.",
             _num(queue.get("dead_letters")))
     x.gauge("harness_max_queue_depth", "Configured max_queue_depth (backpressure limit).",

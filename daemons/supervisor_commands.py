@@ -171,27 +171,50 @@ def supervisor_status(as_json: bool, home_dir: Path | None) -> None:
 # ---------------------------------------------------------------------------- up, demo
 @click.command("up")
 @click.option("--workers", "-w", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Workers kept running (min_workers); more start under load up to "
-              "max_workers.")
+              help="Workers to run: exactly this many, unless --max-workers allows more.")
+@click.option("--max-workers", type=click.IntRange(min=0), default=None,
+              help="Let the supervisor scale up to this many under load (default: "
+              "--workers, so the fleet stays at --workers).")
 @click.option("--demo", "with_demo", is_flag=True, help="Also enqueue the demo workload "
-              "(see `harness demo`).")
+              "(see `harness demo`); creates the home first if needed, as `demo` does.")
+@click.option("--progress/--no-progress", default=None,
+              help="Print a status line (queued, running, done, failed, workers) every "
+              "few seconds. Default: only when stdout is a terminal.")
 @home_option
-def up(workers: int, with_demo: bool, home_dir: Path | None) -> None:
+def up(workers: int, max_workers: int | None, with_demo: bool, progress: bool | None,
+       home_dir: Path | None) -> None:
     """Run the whole system in the foreground (no systemd needed).
 
     \b
     Supervisor with the process actuator (workers are children, one process group each),
     plus the janitor and metrics ticks. Ctrl-C or SIGTERM drains: running tasks finish or
     are handed back (a second Ctrl-C hurries, a third kills), and no process is left behind.
+    On exit it prints what was done, what is still queued and what to run next.
+      harness up --workers 2
+      harness --home ./harness-home up --demo
     """
-    from .demo import enqueue_demo
-    from .up import run_up
+    import sys
 
-    home = resolve_home(home_dir).require()
+    from .demo import enqueue_demo
+    from .up import PROGRESS_EVERY_S, run_up
+
+    home = resolve_home(home_dir)
+    if with_demo:
+        from coordination.config import init_home
+
+        if home.root.exists() and not home.root.is_dir():
+            raise UsageError(f"{home.root} exists and is not a directory")
+        if init_home(home, force=False):
+            click.echo(f"initialised home {home.root}")
+    home.require()
+    if max_workers is not None and max_workers < workers:
+        raise UsageError(f"--max-workers ({max_workers}) must be >= --workers ({workers})")
     if with_demo:
         correlation_id, ids = enqueue_demo(home)
         click.echo(f"enqueued {len(ids)} demo tasks (correlation id {correlation_id})")
-    code = run_up(home, workers=workers)
+    show = sys.stdout.isatty() if progress is None else progress
+    code = run_up(home, workers=workers, max_workers=max_workers,
+                  progress_every_s=PROGRESS_EVERY_S if show else None, summary=True)
     if code:
         raise click.exceptions.Exit(code)
 

@@ -20,6 +20,15 @@ from .systemd_units import DROPINS
 SOURCE = "cli"
 
 
+def _one_type(positional: str | None, option: str | None) -> str:
+    """The worker type of ``pause``/``resume``: given as an argument (the README's form)
+    or with ``--type``, exactly once."""
+    if positional and option:
+        raise UsageError("give the worker type as an argument or with --type, not both")
+    chosen = positional or option
+    if not chosen:
+        raise UsageError("give the worker type: `harness pause TYPE` (or --type TYPE)")
+    return chosen
 
 
 def _positive(value: float | None, name: str) -> float | None:
@@ -110,15 +119,22 @@ def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
 
 
 @click.command("pause")
-@click.option("--type", "worker_type", required=True, help="Worker type to pause.")
+@click.argument("type_arg", metavar="[TYPE]", required=False)
+@click.option("--type", "worker_type", help="Worker type to pause (or give it as TYPE).")
 @click.option("--for", "duration", type=float, default=None,
               help="Pause for this many seconds (default: until `harness resume`).")
 @click.option("--reason", default="", help="Why (shown in control.json and the event).")
 @json_option
 @home_option
-def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
-          home_dir: Path | None) -> None:
-    """Stop claims of one worker type (running tasks continue)."""
+def pause(type_arg: str | None, worker_type: str | None, duration: float | None, reason: str,
+          as_json: bool, home_dir: Path | None) -> None:
+    """Stop claims of one worker type (running tasks continue).
+
+    \b
+      harness pause analysis --for 600 --reason 'API quota'
+      harness pause --type analysis
+    """
+    worker_type = _one_type(type_arg, worker_type)
     home = resolve_home(home_dir).require()
     known = load_worker_types(home)
     if worker_type not in known:
@@ -146,11 +162,14 @@ def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
 
 
 @click.command("resume")
-@click.option("--type", "worker_type", required=True, help="Worker type to resume.")
+@click.argument("type_arg", metavar="[TYPE]", required=False)
+@click.option("--type", "worker_type", help="Worker type to resume (or give it as TYPE).")
 @json_option
 @home_option
-def resume(worker_type: str, as_json: bool, home_dir: Path | None) -> None:
-    """Let workers claim a paused worker type again."""
+def resume(type_arg: str | None, worker_type: str | None, as_json: bool,
+           home_dir: Path | None) -> None:
+    """Let workers claim a paused worker type again (`harness resume TYPE`)."""
+    worker_type = _one_type(type_arg, worker_type)
     home = resolve_home(home_dir).require()
     found: list[bool] = []
 

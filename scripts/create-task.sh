@@ -18,9 +18,13 @@ Usage: create-task.sh --description D [--priority P] [--type T] [--dedup-key K]
                       [--correlation ID] [--not-before TS] [--budget N] [--home DIR]
                       [-- CMD [ARG]...]
 
-Publish a task request in the harness inbox and print its task id. The queue picks it up
-(validates, deduplicates, checks dependencies) at its next operation by any process, e.g.
-`harness task list`; a request it cannot accept moves to inbox/rejected/ with a .reason file.
+Publish a task request in the harness inbox and print its task id. The queue admits it
+(validates, deduplicates, checks dependencies) at its next write by any process: the
+supervisor's next pass, a worker's claim, `harness task add`, `harness queue ingest` (now),
+and `harness task list` or `harness status` when the queue lock is free (they do not wait
+for it; while it is busy they report the request as pending in the inbox). Until then it is
+not in task-queue.json. A request the queue cannot accept moves to inbox/rejected/ with a
+.reason file.
 
 Options:
   --description D     what the task is (required, non-empty, at most max_description_bytes)
@@ -209,9 +213,9 @@ done
 # shellcheck disable=SC2016  # $names are jq variables, not shell ones
 filter='
 def opt($key; $value; f): if $value == "" then {} else {($key): ($value | f)} end;
-($wt[0].types // {}) as $types
+($wt[0].worker_types // $wt[0].types // {}) as $types
 | if ($types | type) != "object" then
-    error("worker-types.json has no \"types\" object")
+    error("worker-types.json has no \"worker_types\" object")
   elif ($types | has($worker_type) | not) then
     error("unknown worker type \($worker_type | @json); known: \($types | keys | join(", ")) (coordination/config/worker-types.json)")
   elif $has_command == 0 and (($types[$worker_type].command_template // []) | length) == 0 then

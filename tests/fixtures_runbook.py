@@ -152,7 +152,7 @@ def build_home(root: Path, live_pids: Sequence[int], *, now: float | None = None
     # Fast writes while building; the real setting (fsync) is written at the end.
     _write_system(home, durability="none", retry_backoff_base_s=120, retry_jitter=0, **system)
     types = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
-    types["types"]["agent"] = AGENT_TYPE
+    types["worker_types"]["agent"] = AGENT_TYPE
     replace_json(home.worker_types_config, types, pretty=True)
     queue = TaskQueue(home)
     plans = _plans()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from coordination.config import SYSTEM_KEYS, init_home
 from coordination.paths import Home
@@ -30,6 +33,36 @@ REPO_ROOT = TESTS_DIR.parent
 T0 = 1_700_000_000.0
 
 _SYSTEM_KEY_NAMES = frozenset(k.name for k in SYSTEM_KEYS)
+
+
+# ---------------------------------------------------------------------------- tools
+#: How to get each external tool some tests need (the Debian package, or pip for our own
+#: entry point): the one wording of a skip for a missing tool is :func:`skip_reason`
+#: ("needs jq (apt install jq)"); .ci/run installs the packages.
+TOOL_INSTALL: dict[str, str] = {
+    "bash": "apt install bash", "chromium": "apt install chromium",
+    "flock": "apt install util-linux", "jq": "apt install jq",
+    "logrotate": "apt install logrotate", "mount": "apt install mount",
+    "shellcheck": "apt install shellcheck", "strace": "apt install strace",
+    "systemctl": "apt install systemd", "systemd": "apt install systemd",
+    "systemd-analyze": "apt install systemd", "systemd-run": "apt install systemd",
+    "harness": "pip install -e '.[test]' in this checkout's .venv",
+}
+
+
+def skip_reason(*tools: str) -> str:
+    """``needs TOOL (HOW TO GET IT)`` for each tool, joined by ``; ``."""
+    return "; ".join(f"needs {t} ({TOOL_INSTALL[t]})" for t in tools)
+
+
+def missing_tools(*tools: str) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def needs(*tools: str) -> pytest.MarkDecorator:
+    """A skipif marker: skip unless every tool is on PATH, with :func:`skip_reason`."""
+    missing = missing_tools(*tools)
+    return pytest.mark.skipif(bool(missing), reason=skip_reason(*(missing or tools)))
 
 
 # ---------------------------------------------------------------------------- homes

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dead_pid, final_records, make_home, queue_on_disk, req, temp_files
+from helpers import dead_pid, final_records, make_home, needs, queue_on_disk, req, temp_files
 
 from coordination import clock, doctor
 from coordination.errors import CorruptFileError
@@ -26,7 +25,7 @@ from coordination.queue import TaskQueue
 from coordination.queue.file import backend as file_backend
 from coordination.queue.file.journal import Journal
 from coordination.specs import new_spec, write_spec
-from coordination.store import append_line, read_jsonl
+from coordination.store import append_line, read_json, read_jsonl, replace_json
 
 
 class SimulatedCrash(BaseException):
@@ -74,6 +73,24 @@ def test_fresh_and_busy_homes_are_clean(home: Home, queue: TaskQueue) -> None:
 def test_uninitialised_home_is_an_error(tmp_path: Path) -> None:
     report = doctor.check(Home(tmp_path / "nothing"))
     assert not report.ok and codes(report) == ["not_initialised"]
+
+
+def test_legacy_worker_types_key_is_a_warning_repair_renames_it(home: Home) -> None:
+    raw = read_json(home.worker_types_config)
+    raw["types"] = raw.pop("worker_types")
+    replace_json(home.worker_types_config, raw, pretty=True)
+    report = doctor.check(home)
+    assert report.ok and codes(report, "warning") == ["legacy_worker_types_key"]
+    repaired = doctor.check(home, repair=True)
+    assert [f.repaired for f in repaired.findings if f.code == "legacy_worker_types_key"] \
+        == [True]
+    assert "worker_types" in read_json(home.worker_types_config)
+    assert codes(doctor.check(home), "warning") == []
+    # An unknown top-level key is a config error, naming the file and the key.
+    replace_json(home.worker_types_config, dict(raw, extra=1), pretty=True)
+    report = doctor.check(home)
+    assert not report.ok and codes(report, "error") == ["bad_config"]
+    assert "unknown top-level key 'extra'" in report.findings[-1].message
 
 
 # ------------------------------------------------------------------------------ corrupt queue
@@ -178,8 +195,7 @@ def test_repair_of_a_garbled_view_rebuilds_it_and_keeps_history(home: Home,
 
 
 # ------------------------------------------------------------------------------ hand edits
-@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("flock") is None,
-                    reason="needs jq and flock(1)")
+@needs("jq", "flock")
 def test_hand_edit_under_flock_is_respected_by_next_claim(home: Home, queue: TaskQueue) -> None:
     queue.enqueue(req(task_id="A", priority="medium"))
     queue.enqueue(req(task_id="B", priority="medium"))

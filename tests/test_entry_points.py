@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import skip_reason
 
 from coordination.paths import Home
 
@@ -37,7 +38,7 @@ def test_console_script_matches_python_m(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("harness")
     exe = str(script) if script.exists() else shutil.which("harness")
     if exe is None:
-        pytest.skip("the harness console script is not installed beside this interpreter")
+        pytest.skip(skip_reason("harness"))
     a = subprocess.run([exe, "--help"], capture_output=True, text=True, env=_env(), timeout=60)
     b = subprocess.run([sys.executable, "-m", "daemons", "--help"], capture_output=True,
                        text=True, env=_env(), timeout=60, cwd=tmp_path)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
+from helpers import skip_reason
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
 from coordination.errors import DiskFull, LockTimeout
@@ -589,8 +590,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted under tmp_path (root only; skipped when mount fails)."""
     mnt = tmp_path / "small-fs"
     mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    if shutil.which("mount") is None:
+        pytest.skip(skip_reason("mount"))
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs",
                            str(mnt)], capture_output=True, check=False)
     if done.returncode != 0:
@@ -675,7 +678,7 @@ def test_cli_json_text_and_dry_run(make_home: Callable[..., Home]) -> None:
 def test_a_second_janitor_waits_for_the_first(make_home: Callable[..., Home],
                                               spawner: Spawner) -> None:
     if shutil.which("flock") is None:
-        pytest.skip("flock(1) is not installed")
+        pytest.skip(skip_reason("flock"))
     home = make_home(lock_timeout_s=0.3)
     lock = home.lock_path("janitor")
     holder = spawner.start("holder", ["flock", str(lock), "sleep", "60"])
@@ -696,7 +699,7 @@ def test_logrotate_config_is_valid(make_home: Callable[..., Home], tmp_path: Pat
     logrotate = shutil.which("logrotate") or next(
         (p for p in ("/usr/sbin/logrotate", "/sbin/logrotate") if os.access(p, os.X_OK)), None)
     if logrotate is None:
-        pytest.skip("logrotate is not installed")
+        pytest.skip(skip_reason("logrotate"))
     home = make_home()
     (home.logs / "supervisor.log").write_text("line\n" * 10)
     conf = tmp_path / "logrotate.conf"
@@ -728,7 +731,7 @@ def test_logrotate_rotates_worker_logs_under_a_live_writer(make_home: Callable[.
     logrotate = shutil.which("logrotate") or next(
         (p for p in ("/usr/sbin/logrotate", "/sbin/logrotate") if os.access(p, os.X_OK)), None)
     if logrotate is None:
-        pytest.skip("logrotate is not installed")
+        pytest.skip(skip_reason("logrotate"))
     home = make_home()
     text = (REPO / "etc" / "logrotate.d" / "harness").read_text()
     assert "@HARNESS_HOME@/logs/workers/*.log {" in text
@@ -807,7 +810,7 @@ def test_systemd_units() -> None:
 def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip(skip_reason("systemd-analyze"))
     (tmp_path / "home").mkdir()
     rendered = []
     for name in ("harness-janitor.service", "harness-janitor.timer"):

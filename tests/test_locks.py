@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ProcGroup, make_home, req
+from helpers import ProcGroup, make_home, needs, req
 
 from coordination.errors import EXIT_TEMPFAIL, LockTimeout
 from coordination.locks import FileLock, lock_for
 from coordination.queue import TaskQueue
 
-needs_flock = pytest.mark.skipif(shutil.which("flock") is None, reason="flock(1) not installed")
+needs_flock = needs("flock")
 
 
 def flock_try(path: Path) -> int:

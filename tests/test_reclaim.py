@@ -30,6 +30,7 @@ from helpers import (
     events,
     make_home,
     req,
+    skip_reason,
     wait_until,
 )
 
@@ -315,7 +316,7 @@ def test_cleanup_script(home: Home, tmp_path: Path) -> None:
 def test_cleanup_script_is_shellcheck_clean() -> None:
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck is not installed")
+        pytest.skip(skip_reason("shellcheck"))
     out = subprocess.run([exe, "-x", str(SCRIPT)], capture_output=True, text=True,
                          timeout=60, check=False, cwd=REPO_ROOT / "scripts")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import make_home
+from helpers import make_home, skip_reason
 from test_metrics import Known, build_known_home
 
 from coordination import clock
@@ -109,7 +109,7 @@ def test_line_chart_breaks_lines_at_gaps_and_buckets_long_series() -> None:
     assert points is not None and len(points.group(1).split()) <= 720
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason=skip_reason("chromium"))
 def test_report_renders_in_headless_chromium_without_script_errors(known: Known,
                                                                    tmp_path: Path) -> None:
     page = tmp_path / "report.html"

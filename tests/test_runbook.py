@@ -75,7 +75,7 @@ from fixtures_runbook import (
     make_torn_tails,
     set_system_keys,
 )
-from helpers import ProcGroup
+from helpers import ProcGroup, needs, skip_reason
 
 from coordination.paths import Home
 
@@ -91,12 +91,9 @@ MIN_EXECUTED_SHARE = 0.8
 DIRECTIVES = frozenset({"expect-exit", "expect-output", "home", "requires"})
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed"),
-    pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed"),
-    pytest.mark.skipif(shutil.which("flock") is None,
-                       reason="flock(1) (util-linux) is not installed"),
+    needs("bash", "jq", "flock"),
     pytest.mark.skipif(not (VENV_BIN / "harness").exists(),
-                       reason=f"no harness entry point beside {sys.executable}"),
+                       reason=skip_reason("harness")),
 ]
 
 
@@ -472,7 +469,7 @@ def test_runbook_blocks_are_well_formed() -> None:
 def test_block(ran: Runner, block: Block) -> None:
     missing = [cmd for cmd in block.requires if shutil.which(cmd) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
+        pytest.skip(skip_reason(*missing))
     if block.index not in ran.results:
         ran.run_all([block])  # not collected up front (e.g. a re-run of one test)
     ran.check(block)
@@ -557,8 +554,7 @@ def test_runbook_links_resolve() -> None:
             assert anchor in theirs, f"link to missing section {doc}#{anchor}"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install shellcheck)")
+@needs("shellcheck")
 def test_sh_blocks_pass_shellcheck() -> None:
     problems = []
     for b in SH_BLOCKS:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import needs
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
@@ -345,8 +346,55 @@ def test_worker_type_schema_agrees_with_the_loader(key: str) -> None:
         probes = [{}, {"memory_mb": None}, {"memory_mb": 512, "cpu_seconds": 60,
                                             "processes": 64}]
     for value in probes:
-        doc = {"types": {"t": {key: value}}}
+        doc = {"worker_types": {"t": {key: value}}}
         assert check(value) == is_valid("worker-types.schema.json", doc), f"{key}={value!r}"
+
+
+def test_worker_types_top_level_keys_agree_with_the_loader(tmp_path: Path) -> None:
+    """worker-types.json: `worker_types` (or the legacy `types`, not both), `version` and
+    `_` keys; any other top-level key is refused naming the file and the key."""
+    from coordination.config import validate_worker_types
+    from coordination.errors import ConfigError
+
+    path = tmp_path / "worker-types.json"
+    one = {"t": {"description": "x"}}
+    for doc, error in (
+            ({"worker_types": one}, None),
+            ({"types": one, "version": 1, "_note": "legacy home"}, None),
+            ({"worker_types": one, "types": one}, "both 'worker_types'"),
+            ({"worker_types": one, "worker_type": {"t": {}}}, "unknown top-level key "
+                                                              "'worker_type'"),
+            ({"worker_types": one, "defaults": {}}, "unknown top-level key 'defaults'"),
+            ({"version": 1}, "'worker_types' object"),
+            ({"worker_types": []}, "'worker_types' object")):
+        assert is_valid("worker-types.schema.json", doc) == (error is None), doc
+        if error is None:
+            assert set(validate_worker_types(path, doc)) == {"t"}
+            continue
+        with pytest.raises(ConfigError) as caught:
+            validate_worker_types(path, doc)
+        assert str(path) in str(caught.value) and error in str(caught.value), caught.value
+
+
+def test_init_renames_the_legacy_types_key(tmp_path: Path) -> None:
+    """A home made before the rename keeps working, and `harness init` (no --force) moves
+    its map to `worker_types`, keeping the operator's types and key order."""
+    from coordination.config import init_home, load_worker_types
+
+    home = Home(tmp_path / "home")
+    init_home(home)
+    legacy = {"_comments": {"types": "old"}, "version": 1,
+              "types": {"agent": {"description": "mine", "default_budget": 7}}}
+    replace_json(home.worker_types_config, legacy, pretty=True)
+    assert load_worker_types(home)["agent"]["default_budget"] == 7
+    written = init_home(home, force=False)
+    assert written == [str(home.worker_types_config)]
+    raw = read_json(home.worker_types_config)
+    assert list(raw) == ["_comments", "version", "worker_types"]
+    assert raw["worker_types"] == legacy["types"]
+    assert_valid("worker-types.schema.json", raw)
+    assert load_worker_types(home)["agent"]["default_budget"] == 7
+    assert init_home(home, force=False) == []  # nothing left to rename
 
 
 def test_worker_type_limits_agree_with_the_loader(tmp_path: Path) -> None:
@@ -355,7 +403,7 @@ def test_worker_type_limits_agree_with_the_loader(tmp_path: Path) -> None:
 
     for limits in ({"memory_mb": 0}, {"cpu_seconds": 1.5}, {"bogus": 1}, {"processes": True},
                    {"memory_mb": 1, "cpu_seconds": None}, {"_c": "x"}):
-        doc = {"types": {"t": {"limits": limits}}}
+        doc = {"worker_types": {"t": {"limits": limits}}}
         try:
             validate_worker_types(tmp_path / "w.json", doc)
             loader_ok = True
@@ -373,7 +421,7 @@ def test_worker_type_cgroup_limits_agree_with_the_loader(tmp_path: Path) -> None
     cases: list[Any] = [None, {}, {"bogus": "1"}, {"_c": "x"}, [],
                         *({prop: value} for prop in SCOPE_PROPERTIES for value in values)]
     for limits in cases:
-        doc = {"types": {"t": {"cgroup_limits": limits}}}
+        doc = {"worker_types": {"t": {"cgroup_limits": limits}}}
         try:
             validate_worker_types(tmp_path / "w.json", doc)
             loader_ok = True
@@ -417,7 +465,7 @@ def test_schemas_reject_what_the_contract_forbids(scenario: Scenario) -> None:
         assert not is_valid("history-record.schema.json", bad), bad
     assert not is_valid("task-request.schema.json", {"task_id": "x", "status": "queued"})
     assert not is_valid("system-config.schema.json", {"no_such_key": 1})
-    assert not is_valid("worker-types.schema.json", {"types": {"t": {"shell": True}}})
+    assert not is_valid("worker-types.schema.json", {"worker_types": {"t": {"shell": True}}})
     assert not is_valid("control.schema.json", dict(scenario.control, paused_types={"t": {}}))
     spec = dict(scenario.completed_spec)
     assert is_valid("worker-spec.schema.json", spec)
@@ -720,7 +768,7 @@ def test_doc_json_examples_parse_and_match_their_schema() -> None:
 
 
 # ------------------------------------------------------------------------------- jq
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+needs_jq = needs("jq")
 
 
 def run_sh(command: str, cwd: Path) -> str:

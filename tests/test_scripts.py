@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import needs, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
 from coordination.config import init_home as config_init_home
@@ -41,13 +43,10 @@ EVENT_ID_RE = re.compile(r"^ev-(\d{8}T\d{9})-[0-9a-f]{12}$")
 TASK_ID_RE = re.compile(r"^t-(\d{8}T\d{9})-[0-9a-f]{10}$")
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
-needs_flock = pytest.mark.skipif(shutil.which("flock") is None,
-                                 reason="flock(1) (util-linux) is not installed")
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
-needs_shellcheck = pytest.mark.skipif(
-    shutil.which("shellcheck") is None,
-    reason="shellcheck is not installed (apt-get install shellcheck)")
+needs_bash = needs("bash")
+needs_flock = needs("flock")
+needs_jq = needs("jq")
+needs_shellcheck = needs("shellcheck")
 
 pytestmark = [needs_bash, needs_flock]
 
@@ -241,7 +240,7 @@ def test_emit_event_long_line_is_one_valid_line(shome: Home, env: dict[str, str]
     assert [r["message"] for r in read.records] == [message] * 3
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@needs("strace")
 @pytest.mark.parametrize("size", [10, 900, 5000, 16384])
 def test_emit_event_appends_with_a_single_write(shome: Home, env: dict[str, str],
                                                 tmp_path: Path, size: int) -> None:
@@ -547,6 +546,68 @@ def test_create_task_writes_a_request_the_queue_accepts(shome: Home,
     assert list(shome.inbox_rejected.iterdir()) == []
 
 
+def harness(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemons", *args], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+@needs_jq
+def test_create_task_tasks_show_in_task_list_and_status(shome: Home,
+                                                        env: dict[str, str]) -> None:
+    """No daemon runs: `task list` and `status` admit the inbox when the queue lock is
+    free, so the task is listed (and counted queued) at once; while another process holds
+    the lock they do not wait, and say how many requests are pending."""
+    first = run(CREATE, "--description", "from the shell", "--", "true", env=env)
+    assert first.returncode == 0, first.stderr
+    task_id = first.stdout.strip()
+    listed = harness("task", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["TASK_ID", "STATUS", "PRIORITY", "ATTEMPTS", "WORKER",
+                              "DESCRIPTION"]
+    assert row.split()[:4] == [task_id, "queued", "medium", "0/3"], row
+    assert row.endswith("from the shell") and inbox_entries(shome) == []
+
+    second = run(CREATE, "--description", "second", "--", "true", env=env)
+    assert second.returncode == 0, second.stderr
+    status = harness("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    queue = orjson.loads(status.stdout)["queue"]
+    assert (queue["queued"], queue["inbox_pending"]) == (2, 0)
+
+    third = run(CREATE, "--description", "third", "--", "true", env=env).stdout.strip()
+    holder = subprocess.Popen(["flock", str(shome.lock_path("queue")), "sleep", "30"],
+                              start_new_session=True)
+    try:
+        wait_until(lambda: subprocess.run(
+            ["flock", "-n", str(shome.lock_path("queue")), "true"],
+            check=False).returncode != 0, 10, "flock to hold the queue lock")
+        started = time.monotonic()
+        busy = harness("task", "list", "--json", env=env)
+        assert busy.returncode == 0, busy.stderr
+        assert time.monotonic() - started < 10  # lock_timeout_s is 30: it did not wait
+        assert third not in busy.stdout
+        assert "1 request(s) pending in coordination/inbox/" in busy.stderr
+        text = harness("status", env=env)
+        assert text.returncode == 0 and "inbox 1;" in text.stdout, text.stdout
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep, which holds the lock
+        holder.wait()
+    assert third in harness("task", "list", env=env).stdout
+
+
+@needs_jq
+def test_create_task_reads_a_legacy_types_key(shome: Home, env: dict[str, str]) -> None:
+    """A home made before worker-types.json's map was renamed worker_types still works."""
+    raw = read_json(shome.worker_types_config)
+    raw["types"] = raw.pop("worker_types")
+    replace_json(shome.worker_types_config, raw, pretty=True)
+    res = run(CREATE, "--description", "legacy", "--type", "shell", env=env)
+    assert res.returncode == 0, res.stderr
+    res = run(CREATE, "--description", "legacy", "--type", "nope", "--", "true", env=env)
+    assert res.returncode == 2 and "known: default, shell" in res.stderr, res.stderr
+
+
 @needs_jq
 def test_create_task_minimal_request(shome: Home, env: dict[str, str]) -> None:
     res = run(CREATE, "--description", "d", "--", "true", env=env)
@@ -590,7 +651,7 @@ def test_create_task_without_command_uses_the_worker_type_template(
 
 
 @needs_jq
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@needs("strace")
 def test_create_task_publishes_by_rename(shome: Home, env: dict[str, str],
                                          tmp_path: Path) -> None:
     """The request is written to a hidden temp file in the inbox and renamed into place;

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT, events, make_home, req, set_system
+from helpers import REPO_ROOT, events, make_home, needs, req, set_system
 from test_metrics import Known, build_known_home
 
 from coordination import clock
@@ -183,7 +182,7 @@ def test_check_ok_exit_0(tmp_path: Path) -> None:
     result = _check(home)
     first = result.output.splitlines()[0]
     assert result.exit_code == 0, result.output
-    assert first.startswith("HARNESS OK - 7 checks ok | queue_depth=0;500;900")
+    assert first.startswith("HARNESS OK - 9 checks ok | queue_depth=0;500;900")
     assert SUMMARY_RE.match(first), first
 
 
@@ -241,6 +240,86 @@ def test_check_unknown_exit_3(tmp_path: Path, damage: str) -> None:
     assert len(result.output.splitlines()) == 1
     as_json = _check(home, "--json")
     assert as_json.exit_code == 3 and orjson.loads(as_json.output)["status"] == "UNKNOWN"
+
+
+def _unserved_home(tmp_path: Path, **overrides: Any) -> tuple[Home, float]:
+    """The issue's scene: 12 tasks queued 6 minutes ago, no worker, no supervisor."""
+    home = make_home(tmp_path, check_disk_free_mb=[1, 0], durability="none", **overrides)
+    now = time.time()
+    TaskQueue(home).enqueue_batch([req(description=f"t{i}") for i in range(12)],
+                                  now=now - 360)
+    return home, now
+
+
+def test_check_alerts_when_nothing_serves_the_queue(tmp_path: Path) -> None:
+    home, _ = _unserved_home(tmp_path)
+    result = _check(home, "--json")
+    out = orjson.loads(result.output)
+    assert result.exit_code == 2 and out["status"] == "CRITICAL", result.output
+    checks = {c["name"]: c for c in out["checks"]}
+    oldest, stale = checks["oldest_queued_s"], checks["supervisor_stale_s"]
+    assert oldest["level"] == "warning" and 360 <= oldest["value"] < 400
+    assert (oldest["warning"], oldest["critical"]) == (300, 1800)
+    assert stale["level"] == "critical" and 360 <= stale["value"] < 400
+    assert "no supervisor has run" in stale["detail"]
+    assert "supervisor_stale_s=" in out["summary"] and "(crit 180)" in out["summary"]
+    prom = invoke("metrics", "show", "--home", str(home.root), "--no-textfile").output
+    (age,) = [x for x in prom.splitlines() if x.startswith("harness_oldest_runnable_age_")]
+    assert 360 <= float(age.split()[1]) < 400
+    assert "harness_supervisor_health_age_seconds NaN" in prom
+    snap = orjson.loads(invoke("metrics", "show", "--home", str(home.root), "--json").output)
+    assert snap["supervisor"] == {"supervisor": "absent", "health_updated_at": None,
+                                  "health_age_s": None}
+    assert snap["queue"]["oldest_runnable_age_s"] >= 360
+
+
+def test_check_with_a_live_supervisor_and_a_paused_type(tmp_path: Path) -> None:
+    """A fresh health.json clears the supervisor check; tasks of a paused type or with a
+    future not_before are not runnable, so they do not age the oldest-queued check."""
+    from coordination.metrics import health_document
+
+    home, now = _unserved_home(tmp_path)
+    replace_bytes(home.health_file, orjson.dumps(health_document(
+        None, [], backpressure=False, now=now - 10)), "none")
+    checks = {c["name"]: c for c in orjson.loads(_check(home, "--json").output)["checks"]}
+    assert checks["supervisor_stale_s"]["level"] == "ok"
+    assert 10 <= checks["supervisor_stale_s"]["value"] < 60
+    assert checks["oldest_queued_s"]["level"] == "warning"
+    update_control(home, lambda st: st["paused_types"].update(
+        default={"since": clock.iso(now), "until": None, "reason": "test"}))
+    TaskQueue(home).enqueue(req(worker_type="shell", description="later",
+                                not_before=clock.iso(now + 600)), now=now - 3000)
+    out = orjson.loads(_check(home, "--json").output)
+    checks = {c["name"]: c for c in out["checks"]}
+    assert checks["oldest_queued_s"]["value"] is None
+    assert checks["oldest_queued_s"]["level"] == "ok", out["summary"]
+    # The same rule through the thresholds in system.json: 5 s is already critical.
+    update_control(home, lambda st: st["paused_types"].clear())
+    set_system(home, check_oldest_queued_s=[1, 5], check_supervisor_stale_s=5)
+    out = orjson.loads(_check(home, "--json").output)
+    checks = {c["name"]: c for c in out["checks"]}
+    assert checks["oldest_queued_s"]["level"] == "critical"
+    assert checks["supervisor_stale_s"]["level"] == "critical"
+
+
+def test_status_says_what_to_run_when_nothing_serves_the_queue(tmp_path: Path) -> None:
+    home, _ = _unserved_home(tmp_path)
+    result = invoke("--home", str(home.root), "status")
+    assert result.exit_code == 0, result.output
+    assert "supervisor: absent (no health.json)" in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("NOTHING SERVES")]
+    assert "12 task(s) waiting" in line and "`harness up`" in line
+    assert "systemctl --user start harness-supervisor.service" in line
+    s = orjson.loads(invoke("--home", str(home.root), "status", "--json").output)
+    assert s["service"]["served"] is False and s["service"]["waiting"] == 12
+    assert s["queue"]["oldest_runnable_age_s"] >= 360
+    # A running supervisor serves it (it starts workers): no hint.
+    from coordination.metrics import health_document
+
+    replace_bytes(home.health_file, orjson.dumps(health_document(
+        None, [], backpressure=False, now=time.time())), "none")
+    result = invoke("--home", str(home.root), "status")
+    assert "supervisor: running" in result.output and "NOTHING SERVES" not in result.output
 
 
 def _alerts(home: Home) -> list[dict[str, Any]]:
@@ -340,7 +419,7 @@ def test_check_performance_sh_help_and_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 3 and "not executable" in proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@needs("shellcheck")
 def test_scripts_are_shellcheck_clean() -> None:
     scripts = [CHECK_SH, REPO_ROOT / "scripts" / "dashboards" / "metrics-dashboard.sh"]
     proc = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True,
@@ -381,7 +460,7 @@ def test_metrics_units() -> None:
     assert timer["WantedBy"] == "timers.target"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@needs("systemd-analyze")
 def test_metrics_units_verify(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     for name in ("harness-metrics.service", "harness-metrics.timer"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import events, make_home, req, write_host_limits_dropin
+from helpers import events, make_home, req, skip_reason, write_host_limits_dropin
 
 from coordination import clock
 from coordination.paths import Home
@@ -68,7 +68,7 @@ def _ensure_run_systemd_system() -> None:
 def manager(tmp_path: Path) -> Iterator[Manager]:
     exe = _systemd_binary()
     if exe is None or shutil.which("systemctl") is None:
-        pytest.skip("systemd is not installed")
+        pytest.skip(skip_reason("systemd"))
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     config = tmp_path / "config"

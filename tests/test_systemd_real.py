@@ -33,6 +33,7 @@ from helpers import (
     final_records,
     make_home,
     set_system,
+    skip_reason,
     wait_until,
     write_host_limits_dropin,
 )
@@ -111,7 +112,7 @@ class UserManager:
 def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
     systemd = _systemd_binary()
     if systemd is None or shutil.which("systemctl") is None:
-        pytest.skip("systemd is not installed (no systemd / systemctl binary)")
+        pytest.skip(skip_reason("systemd"))
     marker = Path("/run/systemd/system")
     if not marker.is_dir() and os.geteuid() != 0:
         pytest.skip("/run/systemd/system does not exist and we are not root, so a private "
@@ -401,7 +402,7 @@ def test_cgroup_limits_put_the_task_in_a_transient_scope(fleet: UserManager) -> 
     completes, and the scope is collected when it ends."""
     mgr = fleet
     types = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
-    types["types"]["scoped"] = {"command_template": ["bash", "-c", "{description}"],
+    types["worker_types"]["scoped"] = {"command_template": ["bash", "-c", "{description}"],
                                 "cgroup_limits": {"MemoryMax": "64M", "TasksMax": "20"}}
     replace_json(mgr.home.worker_types_config, types, pretty=True)
     unit = unit_of(6)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import skip_reason
 
 from coordination.errors import HarnessError, UsageError
 from daemons.systemd_units import (
@@ -29,7 +30,7 @@ BIN = [sys.executable, "-m", "daemons"]
 def analyze(unit_dir: Path, tmp_path: Path, *, user: bool) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip(skip_reason("systemd-analyze"))
     env = dict(os.environ)
     if user:
         runtime = tmp_path / "xdg-runtime"

@@ -129,7 +129,7 @@ def make_worker(home: Home) -> Iterator[Callable[..., Driver]]:
 
 def add_types(home: Home, **types: dict[str, Any]) -> None:
     cfg = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
-    cfg["types"].update(types)
+    cfg["worker_types"].update(types)
     replace_json(home.worker_types_config, cfg, pretty=True)
 
 

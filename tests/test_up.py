@@ -4,7 +4,9 @@ drains the workers (a running task is handed back), and no descendant survives."
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,8 +20,6 @@ from coordination.specs import read_specs
 from coordination.store import read_json
 
 HARNESS = [sys.executable, "-m", "daemons"]
-
-
 
 
 class Family:
@@ -124,6 +124,15 @@ def test_demo_on_a_fresh_home(tmp_path: Path, procs: ProcGroup) -> None:
     assert "demo finished: all 12 tasks completed" in out
     assert "--home ./harness-home status" in out and "events tail -f" in out
     assert "queue:" in out and "workers:" in out  # the status lines
+    # The counts on a status line agree: never more busy workers than running tasks, and
+    # never more workers than the 3 asked for (it used to scale to max_workers, 4).
+    status = [m for m in (re.search(r"queue: (\d+) queued, (\d+) running \| workers: "
+                                    r"(\d+) busy, (\d+) idle", x) for x in demo.lines()) if m]
+    assert status
+    for m in status:
+        _, running, busy, idle = (int(g) for g in m.groups())
+        assert busy <= running and busy + idle <= 3, m.group(0)
+    assert status[-1].group(0) == "queue: 0 queued, 0 running | workers: 0 busy, 3 idle"
     finals = {t: r[-1] for t, r in final_records(home).items()}
     assert len(finals) == 12 and {r["status"] for r in finals.values()} == {"completed"}
     flaky = [r for r in finals.values() if "flaky" in r["description"]]
@@ -217,3 +226,77 @@ def test_up_stops_the_workers_it_adopted(tmp_path: Path, procs: ProcGroup) -> No
     assert _running(adopted) == []
     exits = {s.spec["exit_reason"] for s in read_specs(home, completed=True) if s.spec}
     assert exits == {"signal"}
+
+
+def test_up_workers_n_means_n_with_progress_and_an_exit_summary(tmp_path: Path,
+                                                               procs: ProcGroup) -> None:
+    """`up --workers 2` keeps 2 workers even under a queue deep enough for the autoscaler
+    to want max_workers (4); --progress prints status lines; the exit summary counts what
+    ran and what is left, and says what to run next."""
+    home = make_home(tmp_path, durability="none", heartbeat_interval_s=0.5,
+                     stop_grace_s=1, kill_grace_s=1, scale_cooldown_s=0,
+                     scale_up_threshold=0.5, max_workers=4)
+    queue = TaskQueue(home)
+    ids = [t.task["task_id"] for t in queue.enqueue_batch(
+        [req(command=["sleep", "0.4"], description=f"n {i}") for i in range(16)])]
+    blocked = queue.enqueue(req(description="after a missing dependency",
+                                not_before="2999-01-01T00:00:00.000Z")).task["task_id"]
+    up = start_up(procs, home, "--workers", "2", "--progress")
+    family = Family(up.pid)
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        family.sample()
+        most = max(most, len(read_specs(home)))
+        return all(t in final_records(home) for t in ids)
+
+    wait_until(done, what="the tasks to complete", interval=0.05)
+    assert most == 2, f"{most} workers ran"
+    assert all(e["data"]["to"] <= 2 for e in events(home, "scale_up"))
+    line = wait_until(lambda: next((x for x in up.lines() if x.startswith("[")
+                                    and "done 16" in x), None), timeout=20,
+                      what="a progress line after the work")
+    assert re.search(r"\] queued 1, running 0, done 16, failed 0 \| workers 2 "
+                     r"\(0 busy, 2 idle\)$", line), line
+    os.kill(up.pid, signal.SIGINT)
+    assert up.wait(60) == 0, up.stderr()
+    out = up.lines()
+    (summary,) = [x for x in out if x.startswith("harness up ran ")]
+    assert summary.endswith(": 16 task(s) done, 0 failed, 1 still queued"), summary
+    nexts = [x for x in out if x.startswith("  next: ")]
+    assert any(" up` runs the rest" in x for x in nexts), out
+    assert any(" status` for the whole picture" in x for x in nexts), out
+    assert (queue.get(blocked) or {}).get("status") == "queued"
+    assert family.survivors() == []
+
+
+def test_up_max_workers_below_workers_is_a_usage_error(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    done = subprocess.run([*HARNESS, "--home", str(home.root), "up", "--workers", "3",
+                           "--max-workers", "2"], capture_output=True, text=True,
+                          timeout=60, env=daemon_env(), check=False)
+    assert done.returncode == 2 and "--max-workers (2) must be >= --workers (3)" \
+        in done.stderr, done.stderr
+
+
+def test_up_demo_creates_a_new_home(tmp_path: Path, procs: ProcGroup) -> None:
+    """`harness up --demo` on a directory that does not exist initialises it, as `harness
+    demo` does (it used to fail: home not initialised)."""
+    home = Home(tmp_path / "new-home")
+    up = procs.spawn("up", [*HARNESS, "--home", str(home.root), "up", "--demo",
+                            "--workers", "3", "--no-progress"], env=daemon_env(),
+                     cwd=tmp_path)
+    family = Family(up.pid)
+    wait_until(lambda: family.sample() and len(final_records(home)) == 12, timeout=100,
+               what="the 12 demo tasks", interval=0.1)
+    os.kill(up.pid, signal.SIGINT)
+    assert up.wait(60) == 0, up.stderr()
+    out = up.lines()
+    assert out[0] == f"initialised home {home.root}"
+    assert out[1].startswith("enqueued 12 demo tasks")
+    assert not any(x.startswith("[") for x in out)  # --no-progress
+    assert any(x.startswith("harness up ran ") and ": 12 task(s) done, 0 failed, 0 still "
+               "queued" in x for x in out), out
+    assert read_json(home.system_config)["version"] == 1
+    assert family.survivors() == []

@@ -180,6 +180,16 @@ def test_idle_exit(home: Home, procs: ProcGroup) -> None:
     spec = completed_spec(home, worker.pid)
     assert spec["exit_reason"] == "idle" and spec["completed_at"]
     assert "exit_reason idle" in worker.lines()[-1]
+    # The fields operators' scripts read with jq: created_at, completed_at, worker_type.
+    assert spec["created_at"] == spec["started_at"] <= spec["completed_at"]
+    assert spec["worker_type"] == "any" and spec["types"] is None
+
+
+def test_spec_names_the_single_type_served(home: Home, procs: ProcGroup) -> None:
+    worker = start_worker(procs, home, "--types", "shell", "--idle-exit", "0.3")
+    assert worker.wait(10) == 0
+    spec = completed_spec(home, worker.pid)
+    assert spec["worker_type"] == "shell" and spec["types"] == ["shell"]
 
 
 def test_max_tasks_exit(home: Home, procs: ProcGroup) -> None:
@@ -278,6 +288,20 @@ def test_pause_unknown_type_and_resume_unpaused(home: Home) -> None:
     assert out.returncode == 2 and "unknown worker type" in out.stderr
     out = cli(home, "resume", "--type", "default")
     assert out.returncode == 0 and "was not paused" in out.stdout
+
+
+def test_pause_and_resume_take_the_type_as_an_argument(home: Home) -> None:
+    """The README's form, `harness pause TYPE` / `harness resume TYPE`, beside --type."""
+    out = cli(home, "pause", "shell", "--reason", "deploy")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(home.control_file.read_text())["paused_types"]["shell"]["reason"] \
+        == "deploy"
+    out = cli(home, "resume", "shell")
+    assert out.returncode == 0 and out.stdout.strip() == "resumed shell", out.stderr
+    out = cli(home, "pause", "shell", "--type", "default")
+    assert out.returncode == 2 and "not both" in out.stderr
+    out = cli(home, "pause")
+    assert out.returncode == 2 and "give the worker type" in out.stderr
 
 
 # ---------------------------------------------------------------------------- dispatch
