@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,22 +107,23 @@ def _fill(queue: QueueBackend, n: int) -> None:
 
 
 def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
-    queue = open_queue(make_home(root), shared=False)
-    _fill(queue, backlog)
-    n = 100 if quick else 500
-    t0 = time.perf_counter()
-    for i in range(n):
-        queue.enqueue({"description": f"bench {i}", "command": ["true"]})
-    return (time.perf_counter() - t0) / n * 1000
+    with closing(open_queue(make_home(root), shared=False)) as queue:
+        _fill(queue, backlog)
+        n = 100 if quick else 500
+        t0 = time.perf_counter()
+        for i in range(n):
+            queue.enqueue({"description": f"bench {i}", "command": ["true"]})
+        return (time.perf_counter() - t0) / n * 1000
 
 
 def _enqueue_batch(root: Path, quick: bool, backlog: int) -> float:
-    queue = open_queue(make_home(root), shared=False)
-    _fill(queue, backlog)
-    n = 1000 if quick else 5000
-    t0 = time.perf_counter()
-    queue.enqueue_batch([{"description": f"b {i}", "command": ["true"]} for i in range(n)])
-    return n / (time.perf_counter() - t0)
+    with closing(open_queue(make_home(root), shared=False)) as queue:
+        _fill(queue, backlog)
+        n = 1000 if quick else 5000
+        t0 = time.perf_counter()
+        queue.enqueue_batch([{"description": f"b {i}", "command": ["true"]}
+                             for i in range(n)])
+        return n / (time.perf_counter() - t0)
 
 
 def _enqueue_batch_cli(root: Path, quick: bool) -> float:
@@ -202,7 +204,8 @@ def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
     ``cli:task``; ``n`` is the calls per loop (quick, full)."""
     def run(root: Path, quick: bool) -> float:
         home = make_home(root)
-        _fill(open_queue(home, shared=False), backlog)
+        with closing(open_queue(home, shared=False)) as queue:
+            _fill(queue, backlog)
         if kind == "cli:task":
             argv = [*_harness_cmd(), *TASK_ADD]
         elif kind == "cli:events":
@@ -216,18 +219,18 @@ def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
 
 # ---------------------------------------------------------------------------- claim, events
 def _claim_complete(root: Path, quick: bool, backlog: int) -> float:
-    queue = open_queue(make_home(root), shared=False)
-    _fill(queue, backlog)
-    n = 20 if quick else 100
-    t0 = time.perf_counter()
-    for _ in range(n):
-        task = queue.claim("bench-worker")
-        if task is None:
-            raise RuntimeError("nothing to claim")
-        queue.complete(task["task_id"], "bench-worker")
-        # keep the backlog constant so every sample sees the same size
-        queue.enqueue({"description": "refill", "command": ["true"], "priority": "low"})
-    return (time.perf_counter() - t0) / n * 1000
+    with closing(open_queue(make_home(root), shared=False)) as queue:
+        _fill(queue, backlog)
+        n = 20 if quick else 100
+        t0 = time.perf_counter()
+        for _ in range(n):
+            task = queue.claim("bench-worker")
+            if task is None:
+                raise RuntimeError("nothing to claim")
+            queue.complete(task["task_id"], "bench-worker")
+            # keep the backlog constant so every sample sees the same size
+            queue.enqueue({"description": "refill", "command": ["true"], "priority": "low"})
+        return (time.perf_counter() - t0) / n * 1000
 
 
 def _events_python(root: Path, quick: bool) -> float:
@@ -317,8 +320,8 @@ def _peak_rss_mib(argv: list[str], env: dict[str, str]) -> float:
 
 def _oneshot_rss(root: Path, quick: bool) -> dict[str, Figure]:
     home = make_home(root)
-    queue = open_queue(home, shared=False)
-    _fill(queue, 100)
+    with closing(open_queue(home, shared=False)) as queue:
+        _fill(queue, 100)
     for i in range(50):
         emit(home, "bench_event", message=f"event {i}", source="bench")
     harness = _harness_cmd()

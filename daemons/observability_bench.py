@@ -109,6 +109,7 @@ def make_large_home(root: Path, *, history: int = 10_000, events: int = 200_000,
             snap["throughput"]["completed_per_min_1m"] = float(rng.randint(0, 12))
             out.append(orjson.dumps(snap) + b"\n")
         append_bytes(home.metrics_file, b"".join(out), "none")
+    queue.close()  # publishes the jq view; no timer of ours outlives the build
     return home
 
 

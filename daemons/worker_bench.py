@@ -136,6 +136,7 @@ def dispatch_samples(root: Path, samples: int,
             from_commit.append((started - t1) * 1000)
     finally:
         _stop([worker])
+        queue.close()
     return from_call, from_commit
 
 

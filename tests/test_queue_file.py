@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import T0, events, final_records, make_home, req
+from helpers import T0, events, final_records, make_home, needs, req
 
 from coordination.errors import CorruptFileError, UsageError
 from coordination.locks import lock_for
@@ -417,7 +416,7 @@ def test_ensure_published_makes_an_empty_jq_view_once(backend: Any) -> None:
     assert backend.ensure_published() is False
 
 
-@pytest.mark.skipif(shutil.which("flock") is None, reason="needs flock (apt install util-linux)")
+@needs("flock")
 def test_ingest_with_zero_timeout_does_not_wait_for_a_busy_lock(backend: Any) -> None:
     """What `harness task list` uses: ingest only when the queue lock is free at once."""
     from coordination.errors import LockTimeout

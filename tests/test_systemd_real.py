@@ -526,7 +526,7 @@ def test_hardened_worker_runs_a_network_task_with_rlimits_in_a_scope(
     mount-namespace options apply too.)"""
     mgr = fleet
     types = json.loads(json.dumps(DEFAULT_WORKER_TYPES))
-    types["types"]["net"] = {"command_template": None,
+    types["worker_types"]["net"] = {"command_template": None,
                              "limits": {"cpu_seconds": 120, "processes": 200}}
     replace_json(mgr.home.worker_types_config, types, pretty=True)
     unit = unit_of(7)

@@ -184,7 +184,7 @@ def exposure(unit: Path) -> float:
     """The overall exposure ``systemd-analyze security --offline=true`` prints last."""
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("needs systemd-analyze (apt install systemd)")
+        pytest.skip(skip_reason("systemd-analyze"))
     proc = subprocess.run([exe, "security", "--offline=true", "--no-pager", str(unit)],
                           capture_output=True, text=True, timeout=60, check=False)
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
