@@ -100,7 +100,7 @@ def test_every_mutation_emits_its_event_after_the_change_is_durable(
     real_append = backend_module.append_events
     seen: list[str] = []
 
-    def on_disk_check(h: Home, batch: list[dict[str, Any]]) -> None:
+    def on_disk_check(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
         # Every file already says what the event claims (the live queue as any other
         # process reads it: the journal is the commit point).
         live = {t["task_id"]: t for t in FileQueue(home).live_tasks()}
@@ -128,7 +128,7 @@ def test_every_mutation_emits_its_event_after_the_change_is_durable(
                 assert not set(event["data"]["task_ids"]) & dead
             if kind == "task_requeued":
                 assert tid not in dead
-        real_append(h, batch)
+        real_append(h, batch, **kw)
 
     monkeypatch.setattr(backend_module, "append_events", on_disk_check)
     a = backend.enqueue(req(max_attempts=2), now=T0).task["task_id"]
@@ -163,9 +163,9 @@ def test_events_are_appended_after_the_queue_lock_is_released(
     held_at_emit: list[tuple[str, bool]] = []
     real_append = backend_module.append_events
 
-    def spy(h: Home, batch: list[dict[str, Any]]) -> None:
+    def spy(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
         held_at_emit.extend((e["type"], lock.held) for e in batch)
-        real_append(h, batch)
+        real_append(h, batch, **kw)
 
     monkeypatch.setattr(backend_module, "append_events", spy)
     task = backend.enqueue(req(), now=T0).task

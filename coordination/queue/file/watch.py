@@ -31,7 +31,13 @@ def _no_move_pairing_delay(emitter: Any) -> None:
 
 def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
     """Call ``callback`` from a watchdog thread on every queue change; returns stop()."""
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.events import (
+        FileCreatedEvent,
+        FileModifiedEvent,
+        FileMovedEvent,
+        FileSystemEvent,
+        FileSystemEventHandler,
+    )
     from watchdog.observers import Observer
 
     coordination, inbox = str(home.coordination), str(home.inbox)
@@ -57,9 +63,14 @@ def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
 
     observer = Observer(timeout=30)
     handler = Handler()
-    for folder in (coordination, inbox):
+    # Only the inotify events that can mean a change (watchdog builds the kernel's mask from
+    # the filter): opens, closes and attribute changes of every file there would each cost
+    # a Python dispatch, several per task.
+    filters = {coordination: [FileModifiedEvent, FileCreatedEvent, FileMovedEvent],
+               inbox: [FileCreatedEvent, FileMovedEvent]}
+    for folder, wanted in filters.items():
         if os.path.isdir(folder):
-            observer.schedule(handler, folder, recursive=False)
+            observer.schedule(handler, folder, recursive=False, event_filter=wanted)
     observer.daemon = True
     observer.start()
     for emitter in observer.emitters:
