@@ -40,7 +40,7 @@ from . import clock
 from .config import SystemConfig, load_system
 from .control import paused_types, read_control
 from .errors import CorruptFileError, HarnessError, NotFound
-from .events import emit
+from .events import emit, recent_events
 from .locks import lock_for
 from .paths import Home
 from .redact import redact
@@ -751,10 +751,6 @@ def recent_alerts(home: Home, limit: int = 5, scan: int = ALERT_SCAN_LINES
     return [redact(e) for e in found]
 
 
-def recent_events(home: Home, limit: int) -> list[dict[str, Any]]:
-    return [redact(e) for e in tail_jsonl(home.events_file, limit)]
-
-
 def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]:
     snap = snapshot_from(obs)
     status: dict[str, Any] = redact({
@@ -1123,6 +1119,6 @@ __all__ = [
     "CHECKS", "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "UNHEALTHY_STALLED",
     "UNHEALTHY_SUCCESS_RATE", "CheckRun", "Observation", "build_snapshot", "build_timeline",
     "check_summary", "collect_status", "compute_health", "evaluate_checks", "health_document",
-    "history_window", "observe", "percentile", "recent_alerts", "run_check",
+    "history_window", "observe", "percentile", "recent_alerts", "recent_events", "run_check",
     "snapshot_from", "stall_reason", "take_snapshot", "update_counters", "window_stats",
 ]
