@@ -224,5 +224,5 @@ def render_error(request: Request, status_code: int, message: str) -> HTMLRespon
     env: jinja2.Environment = request.app.state.templates
     text = env.get_template("error.html").render(
         view="error", title=f"Error {status_code}", status_code=status_code, message=message,
-        csrf="", writable=False, path="/", notice=None)
+        csrf="", writable=request.app.state.guard.writable, path="/", notice=None)
     return HTMLResponse(text, status_code=status_code, headers={"Cache-Control": "no-store"})
