@@ -462,14 +462,18 @@ def disk_usage(home: Home) -> dict[str, Any]:
             "free_mb": round(usage.free / _MB, 1)}
 
 
-def observe(home: Home, now: float | None = None) -> Observation:
-    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError."""
+def observe(home: Home, now: float | None = None, *, queue: Any = None) -> Observation:
+    """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError.
+
+    ``queue``: a long-lived queue handle of this home to read through (a server passes its
+    own, whose parse cache makes re-reading an unchanged or slightly changed queue cheap);
+    default a new one."""
     from .queue import TaskQueue  # the queue module is the heaviest import; keep it local
 
     home.require()
     ts = clock.now() if now is None else now
     cfg = load_system(home)
-    stats = TaskQueue(home).stats(ts)
+    stats = (TaskQueue(home) if queue is None else queue).stats(ts)
     window_s = float(cfg["health_window_s"])
     hist = history_window(home, ts - window_s)
     window = window_stats(hist.records, ts, window_s, hist.complete)

@@ -95,6 +95,12 @@ def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
         raise RuntimeError(f"{what} exited with {proc.returncode}: {' | '.join(tail)}")
 
 
+def _web(root: Path, quick: bool) -> dict[str, Figure]:
+    from .web_bench import run  # needs the web extra; imported only when this bench runs
+
+    return run(root, quick)
+
+
 # ---------------------------------------------------------------------------- enqueue
 def _fill(queue: TaskQueue, n: int) -> None:
     for start in range(0, n, 5000):
@@ -412,6 +418,13 @@ BENCHES: tuple[Bench, ...] = (
     Bench("reclaim", ("reclaim",), (
         Metric("reclaim_latency", "ms", "SIGKILL of a busy worker -> its task queued again"),
     ), _reclaim, _DIST),
+    Bench("web", ("web",), (
+        Metric("web_overview", "ms", "harness web: GET / with 10,000 live tasks and 100,000 "
+                                     "history records (quick: a fifth)"),
+        Metric("web_overview_cpu", "ms", "server CPU time of that GET / (user + system)"),
+        Metric("web_idle_sse_cpu_50", "%core", "harness web process with 50 idle event "
+                                              "streams open, per window"),
+    ), lambda r, q: _web(r, q), _DIST),
 )
 
 #: (row, reference row, field): the row gets ``field`` relating it to the reference when
@@ -570,7 +583,7 @@ def register(group: click.Group) -> None:
               help="Fewer operations and repeats (for CI; well under 90 s in all).")
 @click.option("--only", multiple=True,
               help="Run the benches of this group (enqueue, calls, claim, events, "
-                   "dispatch, throughput, idle, rss, reclaim), bench or row name; any other "
+                   "dispatch, throughput, idle, rss, reclaim, web), bench or row name; any other "
                    "text: those whose names contain it (repeatable).")
 @click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
 @click.option("--list", "list_only", is_flag=True, help="List the rows and exit.")

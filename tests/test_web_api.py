@@ -368,3 +368,17 @@ def test_change_feed_wakes_clients_on_a_write_by_another_process(home: Home) -> 
     assert hello.startswith(b"retry: 2000\nevent: hello\ndata: 0")
     assert re.match(rb"event: change\ndata: \d+\n\n", change)
     assert b"event: change" not in rest or rest.count(b"event") <= 2
+
+
+def test_doctor_finds_and_repairs_a_loose_token_file(home: Home) -> None:
+    from coordination.doctor import check
+
+    path = auth.token_file(home)
+    path.write_text(TOKEN + "\n")
+    os.chmod(path, 0o644)
+    report = check(home)
+    assert [f.code for f in report.open("error")] == ["web_token_mode"]
+    repaired = check(home, repair=True)
+    assert any(f.code == "web_token_mode" and f.repaired for f in repaired.findings)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert check(home).clean and auth.load_token(home, {}) == TOKEN

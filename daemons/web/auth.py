@@ -40,7 +40,7 @@ class Refused(Exception):
 
 
 def token_file(home: Home) -> Path:
-    return home.config_dir / TOKEN_FILE_NAME
+    return home.web_token_file
 
 
 def _check_token(token: str, where: str) -> str:

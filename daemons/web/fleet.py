@@ -15,7 +15,7 @@ Everything returned is redacted (coordination/redact.py); the pages escape it on
 from __future__ import annotations
 
 import re
-from collections import Counter
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,36 +58,48 @@ def check_id(value: str, what: str) -> str:
 
 @dataclass
 class Fleet:
-    """One home and a long-lived queue handle (its parse cache makes a re-read of an
-    unchanged queue cheap)."""
+    """One home and a long-lived queue handle for reads (its parse cache makes re-reading
+    an unchanged or slightly changed queue cheap). Requests run in worker threads: reads
+    through the shared handle take :attr:`lock`; each write uses a fresh handle, as each
+    CLI command does."""
 
     home: Home
     queue: TaskQueue = field(init=False)
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.queue = TaskQueue(self.home)
 
+    def _writer(self) -> TaskQueue:
+        return TaskQueue(self.home)
+
     # ------------------------------------------------------------------ reads
     def status(self, alerts: int = 5) -> dict[str, Any]:
         """What ``harness status --json`` prints."""
-        return status_from(observe(self.home.require()), self.home, alerts)
+        with self.lock:
+            obs = observe(self.home.require(), queue=self.queue)
+        return status_from(obs, self.home, alerts)
 
     def overview(self) -> dict[str, Any]:
         """The status, the check results (no alert is emitted: ``check --no-alerts``), the
         queue depth by worker type, and the last hour of metrics snapshots."""
-        obs = observe(self.home.require())
+        with self.lock:
+            obs = observe(self.home.require(), queue=self.queue)
+            live = self.queue.live_tasks()
         status = status_from(obs, self.home, 10)
         checks = evaluate_checks(snapshot_from(obs), obs.cfg)
-        by_type: dict[str, Counter[str]] = {}
-        for t in self.queue.live_tasks():
-            by_type.setdefault(str(t.get("worker_type")), Counter())[t["status"]] += 1
+        by_type: dict[str, dict[str, int]] = {}
+        for t in live:
+            row = by_type.get(t["worker_type"])
+            if row is None:
+                row = by_type[t["worker_type"]] = {"queued": 0, "running": 0}
+            row[t["status"]] += 1
         since = clock.iso(obs.now - CHART_WINDOW_S)
         snaps = [s for s in recent_snapshots(self.home, CHART_SNAPSHOTS)
                  if s["timestamp"] >= since]
         return {"status": status, "checks": checks,
                 "raised": [c for c in checks if c["level"] != "ok"],
-                "by_type": redact({k: {"queued": v["queued"], "running": v["running"]}
-                                   for k, v in sorted(by_type.items())}),
+                "by_type": redact(dict(sorted(by_type.items()))),
                 "snapshots": snaps}
 
     def tasks(self, *, status: str | None = None, priority: str | None = None,
@@ -109,7 +121,8 @@ class Fleet:
             raise UsageError(f"page: {page} must be >= 1")
         rows: list[dict[str, Any]] = []
         if status in (None, "queued", "running"):
-            rows.extend(self.queue.live_tasks())
+            with self.lock:
+                rows.extend(self.queue.live_tasks())
         if status in (None, "failed"):
             rows.extend(self.queue.dead_letters())
         needle = (text or "").casefold()
@@ -140,7 +153,8 @@ class Fleet:
         record) with its timeline (``harness timeline``: history, events, workers and the
         redacted tail of its log) and its result. :class:`NotFound` when unknown."""
         check_id(task_id, "task_id")
-        found = self.queue.get(task_id)
+        with self.lock:
+            found = self.queue.get(task_id)
         attempts = self.queue.history_of(task_id)
         if found is None and attempts:
             found = next((r for r in reversed(attempts) if r.get("final")), attempts[-1])
@@ -197,18 +211,18 @@ class Fleet:
     # ------------------------------------------------------------------ writes
     def cancel(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
         """``harness task cancel``: queued at once, running via its worker."""
-        out: dict[str, Any] = redact(self.queue.cancel(
+        out: dict[str, Any] = redact(self._writer().cancel(
             check_id(task_id, "task_id"), reason=reason or "cancelled from the dashboard"))
         return out
 
     def retry(self, task_id: str) -> dict[str, Any]:
         """``harness task retry``: a dead letter queued again (attempts reset)."""
-        out: dict[str, Any] = redact(self.queue.requeue_dead(check_id(task_id, "task_id")))
+        out: dict[str, Any] = redact(self._writer().requeue_dead(check_id(task_id, "task_id")))
         return out
 
     def set_priority(self, task_id: str, priority: Any) -> dict[str, Any]:
         """``harness task set-priority``."""
-        out: dict[str, Any] = redact(self.queue.reprioritize(check_id(task_id, "task_id"),
+        out: dict[str, Any] = redact(self._writer().reprioritize(check_id(task_id, "task_id"),
                                                              check_priority(priority)))
         return out
 
