@@ -382,3 +382,21 @@ def test_doctor_finds_and_repairs_a_loose_token_file(home: Home) -> None:
     assert any(f.code == "web_token_mode" and f.repaired for f in repaired.findings)
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert check(home).clean and auth.load_token(home, {}) == TOKEN
+
+
+def test_task_page_follows_the_task_through_its_life(client: TestClient, home: Home) -> None:
+    """The remembered attempts and timeline are recomputed when the task changes."""
+    queue = TaskQueue(home)
+    task_id = add(home, max_attempts=2)
+    first = client.get(f"/api/tasks/{task_id}").json()
+    assert (first["task"]["status"], first["attempts"], first["live"]) == ("queued", [], True)
+    queue.claim("worker-1-x")
+    queue.fail(task_id, "worker-1-x", error="flaky", exit_code=1)  # retried
+    retried = client.get(f"/api/tasks/{task_id}").json()
+    assert [r["outcome"] for r in retried["attempts"]] == ["failed"]
+    assert retried["task"]["attempts"] == 1 and retried["live"]
+    queue.claim("worker-1-x", now=__import__("time").time() + 3600)  # past any backoff
+    queue.fail(task_id, "worker-1-x", error="again", exit_code=1)  # the last attempt
+    dead = client.get(f"/api/tasks/{task_id}").json()
+    assert dead["dead_letter"] and not dead["live"] and len(dead["attempts"]) == 2
+    assert dead["task"]["status"] == "failed"

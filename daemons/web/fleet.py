@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from coordination import clock
 from coordination.config import load_system, load_worker_types
 from coordination.control import pause_type, request_drain, resume_type
@@ -31,11 +33,12 @@ from coordination.metrics import (
     recent_snapshots,
     snapshot_from,
     status_from,
+    tail_lines,
     worker_rows,
 )
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.redact import redact
+from coordination.redact import redact, redact_text
 from coordination.specs import read_specs
 from coordination.tasks import PRIORITIES, PRIORITY_RANK, check_priority, check_task_id
 
@@ -48,6 +51,7 @@ PAGE_SIZES = (25, 50, 100, 200)
 CHART_SNAPSHOTS = 90
 CHART_WINDOW_S = 3600.0
 TIMELINE_LOG_LINES = 40
+TASK_MEMO_ENTRIES = 64
 
 
 def check_id(value: str, what: str) -> str:
@@ -66,6 +70,8 @@ class Fleet:
     home: Home
     queue: TaskQueue = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _task_memo: dict[str, tuple[bytes, list[dict[str, Any]], list[dict[str, Any]]]] = field(
+        init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.queue = TaskQueue(self.home)
@@ -150,27 +156,40 @@ class Fleet:
 
     def task(self, task_id: str) -> dict[str, Any]:
         """One task as ``harness task show --history --json`` (live, dead letter or final
-        record) with its timeline (``harness timeline``: history, events, workers and the
-        redacted tail of its log) and its result. :class:`NotFound` when unknown."""
+        record) with its attempts (``history_of``), its timeline (``harness timeline``:
+        history, events, workers), the redacted tail of its log and its result.
+        :class:`NotFound` when unknown.
+
+        ``history_of`` and the timeline each scan the history file (seconds on a
+        100,000-record history), so they are remembered per task and computed again only
+        when the task's live document or dead letter changes (an attempt that ends changes
+        both); the log tail is read on every call."""
         check_id(task_id, "task_id")
         with self.lock:
-            found = self.queue.get(task_id)
-        attempts = self.queue.history_of(task_id)
-        if found is None and attempts:
-            found = next((r for r in reversed(attempts) if r.get("final")), attempts[-1])
-        if found is None:
-            raise NotFound(f"no task {task_id} (not live, not in history, not a dead letter)")
-        timeline = build_timeline(self.home, task_id, log_lines=TIMELINE_LOG_LINES)
-        log: list[str] = next((e["data"]["lines"] for e in reversed(timeline["entries"])
-                    if e["kind"] == "log"), [])
+            live = next((t for t in self.queue.live_tasks() if t["task_id"] == task_id), None)
+        dead = None if live is not None else next(
+            (d for d in self.queue.dead_letters() if d.get("task_id") == task_id), None)
+        signature = orjson.dumps([live, dead])
+        memo = self._task_memo.pop(task_id, None)
+        if memo is None or memo[0] != signature:
+            attempts = self.queue.history_of(task_id)
+            if live is None and dead is None and not attempts:
+                raise NotFound(f"no task {task_id} (not live, not in history, not a dead "
+                               "letter)")
+            entries = build_timeline(self.home, task_id, log_lines=0)["entries"]
+            memo = (signature, attempts, entries)
+        self._task_memo[task_id] = memo
+        while len(self._task_memo) > TASK_MEMO_ENTRIES:
+            self._task_memo.pop(next(iter(self._task_memo)))
+        _, attempts, entries = memo
         final = next((r for r in reversed(attempts) if r.get("final")), None)
-        result = (final or {}).get("result", found.get("result"))
-        dead = found.get("status") == "failed" and any(
-            d.get("task_id") == task_id for d in self.queue.dead_letters())
+        found = live or dead or final or attempts[-1]
+        log = [redact_text(line) for line in
+               tail_lines(self.home.task_log(task_id), TIMELINE_LOG_LINES)]
         out: dict[str, Any] = redact({
-            "task": found, "attempts": attempts, "timeline": timeline["entries"], "log": log,
-            "result": result, "live": found.get("status") in ("queued", "running"),
-            "dead_letter": dead})
+            "task": found, "attempts": attempts, "timeline": entries, "log": log,
+            "result": (final or {}).get("result", found.get("result")),
+            "live": live is not None, "dead_letter": dead is not None})
         return out
 
     def workers(self) -> list[dict[str, Any]]:
