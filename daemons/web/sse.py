@@ -7,8 +7,9 @@ queue port offers ``wait(timeout)`` ("block until the queue may have changed"), 
 function is the one to switch.
 
 :class:`ChangeFeed` runs one task that waits on it, lets a burst of writes settle for
-:data:`SETTLE_S`, then bumps ``generation`` and wakes every waiting client at once (one
-:class:`asyncio.Event` per generation). An idle client costs nothing but a keep-alive
+:data:`SETTLE_S` (and keeps notices :data:`MIN_INTERVAL_S` apart), then bumps
+``generation`` and wakes every waiting client at once (one :class:`asyncio.Event` per
+generation). An idle client costs nothing but a keep-alive
 comment every :data:`KEEPALIVE_S`. The browser reacts to a ``change`` event by fetching the
 live part of its page once (no polling loop).
 """
@@ -24,6 +25,10 @@ from coordination.paths import Home
 
 #: Writes arrive in bursts (temp file, rename, event line): one notice for the burst.
 SETTLE_S = 0.05
+#: At most one notice per this many seconds: a busy fleet changes the home many times a
+#: second, and every notice makes each open page render again. Well inside the 1 s in
+#: which a page must show a change.
+MIN_INTERVAL_S = 0.25
 #: Keeps proxies and the browser from timing the stream out; also how soon a client that
 #: went away unnoticed is found out.
 KEEPALIVE_S = 25.0
@@ -61,9 +66,11 @@ async def home_changes(home: Home) -> AsyncIterator[Callable[[], Awaitable[None]
 class ChangeFeed:
     """The generation counter every SSE client follows (see the module docstring)."""
 
-    def __init__(self, home: Home, settle_s: float = SETTLE_S) -> None:
+    def __init__(self, home: Home, settle_s: float = SETTLE_S,
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.home = home
         self.settle_s = settle_s
+        self.min_interval_s = min_interval_s
         self.generation = 0
         self.closed = False
         self._bumped = asyncio.Event()
@@ -80,10 +87,14 @@ class ChangeFeed:
         try:
             async with home_changes(self.home) as wait:
                 ready.set()
+                loop = asyncio.get_running_loop()
+                last = loop.time() - self.min_interval_s
                 while not self.closed:
                     await wait()
-                    await asyncio.sleep(self.settle_s)
+                    since = loop.time() - last
+                    await asyncio.sleep(max(self.settle_s, self.min_interval_s - since))
                     self.bump()
+                    last = loop.time()
         finally:
             ready.set()
 
