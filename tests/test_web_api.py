@@ -400,3 +400,35 @@ def test_task_page_follows_the_task_through_its_life(client: TestClient, home: H
     dead = client.get(f"/api/tasks/{task_id}").json()
     assert dead["dead_letter"] and not dead["live"] and len(dead["attempts"]) == 2
     assert dead["task"]["status"] == "failed"
+
+
+def test_unknown_routes_and_methods(client: TestClient) -> None:
+    r = client.get("/api/nothing")
+    assert r.status_code == 404 and r.json()["status"] == 404
+    page = client.get("/nothing")
+    assert page.status_code == 404 and 'id="error-message"' in page.text
+    assert page.headers["content-security-policy"] == CSP
+    assert client.get("/api/tasks/t-1/cancel").status_code == 405
+    assert client.post("/forms/nothing/cancel", data={}).status_code == 403  # CSRF first
+
+
+def test_render_cache_shares_one_render() -> None:
+    from daemons.web.pages import RenderCache
+
+    calls: list[int] = []
+
+    def render() -> str:
+        calls.append(1)
+        __import__("time").sleep(0.05)
+        return "page"
+
+    async def scenario() -> list[str]:
+        cache = RenderCache()
+        key = ("/?", True, 7)
+        first = await asyncio.gather(*(cache.get(key, render) for _ in range(10)))
+        again = await cache.get(key, render)
+        other = await cache.get(("/?", True, 8), render)
+        return [*first, again, other]
+
+    assert asyncio.run(scenario()) == ["page"] * 12
+    assert len(calls) == 2  # one per generation
