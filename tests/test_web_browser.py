@@ -189,3 +189,14 @@ def test_wrong_token_is_refused_in_the_browser(served: tuple[Home, str], browser
     shot(browser, "06-wrong-token")
     assert orjson.loads(harness(home, "task", "show", task_id, "--json"))["status"] == "queued"
     assert os.path.exists(ARTIFACTS / "06-wrong-token.png")
+
+    # The event stream page grows live; an event's message is text too.
+    browser.get(f"{url}/events")
+    wait_for(browser, lambda d: d.find_element("id", "conn").get_attribute("data-state")
+             == "live", 15, "the event stream on the events page")
+    harness(home, "events", "emit", "--type", "deploy_started", "--message", f"go {HOSTILE}")
+    wait_for(browser, lambda d: f"go {HOSTILE}" in text_of(d, "#events tbody tr"), 5,
+             "the new event at the top")
+    assert browser.find_elements("css selector", "#events img") == []
+    assert no_alert(browser)
+    shot(browser, "07-events-live")
