@@ -47,7 +47,7 @@ def _pretty(value: Any) -> str:
 def make_env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True)
+                             lstrip_blocks=True, auto_reload=False)
     env.filters["age"] = format_age
     env.filters["pretty"] = _pretty
     env.globals.update(svg=Markup,  # only for charts.py's output: it escapes every label
@@ -152,16 +152,17 @@ def page_endpoint(name: str) -> Callable[[Request], Any]:
         csrf, set_cookie = _csrf(request)
         env: jinja2.Environment = app.state.templates
 
+        generation = feed.generation  # read before the data: a later change shows newer
+
         def render() -> str:
             context = {**data_of(fleet, request), "view": name, "title": title}
             if fragment:
                 return env.get_template(f"{name}_live.html").render(context)
             return env.get_template(f"{name}.html").render(
-                context, csrf=csrf, writable=app.state.guard.writable,
+                context, csrf=csrf, writable=app.state.guard.writable, generation=generation,
                 path=request.url.path, notice=request.query_params.get("done"))
 
-        key = (str(request.url.path) + "?" + str(request.url.query), fragment,
-               feed.generation)
+        key = (str(request.url.path) + "?" + str(request.url.query), fragment, generation)
         # A full page carries this browser's CSRF value: never shared between browsers.
         text = await app.state.cache.get(key, render) if fragment else \
             await run_in_threadpool(render)
@@ -224,5 +225,6 @@ def render_error(request: Request, status_code: int, message: str) -> HTMLRespon
     env: jinja2.Environment = request.app.state.templates
     text = env.get_template("error.html").render(
         view="error", title=f"Error {status_code}", status_code=status_code, message=message,
-        csrf="", writable=request.app.state.guard.writable, path="/", notice=None)
+        csrf="", writable=request.app.state.guard.writable, path="/", notice=None,
+        generation=-1)
     return HTMLResponse(text, status_code=status_code, headers={"Cache-Control": "no-store"})

@@ -17,10 +17,12 @@
 
   var busy = false;
   var again = false;
-  function refresh(generation) {
+  var latest = "";  // the newest generation announced by the server
+  function refresh() {
     if (!live) { return; }
     if (busy) { again = true; return; }
     busy = true;
+    var generation = latest;
     fetch(window.location.pathname + window.location.search, {
       headers: { "X-Harness-Fragment": "1" }, cache: "no-store", credentials: "same-origin"
     }).then(function (response) {
@@ -34,10 +36,14 @@
       setConn("error", "update failed: " + err.message);
     }).then(function () {
       busy = false;
-      if (again) { again = false; refresh(generation); }
+      if (again) { again = false; refresh(); }
     });
   }
 
+  if (root.getAttribute("data-live-generation") === "-1") {  // an error page
+    setConn("off", "not live");
+    return;
+  }
   if (!live || !window.EventSource) {
     setConn("off", "live updates unavailable");
     return;
@@ -45,12 +51,14 @@
   var source = new EventSource("/stream");
   var first = true;
   source.addEventListener("hello", function (event) {
-    // After a reconnect (server restart) the page may be stale: fetch it once.
-    if (!first) { refresh(event.data); }
+    latest = event.data;
+    // The page was rendered at the generation in data-live-generation: a change between
+    // that render and this connection, or a reconnect (server restart), means it may be
+    // stale, so fetch it once.
+    if (!first || latest !== root.getAttribute("data-live-generation")) { refresh(); }
     first = false;
-    root.setAttribute("data-live-generation", String(event.data));
     setConn("live", "live");
   });
-  source.addEventListener("change", function (event) { refresh(event.data); });
+  source.addEventListener("change", function (event) { latest = event.data; refresh(); });
   source.onerror = function () { setConn("reconnecting", "reconnecting…"); };
 })();
