@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import clock
-from .config import load_system
-from .errors import CorruptFileError
+from .config import load_system, load_worker_types
+from .errors import CorruptFileError, UsageError
+from .events import emit
 from .locks import lock_for
 from .paths import Home
 from .store import read_json, replace_json
@@ -61,3 +62,69 @@ def paused_types(state: dict[str, Any], now: float) -> set[str]:
         if not expired:
             out.add(name)
     return out
+
+
+# ---------------------------------------------------------------------------- operator writes
+# `harness pause/resume/drain` and the web dashboard make these same calls: the control file
+# is committed first, the event follows (a crash in between loses only the event).
+def pause_type(home: Home, worker_type: str, *, duration: float | None = None,
+               reason: str = "", source: str = "cli",
+               now: float | None = None) -> dict[str, Any]:
+    """Pause claims of ``worker_type`` (until resumed, or for ``duration`` seconds) and emit
+    ``worker_type_paused``. Returns ``{"worker_type", "since", "until", "reason"}``.
+    Raises :class:`UsageError` for a type not in worker-types.json or a duration <= 0."""
+    known = load_worker_types(home)
+    if worker_type not in known:
+        raise UsageError(f"unknown worker type {worker_type!r}; known: "
+                         f"{', '.join(sorted(known))}")
+    if duration is not None and duration <= 0:
+        raise UsageError(f"pause duration (--for) must be > 0 seconds, got {duration}")
+    ts = clock.now() if now is None else now
+    info = {"since": clock.iso(ts), "until": None if duration is None else clock.iso(ts + duration),
+            "reason": reason or None}
+
+    def change(state: dict[str, Any]) -> None:
+        state.setdefault("paused_types", {})[worker_type] = info
+
+    update_control(home, change, now=ts)
+    emit(home, "worker_type_paused", source=source,
+         message=f"type {worker_type} paused" + (f": {reason}" if reason else ""),
+         data={"worker_type": worker_type, **info})
+    return {"worker_type": worker_type, **info}
+
+
+def resume_type(home: Home, worker_type: str, *, source: str = "cli") -> dict[str, Any]:
+    """Lift the pause of ``worker_type``; emits ``worker_type_resumed`` when it was paused.
+    Returns ``{"worker_type", "was_paused"}``."""
+    found: list[bool] = []
+
+    def change(state: dict[str, Any]) -> None:
+        found.append(state.setdefault("paused_types", {}).pop(worker_type, None) is not None)
+
+    update_control(home, change)
+    was_paused = bool(found and found[0])
+    if was_paused:
+        emit(home, "worker_type_resumed", source=source, message=f"type {worker_type} resumed",
+             data={"worker_type": worker_type})
+    return {"worker_type": worker_type, "was_paused": was_paused}
+
+
+def request_drain(home: Home, instance: str | None = None, *, source: str = "cli",
+                  now: float | None = None) -> dict[str, Any]:
+    """Ask the workers of ``instance`` (every worker when None) started before now to finish
+    their task and exit; emits ``drain_requested``. Returns ``{"drain", "requested_at"}``."""
+    ts = clock.now() if now is None else now
+    stamp = clock.iso(ts)
+
+    def change(state: dict[str, Any]) -> None:
+        drain_state = state.setdefault("drain", {"all": None, "instances": {}})
+        if instance is None:
+            drain_state["all"] = stamp
+        else:
+            drain_state.setdefault("instances", {})[instance] = stamp
+
+    update_control(home, change, now=ts)
+    target = "all workers" if instance is None else f"instance {instance}"
+    emit(home, "drain_requested", source=source, message=f"drain requested for {target}",
+         data={"instance": instance, "requested_at": stamp})
+    return {"drain": "all" if instance is None else instance, "requested_at": stamp}

@@ -24,6 +24,7 @@ Repairs never delete data: corrupt files are moved to ``coordination/quarantine/
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
                      cfg.values["heartbeat_timeout_s"])
         _check_stray_task_processes(home, report, tasks, repair)
     _check_temp_files(home, report, repair, ts)
+    _check_web_token(home, report, repair)
     for path in (home.events_file, home.metrics_file, home.history_file):
         _check_jsonl(home, path, report, repair, ts)
     if home.quarantine.is_dir():
@@ -301,6 +303,27 @@ def _check_stray_task_processes(home: Home, report: Report, tasks: dict[str, dic
                 f.repaired = True
             except psutil.Error:
                 pass
+
+
+def _check_web_token(home: Home, report: Report, repair: bool) -> None:
+    """config/web-token, when present, must be a regular file only its owner may access
+    (``harness web`` refuses it otherwise); --repair narrows the mode to 0600."""
+    path = home.web_token_file
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        report.add("error", "web_token_not_file", f"{path} is not a regular file; harness web "
+                   "refuses it (make it a plain file of mode 0600)", path)
+        return
+    if st.st_mode & 0o077:
+        f = report.add("error", "web_token_mode", f"{path} has mode "
+                       f"{stat.S_IMODE(st.st_mode):04o}: others may read the web token, and "
+                       "harness web refuses it (chmod 600; consider a new token)", path)
+        if repair:
+            os.chmod(path, 0o600)
+            f.repaired = True
 
 
 def _check_temp_files(home: Home, report: Report, repair: bool, now: float) -> None:

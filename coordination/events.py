@@ -19,7 +19,7 @@ from .errors import UsageError
 from .locks import lock_for
 from .paths import Home
 from .redact import redact, redact_text
-from .store import Durability, append_bytes, dumps
+from .store import Durability, append_bytes, dumps, tail_jsonl
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -99,3 +99,12 @@ def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:
     event = make_event(event_type, **fields)
     append_events(home, [event])
     return event
+
+
+def recent_events(home: Home, limit: int, *, since: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` events (oldest first), redacted; with ``since`` (a timestamp),
+    only those at or after it. Reads the file backwards: at most ``limit`` lines without
+    ``since``, ``50 * limit`` with it (the window ``harness events tail --since`` reads)."""
+    window = tail_jsonl(home.events_file, limit if since is None else limit * 50)
+    kept = [e for e in window if since is None or str(e.get("timestamp") or "") >= since]
+    return [redact(e) for e in kept[-limit:]] if limit > 0 else []

@@ -41,7 +41,7 @@ from . import clock
 from .config import SystemConfig, load_system
 from .control import paused_types, read_control
 from .errors import CorruptFileError, HarnessError, NotFound
-from .events import emit
+from .events import emit, recent_events
 from .locks import lock_for
 from .paths import Home
 from .redact import redact
@@ -451,8 +451,10 @@ def disk_usage(home: Home) -> dict[str, Any]:
 
 def observe(home: Home, now: float | None = None, *, queue: Any = None) -> Observation:
     """Read the home once. Raises NotInitialized, ConfigError or CorruptFileError.
-    ``queue``: the home's queue (QueueBackend) the caller already has (its in-memory queue
-    is reused instead of read again)."""
+
+    ``queue``: the home's queue (QueueBackend) the caller already has, to read through (a
+    long-lived one, e.g. a server's or the CLI's, is reused instead of read again); default
+    the process's shared one."""
     from .queue import open_queue  # the queue package is the heaviest import; keep it local
 
     home.require()
@@ -793,10 +795,6 @@ def recent_alerts(home: Home, limit: int = 5, scan: int = ALERT_SCAN_LINES
                 break
     found.reverse()
     return [redact(e) for e in found]
-
-
-def recent_events(home: Home, limit: int) -> list[dict[str, Any]]:
-    return [redact(e) for e in tail_jsonl(home.events_file, limit)]
 
 
 def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]:
@@ -1195,6 +1193,6 @@ __all__ = [
     "UNHEALTHY_STALLED",
     "UNHEALTHY_SUCCESS_RATE", "CheckRun", "Observation", "build_snapshot", "build_timeline",
     "check_summary", "collect_status", "compute_health", "evaluate_checks", "health_document",
-    "history_window", "observe", "percentile", "recent_alerts", "run_check",
+    "history_window", "observe", "percentile", "recent_alerts", "recent_events", "run_check",
     "snapshot_from", "stall_reason", "take_snapshot", "update_counters", "window_stats",
 ]

@@ -126,6 +126,11 @@ class Home:
         return self.config_dir / "worker-types.json"
 
     @cached_property
+    def web_token_file(self) -> Path:
+        """The optional write token of ``harness web`` (mode 0600; docs/web.md)."""
+        return self.config_dir / "web-token"
+
+    @cached_property
     def locks(self) -> Path:
         return self.coordination / "locks"
 

@@ -99,6 +99,12 @@ def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
         raise RuntimeError(f"{what} exited with {proc.returncode}: {' | '.join(tail)}")
 
 
+def _web(root: Path, quick: bool) -> dict[str, Figure]:
+    from .web_bench import run  # needs the web extra; imported only when this bench runs
+
+    return run(root, quick)
+
+
 # ---------------------------------------------------------------------------- enqueue
 def _fill(queue: QueueBackend, n: int) -> None:
     for start in range(0, n, 5000):
@@ -473,6 +479,13 @@ BENCHES: tuple[Bench, ...] = (
         Metric("throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers, fsync (harness)"),
         Metric("peer_huey_2w_600", "tasks/s", "the same on huey SqliteHuey, 2 process workers"),
     ), _peers, (1, 3), peer=True),
+    Bench("web", ("web",), (
+        Metric("web_overview", "ms", "harness web: GET / with 10,000 live tasks and 100,000 "
+                                     "history records (quick: a fifth)"),
+        Metric("web_overview_cpu", "ms", "server CPU time of that GET / (user + system)"),
+        Metric("web_idle_sse_cpu_50", "%core", "harness web process with 50 idle event "
+                                              "streams open, per window"),
+    ), lambda r, q: _web(r, q), _DIST),
 )
 
 #: (row, reference row, field): the row gets ``field`` relating it to the reference when
@@ -640,8 +653,8 @@ def register(group: click.Group) -> None:
                    "--only (for CI).")
 @click.option("--only", multiple=True,
               help="Run the benches of this group (enqueue, calls, claim, events, "
-                   "dispatch, throughput, idle, rss, jq, reclaim, peers), bench or row name; "
-                   "any other "
+                   "dispatch, throughput, idle, rss, jq, reclaim, web, peers), bench or row "
+                   "name; any other "
                    "text: those whose names contain it (repeatable).")
 @click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
 @click.option("--list", "list_only", is_flag=True, help="List the rows and exit.")

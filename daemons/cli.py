@@ -41,6 +41,7 @@ LAZY_COMMANDS: dict[str, str] = {
                     "daemons.observability_commands"),
     "bench": "daemons.bench",
     "load-test": "daemons.loadtest",
+    "web": "daemons.web_commands",
 }
 
 

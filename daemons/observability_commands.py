@@ -25,7 +25,8 @@ CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 
 
 
-def _age(seconds: Any) -> str:
+def format_age(seconds: Any) -> str:
+    """A short age: 42s, 15m, 3.5h, 2.0d; "-" when unknown."""
     if not isinstance(seconds, int | float):
         return "-"
     s = float(seconds)
@@ -130,13 +131,14 @@ def format_status(s: dict[str, Any]) -> list[str]:
     q = s["queue"]
     lines.append(
         f"queue: {q['queued']} queued, {q['running']} running, {q['dead_letters']} dead "
-        f"letter(s), inbox {q['inbox_pending']}; oldest queued {_age(q['oldest_queued_age_s'])}"
+        f"letter(s), inbox {q['inbox_pending']}; oldest queued "
+        f"{format_age(q['oldest_queued_age_s'])}"
         f"; backpressure {'ON' if s['backpressure'] else 'off'} (max {q['max_queue_depth']})")
     lines.append("  " + "  ".join(f"{p} {c['queued']}/{c['running']}"
                                   for p, c in q["by_priority"].items()) + "  (queued/running)")
     svc = s["service"]
     lines.append(f"supervisor: {svc['supervisor']}"
-                 + (f" (health.json {_age(svc['health_age_s'])} old)"
+                 + (f" (health.json {format_age(svc['health_age_s'])} old)"
                     if svc["health_age_s"] is not None else " (no health.json)"))
     if not svc["served"]:
         lines.append(f"NOTHING SERVES THE QUEUE: {svc['waiting']} task(s) waiting, no live "
@@ -155,7 +157,7 @@ def format_status(s: dict[str, Any]) -> list[str]:
             flag = ""
         lines.append(f"  {w['worker_id']:<40} {w['state']!s:<9} "
                      f"{w.get('current_task_id') or '-':<36} "
-                     f"hb {_age(w.get('heartbeat_age_s'))} ago{flag}")
+                     f"hb {format_age(w.get('heartbeat_age_s'))} ago{flag}")
     tp, d = s["throughput"], s["durations"]
     lines.append(f"throughput: {tp['completed_1m']} completed, {tp['failed_1m']} failed in the "
                  f"last minute; success {_pct(s['success_rate'])} over "

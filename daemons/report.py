@@ -165,7 +165,8 @@ def line_chart(chart_id: str, title: str, series: Sequence[Series], *, unit: str
     return "".join(parts)
 
 
-def _series(snaps: list[dict[str, Any]], *path: str) -> list[Point]:
+def snapshot_series(snaps: list[dict[str, Any]], *path: str) -> list[Point]:
+    """``(time, value)`` of each snapshot at the key ``path`` (None where it is not a number)."""
     out: list[Point] = []
     for s in snaps:
         t = _ts(s.get("timestamp"))
@@ -188,31 +189,34 @@ def _ts(value: Any) -> float | None:
 def charts(snaps: list[dict[str, Any]]) -> list[str]:
     return [
         line_chart("chart-queue", "Queue depth", [
-            ("queued", "#0969da", _series(snaps, "queue", "queued")),
-            ("running", "#1a7f37", _series(snaps, "queue", "running")),
-            ("dead letters", "#cf222e", _series(snaps, "queue", "dead_letters"))]),
+            ("queued", "#0969da", snapshot_series(snaps, "queue", "queued")),
+            ("running", "#1a7f37", snapshot_series(snaps, "queue", "running")),
+            ("dead letters", "#cf222e", snapshot_series(snaps, "queue", "dead_letters"))]),
         line_chart("chart-throughput", "Throughput (attempts per minute)", [
-            ("completed", "#1a7f37", _series(snaps, "throughput", "completed_per_min_1m")),
-            ("failed", "#cf222e", _series(snaps, "throughput", "failed_per_min_1m"))]),
+            ("completed", "#1a7f37", snapshot_series(snaps, "throughput", "completed_per_min_1m")),
+            ("failed", "#cf222e", snapshot_series(snaps, "throughput", "failed_per_min_1m"))]),
         line_chart("chart-durations", "Durations over the health window", [
-            ("run p50", "#0969da", _series(snaps, "durations", "task_p50_s")),
-            ("run p95", "#8250df", _series(snaps, "durations", "task_p95_s")),
-            ("wait p95", "#bf8700", _series(snaps, "durations", "wait_p95_s"))], unit="s"),
+            ("run p50", "#0969da", snapshot_series(snaps, "durations", "task_p50_s")),
+            ("run p95", "#8250df", snapshot_series(snaps, "durations", "task_p95_s")),
+            ("wait p95", "#bf8700", snapshot_series(snaps, "durations", "wait_p95_s"))], unit="s"),
         line_chart("chart-workers", "Workers", [
-            ("active", "#57606a", _series(snaps, "workers", "active")),
-            ("busy", "#1a7f37", _series(snaps, "workers", "busy")),
-            ("idle", "#0969da", _series(snaps, "workers", "idle")),
-            ("stalled", "#cf222e", _series(snaps, "workers", "stalled"))]),
+            ("active", "#57606a", snapshot_series(snaps, "workers", "active")),
+            ("busy", "#1a7f37", snapshot_series(snaps, "workers", "busy")),
+            ("idle", "#0969da", snapshot_series(snaps, "workers", "idle")),
+            ("stalled", "#cf222e", snapshot_series(snaps, "workers", "stalled"))]),
         line_chart("chart-success", "Success rate over the health window", [
-            ("success", "#1a7f37", _series(snaps, "success_rate"))], y_max=1.0),
+            ("success", "#1a7f37", snapshot_series(snaps, "success_rate"))], y_max=1.0),
     ]
 
 
 def _summary(snaps: list[dict[str, Any]]) -> dict[str, Any]:
-    queued = [v for _, v in _series(snaps, "queue", "queued") if v is not None]
-    done = [v for _, v in _series(snaps, "throughput", "completed_per_min_1m") if v is not None]
-    failed = [v for _, v in _series(snaps, "throughput", "failed_per_min_1m") if v is not None]
-    p95 = [v for _, v in _series(snaps, "durations", "task_p95_s") if v is not None]
+    def known(*path: str) -> list[float]:
+        return [v for _, v in snapshot_series(snaps, *path) if v is not None]
+
+    queued = known("queue", "queued")
+    done = known("throughput", "completed_per_min_1m")
+    failed = known("throughput", "failed_per_min_1m")
+    p95 = known("durations", "task_p95_s")
     states = [str((s.get("health") or {}).get("state")) for s in snaps]
     return {
         "from": snaps[0]["timestamp"] if snaps else None,

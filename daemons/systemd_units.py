@@ -1,7 +1,7 @@
 """Render and install the systemd units shipped in ``systemd/``.
 
-Every ``*.service``, ``*.target`` and ``*.timer`` in the template directory is rendered the
-same way, so units added later need no code here:
+Every ``*.service``, ``*.socket``, ``*.target`` and ``*.timer`` in the template directory is
+rendered the same way, so units added later need no code here:
 
 - ``@HARNESS_BIN@`` becomes the command that runs harness (``shutil.which("harness")``, else
   ``<sys.executable> -m daemons``), ``@HARNESS_HOME@`` the absolute home. Both are quoted
@@ -37,7 +37,7 @@ from typing import Any
 
 from coordination.errors import HarnessError, UsageError
 
-UNIT_SUFFIXES = (".service", ".target", ".timer")
+UNIT_SUFFIXES = (".service", ".socket", ".target", ".timer")
 PLACEHOLDER_RE = re.compile(r"@HARNESS_[A-Z0-9_]+@")
 #: Directives that need a mount namespace (dropped by --no-sandbox).
 SANDBOX_DIRECTIVES = frozenset({
@@ -286,7 +286,7 @@ def render_units(home: Path, *, harness_argv: list[str] | None = None, sandbox: 
         raise HarnessError(f"no unit templates: {src} does not exist (set "
                            "$HARNESS_SYSTEMD_DIR to the systemd/ directory of harness)") from None
     if not names:
-        raise HarnessError(f"no *.service/*.target/*.timer templates in {src}")
+        raise HarnessError(f"no *.service/*.socket/*.target/*.timer templates in {src}")
     argv = harness_argv or default_harness_argv()
     return [RenderedUnit(n, render_unit((src / n).read_text(), name=n, harness_argv=argv,
                                         home=home, sandbox=sandbox, warnings=warnings,

@@ -4,15 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from coordination import clock
-from coordination.config import load_worker_types
-from coordination.control import update_control
+from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import UsageError
-from coordination.events import emit
 
 from .context import add_commands, home_option, json_option, print_json, resolve_home
 from .systemd_units import DROPINS
@@ -98,24 +94,12 @@ def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
     by systemd) are not affected.
     """
     home = resolve_home(home_dir).require()
-    now = clock.now()
-    stamp = clock.iso(now)
-
-    def change(state: dict[str, Any]) -> None:
-        drain_state = state.setdefault("drain", {"all": None, "instances": {}})
-        if instance is None:
-            drain_state["all"] = stamp
-        else:
-            drain_state.setdefault("instances", {})[instance] = stamp
-
-    update_control(home, change, now=now)
-    target = "all workers" if instance is None else f"instance {instance}"
-    emit(home, "drain_requested", source=SOURCE, message=f"drain requested for {target}",
-         data={"instance": instance, "requested_at": stamp})
+    out = request_drain(home, instance, source=SOURCE)
     if as_json:
-        print_json({"drain": "all" if instance is None else instance, "requested_at": stamp})
+        print_json(out)
     else:
-        click.echo(f"drain requested for {target} at {stamp}")
+        target = "all workers" if instance is None else f"instance {instance}"
+        click.echo(f"drain requested for {target} at {out['requested_at']}")
 
 
 @click.command("pause")
@@ -136,26 +120,9 @@ def pause(type_arg: str | None, worker_type: str | None, duration: float | None,
     """
     worker_type = _one_type(type_arg, worker_type)
     home = resolve_home(home_dir).require()
-    known = load_worker_types(home)
-    if worker_type not in known:
-        raise UsageError(f"unknown worker type {worker_type!r}; known: "
-                         f"{', '.join(sorted(known))}")
-    if duration is not None and duration <= 0:
-        raise UsageError(f"--for must be > 0 seconds, got {duration}")
-    now = clock.now()
-    info = {"since": clock.iso(now),
-            "until": None if duration is None else clock.iso(now + duration),
-            "reason": reason or None}
-
-    def change(state: dict[str, Any]) -> None:
-        state.setdefault("paused_types", {})[worker_type] = info
-
-    update_control(home, change, now=now)
-    emit(home, "worker_type_paused", source=SOURCE,
-         message=f"type {worker_type} paused" + (f": {reason}" if reason else ""),
-         data={"worker_type": worker_type, **info})
+    info = pause_type(home, worker_type, duration=duration, reason=reason, source=SOURCE)
     if as_json:
-        print_json({"worker_type": worker_type, **info})
+        print_json(info)
     else:
         until = f" until {info['until']}" if info["until"] else " until resumed"
         click.echo(f"paused {worker_type}{until}")
@@ -170,21 +137,11 @@ def resume(type_arg: str | None, worker_type: str | None, as_json: bool,
            home_dir: Path | None) -> None:
     """Let workers claim a paused worker type again (`harness resume TYPE`)."""
     worker_type = _one_type(type_arg, worker_type)
-    home = resolve_home(home_dir).require()
-    found: list[bool] = []
-
-    def change(state: dict[str, Any]) -> None:
-        found.append(state.setdefault("paused_types", {}).pop(worker_type, None) is not None)
-
-    update_control(home, change)
-    was_paused = bool(found and found[0])
-    if was_paused:
-        emit(home, "worker_type_resumed", source=SOURCE, message=f"type {worker_type} resumed",
-             data={"worker_type": worker_type})
+    out = resume_type(resolve_home(home_dir).require(), worker_type, source=SOURCE)
     if as_json:
-        print_json({"worker_type": worker_type, "was_paused": was_paused})
+        print_json(out)
     else:
-        click.echo(f"resumed {worker_type}" if was_paused
+        click.echo(f"resumed {worker_type}" if out["was_paused"]
                    else f"{worker_type} was not paused")
 
 

@@ -71,7 +71,7 @@ def test_list_names_every_row(procs: ProcGroup, tmp_path: Path) -> None:
     assert len(set(listed)) == len(listed)
     groups = {g for b in bench_mod.BENCHES for g in b.groups}
     for wanted in ("enqueue", "calls", "claim", "events", "dispatch", "throughput", "idle",
-                   "rss", "reclaim"):
+                   "rss", "reclaim", "web"):
         assert wanted in groups
 
 

@@ -139,7 +139,8 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, user: bool,
                            harness_bin=" ".join(BIN), sandbox=sandbox, reload=False,
                            create_user=False, polkit_dir=None)
     assert sorted(p.name for p in report.written) == sorted(
-        p.name for p in TEMPLATES.iterdir() if p.suffix in (".service", ".target", ".timer"))
+        p.name for p in TEMPLATES.iterdir()
+        if p.suffix in (".service", ".socket", ".target", ".timer"))
     proc = analyze(out, tmp_path, user=user)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "harness-worker@" not in proc.stderr, proc.stderr
