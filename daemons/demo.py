@@ -130,7 +130,10 @@ def run_demo(home: Home, *, workers: int = DEMO_WORKERS, keep_running: bool = Fa
         last.clear()
         last.update(report)
         progress.refresh()
-        if not progress.finished:
+        # A task's history record is written just before the queue commits its end, so a
+        # pass can see every outcome while the queue still lists the last task running:
+        # wait for the pass that sees the queue settled too (it comes on that commit).
+        if not progress.finished or (report.get("queue") or {}).get("running"):
             return False
         if keep_running:
             if not announced[0]:

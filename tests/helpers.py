@@ -46,6 +46,8 @@ TOOL_INSTALL: dict[str, str] = {
     "shellcheck": "apt install shellcheck", "strace": "apt install strace",
     "systemctl": "apt install systemd", "systemd": "apt install systemd",
     "systemd-analyze": "apt install systemd", "systemd-run": "apt install systemd",
+    "systemd-socket-activate": "apt install systemd",
+    "chromedriver": "apt install chromium-driver",
     "harness": "pip install -e '.[test]' in this checkout's .venv",
 }
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import REPO_ROOT, ProcGroup, daemon_env, make_home
+from helpers import REPO_ROOT, ProcGroup, daemon_env, make_home, skip_reason
 
 from coordination.paths import Home
 
@@ -28,7 +28,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs chromium (apt install chromium chromium-driver)")
+    reason=skip_reason(*(["chromium"] if CHROMIUM is None else []),
+                       *(["chromedriver"] if CHROMEDRIVER is None else [])) or "")
 
 TOKEN = "browser-test-token-0123456789abcdef"
 HOSTILE = "<img src=x onerror=alert(1)>"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import ProcGroup, daemon_env, make_home, wait_until
+from helpers import ProcGroup, daemon_env, make_home, skip_reason, wait_until
 
 from daemons.systemd_units import render_units, template_dir
 
@@ -64,14 +64,14 @@ def test_web_units_render_and_explain_every_line() -> None:
 def test_web_service_exposure_is_low(tmp_path: Path) -> None:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("needs systemd-analyze (apt install systemd)")
+        pytest.skip(skip_reason("systemd-analyze"))
     unit = tmp_path / "harness-web.service"
     unit.write_text(_rendered("harness-web.service"))
     proc = subprocess.run([exe, "security", "--offline=true", str(unit)], capture_output=True,
                           text=True, timeout=60, check=False)
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     if found is None and "--offline" in proc.stderr:
-        pytest.skip("needs systemd-analyze security --offline (systemd >= 250)")
+        pytest.skip(skip_reason("systemd-analyze") + ": security --offline (systemd >= 250)")
     assert found, proc.stdout + proc.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, proc.stdout
 
@@ -79,7 +79,7 @@ def test_web_service_exposure_is_low(tmp_path: Path) -> None:
 def test_serves_on_a_socket_passed_by_systemd(tmp_path: Path, procs: ProcGroup) -> None:
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
-        pytest.skip("needs systemd-socket-activate (apt install systemd)")
+        pytest.skip(skip_reason("systemd-socket-activate"))
     home = make_home(tmp_path)
     with socket.socket() as probe:  # a free port; systemd-socket-activate binds it again
         probe.bind(("127.0.0.1", 0))
