@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import NotInitialized
+from .ids import check_id
 
 #: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
 #: ``supervisor`` is held by a running supervisor for its whole life (one per home).
@@ -161,14 +162,21 @@ class Home:
     def results(self) -> Path:
         return self.root / "results"
 
+    # Every path built from an id checks the id first (coordination/ids.py): an id from
+    # the command line, the inbox or a file can never name a path outside its folder.
     def task_log(self, task_id: str) -> Path:
-        return self.task_logs / f"{task_id}.log"
+        return self.task_logs / f"{check_id(task_id, 'task id')}.log"
 
     def result_dir(self, task_id: str) -> Path:
-        return self.results / task_id
+        return self.results / check_id(task_id, "task id")
 
     def dead_letter(self, task_id: str) -> Path:
-        return self.dead_letters / f"{task_id}.json"
+        return self.dead_letters / f"{check_id(task_id, 'task id')}.json"
+
+    def spec_file(self, worker_id: str, completed: bool = False) -> Path:
+        """``worker-specs/{active,completed}/<worker_id>.json``."""
+        folder = self.specs_completed if completed else self.specs_active
+        return folder / f"{check_id(worker_id, 'worker id')}.json"
 
     # -- lifecycle -------------------------------------------------------------------------
     def directories(self) -> tuple[Path, ...]:

@@ -21,10 +21,11 @@ from coordination.config import init_home
 from coordination.errors import EXIT_USAGE, HarnessError, NotFound, UsageError
 from coordination.events import SEVERITIES, emit
 from coordination.paths import Home
+from coordination.redact import printable, redact, redact_record
 from coordination.store import read_appended, tail_jsonl
 from coordination.tasks import PRIORITIES, STATUSES
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from .context import TASK_ID, WORKER_ID, WORKER_TYPE, CliContext, json_option, pass_ctx, print_json
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -153,10 +154,10 @@ def _read_batch(source: str) -> list[dict[str, Any]]:
 @click.option("-p", "--priority", type=click.Choice(PRIORITIES), default="medium",
               show_default=True)
 @click.option("-t", "--type", "worker_type", default="default", show_default=True,
-              help="Worker type (coordination/config/worker-types.json).")
+              type=WORKER_TYPE, help="Worker type (coordination/config/worker-types.json).")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), help="Default: system.json.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), help="Seconds.")
-@click.option("--depends-on", multiple=True, help="Task id that must complete first "
+@click.option("--depends-on", multiple=True, type=TASK_ID, help="Task id that must complete first "
               "(repeatable).")
 @click.option("--dedup-key", help="If a live task holds this key, return it instead.")
 @click.option("--not-before", help="Earliest start: a timestamp or +SECONDS.")
@@ -230,7 +231,7 @@ def _task_line(t: dict[str, Any]) -> str:
     argv = " ".join(t.get("command") or [])
     return (f"{t['task_id']}  {t['status']:<9} {t['priority']:<8} "
             f"{t['attempts']}/{t['max_attempts']}  {t.get('worker_id') or '-':<24} "
-            f"{(t.get('description') or argv)[:60]}")
+            f"{printable((t.get('description') or argv)[:60])}")
 
 
 @task.command("list")
@@ -248,7 +249,8 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
              if (status is None or t["status"] == status)
              and (priority is None or t["priority"] == priority)]
     tasks.sort(key=lambda t: (PRIORITY_RANK[t["priority"]], t["created_at"], t["task_id"]))
-    tasks = tasks[:limit] if limit else tasks
+    # Shown redacted (the queue keeps the exact text, which a retry needs).
+    tasks = [redact_record(t) for t in (tasks[:limit] if limit else tasks)]
     if as_json:
         print_json(tasks)
         return
@@ -259,7 +261,7 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
 
 
 @task.command("show")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @click.option("--history", "with_history", is_flag=True, help="Include every history record.")
 @click.option("--archives", is_flag=True,
               help="Also search the janitor's archives (task-history.N.jsonl.gz): finds "
@@ -282,6 +284,7 @@ def task_show(obj: CliContext, task_id: str, with_history: bool, archives: bool,
     out: dict[str, Any] = dict(found)
     if with_history:
         out["history"] = records if records is not None else queue.history_of(task_id)
+    out = redact_record(out)  # also masks what older versions wrote in clear
     if as_json:
         print_json(out)
         return
@@ -290,11 +293,12 @@ def task_show(obj: CliContext, task_id: str, with_history: bool, archives: bool,
             click.echo(f"{key:>16}: {orjson.dumps(value).decode()}")
     for record in out.get("history", []):
         click.echo(f"  history: {record.get('recorded_at')} {record.get('outcome')} "
-                   f"attempt {record.get('attempts')} {record.get('last_error') or ''}")
+                   f"attempt {record.get('attempts')} "
+                   f"{printable(str(record.get('last_error') or ''))}")
 
 
 @task.command("cancel")
-@click.argument("task_ids", nargs=-1, required=True)
+@click.argument("task_ids", nargs=-1, required=True, type=TASK_ID)
 @click.option("--reason", default="cancelled by operator", show_default=True)
 @json_option
 @pass_ctx
@@ -311,7 +315,7 @@ def task_cancel(obj: CliContext, task_ids: tuple[str, ...], reason: str, as_json
 
 
 @task.command("retry")
-@click.argument("task_ids", nargs=-1, required=True)
+@click.argument("task_ids", nargs=-1, required=True, type=TASK_ID)
 @json_option
 @pass_ctx
 def task_retry(obj: CliContext, task_ids: tuple[str, ...], as_json: bool) -> None:
@@ -326,7 +330,7 @@ def task_retry(obj: CliContext, task_ids: tuple[str, ...], as_json: bool) -> Non
 
 
 @task.command("set-priority")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @click.argument("priority", type=click.Choice(PRIORITIES))
 @json_option
 @pass_ctx
@@ -387,19 +391,19 @@ def dlq() -> None:
 @pass_ctx
 def dlq_list(obj: CliContext, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    letters = obj.queue().dead_letters()
+    letters = [redact_record(t) for t in obj.queue().dead_letters()]
     if as_json:
         print_json(letters)
         return
     for t in letters:
         click.echo(f"{t['task_id']}  {t.get('completed_at')}  attempts {t['attempts']}  "
-                   f"{(t.get('last_error') or '')[:70]}")
+                   f"{printable((t.get('last_error') or '')[:70])}")
     if not letters:
         click.echo("no dead letters", err=True)
 
 
 @dlq.command("requeue")
-@click.argument("task_ids", nargs=-1)
+@click.argument("task_ids", nargs=-1, type=TASK_ID)
 @click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead letter.")
 @json_option
 @pass_ctx
@@ -418,7 +422,7 @@ def dlq_requeue(obj: CliContext, task_ids: tuple[str, ...], requeue_all: bool,
 
 
 @dlq.command("purge")
-@click.argument("task_ids", nargs=-1)
+@click.argument("task_ids", nargs=-1, type=TASK_ID)
 @click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation with --all.")
 @json_option
@@ -448,8 +452,8 @@ def events() -> None:
 @click.option("--severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
 @click.option("--message", default="")
 @click.option("--source", default="cli", show_default=True)
-@click.option("--task", "task_id")
-@click.option("--worker", "worker_id")
+@click.option("--task", "task_id", type=TASK_ID)
+@click.option("--worker", "worker_id", type=WORKER_ID)
 @click.option("--correlation", "correlation_id")
 @click.option("--data", "data_json", help="A JSON object.")
 @json_option
@@ -492,9 +496,11 @@ def _event_matches(e: dict[str, Any], types: tuple[str, ...], min_severity: str 
 
 
 def _format_event(e: dict[str, Any]) -> str:
+    """One event as a line of text: control characters escaped (a message can never
+    drive the terminal), secrets masked (lines written by older versions or by hand)."""
     ids = " ".join(f"{k}={e[k]}" for k in ("task_id", "worker_id") if e.get(k))
-    return (f"{e.get('timestamp')} {e.get('severity', '?'):<8} {e.get('type')}"
-            f"  {e.get('message', '')}  {ids}").rstrip()
+    return printable(f"{e.get('timestamp')} {e.get('severity', '?'):<8} {e.get('type')}"
+                     f"  {redact(e.get('message', ''))}  {ids}").rstrip()
 
 
 @events.command("tail")
@@ -502,8 +508,8 @@ def _format_event(e: dict[str, Any]) -> str:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
 @click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
 @click.option("--severity", type=click.Choice(SEVERITIES), help="At least this severity.")
-@click.option("--task", "task_id")
-@click.option("--worker", "worker_id")
+@click.option("--task", "task_id", type=TASK_ID)
+@click.option("--worker", "worker_id", type=WORKER_ID)
 @click.option("--correlation")
 @click.option("--since", help="Timestamp, or -SECONDS for 'that long ago'.")
 @json_option
@@ -529,10 +535,11 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
     window = tail_jsonl(path, lines * 50 if filtered else lines,
                         end=position if st is not None else None)
     shown = [e for e in window if keep(e)][-lines:]
-    emit_line = (lambda e: sys.stdout.write(orjson.dumps(e).decode() + "\n")) if as_json \
-        else (lambda e: click.echo(_format_event(e)))
+    # JSON escapes control characters by itself; both forms are redacted on display.
+    emit_line = (lambda e: sys.stdout.write(orjson.dumps(redact(e)).decode() + "\n")) \
+        if as_json else (lambda e: click.echo(_format_event(e)))
     if as_json and not follow:
-        print_json(shown)
+        print_json([redact(e) for e in shown])
         return
     for e in shown:
         emit_line(e)
@@ -607,9 +614,21 @@ def doctor(obj: CliContext, repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+def check_arguments(argv: list[str]) -> None:
+    """Refuse arguments that are not valid UTF-8 (Python hands them over with lone
+    surrogates, which no file of the contract can hold) with a UsageError naming each."""
+    for number, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise UsageError(f"argument {number} ({shown!r}) is not valid UTF-8") from None
+
+
 def main() -> None:
     """Console entry point; click usage errors exit 2."""
     try:
+        check_arguments(sys.argv[1:])
         cli(standalone_mode=True)
     except HarnessError as exc:  # raised outside a command (e.g. while parsing)
         click.echo(f"harness: {exc}", err=True)

@@ -10,6 +10,8 @@ from typing import Any
 import click
 import orjson
 
+from coordination.errors import UsageError
+from coordination.ids import check_id
 from coordination.paths import Home
 
 
@@ -61,3 +63,25 @@ def add_commands(group: click.Group, commands: tuple[click.Command, ...]) -> Non
                 existing.add_command(sub, name)
         else:
             group.add_command(command)
+
+
+class IdParam(click.ParamType[str, Any]):
+    """A task id, worker id or worker type name, checked against the id grammar
+    (coordination/ids.py) before any command builds a path from it: exit 2 otherwise."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = kind
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            return check_id(value, self.kind, where=param.get_error_hint(ctx) if param and ctx
+                            else None)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TASK_ID = IdParam("task id")
+WORKER_ID = IdParam("worker id")
+WORKER_TYPE = IdParam("worker type")

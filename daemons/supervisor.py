@@ -55,9 +55,11 @@ import orjson
 import psutil
 
 from coordination import clock
-from coordination.config import load_system
+from coordination.config import ConfigWatch, keep_last_good, load_system
 from coordination.control import paused_types, read_control, update_control
 from coordination.errors import (
+    EXIT_USAGE,
+    ConfigError,
     CorruptFileError,
     HarnessError,
     InvalidTransition,
@@ -72,6 +74,7 @@ from coordination.paths import Home
 from coordination.queue import TaskQueue, is_runnable
 from coordination.specs import (
     complete_spec,
+    is_completed,
     liveness,
     orphan_proof,
     process_start_time,
@@ -92,6 +95,7 @@ from .wakeup import Wakeup
 
 SOURCE = "supervisor"
 STATE_VERSION = 1
+CONFIG_RETRY_S = 2.0  # a supervisor started on a bad config re-reads it this often
 HEALTH_REFRESH_S = 30.0  # health.json is republished at least this often, changed or not
 HISTORY_CHUNK = 1 << 16
 BUSY_STATES = ("busy", "draining", "stopping")
@@ -414,7 +418,7 @@ def reclaim_pass(home: Home, now: float, *, queue: TaskQueue | None = None,
             continue
         owner = task.get("worker_id")
         proof = orphan_proof(task, active, dead,
-                             lambda w: (home.specs_completed / f"{w}.json").exists(), now, hb)
+                             lambda w: is_completed(home, w), now, hb)
         if proof is None:
             continue
         if dry_run:
@@ -1197,7 +1201,21 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             become_subreaper()
         wakeup.start()
         watcher.start()
-        cfg = dict(load_system(home).values)
+        # A bad system.json never stops the supervisor: it runs on the last good values
+        # and reports config_invalid; started with a bad file, it waits for a good one.
+        keep_last_good()
+        config_watch = ConfigWatch()
+        while True:
+            _emit_config_events(home, config_watch)
+            try:
+                cfg = dict(load_system(home).values)
+                break
+            except ConfigError as exc:
+                say(f"supervisor: waiting for a valid config: {exc}")
+                if flags.stop or once:
+                    return EXIT_USAGE
+                wakeup.wait(CONFIG_RETRY_S)
+                wakeup.clear()
         cfg.update(overrides or {})
         if actuator is None and scale:
             actuator = make_actuator(home, cfg, name=actuator_name)
@@ -1217,6 +1235,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             if flags.stop:
                 break
             now = clock.now()
+            _emit_config_events(home, config_watch)
             try:
                 report = sup.reconcile(now)
             except HarnessError as exc:  # busy lock, bad config edit, disk full: retry
@@ -1274,6 +1293,13 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             lock.release()
+
+
+def _emit_config_events(home: Home, watch: ConfigWatch) -> None:
+    """config_invalid / config_valid on a change of the config's validity."""
+    for event in watch.check(home):
+        _emit(home, event["type"], event["message"], severity=event["severity"],
+              data=event["data"])
 
 
 def _stop_children(actuator: ProcessActuator, cfg: Mapping[str, Any], flags: _Flags,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,19 @@ from coordination.config import load_worker_types
 from coordination.control import update_control
 from coordination.errors import UsageError
 from coordination.events import emit
+from coordination.ids import check_id
 
-from .context import add_commands, home_option, json_option, print_json, resolve_home
+from .context import (
+    WORKER_TYPE,
+    IdParam,
+    add_commands,
+    home_option,
+    json_option,
+    print_json,
+    resolve_home,
+)
+
+INSTANCE = IdParam("worker instance")
 
 SOURCE = "cli"
 
@@ -34,8 +46,9 @@ def worker_group() -> None:
 
 
 @worker_group.command("run")
-@click.option("--instance", default=None, help="Instance id. Default: $HARNESS_INSTANCE, "
-              "else the systemd unit's instance name, else 0.")
+@click.option("--instance", default=None, type=INSTANCE,
+              help="Instance id. Default: $HARNESS_INSTANCE, else the systemd unit's "
+              "instance name, else 0.")
 @click.option("--types", default=None, help="Comma-separated worker types to claim "
               "(default: every type).")
 @click.option("--idle-exit", "idle_exit", type=float, default=None,
@@ -66,8 +79,11 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
     type_list = [t.strip() for t in types.split(",") if t.strip()] if types else None
     if types is not None and not type_list:
         raise UsageError("--types: give at least one worker type")
+    for name in type_list or ():
+        check_id(name, "worker type", "--types")
     options = WorkerOptions(
-        instance=instance or default_instance(), types=type_list,
+        instance=check_id(instance or default_instance(), "worker instance",
+                          "--instance (or $HARNESS_INSTANCE)"), types=type_list,
         idle_exit_s=_positive(idle_exit, "--idle-exit"), max_tasks=max_tasks,
         max_uptime_s=_positive(max_uptime, "--max-uptime"), once=once,
         unit=systemd_unit())
@@ -78,7 +94,8 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
 
 # ---------------------------------------------------------------------------- control
 @click.command("drain")
-@click.option("--instance", default=None, help="Drain only this instance (default: all).")
+@click.option("--instance", default=None, type=INSTANCE,
+              help="Drain only this instance (default: all).")
 @json_option
 @home_option
 def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
@@ -109,7 +126,8 @@ def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
 
 
 @click.command("pause")
-@click.option("--type", "worker_type", required=True, help="Worker type to pause.")
+@click.option("--type", "worker_type", required=True, type=WORKER_TYPE,
+              help="Worker type to pause.")
 @click.option("--for", "duration", type=float, default=None,
               help="Pause for this many seconds (default: until `harness resume`).")
 @click.option("--reason", default="", help="Why (shown in control.json and the event).")
@@ -123,7 +141,7 @@ def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
     if worker_type not in known:
         raise UsageError(f"unknown worker type {worker_type!r}; known: "
                          f"{', '.join(sorted(known))}")
-    if duration is not None and duration <= 0:
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UsageError(f"--for must be > 0 seconds, got {duration}")
     now = clock.now()
     info = {"since": clock.iso(now),
@@ -145,7 +163,8 @@ def pause(worker_type: str, duration: float | None, reason: str, as_json: bool,
 
 
 @click.command("resume")
-@click.option("--type", "worker_type", required=True, help="Worker type to resume.")
+@click.option("--type", "worker_type", required=True, type=WORKER_TYPE,
+              help="Worker type to resume.")
 @json_option
 @home_option
 def resume(worker_type: str, as_json: bool, home_dir: Path | None) -> None:
