@@ -10,6 +10,7 @@ Loaded files are cached per process and re-read when their inode, size or mtime 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, CorruptFileError
+from .ids import ID_RULE, is_valid_id
 from .paths import Home
+from .redact import pattern_problem, use_patterns
 from .store import Durability, read_json, replace_json
 
 Check = Callable[[Any], bool]
@@ -34,7 +37,8 @@ class Key:
 
 
 def _num(lo: float = 0, hi: float = float("inf")) -> Check:
-    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) \
+        and math.isfinite(v) and lo <= v <= hi
 
 
 def _int(lo: int = 0, hi: int = 2**62) -> Check:
@@ -150,6 +154,10 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     Key("retention_task_logs_days", 14, _num(0), "number >= 0",
         "logs/tasks/<task_id>.log of finished tasks older than this are pruned."),
     # -- observability: metrics and `harness check` thresholds ----------------------------
+    Key("redact_patterns", [], _str_list, "list of regexes",
+        "Extra secret patterns: each match is shown and stored as [redacted] (events, "
+        "history, task show, the shell scripts). POSIX extended regexes without (?, "
+        "backslash classes, lazy quantifiers or [:class:] (docs/coordination.md, Redaction)."),
     Key("metrics_textfile", None, lambda v: v is None or isinstance(v, str), "null or path",
         "Also write the Prometheus exposition atomically here (node_exporter textfile)."),
     Key("check_queue_depth", [500, 900], _pair(), "[warning, critical]",
@@ -296,6 +304,10 @@ def validate_system(path: Path, raw: Any) -> SystemConfig:
         if not key.check(value):
             raise ConfigError(f"{path}: key {name!r} must be {key.expect}, got {value!r}")
         values[name] = value
+    for index, pattern in enumerate(values["redact_patterns"]):
+        problem = pattern_problem(pattern)
+        if problem is not None:
+            raise ConfigError(f"{path}: key 'redact_patterns'[{index}] {pattern!r} {problem}")
     if values["min_workers"] > values["max_workers"]:
         raise ConfigError(f"{path}: key 'min_workers' ({values['min_workers']}) exceeds "
                           f"'max_workers' ({values['max_workers']})")
@@ -308,6 +320,8 @@ def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
     types: dict[str, dict[str, Any]] = {}
     for name, spec in raw["types"].items():
         where = f"{path}: types.{name}"
+        if not is_valid_id(name):
+            raise ConfigError(f"{path}: worker type name {name!r} is not valid ({ID_RULE})")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where} must be an object")
         clean: dict[str, Any] = {"description": "", "command_template": None,
@@ -352,6 +366,18 @@ def scope_properties(wtype: dict[str, Any]) -> dict[str, str]:
 
 
 _cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
+#: Per config file: the last value that validated in this process, kept for daemons.
+_last_good: dict[str, Any] = {}
+_keep = {"last_good": False}
+
+
+def keep_last_good(enabled: bool = True) -> None:
+    """Daemon mode (supervisor, worker, and the janitor and metrics runs of ``up``): a
+    config file that turns invalid does not raise; loading returns the last value that
+    validated in this process, and :func:`config_problems` says what is wrong until the
+    file is fixed (picked up without a restart: the cache follows the file's signature).
+    Commands stay strict: they fail on a bad file, naming it and the key."""
+    _keep["last_good"] = enabled
 
 
 def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_default: Any) -> Any:
@@ -361,26 +387,80 @@ def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_defau
         return validate(path, missing_default)
     sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     hit = _cache.get(str(path))
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-    try:
-        raw = read_json(path)
-    except CorruptFileError as exc:
-        raise ConfigError(str(exc)) from None
-    value = validate(path, raw)
-    _cache[str(path)] = (sig, value)
-    return value
+    if hit is None or hit[0] != sig:
+        try:
+            try:
+                raw = read_json(path)
+            except CorruptFileError as exc:
+                raise ConfigError(str(exc)) from None
+            value: Any = validate(path, raw)
+            _last_good[str(path)] = value
+        except ConfigError as exc:
+            value = exc  # cached too: a broken file is not re-parsed on every call
+        hit = _cache[str(path)] = (sig, value)
+    if isinstance(hit[1], ConfigError):
+        if _keep["last_good"] and str(path) in _last_good:
+            return _last_good[str(path)]
+        raise hit[1]
+    return hit[1]
 
 
 def load_system(home: Home) -> SystemConfig:
-    """The validated system config (defaults when the file is absent)."""
-    return _load_cached(home.system_config, validate_system, {})  # type: ignore[no-any-return]
+    """The validated system config (defaults when the file is absent). Applies its
+    ``redact_patterns`` to this process's redaction (coordination/redact.py)."""
+    cfg: SystemConfig = _load_cached(home.system_config, validate_system, {})
+    use_patterns(cfg.values["redact_patterns"])
+    return cfg
 
 
 def load_worker_types(home: Home) -> dict[str, dict[str, Any]]:
     """Validated worker types by name (the built-in defaults when the file is absent)."""
     return _load_cached(  # type: ignore[no-any-return]
         home.worker_types_config, validate_worker_types, DEFAULT_WORKER_TYPES)
+
+
+def config_problems(home: Home) -> list[str]:
+    """What is wrong with the home's config files now ([] when both validate). In
+    :func:`keep_last_good` mode the daemons run on the last good values meanwhile."""
+    problems = []
+    for path, validate, default in (
+            (home.system_config, validate_system, {}),
+            (home.worker_types_config, validate_worker_types, DEFAULT_WORKER_TYPES)):
+        try:
+            _load_cached(path, validate, default)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        hit = _cache.get(str(path))
+        if hit is not None and isinstance(hit[1], ConfigError):
+            problems.append(str(hit[1]))
+    return problems
+
+
+class ConfigWatch:
+    """Turns :func:`config_problems` into events for a daemon: one ``config_invalid``
+    (severity error) when the config turns bad or the problem changes, one
+    ``config_valid`` when it validates again. No I/O besides reading the config."""
+
+    def __init__(self) -> None:
+        self.reported: tuple[str, ...] = ()
+
+    def check(self, home: Home) -> list[dict[str, Any]]:
+        """The events (``type``, ``severity``, ``message``, ``data``) to emit now."""
+        problems = tuple(config_problems(home))
+        if problems == self.reported:
+            return []
+        before, self.reported = self.reported, problems
+        if problems:
+            kept = "keeping the last good values" if all(
+                str(p) in _last_good for p in (home.system_config, home.worker_types_config)
+                if p.exists()) else "no good version was read yet"
+            return [{"type": "config_invalid", "severity": "error",
+                     "message": f"config invalid ({kept}): {'; '.join(problems)}",
+                     "data": {"problems": list(problems)}}]
+        return [{"type": "config_valid", "severity": "info",
+                 "message": "config valid again: the daemons use the fixed file",
+                 "data": {"resolved": list(before)}}]
 
 
 def config_reference_markdown() -> str:

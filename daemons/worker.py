@@ -40,7 +40,9 @@ from typing import Any
 
 from coordination import clock
 from coordination.config import (
+    ConfigWatch,
     SystemConfig,
+    keep_last_good,
     load_system,
     load_worker_types,
     scope_properties,
@@ -196,6 +198,7 @@ class Worker:
         self.t = _Timers()
         self._cfg: SystemConfig | None = None
         self._types: dict[str, dict[str, Any]] = {}
+        self._config_watch = ConfigWatch()
         self._control_sig: tuple[int, int, int] | None = None
         self._control: dict[str, Any] = {}
         self.subreaper = False  # run_worker sets it: then orphans of tasks are reaped here
@@ -225,6 +228,9 @@ class Worker:
     def _refresh_config(self, now: float, *, announce: bool = False) -> None:
         """Re-read config (cheap: cached by file signature). A broken file keeps the last
         good values and is reported once per change."""
+        for event in self._config_watch.check(self.home):
+            self._emit(event["type"], event["message"], severity=event["severity"],
+                       **event["data"])
         try:
             cfg = load_system(self.home)
             types = load_worker_types(self.home)
@@ -950,6 +956,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     ends the grace; SIGHUP re-reads config.
     """
     say = out or (lambda line: print(line, flush=True))
+    keep_last_good()  # a config edited into a bad state never stops a running worker
     subreaper = become_subreaper()
     notifier = Notifier()
     wakeup = Wakeup(home)
