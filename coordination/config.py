@@ -256,12 +256,14 @@ def default_system() -> dict[str, Any]:
     return {"_comments": doc, "version": 1, **{k.name: k.default for k in SYSTEM_KEYS}}
 
 
-def init_home(home: Home, *, force: bool = True, **system_overrides: Any) -> list[str]:
-    """Create the home's directories and lock files, and publish (by rename)
-    ``config/system.json`` (the defaults plus ``system_overrides``) and
-    ``config/worker-types.json`` (the defaults). With ``force`` False a config file that
-    exists is kept. Returns the paths written ([] when both were kept)."""
-    home.create()
+def init_home(home: Home, *, force: bool = True, group: int | None = None,
+              **system_overrides: Any) -> list[str]:
+    """Create the home's directories and lock files (0700, or shared with ``group``: see
+    :meth:`Home.create`), and publish (by rename) ``config/system.json`` (the defaults
+    plus ``system_overrides``) and ``config/worker-types.json`` (the defaults). With
+    ``force`` False a config file that exists is kept. Returns the paths written ([] when
+    both were kept)."""
+    home.create(group)
     system = default_system()
     system.update(system_overrides)
     written = []

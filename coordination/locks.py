@@ -59,7 +59,8 @@ class FileLock:
             self._depth += 1
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+            # 0600: never wider than the home's files (harness init creates them first).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 self._flock(fd, deadline, timeout)
             except BaseException:

@@ -13,6 +13,10 @@ from pathlib import Path
 from .errors import NotInitialized
 from .ids import check_id
 
+#: Directory modes: a private home, and one shared with an operator group (setgid).
+DIR_MODE = 0o700
+DIR_MODE_GROUP = 0o2750
+
 #: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
 #: ``supervisor`` is held by a running supervisor for its whole life (one per home).
 LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor",
@@ -187,13 +191,56 @@ class Home:
             self.quarantine, self.logs, self.task_logs, self.results,
         )
 
-    def create(self) -> None:
-        """Create every directory and lock file (idempotent; never truncates a lock file)."""
-        for d in self.directories():
-            d.mkdir(parents=True, exist_ok=True)
+    def shared(self) -> bool:
+        """Whether the home is shared with an operator group (``harness init --group``):
+        its root lets the group in (mode 2750). Files are then 0640, else 0600."""
+        try:
+            return bool(self.root.stat().st_mode & 0o050)
+        except FileNotFoundError:
+            return False
+
+    def expected_dir_mode(self) -> int:
+        """0700, or 2750 (setgid: new files get the group) in a shared home."""
+        return DIR_MODE_GROUP if self.shared() else DIR_MODE
+
+    def create(self, group: int | None = None) -> None:
+        """Create every directory and lock file (idempotent; never truncates a lock file).
+
+        Directories created here are 0700 whatever the umask (0750 plus setgid with a
+        ``group`` id, or when the home already is shared); with ``group`` every directory
+        of the home gets that group and mode. Lock files are 0600 (0640 shared)."""
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if group is not None:
+            os.chown(self.root, -1, group)
+            os.chmod(self.root, DIR_MODE_GROUP)
+        elif created:
+            os.chmod(self.root, DIR_MODE)
+        mode = self.expected_dir_mode()
+        chain = [p for d in self.directories()
+                 for p in reversed(d.relative_to(self.root).parents) if p != Path(".")]
+        for d in dict.fromkeys([*(self.root / p for p in chain), *self.directories()]):
+            if not d.exists():
+                d.mkdir(exist_ok=True)
+                os.chmod(d, mode)  # explicit: the umask does not decide
+            elif group is not None:
+                os.chmod(d, mode)
+            if group is not None:
+                os.chown(d, -1, group)
+        file_mode = 0o640 if mode & 0o050 else 0o600
         for name in LOCK_NAMES:
-            fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT, 0o664)
-            os.close(fd)
+            fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                         file_mode)
+            try:
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                    os.fchmod(fd, file_mode)
+            finally:
+                os.close(fd)
+
+    def umask(self) -> int:
+        """The umask harness processes of this home run with: 077, or 027 when shared."""
+        return 0o027 if self.shared() else 0o077
 
     def require(self) -> Home:
         """Return self if initialised, else raise :class:`NotInitialized` naming the path."""

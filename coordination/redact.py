@@ -127,7 +127,15 @@ def redact_text(text: str) -> str:
     return text
 
 
-_SECRET_OPTION = re.compile(r"^-{1,2}(?i:" + _KEY_WORD + r")$")
+_SECRET_OPTION = re.compile(r"(?i:" + _KEY_WORD + r")")
+
+
+def _is_secret_option(arg: str) -> bool:
+    """``--password``, ``--api-key``, ``-token``: an option (one or two dashes, no value
+    attached) whose name, with dashes read as underscores, looks secret."""
+    name = arg[2:] if arg.startswith("--") else arg[1:] if arg.startswith("-") else ""
+    return bool(name) and "=" not in name and \
+        _SECRET_OPTION.fullmatch(name.replace("-", "_")) is not None
 
 
 def redact_argv(argv: Sequence[Any]) -> list[Any]:
@@ -141,7 +149,7 @@ def redact_argv(argv: Sequence[Any]) -> list[Any]:
             mask_next = False
             continue
         out.append(MASK if mask_next and arg else redact_text(arg))
-        mask_next = _SECRET_OPTION.match(arg) is not None
+        mask_next = _is_secret_option(arg)
     return out
 
 

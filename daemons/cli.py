@@ -85,20 +85,42 @@ def cli(ctx: click.Context, home_dir: Path | None) -> None:
     The file contract is docs/coordination.md; operations are in docs/runbook.md.
     """
     ctx.obj = CliContext(Home.at(home_dir))
+    # Whatever the caller's umask, what harness creates is private (0700 folders, 0600
+    # files), or readable by the operator group of a shared home (2750, 0640). The store
+    # also sets each file's mode explicitly; this covers every other file (archives,
+    # worker logs, a task's results/<task_id>/, which tasks inherit).
+    os.umask(ctx.obj.home.umask())
 
 
 # ---------------------------------------------------------------------------- init
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError, OverflowError):
+        raise UsageError(f"--group: no such group {name!r}") from None
+
+
 @cli.command()
 @click.option("--force", is_flag=True, help="Rewrite config files that already exist.")
+@click.option("--group", "group", help="Share the home read-only with this operator group "
+              "(name or id): folders 2750, files 0640. Default: private (0700, 0600).")
 @json_option
 @pass_ctx
-def init(obj: CliContext, force: bool, as_json: bool) -> None:
+def init(obj: CliContext, force: bool, group: str | None, as_json: bool) -> None:
     """Create the home: directories, lock files, and commented default config.
 
-    Idempotent: existing config files are kept unless --force.
+    Idempotent: existing config files are kept unless --force. The home is 0700 and its
+    files 0600 whatever the umask (with --group: 2750 and 0640, group-readable).
     """
     home = obj.home
-    written = init_home(home, force=force)
+    gid = _group_id(group)
+    if gid is not None:
+        os.umask(0o027)
+    written = init_home(home, force=force, group=gid)
     if as_json:
         print_json({"home": str(home.root), "written": written})
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -65,7 +65,13 @@ def add_commands(group: click.Group, commands: tuple[click.Command, ...]) -> Non
             group.add_command(command)
 
 
-class IdParam(click.ParamType[str, Any]):
+if TYPE_CHECKING:  # click >= 8.2 types ParamType by its value type(s); older ones do not
+    _ParamType = click.ParamType[str, Any]
+else:
+    _ParamType = click.ParamType
+
+
+class IdParam(_ParamType):
     """A task id, worker id or worker type name, checked against the id grammar
     (coordination/ids.py) before any command builds a path from it: exit 2 otherwise."""
 

@@ -71,7 +71,7 @@ from coordination.errors import CorruptFileError, DiskFull, HarnessError, Tempor
 from coordination.events import emit
 from coordination.locks import lock_for
 from coordination.paths import Home
-from coordination.store import dumps, fsync_dir, read_json, replace_bytes
+from coordination.store import dumps, fsync_dir, open_in_folder, read_json, replace_bytes
 
 #: Read and write unit of every streamed copy (the RSS bound of a rotation is a few of these).
 CHUNK = 1 << 20
@@ -537,14 +537,18 @@ class _Run:
 
     def _repair_torn(self, r: Rotated, fd: int, start: int, end: int) -> None:
         """Move the torn bytes [start, end) of the live file to NAME.corrupt and cut them
-        off (the caller holds the file's lock). In a dry run only count them."""
+        off (the caller holds the file's lock). In a dry run only count them. Counted as
+        repaired only once both are done: a failed repair raises (and is reported as an
+        error by the caller), never counted."""
+        if not self.dry_run:
+            self._move_torn(r, fd, start, end)
         self.summary["torn_lines_repaired"] += 1
         if len(self.summary["torn"]) < _LIST_CAP:
             self.summary["torn"].append({"file": r.path.name, "offset": start,
                                          "bytes": end - start, "moved_to": r.corrupt.name})
-        if self.dry_run:
-            return
-        cfd = os.open(r.corrupt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _move_torn(self, r: Rotated, fd: int, start: int, end: int) -> None:
+        cfd = open_in_folder(r.corrupt, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             base = os.fstat(cfd).st_size
             try:

@@ -55,13 +55,15 @@ from coordination.errors import (
     InvalidTransition,
     NotFound,
     TemporaryFailure,
+    UnsafePath,
     UsageError,
 )
 from coordination.events import append_events, make_event
 from coordination.paths import Home
 from coordination.queue import TaskQueue
+from coordination.redact import redact_argv, redact_text
 from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
-from coordination.store import read_json
+from coordination.store import parse_json, prepare_task_folder, read_in_folder, read_json
 
 from .notify import Notifier
 from .task_runner import (
@@ -623,9 +625,15 @@ class Worker:
         scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
         result_file = result_dir / RESULT_FILE
-        with contextlib.suppress(OSError):
-            result_dir.mkdir(parents=True, exist_ok=True)
-            result_file.unlink(missing_ok=True)  # a previous attempt's result is not ours
+        refused: SpawnError | None = None
+        try:
+            # A real folder of the home (never a planted link), without the previous
+            # attempt's result.
+            prepare_task_folder(result_dir, RESULT_FILE)
+        except UnsafePath as exc:
+            refused = SpawnError(str(exc), retry=False, exit_code=126)
+        except OSError:
+            pass  # the task still runs (in the home); its result cannot be kept
         argv = list(task["command"])
         spec = RunSpec(
             task_id=task_id, attempt=int(task["attempts"]), argv=argv,
@@ -635,9 +643,11 @@ class Worker:
             log_max_bytes=int(self.cfg["task_log_max_bytes"]),
             kill_grace_s=float(self.cfg["kill_grace_s"]),
             limits=dict(wtype.get("limits") or {}),
-            header=header_line(task, self.worker_id, argv, now), scope=scope)
+            header=header_line(task, self.worker_id, redact_argv(argv), now), scope=scope)
         run = TaskRun(spec, wake=self.wake)
         try:
+            if refused is not None:
+                raise refused
             run.start()
         except SpawnError as exc:
             self._flush_events()  # the claim's events come before the failure's
@@ -809,18 +819,22 @@ class Worker:
 
     def _read_result(self, task: dict[str, Any], now: float) -> dict[str, Any] | None:
         path = self.home.result_dir(task["task_id"]) / RESULT_FILE
+        problem: str | None = None
         try:
-            size = path.stat().st_size
+            data = read_in_folder(path, MAX_RESULT_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        problem = None
+        except (UnsafePath, OSError) as exc:
+            data, problem = b"", str(exc)
         result: Any = None
-        if size > MAX_RESULT_BYTES:
-            problem = f"result file is {size} bytes (limit {MAX_RESULT_BYTES})"
+        if problem is not None:
+            pass
+        elif len(data) > MAX_RESULT_BYTES:
+            problem = f"result file is over {MAX_RESULT_BYTES} bytes"
         else:
             try:
-                result = read_json(path)
-            except (CorruptFileError, OSError) as exc:
+                result = parse_json(path, data)
+            except CorruptFileError as exc:
                 problem = str(exc)
             else:
                 if not isinstance(result, dict):
@@ -940,7 +954,9 @@ class Worker:
             else:
                 self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
             return "completed"
-        tail = run.tail_line()
+        # The tail of the task's output becomes last_error (queue, dead letter, events):
+        # masked here, as everything harness writes for people.
+        tail = redact_text(run.tail_line() or "")
         self.queue.fail(task_id, wid, error=phrase + (f": {tail}" if tail else ""),
                         exit_code=exit_code, result=result, now=now)
         return "failed"

@@ -72,7 +72,7 @@ have_data=0
 home_opt=""
 positional=()
 # Set by the helpers of lib/common.sh (printf -v).
-home="" lock_timeout="" durability="" event_id=""
+home="" lock_timeout="" durability="" event_id="" redact_json="" prev_size=""
 j_type="" j_message="" j_source="" j_task="" j_worker="" j_correlation=""
 j_event_id="" j_timestamp=""
 
@@ -141,19 +141,6 @@ json_quote_or_null j_task "$task" || die 2 "--task is not valid UTF-8"
 json_quote_or_null j_worker "$worker" || die 2 "--worker is not valid UTF-8"
 json_quote_or_null j_correlation "$correlation" || die 2 "--correlation is not valid UTF-8"
 
-j_data="{}"
-if ((have_data)); then
-    command -v jq >/dev/null 2>&1 || die 2 "--data needs jq, which is not installed"
-    # Exactly one JSON value, an object; compacted. (jq reads the text from stdin.)
-    if ! j_data=$(jq -cn '[inputs] | if length != 1 then error("data must be one JSON value")
-                   elif (.[0] | type) != "object" then error("data must be a JSON object")
-                   else .[0] end' 2>&1 <<<"$data"); then
-        j_data=${j_data//$'\n'/ }
-        die 2 "invalid event data: ${j_data#jq: error (at *): }"
-    fi
-    ((${#j_data} <= 65536)) || die 2 "event data is over 65536 bytes of JSON"
-fi
-
 # -- the home ------------------------------------------------------------------------------
 harness_resolve_home home "$home_opt"
 harness_require_home "$home"
@@ -168,6 +155,25 @@ fi
 command -v flock >/dev/null 2>&1 || die 2 "flock(1) is not installed (package util-linux)"
 harness_config_number lock_timeout lock_timeout_s 30
 harness_config_string durability durability fsync
+
+# -- redact (coordination/redact.py: the same patterns, plus system.json redact_patterns) ----
+harness_redact message "$message"
+((${#message} <= 16384)) || die 2 "event message is over 16384 bytes"
+json_quote j_message "$message" || die 2 "--message is not valid UTF-8"
+j_data="{}"
+if ((have_data)); then
+    command -v jq >/dev/null 2>&1 || die 2 "--data needs jq, which is not installed"
+    harness_redact_patterns_json redact_json
+    # Exactly one JSON value, an object; redacted and compacted. (jq reads it from stdin.)
+    if ! j_data=$(jq -cn --argjson pats "$redact_json" "$_HR_JQ"'
+                   [inputs] | if length != 1 then error("data must be one JSON value")
+                   elif (.[0] | type) != "object" then error("data must be a JSON object")
+                   else .[0] | red($pats) end' 2>&1 <<<"$data"); then
+        j_data=${j_data//$'\n'/ }
+        die 2 "invalid event data: ${j_data#jq: error (at *): }"
+    fi
+    ((${#j_data} <= 65536)) || die 2 "event data is over 65536 bytes of JSON"
+fi
 
 # -- append under locks/events.lock --------------------------------------------------------
 # Opened for append (O_CREAT, never O_TRUNC), like coordination.locks.
@@ -201,15 +207,21 @@ printf -v line '{"event_id":%s,"timestamp":%s,"type":%s,"severity":"%s","source"
 # One write(2) of the whole line to the O_APPEND descriptor. bash's printf goes through a
 # stdio buffer (1-4 KiB), so a longer line would leave in several writes: dd writes it
 # in one block instead (the here-string adds the newline: ${#line} + 1 bytes).
+# A failed write (disk full) may leave part of the line: the file is cut back to its size
+# before the write, under the lock, so no torn fragment is ever glued to the next line.
+prev_size=$(stat -c %s -- "$events") || die 1 "cannot stat $events"
+written=0
 if ((${#line} < 1000)); then
-    written=0
     { printf '%s\n' "$line" >&"$events_fd"; } 2>/dev/null && written=1
 else
-    written=0
-    dd bs=$((${#line} + 1)) count=1 iflag=fullblock status=none <<<"$line" >&"$events_fd" \
-        && written=1
+    { dd bs=$((${#line} + 1)) count=1 iflag=fullblock status=none <<<"$line" \
+        >&"$events_fd"; } 2>/dev/null && written=1
 fi
-((written)) || die 1 "could not append to $events (disk full?)"
+if ((!written)); then
+    truncate -s "$prev_size" -- "$events" \
+        || die 1 "could not append to $events (disk full?) nor cut back its torn line: run \`harness doctor --repair\`"
+    die 1 "could not append to $events (disk full?); the file is as it was"
+fi
 if [[ $durability == fsync ]]; then
     sync -d -- "$events" || die 1 "fdatasync of $events failed"
 fi
