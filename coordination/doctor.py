@@ -416,14 +416,16 @@ def _check_links_and_modes(home: Home, report: Report, repair: bool, now: float)
                 st = path.lstat()
             except FileNotFoundError:
                 continue
-            if stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode) and base != home.quarantine:
                 f = report.add("error", "symlink", f"{path} is a symbolic link (to "
                                f"{os.readlink(path)!r}): harness refuses to write through "
                                "it; replace it with a real file or folder", path)
-                if repair and path.parent != home.quarantine:
+                if repair:
                     _quarantine(home, path, now)
                     f.repaired = True
                 continue
+            if stat.S_ISLNK(st.st_mode):
+                continue  # a quarantined link (listed as quarantined)
             is_dir = stat.S_ISDIR(st.st_mode)
             if (st.st_mode & too_wide) == 0 and (not shared or st.st_gid == group):
                 continue

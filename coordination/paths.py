@@ -6,6 +6,7 @@ A :class:`Home` only computes paths; it creates directories only in :meth:`Home.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -193,9 +194,9 @@ class Home:
 
     def shared(self) -> bool:
         """Whether the home is shared with an operator group (``harness init --group``):
-        its root lets the group in (mode 2750). Files are then 0640, else 0600."""
+        its root has the setgid bit (mode 2750). Files are then 0640, else 0600."""
         try:
-            return bool(self.root.stat().st_mode & 0o050)
+            return bool(self.root.stat().st_mode & stat.S_ISGID)
         except FileNotFoundError:
             return False
 
@@ -227,7 +228,7 @@ class Home:
                 os.chmod(d, mode)
             if group is not None:
                 os.chown(d, -1, group)
-        file_mode = 0o640 if mode & 0o050 else 0o600
+        file_mode = 0o640 if mode & stat.S_ISGID else 0o600
         for name in LOCK_NAMES:
             fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
                          file_mode)

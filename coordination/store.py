@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,8 @@ _LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
 
 def file_mode_for(folder_mode: int) -> int:
     """The mode of a file created in a folder of mode ``folder_mode``: 0640 when the folder
-    lets its group in (a home made with ``harness init --group``), else 0600."""
-    return FILE_MODE_GROUP if folder_mode & 0o050 else FILE_MODE
+    is shared with its group (setgid, as ``harness init --group`` makes them), else 0600."""
+    return FILE_MODE_GROUP if folder_mode & stat.S_ISGID else FILE_MODE
 
 
 def _unsafe(path: Path, what: str) -> UnsafePath:
@@ -108,7 +109,7 @@ def prepare_task_folder(folder: Path, stale: str) -> None:
     neither send the task to run elsewhere nor make the worker delete a file there."""
     parent = open_folder(folder.parent)
     try:
-        mode = 0o2750 if os.fstat(parent).st_mode & 0o050 else 0o700
+        mode = 0o2750 if os.fstat(parent).st_mode & stat.S_ISGID else 0o700
         try:
             os.mkdir(folder.name, mode, dir_fd=parent)
         except FileExistsError:

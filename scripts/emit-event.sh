@@ -184,6 +184,10 @@ if ! flock -x -w "$lock_timeout" "$lock_fd"; then
     die 75 "timed out after ${lock_timeout}s waiting for $lockfile (see \`fuser $lockfile\`)"
 fi
 # Opened only under the lock: a rotation (also under the lock) never strands this line.
+# Never through a link out of the home (bash has no O_NOFOLLOW: checked just before).
+if [[ -L $events || -L $HARNESS_COORD ]]; then
+    die 2 "$events (or its folder) is a symbolic link; harness does not follow links inside the home (see \`harness doctor\`)"
+fi
 if ! { exec {events_fd}>>"$events"; } 2>/dev/null; then
     die 2 "cannot open $events for appending"
 fi
