@@ -37,7 +37,7 @@ def harness(home: Home, *args: str, umask: int = 0o022) -> subprocess.CompletedP
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "daemons", "--home", str(home.root), *args],
                           capture_output=True, text=True, env=env, timeout=120, check=False,
-                          preexec_fn=lambda: os.umask(umask))  # noqa: PLW1509
+                          preexec_fn=lambda: os.umask(umask))
 
 
 def mode(path: Path) -> int:
@@ -62,7 +62,7 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
             continue
         res = subprocess.run([str(SCRIPTS / script), *args], env=env, capture_output=True,
                              text=True, timeout=60, check=False,
-                             preexec_fn=lambda: os.umask(umask))  # noqa: PLW1509
+                             preexec_fn=lambda: os.umask(umask))
         assert res.returncode == 0, res.stderr
     assert mode(home.root) == 0o700
     for folder, dirs, files in os.walk(home.root):
