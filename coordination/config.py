@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, CorruptFileError
+from .errors import ConfigError, CorruptFileError, HarnessError
 from .ids import ID_RULE, is_valid_id
 from .paths import Home
 from .redact import pattern_problem, use_patterns
-from .store import Durability, read_json, replace_json
+from .store import Durability, parse_json, replace_bytes, replace_json
 
 Check = Callable[[Any], bool]
 
@@ -374,12 +374,45 @@ _keep = {"last_good": False}
 
 
 def keep_last_good(enabled: bool = True) -> None:
-    """Daemon mode (supervisor, worker, and the janitor and metrics runs of ``up``): a
+    """Daemon mode (supervisor, worker, the janitor and metrics runs, ``harness up``): a
     config file that turns invalid does not raise; loading returns the last value that
-    validated in this process, and :func:`config_problems` says what is wrong until the
-    file is fixed (picked up without a restart: the cache follows the file's signature).
+    validated, and :func:`config_problems` says what is wrong until the file is fixed
+    (picked up without a restart: the cache follows the file's signature). "Last" is this
+    process's, else the copy in ``config/last-good/`` that daemons keep (so a oneshot run
+    of the janitor or metrics, which has no earlier values, uses it too).
     Commands stay strict: they fail on a bad file, naming it and the key."""
     _keep["last_good"] = enabled
+
+
+def last_good_copy(path: Path) -> Path:
+    """``config/last-good/NAME``: the last version of config file ``path`` that validated,
+    kept by daemons in keep-last-good mode."""
+    return path.parent / "last-good" / path.name
+
+
+def _remember(path: Path, data: bytes) -> None:
+    """Keep ``data`` (a config file that validated) as its last-good copy, when it differs
+    (best effort: a copy that cannot be written only weakens the fallback)."""
+    copy = last_good_copy(path)
+    try:
+        if copy.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    try:
+        copy.parent.mkdir(mode=0o700, exist_ok=True)
+        replace_bytes(copy, data, "none")
+    except (OSError, HarnessError):
+        pass
+
+
+def _from_copy(path: Path, validate: Callable[[Path, Any], Any]) -> Any:
+    """The value of the last-good copy of ``path``; None when there is none or it fails."""
+    copy = last_good_copy(path)
+    try:
+        return validate(path, parse_json(copy, copy.read_bytes()))
+    except (OSError, HarnessError):
+        return None
 
 
 def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_default: Any) -> Any:
@@ -392,17 +425,25 @@ def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_defau
     if hit is None or hit[0] != sig:
         try:
             try:
-                raw = read_json(path)
+                data = path.read_bytes()
+                raw = parse_json(path, data)
             except CorruptFileError as exc:
                 raise ConfigError(str(exc)) from None
             value: Any = validate(path, raw)
             _last_good[str(path)] = value
+            if _keep["last_good"]:
+                _remember(path, data)
         except ConfigError as exc:
             value = exc  # cached too: a broken file is not re-parsed on every call
         hit = _cache[str(path)] = (sig, value)
     if isinstance(hit[1], ConfigError):
-        if _keep["last_good"] and str(path) in _last_good:
-            return _last_good[str(path)]
+        if _keep["last_good"]:
+            if str(path) not in _last_good:
+                kept = _from_copy(path, validate)
+                if kept is not None:
+                    _last_good[str(path)] = kept
+            if str(path) in _last_good:
+                return _last_good[str(path)]
         raise hit[1]
     return hit[1]
 
@@ -437,6 +478,20 @@ def config_problems(home: Home) -> list[str]:
         if hit is not None and isinstance(hit[1], ConfigError):
             problems.append(str(hit[1]))
     return problems
+
+
+def run_as_daemon(home: Home, name: str) -> None:
+    """Enter keep-last-good mode for a daemon run (the janitor and metrics oneshots) and
+    say on stderr when it runs on the last good values of an invalid config. Raises
+    ConfigError (exit 2) only when no good version was ever kept."""
+    import sys
+
+    keep_last_good()
+    load_system(home)
+    load_worker_types(home)
+    for problem in config_problems(home):
+        print(f"harness {name}: config invalid, running on the last good values "
+              f"(config/last-good/): {problem}", file=sys.stderr)
 
 
 class ConfigWatch:

@@ -77,6 +77,9 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
     from .prometheus import publish_textfile
 
     home = resolve_home(home_dir)
+    from coordination.config import run_as_daemon
+
+    run_as_daemon(home.require(), "metrics")  # an invalid config: the last good values
     snap = take_snapshot(home)
     textfile = publish_textfile(home, snap)
     if as_json:

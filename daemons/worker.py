@@ -963,6 +963,9 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------- the loop
+CONFIG_RETRY_S = 2.0  # a worker started on a bad config re-reads it this often
+
+
 def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None] | None = None) \
         -> int:
     """Run a worker until it exits; returns the process exit status (0 unless error).
@@ -991,7 +994,18 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     failure: BaseException | None = None
     try:
         wakeup.start()
-        worker.start(clock.now())
+        while True:
+            try:
+                worker.start(clock.now())
+                break
+            except ConfigError as exc:
+                # Started on an invalid config (config_invalid is emitted): wait for a good
+                # one rather than exit and have systemd give up after StartLimitBurst.
+                if worker.flag_stop:
+                    return 0
+                say(f"worker: waiting for a valid config: {exc}")
+                wakeup.wait(CONFIG_RETRY_S)
+                wakeup.clear()
         say(f"started {worker.worker_id} pid {os.getpid()} instance {options.instance}")
         while True:
             wakeup.clear()

@@ -22,13 +22,14 @@ Python writer (coordination/events.py), and print its event_id on stdout.
 Options:
   --type TYPE         event type, matching ^[a-z][a-z0-9_.-]{0,63}$ (required)
   --severity S        debug | info | warning | error | critical (default: info)
-  --message M         human-readable text, at most 16384 bytes of UTF-8 (default: "")
+  --message M         human-readable text, at most 16384 bytes of UTF-8 (default: "");
+                      secrets are masked (see Redaction)
   --source S          who emits the event (default: emit-event.sh)
   --task ID           task_id of the event (default: null)
   --worker ID         worker_id of the event (default: null)
   --correlation ID    correlation_id of the event (default: null)
   --data JSON         a JSON object, at most 65536 bytes compacted (default: {});
-                      checked and compacted with jq, the only time jq runs
+                      checked, redacted and compacted with jq, the only time jq runs
   --home DIR          the harness home (default: $HARNESS_HOME, else the first entry of
                       $STATE_DIRECTORY, else ${XDG_STATE_HOME:-~/.local/state}/harness)
   -h, --help          show this help and exit
@@ -45,15 +46,23 @@ Files:
   HOME/coordination/locks/events.lock       flock(1)ed (exclusive) around the append;
                                             never truncated or removed
   HOME/coordination/dashboard-events.jsonl  one whole line appended with one write(2)
-                                            (created if absent); fdatasync'ed when
-                                            durability is "fsync"
+                                            (created 0600 if absent); fdatasync'ed when
+                                            durability is "fsync"; a failed write is cut
+                                            off again (no torn line); never through a
+                                            symbolic link
+
+Redaction (as coordination/redact.py): token shapes (sk-..., ghp_..., github_pat_...,
+AKIA..., Bearer/Basic credentials, xox?-...), KEY=value / KEY: value with a secret-looking
+KEY, the values of secret-looking keys of --data, and the redact_patterns of system.json
+(read with jq when set) become [redacted]. Error messages are masked too.
 
 Exit status:
   0   the event was appended; its event_id is on stdout
-  1   the append failed (e.g. disk full)
+  1   the append failed (e.g. disk full); the file is as it was
   2   bad input (missing or invalid type, unknown severity, invalid or non-object data,
       oversize message or data, text that is not UTF-8, unknown option), or the home is
-      not initialised or not writable; nothing was written
+      not initialised or not writable, or the events file or its folder is a symbolic
+      link; nothing was written
   75  events.lock stayed held longer than lock_timeout_s; nothing was written
 EOF
 }
@@ -72,9 +81,28 @@ have_data=0
 home_opt=""
 positional=()
 # Set by the helpers of lib/common.sh (printf -v).
-home="" lock_timeout="" durability="" event_id="" redact_json="" prev_size=""
+home="" lock_timeout="" durability="" event_id="" redact_json=""
 j_type="" j_message="" j_source="" j_task="" j_worker="" j_correlation=""
 j_event_id="" j_timestamp=""
+
+# cut_partial_line FILE LINE: after a failed append of LINE, truncate FILE before the part
+# of LINE that reached it (a prefix of LINE, found by the line's unique event_id); status
+# 1 when that cannot be done. Forks (stat, tail, truncate) only on this failure path.
+cut_partial_line() {
+    local file=$1 line=$2 size chunk head k
+    size=$(stat -c %s -- "$file") || return 1
+    chunk=$(tail -c $((${#line} + 1)) -- "$file") || return 1
+    head=${line:0:64}  # holds the event_id: unique, so found only where our line began
+    if [[ $chunk == *"$head"* ]]; then
+        k=$((${#chunk} - ${#chunk%"$head"*}))
+        [[ ${line:0:k} == "${chunk: -k}" ]] || return 1
+    else
+        for ((k = ${#head} - 1; k > 0; k--)); do
+            [[ $chunk == *"${line:0:k}" ]] && break
+        done
+    fi
+    ((k == 0)) || truncate -s $((size - k)) -- "$file"
+}
 
 need_value() {
     (($2 >= 2)) || die 2 "option $1 needs a value (see --help)"
@@ -211,9 +239,9 @@ printf -v line '{"event_id":%s,"timestamp":%s,"type":%s,"severity":"%s","source"
 # One write(2) of the whole line to the O_APPEND descriptor. bash's printf goes through a
 # stdio buffer (1-4 KiB), so a longer line would leave in several writes: dd writes it
 # in one block instead (the here-string adds the newline: ${#line} + 1 bytes).
-# A failed write (disk full) may leave part of the line: the file is cut back to its size
-# before the write, under the lock, so no torn fragment is ever glued to the next line.
-prev_size=$(stat -c %s -- "$events") || die 1 "cannot stat $events"
+# A failed write (disk full) may leave the start of the line at the end of the file: it is
+# cut off again, under the lock (cut_partial_line), so no torn fragment is ever glued to
+# the next line.
 written=0
 if ((${#line} < 1000)); then
     { printf '%s\n' "$line" >&"$events_fd"; } 2>/dev/null && written=1
@@ -222,8 +250,8 @@ else
         >&"$events_fd"; } 2>/dev/null && written=1
 fi
 if ((!written)); then
-    truncate -s "$prev_size" -- "$events" \
-        || die 1 "could not append to $events (disk full?) nor cut back its torn line: run \`harness doctor --repair\`"
+    cut_partial_line "$events" "$line" \
+        || die 1 "could not append to $events (disk full?) nor cut off the part written: run \`harness doctor --repair\`"
     die 1 "could not append to $events (disk full?); the file is as it was"
 fi
 if [[ $durability == fsync ]]; then

@@ -76,8 +76,8 @@ def test_a_broken_file_is_not_reparsed_on_every_call(tmp_path: object,
     home = make_home(tmp_path)
     _break(home)
     calls = []
-    real = config.read_json
-    monkeypatch.setattr(config, "read_json", lambda p: calls.append(p) or real(p))
+    real = config.parse_json
+    monkeypatch.setattr(config, "parse_json", lambda p, d: calls.append(p) or real(p, d))
     for _ in range(3):
         with pytest.raises(ConfigError):
             load_system(home)
@@ -122,3 +122,43 @@ def test_supervisor_started_on_a_bad_config_waits_for_a_good_one(tmp_path: objec
     wait_until(lambda: home.health_file.exists(), what="a pass on the fixed config")
     sup.popen.send_signal(signal.SIGTERM)
     assert sup.wait(30) == 0, sup.stderr()
+
+
+def test_janitor_and_metrics_runs_use_the_last_good_copy(tmp_path: object) -> None:
+    """The oneshots of the systemd timers have no earlier values of their own: they run on
+    the copy in config/last-good/ that a daemon kept, and say so on stderr."""
+    import subprocess
+
+    home = make_home(tmp_path, durability="none")
+    env = daemon_env(PYTHONPATH=str(REPO_ROOT))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*HARNESS, *args, "--home", str(home.root)], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    assert run("janitor", "run").returncode == 0  # a daemon run keeps the good version
+    assert config.last_good_copy(home.system_config).exists()
+    _break(home)
+    for args in (("janitor", "run"), ("metrics", "snapshot")):
+        res = run(*args)
+        assert res.returncode == 0, res.stderr
+        assert "config invalid, running on the last good values" in res.stderr
+        assert "max_workers" in res.stderr
+    # without a kept copy there is nothing to fall back on: exit 2 naming the key
+    config.last_good_copy(home.system_config).unlink()
+    res = run("janitor", "run")
+    assert res.returncode == 2 and "'max_workers'" in res.stderr
+
+
+def test_worker_started_on_a_bad_config_waits_then_runs(tmp_path: object,
+                                                        procs: object) -> None:
+    home = make_home(tmp_path, durability="none")
+    _break(home)
+    worker = procs.spawn("worker", [*HARNESS, "worker", "run", "--home",  # type: ignore[attr-defined]
+                                    str(home.root)], env=daemon_env(PYTHONPATH=str(REPO_ROOT)))
+    wait_until(lambda: events(home, "config_invalid"), what="config_invalid", timeout=30)
+    assert worker.popen.poll() is None, worker.stderr()
+    set_system(home, max_workers=4)
+    worker.wait_for_line("started worker-", timeout=30)
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.stderr()

@@ -235,6 +235,9 @@ _HR_RE=(
     '(^|[^A-Za-z0-9])(xox[baprs]-)([A-Za-z0-9-]{10,})'
     "(^|[^A-Za-z0-9_])(${_HR_KEY}\"?[[:space:]]*[=:][[:space:]]*\"?)([^[:space:]\"',;&]+)"
 )
+# A cheap glob that a text must match before the regex runs (most texts match none).
+_HR_GLOB=('*[Bb][ea][as][ri][ec]*' '*sk-*' '*github_pat_*' '*gh[pousr]_*' '*AKIA*'
+    '*xox[baprs]-*' '*[=:]*')
 _HR_SECRET=(4 3 3 3 3 3 4)
 _HR_STYLE=(p e e e e e p)
 _HR_NOCASE=(0 0 0 0 0 0 1)
@@ -299,6 +302,15 @@ harness_redact() {
     [[ -n $_HR_LOADED ]] || harness_redact_init
     if [[ -n $_hr_text ]]; then
         for i in "${!_HR_RE[@]}"; do
+            # shellcheck disable=SC2053  # the right side is a glob on purpose
+            [[ $_hr_text == ${_HR_GLOB[i]} ]] || continue
+            if ((_HR_CHECK[i])); then  # an assignment needs a secret-looking key word
+                local lower=${_hr_text,,}
+                [[ $lower == *token* || $lower == *secret* || $lower == *passw* \
+                    || $lower == *api*key* || $lower == *authorization* \
+                    || $lower == *credential* || $lower == *private*key* \
+                    || $lower == *access*key* ]] || continue
+            fi
             _harness_redact_pattern "${_HR_RE[i]}" "${_HR_SECRET[i]}" "${_HR_STYLE[i]}" \
                 "${_HR_NOCASE[i]}" "${_HR_CHECK[i]}"
         done
