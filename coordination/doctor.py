@@ -486,7 +486,7 @@ def _cut_torn_tail(home: Home, path: Path, now: float) -> None:
     lock = {"dashboard-events.jsonl": "events", "metrics-snapshots.jsonl": "metrics",
             "task-history.jsonl": "history"}[path.name]
     with lock_for(home.lock_path(lock)).held_for(load_system(home).lock_timeout), \
-            open(path, "rb+") as fh:
+            os.fdopen(open_in_folder(path, os.O_RDWR), "rb+") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             block = min(size, 1 << 20)

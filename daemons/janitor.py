@@ -191,7 +191,7 @@ class _Sink:
     @classmethod
     def create(cls, path: Path, like: os.stat_result | None) -> _Sink:
         """A new file (O_EXCL) with the mode and, if possible, the owner of ``like``."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         sink = cls(fd, path)
         if like is not None:
             try:
@@ -447,7 +447,7 @@ class _Run:
 
     def _rebuild_live(self, r: Rotated, st: os.stat_result, cut: int) -> None:
         """Replace the live file by its bytes [cut, end), under its lock."""
-        fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         sink: _Sink | None = None
         try:
             end = st.st_size
@@ -562,7 +562,7 @@ class _Run:
                 raise
         finally:
             os.close(cfd)
-        wfd = os.open(r.path, os.O_WRONLY | os.O_CLOEXEC)
+        wfd = os.open(r.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             os.ftruncate(wfd, start)
             if self.fsync:
@@ -578,7 +578,8 @@ class _Run:
                                            f"pending ({r.journal.name})")
             return
         try:
-            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NOFOLLOW: a linked live file is an error (doctor: symlink), never archived
+            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         sinks: list[_Sink] = []

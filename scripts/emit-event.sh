@@ -25,8 +25,9 @@ Options:
   --message M         human-readable text, at most 16384 bytes of UTF-8 (default: "");
                       secrets are masked (see Redaction)
   --source S          who emits the event (default: emit-event.sh)
-  --task ID           task_id of the event (default: null)
-  --worker ID         worker_id of the event (default: null)
+  --task ID           task_id of the event (default: null); the id grammar
+                      ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$
+  --worker ID         worker_id of the event (default: null); the same grammar
   --correlation ID    correlation_id of the event (default: null)
   --data JSON         a JSON object, at most 65536 bytes compacted (default: {});
                       checked, redacted and compacted with jq, the only time jq runs
@@ -59,7 +60,8 @@ KEY, the values of secret-looking keys of --data, and the redact_patterns of sys
 Exit status:
   0   the event was appended; its event_id is on stdout
   1   the append failed (e.g. disk full); the file is as it was
-  2   bad input (missing or invalid type, unknown severity, invalid or non-object data,
+  2   bad input (missing or invalid type, unknown severity, invalid task or worker id,
+      invalid or non-object data,
       oversize message or data, text that is not UTF-8, unknown option), or the home is
       not initialised or not writable, or the events file or its folder is a symbolic
       link; nothing was written
@@ -161,6 +163,11 @@ case $severity in
 esac
 ((${#message} <= 16384)) || die 2 "event message is over 16384 bytes"
 [[ -n $source_ ]] || source_="emit-event.sh"
+# Task and worker ids name files (logs/tasks/<task_id>.log, worker-specs/.../<id>.json):
+# the id grammar of coordination/ids.py, so no id can name a path outside its folder.
+id_re='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+[[ -z $task || $task =~ $id_re ]] || die 2 "--task '$task' is not a valid task id (letters, digits, '.', '_', '-', at most 128, starting with a letter or digit)"
+[[ -z $worker || $worker =~ $id_re ]] || die 2 "--worker '$worker' is not a valid worker id (letters, digits, '.', '_', '-', at most 128, starting with a letter or digit)"
 
 json_quote j_type "$type_"
 json_quote j_message "$message" || die 2 "--message is not valid UTF-8"

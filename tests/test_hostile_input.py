@@ -198,3 +198,32 @@ def test_non_finite_timeout_in_a_request_is_refused(tmp_path: Path) -> None:
         TaskQueue(home).enqueue({"command": ["true"], "timeout_s": float("nan")})
     with pytest.raises(UsageError, match="finite"):
         TaskQueue(home).enqueue({"command": ["true"], "timeout_s": float("inf")})
+
+
+def test_emit_event_sh_checks_task_and_worker_ids(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    script = REPO_ROOT / "scripts" / "emit-event.sh"
+    for option in ("--task", "--worker"):
+        res = subprocess.run([str(script), "--home", str(home.root), "--type", "t",
+                              option, "../../x"], capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert res.returncode == 2, res.stderr
+        assert "is not a valid" in res.stderr
+    assert not home.events_file.exists()
+
+
+def test_timeline_skips_ids_from_hand_written_lines(tmp_path: Path) -> None:
+    """An event written by hand (or by an older version) may name any worker or task: the
+    timeline shows it but builds no path from it."""
+    home = make_home(tmp_path)
+    task_id = TaskQueue(home).enqueue({"command": ["true"]}).task["task_id"]
+    # worker-specs/active/../../../../evil.json is tmp_path/evil.json, outside the home
+    (tmp_path / "evil.json").write_bytes(orjson.dumps(
+        {"started_at": "2026-01-01T00:00:00.000Z", "instance": "LEAKED", "pid": 1}))
+    line = {"event_id": "ev-1", "timestamp": "2026-01-01T00:00:00.000Z", "type": "x",
+            "severity": "info", "source": "hand", "message": "m", "task_id": task_id,
+            "worker_id": "../../../../evil", "correlation_id": None, "data": {}}
+    home.events_file.write_bytes(orjson.dumps(line) + b"\n")
+    code, out = invoke(home, "timeline", task_id)
+    assert code == 0, out
+    assert "LEAKED" not in out
