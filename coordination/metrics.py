@@ -41,9 +41,9 @@ from .config import SystemConfig, load_system
 from .control import paused_types, read_control
 from .errors import CorruptFileError, HarnessError, NotFound
 from .events import emit
+from .ids import is_valid_id
 from .locks import lock_for
 from .paths import Home
-from .ids import is_valid_id
 from .redact import redact
 from .specs import liveness, read_specs
 from .store import (
