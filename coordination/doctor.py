@@ -34,7 +34,7 @@ from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
-from .store import iter_jsonl, open_in_folder, read_json, replace_bytes, replace_json
+from .store import iter_jsonl, move_aside, open_in_folder, read_json, replace_bytes, replace_json
 from .tasks import check_stored_task
 
 STALE_TEMP_S = 3600.0
@@ -76,10 +76,7 @@ class Report:
 
 
 def _quarantine(home: Home, path: Path, now: float) -> Path:
-    home.quarantine.mkdir(parents=True, exist_ok=True)
-    target = home.quarantine / f"{path.name}.{clock.compact(now)}"
-    os.replace(path, target)
-    return target
+    return move_aside(path, home.quarantine, clock.compact(now))
 
 
 def _parse_queue_bytes(path: Path) -> dict[str, dict[str, Any]]:

@@ -26,7 +26,7 @@ from .errors import CorruptFileError, NotFound
 from .ids import is_valid_id
 from .locks import lock_for
 from .paths import Home
-from .store import read_json, replace_json
+from .store import move_aside, read_json, replace_json
 
 SPEC_STATES = ("starting", "idle", "busy", "draining", "stopping", "stopped")
 EXIT_REASONS = ("idle", "max_tasks", "max_uptime", "drained", "signal", "error", "crashed",
@@ -148,6 +148,25 @@ def is_completed(home: Home, worker_id: Any) -> bool:
     """Whether ``worker_id`` has a completed spec (False for a string that is no worker id:
     such an id names no file)."""
     return is_valid_id(worker_id) and home.spec_file(worker_id, completed=True).exists()
+
+
+def quarantine_unusable(home: Home, now: float) -> list[tuple[Path, str]]:
+    """Move every active spec that cannot be used (:func:`check_spec`, or unparseable) to
+    ``quarantine/``, under the specs lock (re-checked there: a spec fixed meanwhile
+    stays). Returns ``(quarantined path, problem)`` pairs. Such a spec counts as no worker
+    and its running task is reclaimed as having no active spec."""
+    moved: list[tuple[Path, str]] = []
+    bad = [r for r in read_specs(home) if r.spec is None]
+    if not bad:
+        return moved
+    cfg = load_system(home)
+    with lock_for(home.lock_path("specs")).held_for(cfg.lock_timeout):
+        for item in bad:
+            again = [r for r in read_specs(home) if r.path == item.path]
+            if again and again[0].spec is None:
+                moved.append((move_aside(item.path, home.quarantine, clock.compact(now)),
+                               again[0].error or "unusable"))
+    return moved
 
 
 @dataclass

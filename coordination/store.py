@@ -146,6 +146,15 @@ def read_in_folder(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def move_aside(path: Path, folder: Path, stamp: str) -> Path:
+    """Move ``path`` (a file, or a link itself, never its target) into ``folder`` as
+    ``NAME.STAMP`` by rename; returns the new path. Used for quarantine."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = folder / f"{path.name}.{stamp}"
+    os.replace(path, target)
+    return target
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

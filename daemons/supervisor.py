@@ -78,6 +78,7 @@ from coordination.specs import (
     liveness,
     orphan_proof,
     process_start_time,
+    quarantine_unusable,
     read_specs,
 )
 from coordination.store import (
@@ -515,6 +516,17 @@ class Supervisor:
         if self.actuator is not None:
             report["exited"] = [{"instance": i, "status": s} for i, s in self.actuator.poll()]
         report["ingested"] = self._ingest(now)
+        try:
+            unusable = quarantine_unusable(self.home, now)
+        except (HarnessError, OSError) as exc:  # e.g. a busy specs lock: next pass
+            unusable = []
+            report["actions"].append(f"could not quarantine unusable worker specs: {exc}")
+        for path, problem in unusable:
+            # A spec that can never prove its worker dead would count forever: set aside.
+            report["actions"].append(f"quarantined the unusable worker spec {path.name}")
+            _emit(self.home, "worker_spec_quarantined", f"unusable worker spec moved to "
+                  f"{path}: {problem}", severity="warning",
+                  data={"path": str(path), "problem": problem})
         specs = [s.spec for s in read_specs(self.home) if s.spec is not None]
         reclaim = reclaim_pass(self.home, now, queue=self.queue, specs=specs,
                                heartbeat_timeout_s=float(cfg["heartbeat_timeout_s"]))

@@ -227,3 +227,25 @@ def test_timeline_skips_ids_from_hand_written_lines(tmp_path: Path) -> None:
     code, out = invoke(home, "timeline", task_id)
     assert code == 0, out
     assert "LEAKED" not in out
+
+
+def test_supervisor_quarantines_an_unusable_spec_and_reclaims_its_task(
+        tmp_path: Path) -> None:
+    home = make_home(tmp_path, heartbeat_timeout_s=0.1, retry_backoff_base_s=0)
+    queue = TaskQueue(home)
+    task_id = queue.enqueue({"command": ["true"]}).task["task_id"]
+    queue.claim("worker-0-x")
+    _spec(home, pid="not-a-pid", current_task_id=task_id)
+    import time
+
+    time.sleep(0.2)  # the task is older than heartbeat_timeout_s
+    result = CliRunner().invoke(cli, ["supervisor", "run", "--once", "--no-scale",
+                                      "--home", str(home.root)])
+    assert result.exit_code == 0, result.output
+    assert not (home.specs_active / "worker-0-x.json").exists()
+    assert any(n.startswith("worker-0-x.json.") for n in os.listdir(home.quarantine))
+    events = [orjson.loads(line) for line in home.events_file.read_bytes().splitlines()]
+    (event,) = [e for e in events if e["type"] == "worker_spec_quarantined"]
+    assert "pid 'not-a-pid'" in event["message"]
+    task = queue.get(task_id)
+    assert task is not None and task["status"] == "queued"  # reclaimed: no active spec
