@@ -209,14 +209,17 @@ class Home:
 
         Directories created here are 0700 whatever the umask (0750 plus setgid with a
         ``group`` id, or when the home already is shared); with ``group`` every directory
-        of the home gets that group and mode. Lock files are 0600 (0640 shared)."""
+        of the home gets that group and mode. A root that exists already (made by
+        systemd's StateDirectory= or by hand) and is open to others is tightened to 0700
+        unless shared. Lock files are 0600 (0640 shared)."""
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         if group is not None:
             os.chown(self.root, -1, group)
             os.chmod(self.root, DIR_MODE_GROUP)
-        elif created:
-            os.chmod(self.root, DIR_MODE)
+        elif created or (not self.shared() and self.root.stat().st_mode & 0o077
+                         and self.root.stat().st_uid == os.geteuid()):
+            os.chmod(self.root, DIR_MODE)  # also tightens a root made by someone else
         mode = self.expected_dir_mode()
         chain = [p for d in self.directories()
                  for p in reversed(d.relative_to(self.root).parents) if p != Path(".")]

@@ -283,3 +283,13 @@ def test_readers_keep_the_record_glued_after_a_torn_fragment(tmp_path: Path) -> 
     out = harness(home, "events", "tail")
     assert "kept" in out.stdout
     assert any(f.code == "bad_jsonl_lines" for f in check(home).findings)
+
+
+def test_init_tightens_an_existing_open_root(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    root.mkdir()
+    os.chmod(root, 0o755)  # e.g. systemd's StateDirectory= default mode
+    home = Home(root)
+    assert harness(home, "init").returncode == 0
+    assert mode(root) == 0o700
+    assert check(home).clean
