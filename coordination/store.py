@@ -29,7 +29,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 
@@ -163,7 +163,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_write_error(path: Path, exc: OSError) -> None:
+def _raise_write_error(path: Path, exc: OSError) -> NoReturn:
     if exc.errno in _DISK_FULL:
         raise DiskFull(f"{path}: no space left ({os.strerror(exc.errno or 0)}); the previous "
                        f"version is intact. Free space (`harness janitor run`) and retry.") from exc
@@ -173,7 +173,10 @@ def _raise_write_error(path: Path, exc: OSError) -> None:
 def replace_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> None:
     """Atomically publish ``data`` as ``path`` (see module docstring)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    dfd = open_folder(path.parent)  # the temp file and the rename stay in this folder
+    try:
+        dfd = open_folder(path.parent)  # the temp file and the rename stay in this folder
+    except OSError as exc:
+        _raise_write_error(path, exc)
     try:
         try:
             fd = open_in_folder(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dfd)

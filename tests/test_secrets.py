@@ -251,3 +251,18 @@ def test_worker_log_header_and_last_error_are_redacted(tmp_path: Path) -> None:
     letter = TaskQueue(home).dead_letters()[0]
     assert GHP not in (letter["last_error"] or "")
     assert "ghp_\u2026[redacted]" in letter["last_error"]
+
+
+@pytest.mark.xfail(strict=True, reason="the history record's command argv is redacted once "
+                   "coordination/queue.py _history_record builds its record with "
+                   "redact.redact_record (the queue rewrite owns that line); strict: remove "
+                   "this mark when it does")
+def test_history_records_mask_the_command_argv(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    queue = TaskQueue(home)
+    task = queue.enqueue({"max_attempts": 1,
+                          "command": ["deploy", "--password", "hunter2", f"--key={GHP}"]}).task
+    queue.claim("worker-0-x")
+    queue.fail(task["task_id"], "worker-0-x", error="boom", exit_code=1)
+    raw = home.history_file.read_bytes()
+    assert b"hunter2" not in raw and GHP.encode() not in raw
