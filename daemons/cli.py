@@ -312,7 +312,7 @@ def task_show(obj: CliContext, task_id: str, with_history: bool, archives: bool,
         return
     for key, value in out.items():
         if key != "history":
-            click.echo(f"{key:>16}: {orjson.dumps(value).decode()}")
+            click.echo(printable(f"{key:>16}: {orjson.dumps(value).decode()}"))
     for record in out.get("history", []):
         click.echo(f"  history: {record.get('recorded_at')} {record.get('outcome')} "
                    f"attempt {record.get('attempts')} "
