@@ -266,3 +266,17 @@ def test_history_records_mask_the_command_argv(tmp_path: Path) -> None:
     queue.fail(task["task_id"], "worker-0-x", error="boom", exit_code=1)
     raw = home.history_file.read_bytes()
     assert b"hunter2" not in raw and GHP.encode() not in raw
+
+
+@needs_jq
+def test_shell_data_redaction_matches_python_on_the_corpus(tmp_path: Path) -> None:
+    from coordination.redact import redact
+
+    home = make_home(tmp_path)
+    data = {f"s{i}": text for i, text in enumerate(CORPUS)}
+    res = subprocess.run([str(SCRIPTS / "emit-event.sh"), "--home", str(home.root),
+                          "--type", "t", "--data", orjson.dumps(data).decode()],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    (event,) = read_jsonl(home.events_file).records
+    assert event["data"] == redact(data)
