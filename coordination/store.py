@@ -325,27 +325,32 @@ def salvage_record(raw: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _records_of(raw: bytes) -> list[dict[str, Any]]:
-    """The records of one line: itself, or the one salvaged after a torn fragment."""
+def _records_of(raw: bytes, bad: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of one line: itself, or the one salvaged after a torn fragment. A line
+    that does not parse whole is counted in ``bad`` (one element per bad line)."""
     raw = raw.strip()
     if not raw:
         return []
     obj = parse_record(raw)
     if obj is None:
+        if bad is not None:
+            bad.append(1)
         obj = salvage_record(raw)
     return [] if obj is None else [obj]
 
 
-def read_appended(path: Path, offset: int, size: int) -> tuple[list[dict[str, Any]], int]:
+def read_appended(path: Path, offset: int, size: int, bad: list[int] | None = None
+                  ) -> tuple[list[dict[str, Any]], int]:
     """The records of the whole lines in ``path`` between ``offset`` and ``size`` (a size
     the caller just read with stat), and the offset after the last whole line: a line still
-    being written is left for the next call. Unparseable lines are skipped. The caller owns
-    rotation (a new inode, or ``size`` below ``offset``): it starts again at 0."""
+    being written is left for the next call. Unparseable lines are skipped (counted in
+    ``bad``; a record glued after a torn fragment is kept). The caller owns rotation (a new
+    inode, or ``size`` below ``offset``): it starts again at 0."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         data = fh.read(max(0, size - offset))
     whole = data[:data.rfind(b"\n") + 1]
-    records = [r for raw in whole.splitlines() for r in _records_of(raw)]
+    records = [r for raw in whole.splitlines() for r in _records_of(raw, bad)]
     return records, offset + len(whole)
 
 
@@ -369,10 +374,11 @@ def read_jsonl(path: Path) -> JsonlRead:
 
 
 def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
-               end: int | None = None) -> list[dict[str, Any]]:
+               end: int | None = None, bad: list[int] | None = None) -> list[dict[str, Any]]:
     """The last ``limit`` parseable records, reading the file backwards (cheap on big files);
     with ``end``, only the bytes before that offset count (a follower that noted the size
-    first, then reads from there, sees every later line exactly once)."""
+    first, then reads from there, sees every later line exactly once). Unparseable lines
+    met on the way are counted in ``bad`` (a record glued after a torn fragment is kept)."""
     if limit <= 0:
         return []
     try:
@@ -383,7 +389,7 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
 
     def take(raw: bytes) -> None:
         if len(newest_first) < limit:
-            newest_first.extend(_records_of(raw))
+            newest_first.extend(_records_of(raw, bad))
 
     with fh:
         size = os.fstat(fh.fileno()).st_size

@@ -554,17 +554,27 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
     st = path.stat() if follow and path.exists() else None
     position, inode = (st.st_size, st.st_ino) if st else (0, None)
     # Filtering reads further back; the file is read backwards, not loaded whole.
+    bad: list[int] = []  # torn or garbage lines skipped: reported on stderr
     window = tail_jsonl(path, lines * 50 if filtered else lines,
-                        end=position if st is not None else None)
+                        end=position if st is not None else None, bad=bad)
     shown = [e for e in window if keep(e)][-lines:]
     # JSON escapes control characters by itself; both forms are redacted on display.
     emit_line = (lambda e: sys.stdout.write(orjson.dumps(redact(e)).decode() + "\n")) \
         if as_json else (lambda e: click.echo(_format_event(e)))
+
+    def report_bad() -> None:
+        if bad:
+            click.echo(f"harness: skipped {len(bad)} torn or unparseable line(s) of {path} "
+                       "(see `harness doctor`)", err=True)
+            bad.clear()
+
     if as_json and not follow:
         print_json([redact(e) for e in shown])
+        report_bad()
         return
     for e in shown:
         emit_line(e)
+    report_bad()
     if not follow:
         return
     sys.stdout.flush()
@@ -586,7 +596,8 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
                     # the old one (events_keep_lines); resume after the last event read.
                     inode, position, skip_to = st.st_ino, 0, last_id
                 if size > position:
-                    parsed, position = read_appended(path, position, size)
+                    parsed, position = read_appended(path, position, size, bad)
+                    report_bad()
                     if skip_to is not None:
                         ids = [e.get("event_id") for e in parsed]
                         if skip_to in ids:

@@ -282,6 +282,7 @@ def test_readers_keep_the_record_glued_after_a_torn_fragment(tmp_path: Path) -> 
         ["ev-0", "ev-2"]
     out = harness(home, "events", "tail")
     assert "kept" in out.stdout
+    assert "skipped 1 torn or unparseable line(s)" in out.stderr
     assert any(f.code == "bad_jsonl_lines" for f in check(home).findings)
 
 
