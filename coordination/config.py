@@ -13,7 +13,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,15 +374,18 @@ _last_good: dict[str, Any] = {}
 _keep = {"last_good": False}
 
 
-def keep_last_good(enabled: bool = True) -> None:
+def keep_last_good(enabled: bool = True) -> bool:
     """Daemon mode (supervisor, worker, the janitor and metrics runs, ``harness up``): a
     config file that turns invalid does not raise; loading returns the last value that
     validated, and :func:`config_problems` says what is wrong until the file is fixed
     (picked up without a restart: the cache follows the file's signature). "Last" is this
     process's, else the copy in ``config/last-good/`` that daemons keep (so a oneshot run
     of the janitor or metrics, which has no earlier values, uses it too).
-    Commands stay strict: they fail on a bad file, naming it and the key."""
+    Commands stay strict: they fail on a bad file, naming it and the key. Returns the
+    previous mode (a daemon run restores it when it ends)."""
+    before = _keep["last_good"]
     _keep["last_good"] = enabled
+    return before
 
 
 def last_good_copy(path: Path) -> Path:
@@ -480,18 +484,31 @@ def config_problems(home: Home) -> list[str]:
     return problems
 
 
-def run_as_daemon(home: Home, name: str) -> None:
-    """Enter keep-last-good mode for a daemon run (the janitor and metrics oneshots) and
-    say on stderr when it runs on the last good values of an invalid config. Raises
+@contextmanager
+def keeping_last_good() -> Iterator[None]:
+    """:func:`keep_last_good` for the length of a daemon's run (the mode is restored after,
+    so a daemon run inside a command or a test leaves the process strict)."""
+    before = keep_last_good(True)
+    try:
+        yield
+    finally:
+        keep_last_good(before)
+
+
+@contextmanager
+def daemon_run(home: Home, name: str) -> Iterator[None]:
+    """Keep-last-good mode for a oneshot daemon run (the janitor and metrics timers),
+    saying on stderr when it runs on the last good values of an invalid config. Raises
     ConfigError (exit 2) only when no good version was ever kept."""
     import sys
 
-    keep_last_good()
-    load_system(home)
-    load_worker_types(home)
-    for problem in config_problems(home):
-        print(f"harness {name}: config invalid, running on the last good values "
-              f"(config/last-good/): {problem}", file=sys.stderr)
+    with keeping_last_good():
+        load_system(home)
+        load_worker_types(home)
+        for problem in config_problems(home):
+            print(f"harness {name}: config invalid, running on the last good values "
+                  f"(config/last-good/): {problem}", file=sys.stderr)
+        yield
 
 
 class ConfigWatch:

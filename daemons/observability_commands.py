@@ -77,11 +77,11 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
     from .prometheus import publish_textfile
 
     home = resolve_home(home_dir)
-    from coordination.config import run_as_daemon
+    from coordination.config import daemon_run
 
-    run_as_daemon(home.require(), "metrics")  # an invalid config: the last good values
-    snap = take_snapshot(home)
-    textfile = publish_textfile(home, snap)
+    with daemon_run(home.require(), "metrics"):  # an invalid config: the last good values
+        snap = take_snapshot(home)
+        textfile = publish_textfile(home, snap)
     if as_json:
         print_json(snap)
     elif not quiet:

@@ -1206,6 +1206,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
     watcher = PidWatcher(wakeup.set)
     sup: Supervisor | None = None
     ticks = list(ticks)
+    keep_before = keep_last_good()  # restored when the loop ends (see the finally)
     try:
         if adopt_orphans:
             from .task_runner import become_subreaper
@@ -1215,7 +1216,6 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
         watcher.start()
         # A bad system.json never stops the supervisor: it runs on the last good values
         # and reports config_invalid; started with a bad file, it waits for a good one.
-        keep_last_good()
         config_watch = ConfigWatch()
         while True:
             _emit_config_events(home, config_watch)
@@ -1304,6 +1304,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             notifier.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            keep_last_good(keep_before)
             lock.release()
 
 

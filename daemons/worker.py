@@ -975,7 +975,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     ends the grace; SIGHUP re-reads config.
     """
     say = out or (lambda line: print(line, flush=True))
-    keep_last_good()  # a config edited into a bad state never stops a running worker
+    keep_before = keep_last_good()  # a config turned bad never stops a running worker
     subreaper = become_subreaper()
     notifier = Notifier()
     wakeup = Wakeup(home)
@@ -1029,6 +1029,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
             notifier.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            keep_last_good(keep_before)
     reason = worker.exit_reason or "error"
     if worker.worker_id:
         say(f"stopped {worker.worker_id} exit_reason {reason} tasks_done "

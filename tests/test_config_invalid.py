@@ -162,3 +162,19 @@ def test_worker_started_on_a_bad_config_waits_then_runs(tmp_path: object,
     worker.wait_for_line("started worker-", timeout=30)
     worker.popen.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.stderr()
+
+
+def test_a_daemon_run_in_process_leaves_the_process_strict(tmp_path: object) -> None:
+    from click.testing import CliRunner
+
+    from daemons.cli import cli
+
+    home = make_home(tmp_path, durability="none")
+    for args in (["supervisor", "run", "--once", "--no-scale"], ["janitor", "run"],
+                 ["metrics", "snapshot", "-q"]):
+        result = CliRunner().invoke(cli, [*args, "--home", str(home.root)])
+        assert result.exit_code == 0, result.output
+    load_system(home)
+    _break(home)
+    with pytest.raises(ConfigError):
+        load_system(home)
