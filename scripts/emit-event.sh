@@ -211,7 +211,10 @@ if ((have_data)); then
 fi
 
 # -- append under locks/events.lock --------------------------------------------------------
-# Opened for append (O_CREAT, never O_TRUNC), like coordination.locks.
+# Opened for append (O_CREAT, never O_TRUNC), like coordination.locks; never a link.
+if [[ -L $lockfile || -L $HARNESS_COORD/locks ]]; then
+    die 2 "$lockfile (or its folder) is a symbolic link; harness does not follow links inside the home (see \`harness doctor\`)"
+fi
 if ! { exec {lock_fd}>>"$lockfile"; } 2>/dev/null; then
     die 2 "cannot open $lockfile for locking"
 fi

@@ -294,3 +294,19 @@ def test_init_tightens_an_existing_open_root(tmp_path: Path) -> None:
     assert harness(home, "init").returncode == 0
     assert mode(root) == 0o700
     assert check(home).clean
+
+
+def test_a_linked_lock_file_is_refused(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    outside = tmp_path / "elsewhere.lock"
+    home.lock_path("events").unlink()
+    home.lock_path("events").symlink_to(outside)
+    res = harness(home, "events", "emit", "--type", "t")
+    assert res.returncode == 1 and "symbolic link" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not outside.exists()
+    sh = subprocess.run([str(SCRIPTS / "emit-event.sh"), "--home", str(home.root),
+                         "--type", "t"], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert sh.returncode == 2 and "symbolic link" in sh.stderr
+    assert not outside.exists()
