@@ -371,6 +371,9 @@ def scope_properties(wtype: dict[str, Any]) -> dict[str, str]:
 _cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
 #: Per config file: the last value that validated in this process, kept for daemons.
 _last_good: dict[str, Any] = {}
+#: The bytes of that version, and the signature last kept as config/last-good/NAME.
+_good_bytes: dict[str, bytes] = {}
+_remembered: dict[str, tuple[int, int, int]] = {}
 _keep = {"last_good": False}
 
 
@@ -435,11 +438,15 @@ def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_defau
                 raise ConfigError(str(exc)) from None
             value: Any = validate(path, raw)
             _last_good[str(path)] = value
-            if _keep["last_good"]:
-                _remember(path, data)
+            _good_bytes[str(path)] = data
         except ConfigError as exc:
             value = exc  # cached too: a broken file is not re-parsed on every call
         hit = _cache[str(path)] = (sig, value)
+    if _keep["last_good"] and not isinstance(hit[1], ConfigError) \
+            and _remembered.get(str(path)) != sig:
+        # once per version, also for one read before this process became a daemon
+        _remember(path, _good_bytes[str(path)])
+        _remembered[str(path)] = sig
     if isinstance(hit[1], ConfigError):
         if _keep["last_good"]:
             if str(path) not in _last_good:

@@ -15,9 +15,9 @@ Guarantees
   ``O_NOFOLLOW | O_DIRECTORY`` and the file relative to that descriptor (openat) with
   ``O_NOFOLLOW``, so neither the file nor its folder can be a symbolic link planted or
   swapped in; :class:`UnsafePath` is raised instead (:func:`open_in_folder`).
-- Modes do not depend on the umask: files are created ``0600`` (``0640`` in a folder that
-  gives its group access, as a home made by ``harness init --group`` does) and set with
-  fchmod (:func:`file_mode_for`).
+- Modes do not depend on the umask: files are created ``0600`` (``0640`` in a setgid
+  folder, as a home made by ``harness init --group`` has) and set with fchmod
+  (:func:`file_mode_for`).
 """
 
 from __future__ import annotations
