@@ -310,3 +310,32 @@ def test_a_linked_lock_file_is_refused(tmp_path: Path) -> None:
                         check=False)
     assert sh.returncode == 2 and "symbolic link" in sh.stderr
     assert not outside.exists()
+
+
+def test_failed_appends_past_rlimit_fsize_leave_no_torn_line(tmp_path: Path) -> None:
+    """The same guarantee without root: RLIMIT_FSIZE makes the write stop part-way
+    (EFBIG, SIGXFSZ ignored), from the shell and from Python."""
+    home = make_home(tmp_path, durability="none")
+    limit = 4 * 1024  # bash's ulimit -f counts KiB
+    pad = limit - 10 - len(b'{"pad":""}\n')
+    append_bytes(home.events_file, orjson.dumps({"pad": "p" * pad}) + b"\n", "none")
+    before = home.events_file.read_bytes()
+    assert len(before) == limit - 10
+    for message in ("short message", "m" * 3000):
+        res = subprocess.run(
+            ["bash", "-c", 'trap "" XFSZ; ulimit -f 4; exec "$@"', "bash",
+             str(SCRIPTS / "emit-event.sh"), "--home", str(home.root), "--type", "t",
+             "--message", message], capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 1, res.stderr
+        assert home.events_file.read_bytes() == before  # no partial line left
+        assert "the file is as it was" in res.stderr
+    code = ("import resource, signal, sys; from pathlib import Path; "
+            "from coordination.store import append_bytes; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "append_bytes(Path(sys.argv[1]), b'{\"event\": \"' + b'x' * 100 + b'\"}\\n', 'none')")
+    res = subprocess.run([sys.executable, "-c", code, str(home.events_file)],
+                         capture_output=True, text=True, timeout=60, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert res.returncode == 1 and "DiskFull" in res.stderr, res.stderr  # a short write
+    assert home.events_file.read_bytes() == before
+    _lines_are_whole(home.events_file)
