@@ -191,7 +191,8 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     if as_json:
         print_json(summary)
     else:
-        click.echo("\n".join(format_status(summary)))
+        # alert messages and pause reasons are free text: control characters shown escaped
+        click.echo("\n".join(printable(line) for line in format_status(summary)))
 
 
 # ---------------------------------------------------------------------------- check

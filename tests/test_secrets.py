@@ -280,3 +280,12 @@ def test_shell_data_redaction_matches_python_on_the_corpus(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     (event,) = read_jsonl(home.events_file).records
     assert event["data"] == redact(data)
+
+
+def test_status_escapes_alert_messages(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    emit(home, "disk", severity="error", message="full \x1b]0;owned\x07 \x1b[2J")
+    code, out = invoke(home, "status")
+    assert code == 0, out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out
