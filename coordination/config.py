@@ -10,16 +10,20 @@ Loaded files are cached per process and re-read when their inode, size or mtime 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, CorruptFileError
+from .errors import ConfigError, CorruptFileError, HarnessError
+from .ids import ID_RULE, is_valid_id
 from .paths import Home
-from .store import Durability, read_json, replace_json
+from .redact import pattern_problem, use_patterns
+from .store import Durability, parse_json, read_json, replace_bytes, replace_json
 
 Check = Callable[[Any], bool]
 
@@ -34,7 +38,8 @@ class Key:
 
 
 def _num(lo: float = 0, hi: float = float("inf")) -> Check:
-    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) \
+        and math.isfinite(v) and lo <= v <= hi
 
 
 def _int(lo: int = 0, hi: int = 2**62) -> Check:
@@ -154,6 +159,10 @@ SYSTEM_KEYS: tuple[Key, ...] = (
     Key("retention_task_logs_days", 14, _num(0), "number >= 0",
         "logs/tasks/<task_id>.log of finished tasks older than this are pruned."),
     # -- observability: metrics and `harness check` thresholds ----------------------------
+    Key("redact_patterns", [], _str_list, "list of regexes",
+        "Extra secret patterns: each match is shown and stored as [redacted] (events, "
+        "history, task show, the shell scripts). POSIX extended regexes without (?, "
+        "backslash classes, lazy quantifiers or [:class:] (docs/coordination.md, Redaction)."),
     Key("metrics_textfile", None, lambda v: v is None or isinstance(v, str), "null or path",
         "Also write the Prometheus exposition atomically here (node_exporter textfile)."),
     Key("check_queue_depth", [500, 900], _pair(), "[warning, critical]",
@@ -260,14 +269,16 @@ def default_system() -> dict[str, Any]:
     return {"_comments": doc, "version": 1, **{k.name: k.default for k in SYSTEM_KEYS}}
 
 
-def init_home(home: Home, *, force: bool = True, **system_overrides: Any) -> list[str]:
-    """Create the home's directories and lock files, and publish (by rename)
-    ``config/system.json`` (the defaults plus ``system_overrides``) and
-    ``config/worker-types.json`` (the defaults). With ``force`` False a config file that
-    exists is kept, except that a worker-types.json with the legacy top-level key ``types``
-    is republished with it renamed ``worker_types`` (content and order otherwise kept).
-    Returns the paths written ([] when both were kept)."""
-    home.create()
+def init_home(home: Home, *, force: bool = True, group: int | None = None,
+              **system_overrides: Any) -> list[str]:
+    """Create the home's directories and lock files (0700, or shared with ``group``: see
+    :meth:`Home.create`), and publish (by rename) ``config/system.json`` (the defaults
+    plus ``system_overrides``) and ``config/worker-types.json`` (the defaults). With
+    ``force`` False a config file that exists is kept, except that a worker-types.json with
+    the legacy top-level key ``types`` is republished with it renamed ``worker_types``
+    (content and order otherwise kept). Returns the paths written ([] when both were
+    kept)."""
+    home.create(group)
     system = default_system()
     system.update(system_overrides)
     written = []
@@ -334,6 +345,10 @@ def validate_system(path: Path, raw: Any) -> SystemConfig:
         if not key.check(value):
             raise ConfigError(f"{path}: key {name!r} must be {key.expect}, got {value!r}")
         values[name] = value
+    for index, pattern in enumerate(values["redact_patterns"]):
+        problem = pattern_problem(pattern)
+        if problem is not None:
+            raise ConfigError(f"{path}: key 'redact_patterns'[{index}] {pattern!r} {problem}")
     if values["min_workers"] > values["max_workers"]:
         raise ConfigError(f"{path}: key 'min_workers' ({values['min_workers']}) exceeds "
                           f"'max_workers' ({values['max_workers']})")
@@ -361,6 +376,8 @@ def validate_worker_types(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
     types: dict[str, dict[str, Any]] = {}
     for name, spec in raw[key].items():
         where = f"{path}: {key}.{name}"
+        if not is_valid_id(name):
+            raise ConfigError(f"{path}: worker type name {name!r} is not valid ({ID_RULE})")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where} must be an object")
         clean: dict[str, Any] = {"description": "", "command_template": None,
@@ -405,6 +422,57 @@ def scope_properties(wtype: dict[str, Any]) -> dict[str, str]:
 
 
 _cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
+#: Per config file: the last value that validated in this process, kept for daemons.
+_last_good: dict[str, Any] = {}
+#: The bytes of that version, and the signature last kept as config/last-good/NAME.
+_good_bytes: dict[str, bytes] = {}
+_remembered: dict[str, tuple[int, int, int]] = {}
+_keep = {"last_good": False}
+
+
+def keep_last_good(enabled: bool = True) -> bool:
+    """Daemon mode (supervisor, worker, the janitor and metrics runs, ``harness up``): a
+    config file that turns invalid does not raise; loading returns the last value that
+    validated, and :func:`config_problems` says what is wrong until the file is fixed
+    (picked up without a restart: the cache follows the file's signature). "Last" is this
+    process's, else the copy in ``config/last-good/`` that daemons keep (so a oneshot run
+    of the janitor or metrics, which has no earlier values, uses it too).
+    Commands stay strict: they fail on a bad file, naming it and the key. Returns the
+    previous mode (a daemon run restores it when it ends)."""
+    before = _keep["last_good"]
+    _keep["last_good"] = enabled
+    return before
+
+
+def last_good_copy(path: Path) -> Path:
+    """``config/last-good/NAME``: the last version of config file ``path`` that validated,
+    kept by daemons in keep-last-good mode."""
+    return path.parent / "last-good" / path.name
+
+
+def _remember(path: Path, data: bytes) -> None:
+    """Keep ``data`` (a config file that validated) as its last-good copy, when it differs
+    (best effort: a copy that cannot be written only weakens the fallback)."""
+    copy = last_good_copy(path)
+    try:
+        if copy.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    try:
+        copy.parent.mkdir(mode=0o700, exist_ok=True)
+        replace_bytes(copy, data, "none")
+    except (OSError, HarnessError):
+        pass
+
+
+def _from_copy(path: Path, validate: Callable[[Path, Any], Any]) -> Any:
+    """The value of the last-good copy of ``path``; None when there is none or it fails."""
+    copy = last_good_copy(path)
+    try:
+        return validate(path, parse_json(copy, copy.read_bytes()))
+    except (OSError, HarnessError):
+        return None
 
 
 def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_default: Any) -> Any:
@@ -414,26 +482,119 @@ def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_defau
         return validate(path, missing_default)
     sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     hit = _cache.get(str(path))
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-    try:
-        raw = read_json(path)
-    except CorruptFileError as exc:
-        raise ConfigError(str(exc)) from None
-    value = validate(path, raw)
-    _cache[str(path)] = (sig, value)
-    return value
+    if hit is None or hit[0] != sig:
+        try:
+            try:
+                data = path.read_bytes()
+                raw = parse_json(path, data)
+            except CorruptFileError as exc:
+                raise ConfigError(str(exc)) from None
+            value: Any = validate(path, raw)
+            _last_good[str(path)] = value
+            _good_bytes[str(path)] = data
+        except ConfigError as exc:
+            value = exc  # cached too: a broken file is not re-parsed on every call
+        hit = _cache[str(path)] = (sig, value)
+    if _keep["last_good"] and not isinstance(hit[1], ConfigError) \
+            and _remembered.get(str(path)) != sig:
+        # once per version, also for one read before this process became a daemon
+        _remember(path, _good_bytes[str(path)])
+        _remembered[str(path)] = sig
+    if isinstance(hit[1], ConfigError):
+        if _keep["last_good"]:
+            if str(path) not in _last_good:
+                kept = _from_copy(path, validate)
+                if kept is not None:
+                    _last_good[str(path)] = kept
+            if str(path) in _last_good:
+                return _last_good[str(path)]
+        raise hit[1]
+    return hit[1]
 
 
 def load_system(home: Home) -> SystemConfig:
-    """The validated system config (defaults when the file is absent)."""
-    return _load_cached(home.system_config, validate_system, {})  # type: ignore[no-any-return]
+    """The validated system config (defaults when the file is absent). Applies its
+    ``redact_patterns`` to this process's redaction (coordination/redact.py)."""
+    cfg: SystemConfig = _load_cached(home.system_config, validate_system, {})
+    use_patterns(cfg.values["redact_patterns"])
+    return cfg
 
 
 def load_worker_types(home: Home) -> dict[str, dict[str, Any]]:
     """Validated worker types by name (the built-in defaults when the file is absent)."""
     return _load_cached(  # type: ignore[no-any-return]
         home.worker_types_config, validate_worker_types, DEFAULT_WORKER_TYPES)
+
+
+def config_problems(home: Home) -> list[str]:
+    """What is wrong with the home's config files now ([] when both validate). In
+    :func:`keep_last_good` mode the daemons run on the last good values meanwhile."""
+    problems = []
+    for path, validate, default in (
+            (home.system_config, validate_system, {}),
+            (home.worker_types_config, validate_worker_types, DEFAULT_WORKER_TYPES)):
+        try:
+            _load_cached(path, validate, default)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        hit = _cache.get(str(path))
+        if hit is not None and isinstance(hit[1], ConfigError):
+            problems.append(str(hit[1]))
+    return problems
+
+
+@contextmanager
+def keeping_last_good() -> Iterator[None]:
+    """:func:`keep_last_good` for the length of a daemon's run (the mode is restored after,
+    so a daemon run inside a command or a test leaves the process strict)."""
+    before = keep_last_good(True)
+    try:
+        yield
+    finally:
+        keep_last_good(before)
+
+
+@contextmanager
+def daemon_run(home: Home, name: str) -> Iterator[None]:
+    """Keep-last-good mode for a oneshot daemon run (the janitor and metrics timers),
+    saying on stderr when it runs on the last good values of an invalid config. Raises
+    ConfigError (exit 2) only when no good version was ever kept."""
+    import sys
+
+    with keeping_last_good():
+        load_system(home)
+        load_worker_types(home)
+        for problem in config_problems(home):
+            print(f"harness {name}: config invalid, running on the last good values "
+                  f"(config/last-good/): {problem}", file=sys.stderr)
+        yield
+
+
+class ConfigWatch:
+    """Turns :func:`config_problems` into events for a daemon: one ``config_invalid``
+    (severity error) when the config turns bad or the problem changes, one
+    ``config_valid`` when it validates again. No I/O besides reading the config."""
+
+    def __init__(self) -> None:
+        self.reported: tuple[str, ...] = ()
+
+    def check(self, home: Home) -> list[dict[str, Any]]:
+        """The events (``type``, ``severity``, ``message``, ``data``) to emit now."""
+        problems = tuple(config_problems(home))
+        if problems == self.reported:
+            return []
+        before, self.reported = self.reported, problems
+        if problems:
+            kept = "keeping the last good values" if all(
+                str(p) in _last_good for p in (home.system_config, home.worker_types_config)
+                if p.exists()) else "no good version was read yet"
+            return [{"type": "config_invalid", "severity": "error",
+                     "message": f"config invalid ({kept}): {'; '.join(problems)}",
+                     "data": {"problems": list(problems)}}]
+        return [{"type": "config_valid", "severity": "info",
+                 "message": "config valid again: the daemons use the fixed file",
+                 "data": {"resolved": list(before)}}]
 
 
 def config_reference_markdown() -> str:

@@ -8,6 +8,7 @@ newer than their start applies to them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +78,7 @@ def pause_type(home: Home, worker_type: str, *, duration: float | None = None,
     if worker_type not in known:
         raise UsageError(f"unknown worker type {worker_type!r}; known: "
                          f"{', '.join(sorted(known))}")
-    if duration is not None and duration <= 0:
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UsageError(f"pause duration (--for) must be > 0 seconds, got {duration}")
     ts = clock.now() if now is None else now
     info = {"since": clock.iso(ts), "until": None if duration is None else clock.iso(ts + duration),

@@ -38,7 +38,7 @@ from .errors import ConfigError, CorruptFileError, HarnessError
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
-from .store import iter_jsonl, read_json
+from .store import iter_jsonl, move_aside, open_in_folder, read_json
 
 STALE_TEMP_S = 3600.0
 
@@ -79,10 +79,7 @@ class Report:
 
 
 def _quarantine(home: Home, path: Path, now: float) -> Path:
-    home.quarantine.mkdir(parents=True, exist_ok=True)
-    target = home.quarantine / f"{path.name}.{clock.compact(now)}"
-    os.replace(path, target)
-    return target
+    return move_aside(path, home.quarantine, clock.compact(now))
 
 
 def check(home: Home, *, repair: bool = False, now: float | None = None) -> Report:
@@ -108,7 +105,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
         if not lock.exists():
             f = report.add("warning", "missing_lock", f"missing lock file {lock}", lock)
             if repair and home.locks.is_dir():
-                os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o664))
+                os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o600))
                 f.repaired = True
     try:
         cfg = load_system(home)
@@ -136,6 +133,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
         _check_stray_task_processes(home, report, tasks, repair)
     _check_temp_files(home, report, repair, ts)
     _check_web_token(home, report, repair)
+    _check_links_and_modes(home, report, repair, ts)
     for path in (home.events_file, home.metrics_file, home.history_file):
         _check_jsonl(home, path, report, repair, ts)
     if home.quarantine.is_dir():
@@ -346,6 +344,59 @@ def _check_temp_files(home: Home, report: Report, repair: bool, now: float) -> N
                 f.repaired = True
 
 
+def _check_links_and_modes(home: Home, report: Report, repair: bool, now: float) -> None:
+    """Symbolic links anywhere in the home (harness never follows them: a write through
+    one is refused), and modes wider than the contract: folders 0700 (2750 in a home
+    shared with a group), files 0600 (0640 shared); never anything for others, never
+    group write. ``--repair`` quarantines a link (the link itself, not its target) and
+    sets the expected mode (and the home's group, when shared)."""
+    shared = home.shared()
+    dir_mode = home.expected_dir_mode()
+    file_mode = 0o640 if shared else 0o600
+    group = home.root.stat().st_gid if shared else None
+    too_wide = 0o027 if shared else 0o077
+    for folder, dirs, files in os.walk(home.root):
+        base = Path(folder)
+        for name in [*dirs, *files]:
+            path = base / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode) and base != home.quarantine:
+                f = report.add("error", "symlink", f"{path} is a symbolic link (to "
+                               f"{os.readlink(path)!r}): harness refuses to write through "
+                               "it; replace it with a real file or folder", path)
+                if repair:
+                    _quarantine(home, path, now)
+                    f.repaired = True
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue  # a quarantined link (listed as quarantined)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if (st.st_mode & too_wide) == 0 and (not shared or st.st_gid == group):
+                continue
+            want = dir_mode if is_dir else file_mode
+            f = report.add("warning", "bad_mode", f"{path} has mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}; expected {want:04o}"
+                           + (" and the home's group" if shared else ""), path)
+            if repair and st.st_uid == os.geteuid():
+                if group is not None:
+                    os.chown(path, -1, group)
+                os.chmod(path, want)
+                f.repaired = True
+    try:
+        st = home.root.stat()
+    except FileNotFoundError:
+        return
+    if st.st_mode & too_wide:
+        f = report.add("warning", "bad_mode", f"{home.root} has mode "
+                       f"{stat.S_IMODE(st.st_mode):04o}; expected {dir_mode:04o}", home.root)
+        if repair:
+            os.chmod(home.root, dir_mode)
+            f.repaired = True
+
+
 def _check_jsonl(home: Home, path: Path, report: Report, repair: bool, now: float) -> None:
     bad: list[int] = []
     last = 0
@@ -382,7 +433,7 @@ def _cut_torn_tail(home: Home, path: Path, now: float) -> None:
     lock = {"dashboard-events.jsonl": "events", "metrics-snapshots.jsonl": "metrics",
             "task-history.jsonl": "history"}[path.name]
     with lock_for(home.lock_path(lock)).held_for(load_system(home).lock_timeout), \
-            open(path, "rb+") as fh:
+            os.fdopen(open_in_folder(path, os.O_RDWR), "rb+") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             block = min(size, 1 << 20)
@@ -392,6 +443,10 @@ def _cut_torn_tail(home: Home, path: Path, now: float) -> None:
             fragment = tail[cut:]
             if not fragment:  # the line was whole by the time we held the lock
                 return
-            with open(path.with_name(path.name + ".corrupt"), "ab") as out:
-                out.write(fragment + b"\n")
+            corrupt = open_in_folder(path.with_name(path.name + ".corrupt"),
+                                     os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(corrupt, fragment + b"\n")
+            finally:
+                os.close(corrupt)
             fh.truncate(size - block + cut)

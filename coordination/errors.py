@@ -71,3 +71,8 @@ class Backpressure(TemporaryFailure):
 
 class DiskFull(HarnessError):
     """A write failed with ENOSPC/EDQUOT. The previous version of the file is intact."""
+
+
+class UnsafePath(HarnessError):
+    """A path inside the home is a symbolic link (or its folder is one): harness refuses to
+    follow it out of the home, writes nothing there, and ``harness doctor`` reports it."""

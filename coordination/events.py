@@ -8,14 +8,15 @@ Lines are appended whole under ``locks/events.lock`` (see :func:`store.append_li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 from typing import Any
 
 from . import clock
-from .config import load_system
-from .errors import UsageError
+from .config import load_system, validate_system
+from .errors import ConfigError, UsageError
 from .locks import lock_for
 from .paths import Home
 from .redact import redact, redact_text
@@ -74,7 +75,12 @@ def append_events(home: Home, events: list[dict[str, Any]], *,
     worker's rate of short tasks."""
     if not events:
         return
-    cfg = load_system(home)
+    try:
+        cfg = load_system(home)
+    except ConfigError:
+        # Appending stays possible while system.json is invalid (with the default lock
+        # timeout and durability), so that config_invalid itself can be reported.
+        cfg = validate_system(home.system_config, {})
     data = b"".join(dumps(event) + b"\n" for event in events)
     with lock_for(home.lock_path("events")).held_for(cfg.lock_timeout):
         append_bytes(home.events_file, data, cfg.durability if durability is None
@@ -96,6 +102,8 @@ def create_events_file(home: Home) -> bool:
 
 def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:
     """Build, append and return one event (see :func:`make_event` for the fields)."""
+    with contextlib.suppress(ConfigError):
+        load_system(home)  # its redact_patterns apply to this event (append_events reports)
     event = make_event(event_type, **fields)
     append_events(home, [event])
     return event

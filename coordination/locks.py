@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LockTimeout
+from .errors import LockTimeout, UnsafePath
 
 _registry: dict[str, FileLock] = {}
 _registry_guard = threading.Lock()
@@ -59,7 +59,17 @@ class FileLock:
             self._depth += 1
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+            # 0600: never wider than the home's files (harness init creates them first);
+            # O_NOFOLLOW: a lock file swapped for a link is an error (doctor: symlink).
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafePath(f"{self.path} is a symbolic link; harness does not "
+                                     "follow links inside the home (see `harness doctor`)"
+                                     ) from None
+                raise
             try:
                 self._flock(fd, deadline, timeout)
             except BaseException:

@@ -42,6 +42,7 @@ from .config import SystemConfig, load_system
 from .control import paused_types, read_control
 from .errors import CorruptFileError, HarnessError, NotFound
 from .events import emit, recent_events
+from .ids import is_valid_id
 from .locks import lock_for
 from .paths import Home
 from .redact import redact
@@ -1148,10 +1149,11 @@ def build_timeline(home: Home, task_id: str | None = None, correlation_id: str |
     workers = {str(x.get("worker_id")) for x in [*history, *events, *live]
                if x.get("worker_id")}
     for worker_id in sorted(workers):
-        for folder, state in ((home.specs_active, "active"),
-                              (home.specs_completed, "completed")):
+        if not is_valid_id(worker_id):
+            continue  # a hand-written event's worker_id names no spec file
+        for completed, state in ((False, "active"), (True, "completed")):
             try:
-                spec = read_json(folder / f"{worker_id}.json")
+                spec = read_json(home.spec_file(worker_id, completed))
             except (FileNotFoundError, CorruptFileError, OSError):
                 continue
             if not isinstance(spec, dict):
@@ -1170,6 +1172,8 @@ def build_timeline(home: Home, task_id: str | None = None, correlation_id: str |
                     f"{spec.get('current_task_id') or '-'})", worker=worker_id)
             break
     for tid in sorted(task_ids):
+        if not is_valid_id(tid):
+            continue  # an id from a hand-written record names no log
         log = home.task_log(tid)
         lines = tail_lines(log, log_lines)
         if lines:

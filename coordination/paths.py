@@ -6,11 +6,17 @@ A :class:`Home` only computes paths; it creates directories only in :meth:`Home.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from .errors import NotInitialized
+from .ids import check_id
+
+#: Directory modes: a private home, and one shared with an operator group (setgid).
+DIR_MODE = 0o700
+DIR_MODE_GROUP = 0o2750
 
 #: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
 #: ``supervisor`` is held by a running supervisor for its whole life (one per home).
@@ -167,14 +173,21 @@ class Home:
     def results(self) -> Path:
         return self.root / "results"
 
+    # Every path built from an id checks the id first (coordination/ids.py): an id from
+    # the command line, the inbox or a file can never name a path outside its folder.
     def task_log(self, task_id: str) -> Path:
-        return self.task_logs / f"{task_id}.log"
+        return self.task_logs / f"{check_id(task_id, 'task id')}.log"
 
     def result_dir(self, task_id: str) -> Path:
-        return self.results / task_id
+        return self.results / check_id(task_id, "task id")
 
     def dead_letter(self, task_id: str) -> Path:
-        return self.dead_letters / f"{task_id}.json"
+        return self.dead_letters / f"{check_id(task_id, 'task id')}.json"
+
+    def spec_file(self, worker_id: str, completed: bool = False) -> Path:
+        """``worker-specs/{active,completed}/<worker_id>.json``."""
+        folder = self.specs_completed if completed else self.specs_active
+        return folder / f"{check_id(worker_id, 'worker id')}.json"
 
     # -- lifecycle -------------------------------------------------------------------------
     def directories(self) -> tuple[Path, ...]:
@@ -185,13 +198,59 @@ class Home:
             self.quarantine, self.logs, self.task_logs, self.results,
         )
 
-    def create(self) -> None:
-        """Create every directory and lock file (idempotent; never truncates a lock file)."""
-        for d in self.directories():
-            d.mkdir(parents=True, exist_ok=True)
+    def shared(self) -> bool:
+        """Whether the home is shared with an operator group (``harness init --group``):
+        its root has the setgid bit (mode 2750). Files are then 0640, else 0600."""
+        try:
+            return bool(self.root.stat().st_mode & stat.S_ISGID)
+        except FileNotFoundError:
+            return False
+
+    def expected_dir_mode(self) -> int:
+        """0700, or 2750 (setgid: new files get the group) in a shared home."""
+        return DIR_MODE_GROUP if self.shared() else DIR_MODE
+
+    def create(self, group: int | None = None) -> None:
+        """Create every directory and lock file (idempotent; never truncates a lock file).
+
+        Directories created here are 0700 whatever the umask (0750 plus setgid with a
+        ``group`` id, or when the home already is shared); with ``group`` every directory
+        of the home gets that group and mode. A root that exists already (made by
+        systemd's StateDirectory= or by hand) and is open to others is tightened to 0700
+        unless shared. Lock files are 0600 (0640 shared)."""
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if group is not None:
+            os.chown(self.root, -1, group)
+            os.chmod(self.root, DIR_MODE_GROUP)
+        elif created or (not self.shared() and self.root.stat().st_mode & 0o077
+                         and self.root.stat().st_uid == os.geteuid()):
+            os.chmod(self.root, DIR_MODE)  # also tightens a root made by someone else
+        mode = self.expected_dir_mode()
+        chain = [p for d in self.directories()
+                 for p in reversed(d.relative_to(self.root).parents) if p != Path(".")]
+        for d in dict.fromkeys([*(self.root / p for p in chain), *self.directories()]):
+            if not d.exists():
+                d.mkdir(exist_ok=True)
+                os.chmod(d, mode)  # explicit: the umask does not decide
+            elif group is not None:
+                os.chmod(d, mode)
+            if group is not None:
+                os.chown(d, -1, group)
+        file_mode = 0o640 if mode & stat.S_ISGID else 0o600
         for name in LOCK_NAMES:
-            fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT, 0o664)
-            os.close(fd)
+            fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                         file_mode)
+            try:
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                    os.fchmod(fd, file_mode)
+            finally:
+                os.close(fd)
+
+    def umask(self) -> int:
+        """The umask harness processes of this home run with: 077, or 027 when shared."""
+        return 0o027 if self.shared() else 0o077
 
     def require(self) -> Home:
         """Return self if initialised, else raise :class:`NotInitialized` naming the path."""

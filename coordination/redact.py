@@ -17,12 +17,25 @@ argument; it returns new containers and leaves other objects as they are):
    secret (as in rule 1; a value made only of digits is kept). The shape's public prefix
    stays visible: ``sk-…[redacted]``, ``ghp_…[redacted]``, ``Bearer [redacted]``.
 
-The functions are pure and cheap on strings without a match (one combined regex search).
+3. **Configured patterns.** ``redact_patterns`` in system.json adds regexes whose whole
+   match becomes ``[redacted]`` (:func:`use_patterns`, called by the config loader, so every
+   process that read its config applies them). They are POSIX extended regexes of the
+   portable subset that Python, bash's ``[[ =~ ]]`` and jq all read the same way
+   (:func:`pattern_problem`), because scripts/lib/common.sh applies them too.
+4. **Argv.** :func:`redact_argv` also masks the element after a secret-named option
+   (``--password hunter2``, ``--api-key K``); :func:`redact_record` masks a task record
+   (``description``, ``last_error``, ``command``, ``result``) for the history and for display.
+
+:func:`printable` escapes control characters (terminal escape sequences) for display.
+
+The functions are pure (given the configured patterns) and cheap on strings without a match
+(one combined regex search).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -61,13 +74,118 @@ def _mask_match(match: re.Match[str]) -> str:
     return keep + ELLIPSIS + MASK
 
 
+#: The configured extra patterns (``redact_patterns``), as given and compiled.
+_extra: tuple[tuple[str, ...], tuple[re.Pattern[str], ...]] = ((), ())
+
+
+def pattern_problem(pattern: Any) -> str | None:
+    """Why ``pattern`` cannot be a ``redact_patterns`` entry; None when it can.
+
+    An entry is a non-empty POSIX extended regex without the constructs Python, bash and jq
+    read differently: no ``(?`` groups, no backslash class or anchor (``\\d \\w \\s \\b``, back
+    references), no lazy quantifier, no POSIX bracket class (``[:digit:]``), no newline;
+    and it may not match the empty string."""
+    if not isinstance(pattern, str) or not pattern:
+        return "must be a non-empty string"
+    if "\n" in pattern or "\x00" in pattern:
+        return "may not contain a newline or NUL"
+    if "(?" in pattern:
+        return "may not use (? groups (lookarounds, flags, named groups)"
+    if re.search(r"\\[A-Za-z0-9]", pattern):
+        return r"may not use backslash classes or references (\d \w \s \b \1...): " \
+               "use [0-9], [A-Za-z0-9_], [ ]"
+    if re.search(r"[*+?}]\?", pattern):
+        return "may not use lazy quantifiers (*? +? ?? {n,m}?)"
+    if re.search(r"\[[:=.]", pattern) and re.search(r"\[\[|\[[:=.][A-Za-z_]+[:=.]\]", pattern):
+        return "may not use POSIX bracket classes ([:digit:]): list the characters"
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        return f"is not a valid regex: {exc}"
+    if compiled.fullmatch("") is not None:
+        return "matches the empty string"
+    return None
+
+
+def use_patterns(patterns: Sequence[str]) -> None:
+    """Make ``patterns`` (validated ``redact_patterns``) the process's extra patterns."""
+    global _extra
+    given = tuple(patterns)
+    if given != _extra[0]:
+        _extra = (given, tuple(re.compile(p) for p in given))
+
+
 def redact_text(text: str) -> str:
-    """``text`` with every token shape masked (see the module docstring)."""
-    if not text or _ANY.search(text) is None:
+    """``text`` with every token shape and configured pattern masked (module docstring)."""
+    if not text:
         return text
-    for _, pattern in _PATTERNS:
-        text = pattern.sub(_mask_match, text)
+    if _ANY.search(text) is not None:
+        for _, pattern in _PATTERNS:
+            text = pattern.sub(_mask_match, text)
+    for extra in _extra[1]:
+        text = extra.sub(MASK, text)
     return text
+
+
+_SECRET_OPTION = re.compile(r"(?i:" + _KEY_WORD + r")")
+
+
+def _is_secret_option(arg: str) -> bool:
+    """``--password``, ``--api-key``, ``-token``: an option (one or two dashes, no value
+    attached) whose name, with dashes read as underscores, looks secret."""
+    name = arg[2:] if arg.startswith("--") else arg[1:] if arg.startswith("-") else ""
+    return bool(name) and "=" not in name and \
+        _SECRET_OPTION.fullmatch(name.replace("-", "_")) is not None
+
+
+def redact_argv(argv: Sequence[Any]) -> list[Any]:
+    """An argv with every element redacted (:func:`redact_text`), and the element after a
+    secret-named option without a value (``--password``, ``--api-key``) masked whole."""
+    out: list[Any] = []
+    mask_next = False
+    for arg in argv:
+        if not isinstance(arg, str):
+            out.append(arg)
+            mask_next = False
+            continue
+        out.append(MASK if mask_next and arg else redact_text(arg))
+        mask_next = _is_secret_option(arg)
+    return out
+
+
+def redact_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a task, history record or dead letter fit for the history and for
+    display: ``description`` and ``last_error`` redacted, ``command`` through
+    :func:`redact_argv`, ``result`` through :func:`redact`; other fields as they are.
+    The live task keeps its exact command: a retry needs it."""
+    out = dict(record)
+    for key in ("description", "last_error"):
+        if isinstance(out.get(key), str):
+            out[key] = redact_text(out[key])
+    if isinstance(out.get("command"), list):
+        out["command"] = redact_argv(out["command"])
+    if out.get("result") is not None:
+        out["result"] = redact(out["result"])
+    if isinstance(out.get("history"), list):
+        out["history"] = [redact_record(r) if isinstance(r, dict) else r
+                          for r in out["history"]]
+    return out
+
+
+# C0 and C1 controls and DEL, except tab and newline.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_NL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: every control character (ESC and the rest of
+    C0 and C1, DEL; newlines too unless ``keep_newlines``) shown as ``\\xNN``, so an event
+    message or a task's output can never move the cursor, retitle the window or hide
+    text. Tabs stay."""
+    pattern = _CONTROL if keep_newlines else _CONTROL_NL
+    if pattern.search(text) is None:
+        return text
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 @lru_cache(maxsize=4096)
@@ -116,4 +234,5 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["MASK", "SECRET_KEY_PARTS", "redact", "redact_text", "secret_key_kind"]
+__all__ = ["MASK", "SECRET_KEY_PARTS", "pattern_problem", "printable", "redact", "redact_argv",
+           "redact_record", "redact_text", "secret_key_kind", "use_patterns"]

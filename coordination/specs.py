@@ -23,9 +23,10 @@ import psutil
 from . import clock
 from .config import load_system
 from .errors import CorruptFileError, NotFound
+from .ids import is_valid_id
 from .locks import lock_for
 from .paths import Home
-from .store import read_json, replace_json
+from .store import move_aside, read_json, replace_json
 
 SPEC_STATES = ("starting", "idle", "busy", "draining", "stopping", "stopped")
 EXIT_REASONS = ("idle", "max_tasks", "max_uptime", "drained", "signal", "error", "crashed",
@@ -71,7 +72,8 @@ def new_spec(worker_id: str, instance: str, now: float, *, types: list[str] | No
 
 
 def active_path(home: Home, worker_id: str) -> Path:
-    return home.specs_active / f"{worker_id}.json"
+    """The active spec of ``worker_id`` (UsageError when it is not a valid worker id)."""
+    return home.spec_file(worker_id)
 
 
 def write_spec(home: Home, spec: dict[str, Any], *, create: bool = False) -> bool:
@@ -107,6 +109,75 @@ def complete_spec(home: Home, worker_id: str, exit_reason: str, now: float,
     return dict(spec)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_spec(spec: Any, stem: str | None = None) -> list[str]:
+    """What is wrong with a worker spec as read from a file ([] when it is usable).
+
+    A spec is usable only when liveness can be proven from it one day: a valid
+    ``worker_id`` (equal to the file name's ``stem``), a positive integer ``pid``, a
+    non-empty ``hostname``; and when the fields other code reads have their types
+    (``current_task_id`` null or a task id, ``heartbeat_at`` a string, counters integers).
+    An unusable spec is reported (status, doctor), never counted as a worker, and
+    quarantined by ``harness doctor --repair``."""
+    if not isinstance(spec, dict):
+        return ["not a JSON object"]
+    problems = []
+    worker_id = spec.get("worker_id")
+    if not is_valid_id(worker_id):
+        problems.append(f"worker_id {worker_id!r} is not a valid worker id")
+    elif stem is not None and worker_id != stem:
+        problems.append(f"worker_id {worker_id!r} does not match the file name")
+    pid = spec.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        problems.append(f"pid {pid!r} is not a positive integer")
+    if not isinstance(spec.get("hostname"), str) or not spec.get("hostname"):
+        problems.append("hostname is missing")
+    current = spec.get("current_task_id")
+    if current is not None and not is_valid_id(current):
+        problems.append(f"current_task_id {current!r} is not null or a task id")
+    for key in ("heartbeat_at", "started_at", "task_started_at", "state", "instance"):
+        if spec.get(key) is not None and not isinstance(spec.get(key), str):
+            problems.append(f"{key} must be a string")
+    for key in ("tasks_done", "tasks_failed", "tokens_used"):
+        if spec.get(key) is not None and not _is_int(spec.get(key)):
+            problems.append(f"{key} must be an integer")
+    start = spec.get("process_start_time")
+    if start is not None and (not isinstance(start, int | float) or isinstance(start, bool)):
+        problems.append("process_start_time must be a number or null")
+    if spec.get("types") is not None and not (
+            isinstance(spec["types"], list) and all(isinstance(t, str) for t in spec["types"])):
+        problems.append("types must be null or a list of strings")
+    return problems
+
+
+def is_completed(home: Home, worker_id: Any) -> bool:
+    """Whether ``worker_id`` has a completed spec (False for a string that is no worker id:
+    such an id names no file)."""
+    return is_valid_id(worker_id) and home.spec_file(worker_id, completed=True).exists()
+
+
+def quarantine_unusable(home: Home, now: float) -> list[tuple[Path, str]]:
+    """Move every active spec that cannot be used (:func:`check_spec`, or unparseable) to
+    ``quarantine/``, under the specs lock (re-checked there: a spec fixed meanwhile
+    stays). Returns ``(quarantined path, problem)`` pairs. Such a spec counts as no worker
+    and its running task is reclaimed as having no active spec."""
+    moved: list[tuple[Path, str]] = []
+    bad = [r for r in read_specs(home) if r.spec is None]
+    if not bad:
+        return moved
+    cfg = load_system(home)
+    with lock_for(home.lock_path("specs")).held_for(cfg.lock_timeout):
+        for item in bad:
+            again = [r for r in read_specs(home) if r.path == item.path]
+            if again and again[0].spec is None:
+                moved.append((move_aside(item.path, home.quarantine, clock.compact(now)),
+                               again[0].error or "unusable"))
+    return moved
+
+
 @dataclass
 class SpecRead:
     path: Path
@@ -115,7 +186,8 @@ class SpecRead:
 
 
 def read_specs(home: Home, completed: bool = False) -> list[SpecRead]:
-    """Every spec in active/ (or completed/), sorted by file name; bad files carry ``error``."""
+    """Every spec in active/ (or completed/), sorted by file name; an unparseable file or
+    an unusable spec (:func:`check_spec`) carries ``error`` and no ``spec``."""
     folder = home.specs_completed if completed else home.specs_active
     out = []
     try:
@@ -127,8 +199,9 @@ def read_specs(home: Home, completed: bool = False) -> list[SpecRead]:
         path = folder / name
         try:
             spec = read_json(path)
-            if not isinstance(spec, dict) or "worker_id" not in spec:
-                raise CorruptFileError(path, "not a worker spec object")
+            problems = check_spec(spec, path.stem)
+            if problems:
+                raise CorruptFileError(path, "invalid worker spec: " + "; ".join(problems))
             out.append(SpecRead(path, spec))
         except FileNotFoundError:
             continue  # moved while we listed

@@ -9,7 +9,15 @@ Guarantees
 - :func:`append_line`: one ``write(2)`` of one whole line with O_APPEND; callers hold the
   resource's lock so a rotating janitor never loses or duplicates it.
 - :func:`read_jsonl`: never raises on bad content; a torn or garbage line is skipped and
-  counted in :attr:`JsonlRead.bad_lines`.
+  counted in :attr:`JsonlRead.bad_lines`. A whole record glued after a torn fragment on
+  the same line is kept (:func:`salvage_record`): a torn line never loses the next one.
+- No link is followed out of the home: every write opens the file's folder with
+  ``O_NOFOLLOW | O_DIRECTORY`` and the file relative to that descriptor (openat) with
+  ``O_NOFOLLOW``, so neither the file nor its folder can be a symbolic link planted or
+  swapped in; :class:`UnsafePath` is raised instead (:func:`open_in_folder`).
+- Modes do not depend on the umask: files are created ``0600`` (``0640`` in a setgid
+  folder, as a home made by ``harness init --group`` has) and set with fchmod
+  (:func:`file_mode_for`).
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 
-from .errors import CorruptFileError, DiskFull, HarnessError
+from .errors import CorruptFileError, DiskFull, HarnessError, UnsafePath
 
 Durability = Literal["fsync", "none"]
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -39,6 +48,113 @@ def dumps_pretty(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n"
 
 
+#: Mode of every file harness creates; FILE_MODE_GROUP in a home shared with a group.
+FILE_MODE = 0o600
+FILE_MODE_GROUP = 0o640
+_LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
+
+
+def file_mode_for(folder_mode: int) -> int:
+    """The mode of a file created in a folder of mode ``folder_mode``: 0640 when the folder
+    is shared with its group (setgid, as ``harness init --group`` makes them), else 0600."""
+    return FILE_MODE_GROUP if folder_mode & stat.S_ISGID else FILE_MODE
+
+
+def _unsafe(path: Path, what: str) -> UnsafePath:
+    return UnsafePath(f"{path}: {what} is a symbolic link (or not a regular {what}); harness "
+                      f"does not follow links inside the home. Replace it with a real "
+                      f"{what} (`harness doctor` lists every link).")
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor of ``folder``, refusing a symbolic link (:class:`UnsafePath`)."""
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _LINK_ERRORS:
+            raise _unsafe(folder, "folder") from None
+        raise
+
+
+def open_in_folder(path: Path, flags: int, folder_fd: int | None = None) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)`` relative to a descriptor of its folder
+    (``folder_fd``, else one opened here with :func:`open_folder`), so neither the file
+    nor the folder may be a symbolic link (:class:`UnsafePath`). A file this call creates
+    gets :func:`file_mode_for` the folder, whatever the umask."""
+    own = folder_fd is None
+    dfd = open_folder(path.parent) if folder_fd is None else folder_fd
+    try:
+        mode = file_mode_for(os.fstat(dfd).st_mode)
+        try:
+            fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in _LINK_ERRORS:
+                raise _unsafe(path, "file") from None
+            raise
+        if flags & os.O_CREAT:
+            st = os.fstat(fd)
+            if st.st_mode & 0o777 != mode and st.st_uid == os.geteuid() and \
+                    (st.st_size == 0 or flags & os.O_EXCL):
+                os.fchmod(fd, mode)  # created now: the umask does not decide
+        return fd
+    finally:
+        if own:
+            os.close(dfd)
+
+
+def prepare_task_folder(folder: Path, stale: str) -> None:
+    """Make ``folder`` (``results/<task_id>/``) a real directory of the home and remove
+    its file ``stale`` (a previous attempt's result), without following a link: neither
+    ``folder`` nor its parent may be one (:class:`UnsafePath`), so a planted link can
+    neither send the task to run elsewhere nor make the worker delete a file there."""
+    parent = open_folder(folder.parent)
+    try:
+        mode = 0o2750 if os.fstat(parent).st_mode & stat.S_ISGID else 0o700
+        try:
+            os.mkdir(folder.name, mode, dir_fd=parent)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(folder.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in _LINK_ERRORS:
+                raise _unsafe(folder, "folder") from None
+            raise
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, mode)
+            try:
+                os.unlink(stale, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(fd)
+    finally:
+        os.close(parent)
+
+
+def read_in_folder(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` (at most ``limit`` + 1), refusing a link as the file or its
+    folder (:class:`UnsafePath`): a task's ``result.json`` linked to a file elsewhere is
+    never read into the history."""
+    fd = open_in_folder(path, os.O_RDONLY)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def move_aside(path: Path, folder: Path, stamp: str) -> Path:
+    """Move ``path`` (a file, or a link itself, never its target) into ``folder`` as
+    ``NAME.STAMP`` by rename; returns the new path. Used for quarantine."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = folder / f"{path.name}.{stamp}"
+    os.replace(path, target)
+    return target
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -47,7 +163,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_write_error(path: Path, exc: OSError) -> None:
+def _raise_write_error(path: Path, exc: OSError) -> NoReturn:
     if exc.errno in _DISK_FULL:
         raise DiskFull(f"{path}: no space left ({os.strerror(exc.errno or 0)}); the previous "
                        f"version is intact. Free space (`harness janitor run`) and retry.") from exc
@@ -58,25 +174,32 @@ def replace_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> 
     """Atomically publish ``data`` as ``path`` (see module docstring)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if durability == "fsync":
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        dfd = open_folder(path.parent)  # the temp file and the rename stay in this folder
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         _raise_write_error(path, exc)
-    if durability == "fsync":
-        fsync_dir(path.parent)
+    try:
+        try:
+            fd = open_in_folder(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if durability == "fsync":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp.name, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp.name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            _raise_write_error(path, exc)
+        if durability == "fsync":
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def replace_json(path: Path, obj: Any, durability: Durability = "fsync",
@@ -115,24 +238,27 @@ def append_bytes(path: Path, data: bytes, durability: Durability = "fsync") -> N
     so the file never keeps a torn line; then :class:`DiskFull` is raised.
     """
     try:
-        created = durability == "fsync" and not os.path.exists(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        dfd = open_folder(path.parent)
         try:
-            start = os.fstat(fd).st_size
+            fd = open_in_folder(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, dfd)
             try:
-                written = os.write(fd, data)
-            except OSError:
-                os.ftruncate(fd, start)
-                raise
-            if written != len(data):
-                os.ftruncate(fd, start)
-                raise OSError(errno.ENOSPC, "short write")
-            if durability == "fsync":
-                os.fdatasync(fd)
+                start = os.fstat(fd).st_size
+                try:
+                    written = os.write(fd, data)
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+                if written != len(data):
+                    os.ftruncate(fd, start)
+                    raise OSError(errno.ENOSPC, "short write")
+                if durability == "fsync":
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if durability == "fsync" and start == 0:
+                os.fsync(dfd)  # a new directory entry must survive a crash too
         finally:
-            os.close(fd)
-        if created:
-            fsync_dir(path.parent)  # the new directory entry must survive a crash too
+            os.close(dfd)
     except OSError as exc:
         _raise_write_error(path, exc)
 
@@ -164,7 +290,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             stripped = raw.strip()
             if not stripped:
                 continue
-            yield number, parse_record(stripped)
+            obj = parse_record(stripped)
+            yield number, obj
+            if obj is None:
+                glued = salvage_record(stripped)
+                if glued is not None:
+                    yield number, glued  # the fragment was reported bad just above
     finally:
         fh.close()
 
@@ -178,16 +309,48 @@ def parse_record(raw: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def read_appended(path: Path, offset: int, size: int) -> tuple[list[dict[str, Any]], int]:
+def salvage_record(raw: bytes) -> dict[str, Any] | None:
+    """The whole record glued after a torn fragment in an unparseable line, if any.
+
+    A writer that died mid-append (an older emit-event.sh on a full disk, a crash) leaves
+    a fragment without its newline; the next append then lands on the same line. The
+    record is the longest suffix starting at ``{"`` that parses as an object: readers keep
+    it and count the fragment as one bad line, instead of losing both."""
+    start = raw.find(b'{"', 1)
+    while start != -1:
+        obj = parse_record(raw[start:])
+        if obj is not None:
+            return obj
+        start = raw.find(b'{"', start + 1)
+    return None
+
+
+def _records_of(raw: bytes, bad: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of one line: itself, or the one salvaged after a torn fragment. A line
+    that does not parse whole is counted in ``bad`` (one element per bad line)."""
+    raw = raw.strip()
+    if not raw:
+        return []
+    obj = parse_record(raw)
+    if obj is None:
+        if bad is not None:
+            bad.append(1)
+        obj = salvage_record(raw)
+    return [] if obj is None else [obj]
+
+
+def read_appended(path: Path, offset: int, size: int, bad: list[int] | None = None
+                  ) -> tuple[list[dict[str, Any]], int]:
     """The records of the whole lines in ``path`` between ``offset`` and ``size`` (a size
     the caller just read with stat), and the offset after the last whole line: a line still
-    being written is left for the next call. Unparseable lines are skipped. The caller owns
-    rotation (a new inode, or ``size`` below ``offset``): it starts again at 0."""
+    being written is left for the next call. Unparseable lines are skipped (counted in
+    ``bad``; a record glued after a torn fragment is kept). The caller owns rotation (a new
+    inode, or ``size`` below ``offset``): it starts again at 0."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         data = fh.read(max(0, size - offset))
     whole = data[:data.rfind(b"\n") + 1]
-    records = [r for r in map(parse_record, whole.splitlines()) if r is not None]
+    records = [r for raw in whole.splitlines() for r in _records_of(raw, bad)]
     return records, offset + len(whole)
 
 
@@ -211,10 +374,11 @@ def read_jsonl(path: Path) -> JsonlRead:
 
 
 def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
-               end: int | None = None) -> list[dict[str, Any]]:
+               end: int | None = None, bad: list[int] | None = None) -> list[dict[str, Any]]:
     """The last ``limit`` parseable records, reading the file backwards (cheap on big files);
     with ``end``, only the bytes before that offset count (a follower that noted the size
-    first, then reads from there, sees every later line exactly once)."""
+    first, then reads from there, sees every later line exactly once). Unparseable lines
+    met on the way are counted in ``bad`` (a record glued after a torn fragment is kept)."""
     if limit <= 0:
         return []
     try:
@@ -224,12 +388,8 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
     newest_first: list[dict[str, Any]] = []
 
     def take(raw: bytes) -> None:
-        raw = raw.strip()
-        if not raw or len(newest_first) >= limit:
-            return
-        obj = parse_record(raw)
-        if obj is not None:
-            newest_first.append(obj)
+        if len(newest_first) < limit:
+            newest_first.extend(_records_of(raw, bad))
 
     with fh:
         size = os.fstat(fh.fileno()).st_size

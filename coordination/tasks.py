@@ -6,12 +6,14 @@ Unset values are ``null``. See docs/coordination.md, "Task".
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from typing import Any
 
 from . import clock
 from .errors import UsageError
+from .ids import ID_RE, check_id
 
 PRIORITIES = ("critical", "high", "medium", "low")
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # lower rank is claimed first
@@ -26,7 +28,7 @@ TASK_FIELDS: tuple[str, ...] = (
     "exit_code", "cancel_requested", "budget", "updated_at",
 )
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TASK_ID_RE = ID_RE
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
 TEMPLATE_FIELDS = ("description", "task_id", "priority", "worker_type", "correlation_id")
 
@@ -48,10 +50,8 @@ def _fail(where: str, msg: str) -> UsageError:
 
 
 def check_task_id(task_id: Any, where: str = "task_id") -> str:
-    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
-        raise _fail(where, f"{task_id!r} is not a valid task id (letters, digits, '.', '_', "
-                           "'-', at most 128 characters, not starting with a dot)")
-    return task_id
+    """``task_id`` when it matches the id grammar (coordination/ids.py), else UsageError."""
+    return check_id(task_id, "task id", where)
 
 
 def check_priority(value: Any, where: str = "priority") -> str:
@@ -129,9 +129,13 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
     timeout_s = request.get("timeout_s")
     if timeout_s is None:
         timeout_s = wtype.get("timeout_s")
+    # nan and inf are refused: JSON has no such numbers, so they would be stored as null,
+    # which means "no timeout" (the opposite of what was asked).
     if timeout_s is not None and (not isinstance(timeout_s, int | float)
-                                  or isinstance(timeout_s, bool) or timeout_s <= 0):
-        raise _fail(f"{where}.timeout_s", f"must be a positive number, got {timeout_s!r}")
+                                  or isinstance(timeout_s, bool)
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise _fail(f"{where}.timeout_s", f"must be a positive finite number of seconds, "
+                    f"got {timeout_s!r}")
     depends_on = request.get("depends_on") or []
     if not isinstance(depends_on, list):
         raise _fail(f"{where}.depends_on", "must be a list of task ids")

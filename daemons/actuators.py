@@ -35,6 +35,7 @@ import orjson
 import psutil
 
 from coordination.paths import Home
+from coordination.store import open_in_folder
 
 from .task_runner import parent_death_preexec
 
@@ -137,7 +138,9 @@ class ProcessActuator:
         if instance in self.children and self.children[instance].popen.poll() is None:
             raise ValueError(f"worker instance {instance} is already running")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"worker-{instance}.log", "ab") as log:
+        log_fd = open_in_folder(self.log_dir / f"worker-{instance}.log",  # never a link
+                                os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(log_fd, "ab") as log:
             popen = subprocess.Popen(self.command(instance), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT,
                                      env=self._env(instance), start_new_session=True,

@@ -21,10 +21,11 @@ from coordination.config import init_home
 from coordination.errors import EXIT_USAGE, HarnessError, NotFound, UsageError
 from coordination.events import SEVERITIES, emit
 from coordination.paths import Home
+from coordination.redact import printable, redact, redact_record
 from coordination.store import read_appended, tail_jsonl
 from coordination.tasks import PRIORITIES, STATUSES
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from .context import TASK_ID, WORKER_ID, WORKER_TYPE, CliContext, json_option, pass_ctx, print_json
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -85,25 +86,47 @@ def cli(ctx: click.Context, home_dir: Path | None) -> None:
     The file contract is docs/coordination.md; operations are in docs/runbook.md.
     """
     ctx.obj = CliContext(Home.at(home_dir))
+    # Whatever the caller's umask, what harness creates is private (0700 folders, 0600
+    # files), or readable by the operator group of a shared home (2750, 0640). The store
+    # also sets each file's mode explicitly; this covers every other file (archives,
+    # worker logs, a task's results/<task_id>/, which tasks inherit).
+    os.umask(ctx.obj.home.umask())
 
 
 # ---------------------------------------------------------------------------- init
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError, OverflowError):
+        raise UsageError(f"--group: no such group {name!r}") from None
+
+
 @cli.command()
 @click.option("--force", is_flag=True, help="Rewrite config files that already exist.")
+@click.option("--group", "group", help="Share the home read-only with this operator group "
+              "(name or id): folders 2750, files 0640. Default: private (0700, 0600).")
 @json_option
 @pass_ctx
-def init(obj: CliContext, force: bool, as_json: bool) -> None:
+def init(obj: CliContext, force: bool, group: str | None, as_json: bool) -> None:
     """Create the home: directories, lock files, commented default config, an empty
     coordination/dashboard-events.jsonl and (through the queue) task-queue.json.
 
     Idempotent: existing config files are kept unless --force (a worker-types.json with
     the legacy top-level key `types` is rewritten with it renamed `worker_types`); the
-    events file and the queue are never overwritten.
+    events file and the queue are never overwritten. The home is 0700 and its files 0600
+    whatever the umask (with --group: 2750 and 0640, group-readable).
     """
     from coordination.events import create_events_file
 
     home = obj.home
-    written = init_home(home, force=force)
+    gid = _group_id(group)
+    if gid is not None:
+        os.umask(0o027)
+    written = init_home(home, force=force, group=gid)
     if create_events_file(home):
         written.append(str(home.events_file))
     # The queue backend publishes its own (empty) state: init never writes its file.
@@ -164,10 +187,10 @@ def _read_batch(source: str) -> list[dict[str, Any]]:
 @click.option("-p", "--priority", type=click.Choice(PRIORITIES), default="medium",
               show_default=True)
 @click.option("-t", "--type", "worker_type", default="default", show_default=True,
-              help="Worker type (coordination/config/worker-types.json).")
+              type=WORKER_TYPE, help="Worker type (coordination/config/worker-types.json).")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), help="Default: system.json.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), help="Seconds.")
-@click.option("--depends-on", multiple=True, help="Task id that must complete first "
+@click.option("--depends-on", multiple=True, type=TASK_ID, help="Task id that must complete first "
               "(repeatable).")
 @click.option("--dedup-key", help="If a live task holds this key, return it instead.")
 @click.option("--not-before", help="Earliest start: a timestamp or +SECONDS.")
@@ -243,7 +266,7 @@ def _task_line(t: dict[str, Any]) -> str:
     return _TASK_COLUMNS.format(t["task_id"], t["status"], t["priority"],
                                 f"{t['attempts']}/{t['max_attempts']}",
                                 t.get("worker_id") or "-",
-                                (t.get("description") or argv)[:60]).rstrip()
+                                printable((t.get("description") or argv)[:60])).rstrip()
 
 
 @task.command("list")
@@ -269,7 +292,8 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
              if (status is None or t["status"] == status)
              and (priority is None or t["priority"] == priority)]
     tasks.sort(key=lambda t: (PRIORITY_RANK[t["priority"]], t["created_at"], t["task_id"]))
-    tasks = tasks[:limit] if limit else tasks
+    # Shown redacted (the queue keeps the exact text, which a retry needs).
+    tasks = [redact_record(t) for t in (tasks[:limit] if limit else tasks)]
     if pending:
         click.echo(f"{pending} request(s) pending in coordination/inbox/ (the queue lock is "
                    "busy; they are admitted by its holder or `harness queue ingest`)",
@@ -286,7 +310,7 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
 
 
 @task.command("show")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @click.option("--history", "with_history", is_flag=True, help="Include every history record.")
 @click.option("--archives", is_flag=True,
               help="Also search the janitor's archives (task-history.N.jsonl.gz): finds "
@@ -309,19 +333,21 @@ def task_show(obj: CliContext, task_id: str, with_history: bool, archives: bool,
     out: dict[str, Any] = dict(found)
     if with_history:
         out["history"] = records if records is not None else queue.history_of(task_id)
+    out = redact_record(out)  # also masks what older versions wrote in clear
     if as_json:
         print_json(out)
         return
     for key, value in out.items():
         if key != "history":
-            click.echo(f"{key:>16}: {orjson.dumps(value).decode()}")
+            click.echo(printable(f"{key:>16}: {orjson.dumps(value).decode()}"))
     for record in out.get("history", []):
         click.echo(f"  history: {record.get('recorded_at')} {record.get('outcome')} "
-                   f"attempt {record.get('attempts')} {record.get('last_error') or ''}")
+                   f"attempt {record.get('attempts')} "
+                   f"{printable(str(record.get('last_error') or ''))}")
 
 
 @task.command("cancel")
-@click.argument("task_ids", nargs=-1, required=True)
+@click.argument("task_ids", nargs=-1, required=True, type=TASK_ID)
 @click.option("--reason", default="cancelled by operator", show_default=True)
 @json_option
 @pass_ctx
@@ -338,7 +364,7 @@ def task_cancel(obj: CliContext, task_ids: tuple[str, ...], reason: str, as_json
 
 
 @task.command("retry")
-@click.argument("task_ids", nargs=-1, required=True)
+@click.argument("task_ids", nargs=-1, required=True, type=TASK_ID)
 @json_option
 @pass_ctx
 def task_retry(obj: CliContext, task_ids: tuple[str, ...], as_json: bool) -> None:
@@ -353,7 +379,7 @@ def task_retry(obj: CliContext, task_ids: tuple[str, ...], as_json: bool) -> Non
 
 
 @task.command("set-priority")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @click.argument("priority", type=click.Choice(PRIORITIES))
 @json_option
 @pass_ctx
@@ -438,19 +464,19 @@ def dlq() -> None:
 @pass_ctx
 def dlq_list(obj: CliContext, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    letters = obj.queue().dead_letters()
+    letters = [redact_record(t) for t in obj.queue().dead_letters()]
     if as_json:
         print_json(letters)
         return
     for t in letters:
         click.echo(f"{t['task_id']}  {t.get('completed_at')}  attempts {t['attempts']}  "
-                   f"{(t.get('last_error') or '')[:70]}")
+                   f"{printable((t.get('last_error') or '')[:70])}")
     if not letters:
         click.echo("no dead letters", err=True)
 
 
 @dlq.command("requeue")
-@click.argument("task_ids", nargs=-1)
+@click.argument("task_ids", nargs=-1, type=TASK_ID)
 @click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead letter.")
 @json_option
 @pass_ctx
@@ -469,7 +495,7 @@ def dlq_requeue(obj: CliContext, task_ids: tuple[str, ...], requeue_all: bool,
 
 
 @dlq.command("purge")
-@click.argument("task_ids", nargs=-1)
+@click.argument("task_ids", nargs=-1, type=TASK_ID)
 @click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation with --all.")
 @json_option
@@ -499,8 +525,8 @@ def events() -> None:
 @click.option("--severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
 @click.option("--message", default="")
 @click.option("--source", default="cli", show_default=True)
-@click.option("--task", "task_id")
-@click.option("--worker", "worker_id")
+@click.option("--task", "task_id", type=TASK_ID)
+@click.option("--worker", "worker_id", type=WORKER_ID)
 @click.option("--correlation", "correlation_id")
 @click.option("--data", "data_json", help="A JSON object.")
 @json_option
@@ -543,9 +569,11 @@ def _event_matches(e: dict[str, Any], types: tuple[str, ...], min_severity: str 
 
 
 def _format_event(e: dict[str, Any]) -> str:
+    """One event as a line of text: control characters escaped (a message can never
+    drive the terminal), secrets masked (lines written by older versions or by hand)."""
     ids = " ".join(f"{k}={e[k]}" for k in ("task_id", "worker_id") if e.get(k))
-    return (f"{e.get('timestamp')} {e.get('severity', '?'):<8} {e.get('type')}"
-            f"  {e.get('message', '')}  {ids}").rstrip()
+    return printable(f"{e.get('timestamp')} {e.get('severity', '?'):<8} {e.get('type')}"
+                     f"  {redact(e.get('message', ''))}  {ids}").rstrip()
 
 
 @events.command("tail")
@@ -553,8 +581,8 @@ def _format_event(e: dict[str, Any]) -> str:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
 @click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
 @click.option("--severity", type=click.Choice(SEVERITIES), help="At least this severity.")
-@click.option("--task", "task_id")
-@click.option("--worker", "worker_id")
+@click.option("--task", "task_id", type=TASK_ID)
+@click.option("--worker", "worker_id", type=WORKER_ID)
 @click.option("--correlation")
 @click.option("--since", help="Timestamp, or -SECONDS for 'that long ago'.")
 @json_option
@@ -577,16 +605,27 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
     st = path.stat() if follow and path.exists() else None
     position, inode = (st.st_size, st.st_ino) if st else (0, None)
     # Filtering reads further back; the file is read backwards, not loaded whole.
+    bad: list[int] = []  # torn or garbage lines skipped: reported on stderr
     window = tail_jsonl(path, lines * 50 if filtered else lines,
-                        end=position if st is not None else None)
+                        end=position if st is not None else None, bad=bad)
     shown = [e for e in window if keep(e)][-lines:]
-    emit_line = (lambda e: sys.stdout.write(orjson.dumps(e).decode() + "\n")) if as_json \
-        else (lambda e: click.echo(_format_event(e)))
+    # JSON escapes control characters by itself; both forms are redacted on display.
+    emit_line = (lambda e: sys.stdout.write(orjson.dumps(redact(e)).decode() + "\n")) \
+        if as_json else (lambda e: click.echo(_format_event(e)))
+
+    def report_bad() -> None:
+        if bad:
+            click.echo(f"harness: skipped {len(bad)} torn or unparseable line(s) of {path} "
+                       "(see `harness doctor`)", err=True)
+            bad.clear()
+
     if as_json and not follow:
-        print_json(shown)
+        print_json([redact(e) for e in shown])
+        report_bad()
         return
     for e in shown:
         emit_line(e)
+    report_bad()
     if not follow:
         return
     sys.stdout.flush()
@@ -608,7 +647,8 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
                     # the old one (events_keep_lines); resume after the last event read.
                     inode, position, skip_to = st.st_ino, 0, last_id
                 if size > position:
-                    parsed, position = read_appended(path, position, size)
+                    parsed, position = read_appended(path, position, size, bad)
+                    report_bad()
                     if skip_to is not None:
                         ids = [e.get("event_id") for e in parsed]
                         if skip_to in ids:
@@ -658,9 +698,21 @@ def doctor(obj: CliContext, repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+def check_arguments(argv: list[str]) -> None:
+    """Refuse arguments that are not valid UTF-8 (Python hands them over with lone
+    surrogates, which no file of the contract can hold) with a UsageError naming each."""
+    for number, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise UsageError(f"argument {number} ({shown!r}) is not valid UTF-8") from None
+
+
 def main() -> None:
     """Console entry point; click usage errors exit 2."""
     try:
+        check_arguments(sys.argv[1:])
         cli(standalone_mode=True)
     except HarnessError as exc:  # raised outside a command (e.g. while parsing)
         click.echo(f"harness: {exc}", err=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
+from coordination.errors import UsageError
+from coordination.ids import check_id
 from coordination.paths import Home
 
 
@@ -81,3 +83,31 @@ def add_commands(group: click.Group, commands: tuple[click.Command, ...]) -> Non
                 existing.add_command(sub, name)
         else:
             group.add_command(command)
+
+
+if TYPE_CHECKING:  # click >= 8.2 types ParamType by its value type(s); older ones do not
+    _ParamType = click.ParamType[str, Any]
+else:
+    _ParamType = click.ParamType
+
+
+class IdParam(_ParamType):
+    """A task id, worker id or worker type name, checked against the id grammar
+    (coordination/ids.py) before any command builds a path from it: exit 2 otherwise."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = kind
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            return check_id(value, self.kind, where=param.get_error_hint(ctx) if param and ctx
+                            else None)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TASK_ID = IdParam("task id")
+WORKER_ID = IdParam("worker id")
+WORKER_TYPE = IdParam("worker type")

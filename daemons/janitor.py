@@ -71,7 +71,7 @@ from coordination.errors import CorruptFileError, DiskFull, HarnessError, Tempor
 from coordination.events import emit
 from coordination.locks import lock_for
 from coordination.paths import Home
-from coordination.store import dumps, fsync_dir, read_json, replace_bytes
+from coordination.store import dumps, fsync_dir, open_in_folder, read_json, replace_bytes
 
 #: Read and write unit of every streamed copy (the RSS bound of a rotation is a few of these).
 CHUNK = 1 << 20
@@ -191,7 +191,7 @@ class _Sink:
     @classmethod
     def create(cls, path: Path, like: os.stat_result | None) -> _Sink:
         """A new file (O_EXCL) with the mode and, if possible, the owner of ``like``."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         sink = cls(fd, path)
         if like is not None:
             try:
@@ -447,7 +447,7 @@ class _Run:
 
     def _rebuild_live(self, r: Rotated, st: os.stat_result, cut: int) -> None:
         """Replace the live file by its bytes [cut, end), under its lock."""
-        fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         sink: _Sink | None = None
         try:
             end = st.st_size
@@ -537,14 +537,18 @@ class _Run:
 
     def _repair_torn(self, r: Rotated, fd: int, start: int, end: int) -> None:
         """Move the torn bytes [start, end) of the live file to NAME.corrupt and cut them
-        off (the caller holds the file's lock). In a dry run only count them."""
+        off (the caller holds the file's lock). In a dry run only count them. Counted as
+        repaired only once both are done: a failed repair raises (and is reported as an
+        error by the caller), never counted."""
+        if not self.dry_run:
+            self._move_torn(r, fd, start, end)
         self.summary["torn_lines_repaired"] += 1
         if len(self.summary["torn"]) < _LIST_CAP:
             self.summary["torn"].append({"file": r.path.name, "offset": start,
                                          "bytes": end - start, "moved_to": r.corrupt.name})
-        if self.dry_run:
-            return
-        cfd = os.open(r.corrupt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _move_torn(self, r: Rotated, fd: int, start: int, end: int) -> None:
+        cfd = open_in_folder(r.corrupt, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             base = os.fstat(cfd).st_size
             try:
@@ -558,7 +562,7 @@ class _Run:
                 raise
         finally:
             os.close(cfd)
-        wfd = os.open(r.path, os.O_WRONLY | os.O_CLOEXEC)
+        wfd = os.open(r.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             os.ftruncate(wfd, start)
             if self.fsync:
@@ -574,7 +578,8 @@ class _Run:
                                            f"pending ({r.journal.name})")
             return
         try:
-            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NOFOLLOW: a linked live file is an error (doctor: symlink), never archived
+            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         sinks: list[_Sink] = []

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from coordination import clock
+from coordination.config import daemon_run
 
 from .context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
 from .janitor import JanitorFailed, format_summary, run_janitor
@@ -45,7 +46,8 @@ def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: 
     """
     home = resolve_home(home_dir).require()
     try:
-        summary = run_janitor(home, clock.now(), dry_run=dry_run)
+        with daemon_run(home, "janitor"):  # an invalid config: the last good values
+            summary = run_janitor(home, clock.now(), dry_run=dry_run)
     except JanitorFailed as exc:
         _show(exc.summary, as_json)
         raise

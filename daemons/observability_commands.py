@@ -15,9 +15,18 @@ from typing import Any
 
 import click
 
-from coordination.errors import EXIT_USAGE, HarnessError, UsageError
+from coordination.errors import EXIT_USAGE, ConfigError, HarnessError, UsageError
+from coordination.redact import printable
 
-from .context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
+from .context import (
+    TASK_ID,
+    CliContext,
+    home_option,
+    json_option,
+    pass_ctx,
+    print_json,
+    resolve_home,
+)
 
 #: Monitoring-plugin exit codes of ``harness check``.
 CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
@@ -69,8 +78,11 @@ def metrics_snapshot(obj: CliContext, home_dir: Path | None, quiet: bool,
     from .prometheus import publish_textfile
 
     home = resolve_home(home_dir)
-    snap = take_snapshot(home)
-    textfile = publish_textfile(home, snap)
+    from coordination.config import daemon_run
+
+    with daemon_run(home.require(), "metrics"):  # an invalid config: the last good values
+        snap = take_snapshot(home)
+        textfile = publish_textfile(home, snap)
     if as_json:
         print_json(snap)
     elif not quiet:
@@ -204,7 +216,8 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     if as_json:
         print_json(summary)
     else:
-        click.echo("\n".join(format_status(summary)))
+        # alert messages and pause reasons are free text: control characters shown escaped
+        click.echo("\n".join(printable(line) for line in format_status(summary)))
 
 
 # ---------------------------------------------------------------------------- check
@@ -247,13 +260,17 @@ def check(obj: CliContext, home_dir: Path | None, no_alerts: bool, as_json: bool
     except Exception as exc:  # any failure to read the home is UNKNOWN, never a traceback
         message = (str(exc) if isinstance(exc, HarnessError | OSError)
                    else f"{type(exc).__name__}: {exc}").replace("\n", " ")
+        # An invalid config is known to be bad: the daemons run on stale values
+        # (config_invalid) until it is fixed. That is CRITICAL, not UNKNOWN.
+        state, code = (("CRITICAL", CHECK_CRITICAL) if isinstance(exc, ConfigError)
+                       else ("UNKNOWN", CHECK_UNKNOWN))
         if as_json:
-            print_json({"status": "UNKNOWN", "exit_code": CHECK_UNKNOWN,
-                        "summary": f"HARNESS UNKNOWN - {message}", "checks": [],
+            print_json({"status": state, "exit_code": code,
+                        "summary": f"HARNESS {state} - {message}", "checks": [],
                         "alerts": [], "recoveries": [], "notes": []})
         else:
-            click.echo(f"HARNESS UNKNOWN - {message}")
-        sys.exit(CHECK_UNKNOWN)
+            click.echo(f"HARNESS {state} - {message}")
+        sys.exit(code)
     if as_json:
         print_json(out)
     else:
@@ -311,11 +328,12 @@ def format_timeline(t: dict[str, Any]) -> list[str]:
                      + (f"  [{who}]" if who else ""))
         if e["kind"] == "log":
             lines.extend(f"    | {line}" for line in (e["data"] or {}).get("lines", []))
-    return lines
+    # Event messages and task output may hold terminal escape sequences: shown escaped.
+    return [printable(line) for line in lines]
 
 
 @click.command()
-@click.argument("task_id", required=False)
+@click.argument("task_id", required=False, type=TASK_ID)
 @click.option("--correlation", "correlation_id", help="Every task of this correlation id.")
 @click.option("--log-lines", default=20, show_default=True, type=click.IntRange(0, 10000),
               help="Lines of each task log to include.")

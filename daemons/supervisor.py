@@ -55,9 +55,11 @@ import orjson
 import psutil
 
 from coordination import clock
-from coordination.config import load_system
+from coordination.config import ConfigWatch, keep_last_good, load_system
 from coordination.control import read_control, update_control
 from coordination.errors import (
+    EXIT_USAGE,
+    ConfigError,
     CorruptFileError,
     HarnessError,
     LockTimeout,
@@ -71,9 +73,11 @@ from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.specs import (
     complete_spec,
+    is_completed,
     liveness,
     orphan_proof,
     process_start_time,
+    quarantine_unusable,
     read_specs,
 )
 from coordination.store import (
@@ -89,6 +93,7 @@ from .wakeup import Wakeup
 
 SOURCE = "supervisor"
 STATE_VERSION = 1
+CONFIG_RETRY_S = 2.0  # a supervisor started on a bad config re-reads it this often
 HEALTH_REFRESH_S = 30.0  # health.json is republished at least this often, changed or not
 HISTORY_CHUNK = 1 << 16
 BUSY_STATES = ("busy", "draining", "stopping")
@@ -377,7 +382,7 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
     for task in queue.live_tasks(status="running"):
         owner = task.get("worker_id")
         proof = orphan_proof(task, active, dead,
-                             lambda w: (home.specs_completed / f"{w}.json").exists(), now, hb)
+                             lambda w: is_completed(home, w), now, hb)
         if proof is None:
             continue
         if dry_run:
@@ -474,6 +479,17 @@ class Supervisor:
         if self.actuator is not None:
             report["exited"] = [{"instance": i, "status": s} for i, s in self.actuator.poll()]
         report["ingested"] = self._ingest(now)
+        try:
+            unusable = quarantine_unusable(self.home, now)
+        except (HarnessError, OSError) as exc:  # e.g. a busy specs lock: next pass
+            unusable = []
+            report["actions"].append(f"could not quarantine unusable worker specs: {exc}")
+        for path, problem in unusable:
+            # A spec that can never prove its worker dead would count forever: set aside.
+            report["actions"].append(f"quarantined the unusable worker spec {path.name}")
+            _emit(self.home, "worker_spec_quarantined", f"unusable worker spec moved to "
+                  f"{path}: {problem}", severity="warning",
+                  data={"path": str(path), "problem": problem})
         specs = [s.spec for s in read_specs(self.home) if s.spec is not None]
         reclaim = reclaim_pass(self.home, now, queue=self.queue, specs=specs,
                                heartbeat_timeout_s=float(cfg["heartbeat_timeout_s"]))
@@ -1134,6 +1150,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
     watcher = PidWatcher(wakeup.set)
     sup: Supervisor | None = None
     ticks = list(ticks)
+    keep_before = keep_last_good()  # restored when the loop ends (see the finally)
     try:
         if adopt_orphans:
             from .task_runner import become_subreaper
@@ -1142,7 +1159,20 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
         wakeup.start()
         wakeup.follow_queue(open_queue(home))
         watcher.start()
-        cfg = dict(load_system(home).values)
+        # A bad system.json never stops the supervisor: it runs on the last good values
+        # and reports config_invalid; started with a bad file, it waits for a good one.
+        config_watch = ConfigWatch()
+        while True:
+            _emit_config_events(home, config_watch)
+            try:
+                cfg = dict(load_system(home).values)
+                break
+            except ConfigError as exc:
+                say(f"supervisor: waiting for a valid config: {exc}")
+                if flags.stop or once:
+                    return EXIT_USAGE
+                wakeup.wait(CONFIG_RETRY_S)
+                wakeup.clear()
         cfg.update(overrides or {})
         if actuator is None and scale:
             actuator = make_actuator(home, cfg, name=actuator_name)
@@ -1162,6 +1192,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             if flags.stop:
                 break
             now = clock.now()
+            _emit_config_events(home, config_watch)
             try:
                 report = sup.reconcile(now)
             except HarnessError as exc:  # busy lock, bad config edit, disk full: retry
@@ -1220,6 +1251,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
             notifier.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            keep_last_good(keep_before)
             lock.release()
 
 
@@ -1292,6 +1324,13 @@ def _stop_adopted(home: Home, actuator: ProcessActuator, cfg: Mapping[str, Any],
     if adopted:
         say(f"killing {len(adopted)} adopted worker(s) that did not stop")
         signal_all(signal.SIGKILL)
+
+
+def _emit_config_events(home: Home, watch: ConfigWatch) -> None:
+    """config_invalid / config_valid on a change of the config's validity."""
+    for event in watch.check(home):
+        _emit(home, event["type"], event["message"], severity=event["severity"],
+              data=event["data"])
 
 
 def _stop_children(actuator: ProcessActuator, cfg: Mapping[str, Any], flags: _Flags,

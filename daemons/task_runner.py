@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from coordination import clock
+from coordination.errors import UnsafePath
+from coordination.store import open_in_folder
 
 TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
 LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
@@ -524,13 +526,17 @@ class TaskRun:
     def start(self) -> None:
         """Spawn the task; raises :class:`SpawnError` (nothing left running) on failure."""
         spec = self.spec
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
+            # Never through a link (the log or logs/tasks/ swapped for one): open_in_folder.
             try:
-                log_fd = os.open(spec.log_path, flags, 0o644)
+                log_fd = open_in_folder(spec.log_path, flags)
             except FileNotFoundError:  # logs/tasks/ is missing: create it, once
-                spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-                log_fd = os.open(spec.log_path, flags, 0o644)
+                spec.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                log_fd = open_in_folder(spec.log_path, flags)
+        except UnsafePath as exc:
+            raise SpawnError(f"cannot open the task log: {exc}", retry=False,
+                             exit_code=126) from None
         except OSError as exc:
             raise SpawnError(f"cannot open the task log {spec.log_path}: "
                              f"{exc.strerror or exc}", retry=True, exit_code=126) from None
@@ -835,8 +841,12 @@ class TaskRun:
 
     def append_log_line(self, text: str) -> None:
         """A harness line (attempt footer) after the task's output."""
-        with contextlib.suppress(OSError), open(self.spec.log_path, "ab") as log:
-            log.write(text.rstrip("\n").encode("utf-8", "replace") + b"\n")
+        with contextlib.suppress(OSError, UnsafePath):
+            fd = open_in_folder(self.spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                _write_all(fd, text.rstrip("\n").encode("utf-8", "replace") + b"\n")
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Make sure nothing of the attempt is left (used when the worker aborts)."""

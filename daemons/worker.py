@@ -40,7 +40,9 @@ from typing import Any
 
 from coordination import clock
 from coordination.config import (
+    ConfigWatch,
     SystemConfig,
+    keep_last_good,
     load_system,
     load_worker_types,
     scope_properties,
@@ -53,13 +55,15 @@ from coordination.errors import (
     InvalidTransition,
     NotFound,
     TemporaryFailure,
+    UnsafePath,
     UsageError,
 )
 from coordination.events import append_events, make_event
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
+from coordination.redact import redact_argv, redact_text
 from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
-from coordination.store import read_json
+from coordination.store import parse_json, prepare_task_folder, read_in_folder, read_json
 
 from .notify import Notifier
 from .task_runner import (
@@ -196,6 +200,7 @@ class Worker:
         self.t = _Timers()
         self._cfg: SystemConfig | None = None
         self._types: dict[str, dict[str, Any]] = {}
+        self._config_watch = ConfigWatch()
         self._control_sig: tuple[int, int, int] | None = None
         self._control: dict[str, Any] = {}
         self.subreaper = False  # run_worker sets it: then orphans of tasks are reaped here
@@ -225,6 +230,9 @@ class Worker:
     def _refresh_config(self, now: float, *, announce: bool = False) -> None:
         """Re-read config (cheap: cached by file signature). A broken file keeps the last
         good values and is reported once per change."""
+        for event in self._config_watch.check(self.home):
+            self._emit(event["type"], event["message"], severity=event["severity"],
+                       **event["data"])
         try:
             cfg = load_system(self.home)
             types = load_worker_types(self.home)
@@ -629,9 +637,15 @@ class Worker:
         scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
         result_file = result_dir / RESULT_FILE
-        with contextlib.suppress(OSError):
-            result_dir.mkdir(parents=True, exist_ok=True)
-            result_file.unlink(missing_ok=True)  # a previous attempt's result is not ours
+        refused: SpawnError | None = None
+        try:
+            # A real folder of the home (never a planted link), without the previous
+            # attempt's result.
+            prepare_task_folder(result_dir, RESULT_FILE)
+        except UnsafePath as exc:
+            refused = SpawnError(str(exc), retry=False, exit_code=126)
+        except OSError:
+            pass  # the task still runs (in the home); its result cannot be kept
         argv = list(task["command"])
         spec = RunSpec(
             task_id=task_id, attempt=int(task["attempts"]), argv=argv,
@@ -641,10 +655,12 @@ class Worker:
             log_max_bytes=int(self.cfg["task_log_max_bytes"]),
             kill_grace_s=float(self.cfg["kill_grace_s"]),
             limits=dict(wtype.get("limits") or {}),
-            header=header_line(task, self.worker_id, argv, now), scope=scope,
+            header=header_line(task, self.worker_id, redact_argv(argv), now), scope=scope,
             sweep_descendants=self.subreaper)
         run = TaskRun(spec, wake=self.wake)
         try:
+            if refused is not None:
+                raise refused
             run.start()
         except SpawnError as exc:
             self._flush_events()  # the claim's events come before the failure's
@@ -816,18 +832,22 @@ class Worker:
 
     def _read_result(self, task: dict[str, Any], now: float) -> dict[str, Any] | None:
         path = self.home.result_dir(task["task_id"]) / RESULT_FILE
+        problem: str | None = None
         try:
-            size = path.stat().st_size
+            data = read_in_folder(path, MAX_RESULT_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        problem = None
+        except (UnsafePath, OSError) as exc:
+            data, problem = b"", str(exc)
         result: Any = None
-        if size > MAX_RESULT_BYTES:
-            problem = f"result file is {size} bytes (limit {MAX_RESULT_BYTES})"
+        if problem is not None:
+            pass
+        elif len(data) > MAX_RESULT_BYTES:
+            problem = f"result file is over {MAX_RESULT_BYTES} bytes"
         else:
             try:
-                result = read_json(path)
-            except (CorruptFileError, OSError) as exc:
+                result = parse_json(path, data)
+            except CorruptFileError as exc:
                 problem = str(exc)
             else:
                 if not isinstance(result, dict):
@@ -955,13 +975,18 @@ class Worker:
             else:
                 self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
             return "completed"
-        tail = run.tail_line()
+        # The tail of the task's output becomes last_error (queue, dead letter, events):
+        # masked here, as everything harness writes for people.
+        tail = redact_text(run.tail_line() or "")
         self.queue.fail(task_id, wid, error=phrase + (f": {tail}" if tail else ""),
                         exit_code=exit_code, result=result, now=now)
         return "failed"
 
 
 # ---------------------------------------------------------------------------- the loop
+CONFIG_RETRY_S = 2.0  # a worker started on a bad config re-reads it this often
+
+
 def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None] | None = None) \
         -> int:
     """Run a worker until it exits; returns the process exit status (0 unless error).
@@ -971,6 +996,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     ends the grace; SIGHUP re-reads config.
     """
     say = out or (lambda line: print(line, flush=True))
+    keep_before = keep_last_good()  # a config turned bad never stops a running worker
     subreaper = become_subreaper()
     notifier = Notifier()
     wakeup = Wakeup(home)
@@ -990,7 +1016,18 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     try:
         wakeup.start()
         wakeup.follow_queue(worker.queue)
-        worker.start(clock.now())
+        while True:
+            try:
+                worker.start(clock.now())
+                break
+            except ConfigError as exc:
+                # Started on an invalid config (config_invalid is emitted): wait for a good
+                # one rather than exit and have systemd give up after StartLimitBurst.
+                if worker.flag_stop:
+                    return 0
+                say(f"worker: waiting for a valid config: {exc}")
+                wakeup.wait(CONFIG_RETRY_S)
+                wakeup.clear()
         say(f"started {worker.worker_id} pid {os.getpid()} instance {options.instance}")
         while True:
             wakeup.clear()
@@ -1014,6 +1051,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
             notifier.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            keep_last_good(keep_before)
     reason = worker.exit_reason or "error"
     if worker.worker_id:
         say(f"stopped {worker.worker_id} exit_reason {reason} tasks_done "

@@ -9,9 +9,20 @@ import click
 
 from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import UsageError
+from coordination.ids import check_id
 
-from .context import add_commands, home_option, json_option, print_json, resolve_home
+from .context import (
+    WORKER_TYPE,
+    IdParam,
+    add_commands,
+    home_option,
+    json_option,
+    print_json,
+    resolve_home,
+)
 from .systemd_units import DROPINS
+
+INSTANCE = IdParam("worker instance")
 
 SOURCE = "cli"
 
@@ -40,8 +51,9 @@ def worker_group() -> None:
 
 
 @worker_group.command("run")
-@click.option("--instance", default=None, help="Instance id. Default: $HARNESS_INSTANCE, "
-              "else the systemd unit's instance name, else 0.")
+@click.option("--instance", default=None, type=INSTANCE,
+              help="Instance id. Default: $HARNESS_INSTANCE, else the systemd unit's "
+              "instance name, else 0.")
 @click.option("--types", default=None, help="Comma-separated worker types to claim "
               "(default: every type).")
 @click.option("--idle-exit", "idle_exit", type=float, default=None,
@@ -72,8 +84,11 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
     type_list = [t.strip() for t in types.split(",") if t.strip()] if types else None
     if types is not None and not type_list:
         raise UsageError("--types: give at least one worker type")
+    for name in type_list or ():
+        check_id(name, "worker type", "--types")
     options = WorkerOptions(
-        instance=instance or default_instance(), types=type_list,
+        instance=check_id(instance or default_instance(), "worker instance",
+                          "--instance (or $HARNESS_INSTANCE)"), types=type_list,
         idle_exit_s=_positive(idle_exit, "--idle-exit"), max_tasks=max_tasks,
         max_uptime_s=_positive(max_uptime, "--max-uptime"), once=once,
         unit=systemd_unit())
@@ -84,7 +99,8 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
 
 # ---------------------------------------------------------------------------- control
 @click.command("drain")
-@click.option("--instance", default=None, help="Drain only this instance (default: all).")
+@click.option("--instance", default=None, type=INSTANCE,
+              help="Drain only this instance (default: all).")
 @json_option
 @home_option
 def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
@@ -103,8 +119,9 @@ def drain(instance: str | None, as_json: bool, home_dir: Path | None) -> None:
 
 
 @click.command("pause")
-@click.argument("type_arg", metavar="[TYPE]", required=False)
-@click.option("--type", "worker_type", help="Worker type to pause (or give it as TYPE).")
+@click.argument("type_arg", metavar="[TYPE]", required=False, type=WORKER_TYPE)
+@click.option("--type", "worker_type", type=WORKER_TYPE,
+              help="Worker type to pause (or give it as TYPE).")
 @click.option("--for", "duration", type=float, default=None,
               help="Pause for this many seconds (default: until `harness resume`).")
 @click.option("--reason", default="", help="Why (shown in control.json and the event).")
@@ -129,8 +146,9 @@ def pause(type_arg: str | None, worker_type: str | None, duration: float | None,
 
 
 @click.command("resume")
-@click.argument("type_arg", metavar="[TYPE]", required=False)
-@click.option("--type", "worker_type", help="Worker type to resume (or give it as TYPE).")
+@click.argument("type_arg", metavar="[TYPE]", required=False, type=WORKER_TYPE)
+@click.option("--type", "worker_type", type=WORKER_TYPE,
+              help="Worker type to resume (or give it as TYPE).")
 @json_option
 @home_option
 def resume(type_arg: str | None, worker_type: str | None, as_json: bool,

@@ -22,13 +22,15 @@ Python writer (coordination/events.py), and print its event_id on stdout.
 Options:
   --type TYPE         event type, matching ^[a-z][a-z0-9_.-]{0,63}$ (required)
   --severity S        debug | info | warning | error | critical (default: info)
-  --message M         human-readable text, at most 16384 bytes of UTF-8 (default: "")
+  --message M         human-readable text, at most 16384 bytes of UTF-8 (default: "");
+                      secrets are masked (see Redaction)
   --source S          who emits the event (default: emit-event.sh)
-  --task ID           task_id of the event (default: null)
-  --worker ID         worker_id of the event (default: null)
+  --task ID           task_id of the event (default: null); the id grammar
+                      ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$
+  --worker ID         worker_id of the event (default: null); the same grammar
   --correlation ID    correlation_id of the event (default: null)
   --data JSON         a JSON object, at most 65536 bytes compacted (default: {});
-                      checked and compacted with jq, the only time jq runs
+                      checked, redacted and compacted with jq, the only time jq runs
   --home DIR          the harness home (default: $HARNESS_HOME, else the first entry of
                       $STATE_DIRECTORY, else ${XDG_STATE_HOME:-~/.local/state}/harness)
   -h, --help          show this help and exit
@@ -45,15 +47,24 @@ Files:
   HOME/coordination/locks/events.lock       flock(1)ed (exclusive) around the append;
                                             never truncated or removed
   HOME/coordination/dashboard-events.jsonl  one whole line appended with one write(2)
-                                            (created if absent); fdatasync'ed when
-                                            durability is "fsync"
+                                            (created 0600 if absent); fdatasync'ed when
+                                            durability is "fsync"; a failed write is cut
+                                            off again (no torn line); never through a
+                                            symbolic link
+
+Redaction (as coordination/redact.py): token shapes (sk-..., ghp_..., github_pat_...,
+AKIA..., Bearer/Basic credentials, xox?-...), KEY=value / KEY: value with a secret-looking
+KEY, the values of secret-looking keys of --data, and the redact_patterns of system.json
+(read with jq when set) become [redacted]. Error messages are masked too.
 
 Exit status:
   0   the event was appended; its event_id is on stdout
-  1   the append failed (e.g. disk full)
-  2   bad input (missing or invalid type, unknown severity, invalid or non-object data,
+  1   the append failed (e.g. disk full); the file is as it was
+  2   bad input (missing or invalid type, unknown severity, invalid task or worker id,
+      invalid or non-object data,
       oversize message or data, text that is not UTF-8, unknown option), or the home is
-      not initialised or not writable; nothing was written
+      not initialised or not writable, or the events file or its folder is a symbolic
+      link; nothing was written
   75  events.lock stayed held longer than lock_timeout_s; nothing was written
 EOF
 }
@@ -72,9 +83,28 @@ have_data=0
 home_opt=""
 positional=()
 # Set by the helpers of lib/common.sh (printf -v).
-home="" lock_timeout="" durability="" event_id=""
+home="" lock_timeout="" durability="" event_id="" redact_json=""
 j_type="" j_message="" j_source="" j_task="" j_worker="" j_correlation=""
 j_event_id="" j_timestamp=""
+
+# cut_partial_line FILE LINE: after a failed append of LINE, truncate FILE before the part
+# of LINE that reached it (a prefix of LINE, found by the line's unique event_id); status
+# 1 when that cannot be done. Forks (stat, tail, truncate) only on this failure path.
+cut_partial_line() {
+    local file=$1 line=$2 size chunk head k
+    size=$(stat -c %s -- "$file") || return 1
+    chunk=$(tail -c $((${#line} + 1)) -- "$file") || return 1
+    head=${line:0:64}  # holds the event_id: unique, so found only where our line began
+    if [[ $chunk == *"$head"* ]]; then
+        k=$((${#chunk} - ${#chunk%"$head"*}))
+        [[ ${line:0:k} == "${chunk: -k}" ]] || return 1
+    else
+        for ((k = ${#head} - 1; k > 0; k--)); do
+            [[ $chunk == *"${line:0:k}" ]] && break
+        done
+    fi
+    ((k == 0)) || truncate -s $((size - k)) -- "$file"
+}
 
 need_value() {
     (($2 >= 2)) || die 2 "option $1 needs a value (see --help)"
@@ -133,6 +163,11 @@ case $severity in
 esac
 ((${#message} <= 16384)) || die 2 "event message is over 16384 bytes"
 [[ -n $source_ ]] || source_="emit-event.sh"
+# Task and worker ids name files (logs/tasks/<task_id>.log, worker-specs/.../<id>.json):
+# the id grammar of coordination/ids.py, so no id can name a path outside its folder.
+id_re='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+[[ -z $task || $task =~ $id_re ]] || die 2 "--task '$task' is not a valid task id (letters, digits, '.', '_', '-', at most 128, starting with a letter or digit)"
+[[ -z $worker || $worker =~ $id_re ]] || die 2 "--worker '$worker' is not a valid worker id (letters, digits, '.', '_', '-', at most 128, starting with a letter or digit)"
 
 json_quote j_type "$type_"
 json_quote j_message "$message" || die 2 "--message is not valid UTF-8"
@@ -140,19 +175,6 @@ json_quote j_source "$source_" || die 2 "--source is not valid UTF-8"
 json_quote_or_null j_task "$task" || die 2 "--task is not valid UTF-8"
 json_quote_or_null j_worker "$worker" || die 2 "--worker is not valid UTF-8"
 json_quote_or_null j_correlation "$correlation" || die 2 "--correlation is not valid UTF-8"
-
-j_data="{}"
-if ((have_data)); then
-    command -v jq >/dev/null 2>&1 || die 2 "--data needs jq, which is not installed"
-    # Exactly one JSON value, an object; compacted. (jq reads the text from stdin.)
-    if ! j_data=$(jq -cn '[inputs] | if length != 1 then error("data must be one JSON value")
-                   elif (.[0] | type) != "object" then error("data must be a JSON object")
-                   else .[0] end' 2>&1 <<<"$data"); then
-        j_data=${j_data//$'\n'/ }
-        die 2 "invalid event data: ${j_data#jq: error (at *): }"
-    fi
-    ((${#j_data} <= 65536)) || die 2 "event data is over 65536 bytes of JSON"
-fi
 
 # -- the home ------------------------------------------------------------------------------
 harness_resolve_home home "$home_opt"
@@ -169,8 +191,30 @@ command -v flock >/dev/null 2>&1 || die 2 "flock(1) is not installed (package ut
 harness_config_number lock_timeout lock_timeout_s 30
 harness_config_string durability durability fsync
 
+# -- redact (coordination/redact.py: the same patterns, plus system.json redact_patterns) ----
+harness_redact message "$message"
+((${#message} <= 16384)) || die 2 "event message is over 16384 bytes"
+json_quote j_message "$message" || die 2 "--message is not valid UTF-8"
+j_data="{}"
+if ((have_data)); then
+    command -v jq >/dev/null 2>&1 || die 2 "--data needs jq, which is not installed"
+    harness_redact_patterns_json redact_json
+    # Exactly one JSON value, an object; redacted and compacted. (jq reads it from stdin.)
+    if ! j_data=$(jq -cn --argjson pats "$redact_json" "$_HR_JQ"'
+                   [inputs] | if length != 1 then error("data must be one JSON value")
+                   elif (.[0] | type) != "object" then error("data must be a JSON object")
+                   else .[0] | red($pats) end' 2>&1 <<<"$data"); then
+        j_data=${j_data//$'\n'/ }
+        die 2 "invalid event data: ${j_data#jq: error (at *): }"
+    fi
+    ((${#j_data} <= 65536)) || die 2 "event data is over 65536 bytes of JSON"
+fi
+
 # -- append under locks/events.lock --------------------------------------------------------
-# Opened for append (O_CREAT, never O_TRUNC), like coordination.locks.
+# Opened for append (O_CREAT, never O_TRUNC), like coordination.locks; never a link.
+if [[ -L $lockfile || -L $HARNESS_COORD/locks ]]; then
+    die 2 "$lockfile (or its folder) is a symbolic link; harness does not follow links inside the home (see \`harness doctor\`)"
+fi
 if ! { exec {lock_fd}>>"$lockfile"; } 2>/dev/null; then
     die 2 "cannot open $lockfile for locking"
 fi
@@ -178,6 +222,10 @@ if ! flock -x -w "$lock_timeout" "$lock_fd"; then
     die 75 "timed out after ${lock_timeout}s waiting for $lockfile (see \`fuser $lockfile\`)"
 fi
 # Opened only under the lock: a rotation (also under the lock) never strands this line.
+# Never through a link out of the home (bash has no O_NOFOLLOW: checked just before).
+if [[ -L $events || -L $HARNESS_COORD ]]; then
+    die 2 "$events (or its folder) is a symbolic link; harness does not follow links inside the home (see \`harness doctor\`)"
+fi
 if ! { exec {events_fd}>>"$events"; } 2>/dev/null; then
     die 2 "cannot open $events for appending"
 fi
@@ -201,15 +249,21 @@ printf -v line '{"event_id":%s,"timestamp":%s,"type":%s,"severity":"%s","source"
 # One write(2) of the whole line to the O_APPEND descriptor. bash's printf goes through a
 # stdio buffer (1-4 KiB), so a longer line would leave in several writes: dd writes it
 # in one block instead (the here-string adds the newline: ${#line} + 1 bytes).
+# A failed write (disk full) may leave the start of the line at the end of the file: it is
+# cut off again, under the lock (cut_partial_line), so no torn fragment is ever glued to
+# the next line.
+written=0
 if ((${#line} < 1000)); then
-    written=0
     { printf '%s\n' "$line" >&"$events_fd"; } 2>/dev/null && written=1
 else
-    written=0
-    dd bs=$((${#line} + 1)) count=1 iflag=fullblock status=none <<<"$line" >&"$events_fd" \
-        && written=1
+    { dd bs=$((${#line} + 1)) count=1 iflag=fullblock status=none <<<"$line" \
+        >&"$events_fd"; } 2>/dev/null && written=1
 fi
-((written)) || die 1 "could not append to $events (disk full?)"
+if ((!written)); then
+    cut_partial_line "$events" "$line" \
+        || die 1 "could not append to $events (disk full?) nor cut off the part written: run \`harness doctor --repair\`"
+    die 1 "could not append to $events (disk full?); the file is as it was"
+fi
 if [[ $durability == fsync ]]; then
     sync -d -- "$events" || die 1 "fdatasync of $events failed"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ import pytest
 from helpers import ProcGroup, make_home, reap_zombie_children, set_subreaper
 
 from coordination.paths import Home
+
+# Files a test writes by hand stand for what harness writes: private, as the CLI makes
+# them whatever the caller's umask (tests of the umask itself set their own).
+os.umask(0o077)
 
 
 @pytest.fixture

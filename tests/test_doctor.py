@@ -201,7 +201,7 @@ def test_hand_edit_under_flock_is_respected_by_next_claim(home: Home, queue: Tas
     queue.enqueue(req(task_id="B", priority="medium"))
     assert [t["task_id"] for t in queue.live_tasks()] == ["A", "B"]  # cache is warm
     queue.sync()  # what `harness queue sync` does (or 1 s of quiet)
-    script = ("jq '(.tasks[] | select(.task_id == \"B\") | .priority) = \"critical\"' "
+    script = ("umask 077 && jq '(.tasks[] | select(.task_id == \"B\") | .priority) = \"critical\"' "
               "coordination/task-queue.json > coordination/task-queue.json.edit "
               "&& mv coordination/task-queue.json.edit coordination/task-queue.json")
     subprocess.run(["flock", "coordination/locks/queue.lock", "sh", "-c", script],

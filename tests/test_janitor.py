@@ -33,6 +33,7 @@ from daemons.cli import cli
 from daemons.janitor import (
     TMP_TAG,
     JanitorDiskFull,
+    JanitorError,
     Rotated,
     rotated_files,
     run_janitor,
@@ -826,3 +827,21 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     if done.returncode != 0 and not ours:
         pytest.skip(f"systemd-analyze verify cannot run here: {done.stderr.strip()[:200]}")
     assert ours == [] and done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_failed_torn_line_repair_is_an_error_not_repaired(
+        make_home: Callable[..., Home]) -> None:
+    """Issue 14: the janitor said "repaired" when moving the torn line had failed."""
+    home = make_home()
+    r = rotated(home, "metrics")
+    append_records(home, "metrics", [{"n": i} for i in range(3)])
+    with open(r.path, "ab") as fh:
+        fh.write(b'{"torn": tr')
+    r.corrupt.mkdir()  # NAME.corrupt cannot be opened as a file: the move fails
+    with pytest.raises(JanitorError) as failed:
+        run_janitor(home, time.time())
+    summary = failed.value.summary
+    assert summary["torn_lines_repaired"] == 0
+    assert summary["torn"] == []
+    assert summary["errors"], summary
+    assert r.path.read_bytes().endswith(b'{"torn": tr')  # left for the next run

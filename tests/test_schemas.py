@@ -557,6 +557,8 @@ def test_every_file_the_code_wrote_is_in_the_contract(scenario: Scenario) -> Non
         (h.specs_active, r".+\.json"),
         (h.specs_completed, r".+\.json"),
         (h.locks, "(" + "|".join(LOCK_NAMES) + r")\.lock"),
+        # the last version of each config file that validated, kept by daemons
+        (h.config_dir / "last-good", r"(system|worker-types)\.json"),
     ]
     exact = {p for p, _ in known}
     doc = doc_text()

@@ -223,17 +223,13 @@ def test_check_file_size_thresholds(tmp_path: Path) -> None:
     assert "file_mb=0.62 (warn 0.5) [dashboard-events.jsonl]" in result.output
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt_queue", "bad_config", "bad_json"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt_queue"])
 def test_check_unknown_exit_3(tmp_path: Path, damage: str) -> None:
     home = make_home(tmp_path)
     if damage == "missing":
         home = Home(tmp_path / "nothing")
-    elif damage == "corrupt_queue":
-        replace_bytes(home.queue_file, b'{"version": 1, "tasks": [', "none")
-    elif damage == "bad_config":
-        set_system(home, check_queue_depth=[1])
     else:
-        replace_bytes(home.system_config, b"{not json", "none")
+        replace_bytes(home.queue_file, b'{"version": 1, "tasks": [', "none")
     result = _check(home)
     assert result.exit_code == 3, result.output
     assert result.output.startswith("HARNESS UNKNOWN - ")
@@ -320,6 +316,23 @@ def test_status_says_what_to_run_when_nothing_serves_the_queue(tmp_path: Path) -
         None, [], backpressure=False, now=time.time())), "none")
     result = invoke("--home", str(home.root), "status")
     assert "supervisor: running" in result.output and "NOTHING SERVES" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["bad_config", "bad_json"])
+def test_check_critical_on_an_invalid_config(tmp_path: Path, damage: str) -> None:
+    """A config known to be bad is CRITICAL (the daemons run on stale values meanwhile),
+    naming the file and the key."""
+    home = make_home(tmp_path)
+    if damage == "bad_config":
+        set_system(home, check_queue_depth=[1])
+    else:
+        replace_bytes(home.system_config, b"{not json", "none")
+    result = _check(home)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("HARNESS CRITICAL - ")
+    assert "system.json" in result.output
+    as_json = _check(home, "--json")
+    assert as_json.exit_code == 2 and orjson.loads(as_json.output)["status"] == "CRITICAL"
 
 
 def _alerts(home: Home) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import clock
 from ..errors import InvalidTransition, NotFound
-from ..redact import redact, redact_text
+from ..redact import redact_record
 from ..tasks import PRIORITY_RANK
 
 ClaimKey = tuple[int, str, str]
@@ -94,15 +94,11 @@ def claimed(task: dict[str, Any], worker_id: str, now_iso: str) -> None:
 def history_record(task: Mapping[str, Any], *, final: bool, outcome: str, recorded_at: str,
                    result: dict[str, Any] | None = None) -> dict[str, Any]:
     """The history line for ``task`` as it now is. History is a record for people: secrets
-    in ``last_error`` and ``description`` are masked (the live task and its dead letter keep
-    the exact text, which a retry needs)."""
-    record = dict(task)
-    record.update(final=final, outcome=outcome, recorded_at=recorded_at,
-                  result=None if result is None else redact(result))
-    for key in ("last_error", "description"):
-        if isinstance(record.get(key), str):
-            record[key] = redact_text(record[key])
-    return record
+    in ``last_error``, ``description``, the ``command`` argv and the result are masked
+    (:func:`~coordination.redact.redact_record`; the live task and its dead letter keep the
+    exact text, which a retry needs)."""
+    return redact_record(dict(task, final=final, outcome=outcome, recorded_at=recorded_at,
+                              result=result))
 
 
 def dependents_to_cancel(finished_id: str, status: str,

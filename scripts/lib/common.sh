@@ -16,11 +16,17 @@ if [[ -n ${_HARNESS_COMMON_SH:-} ]]; then
 fi
 _HARNESS_COMMON_SH=1
 
-# die CODE MSG...: print "script: MSG" to stderr and exit with CODE.
+# What the scripts create is private whatever the caller's umask (0700 folders, 0600
+# files); harness_require_home widens it to 027 for a home shared with a group.
+umask 077
+
+# die CODE MSG...: print "script: MSG" to stderr (secrets masked: a message may quote the
+# input) and exit with CODE.
 die() {
-    local code=$1
+    local code=$1 _die_msg
     shift
-    printf '%s: %s\n' "${0##*/}" "$*" >&2
+    harness_redact _die_msg "$*"
+    printf '%s: %s\n' "${0##*/}" "$_die_msg" >&2
     exit "$code"
 }
 
@@ -75,6 +81,8 @@ harness_resolve_home() {
 harness_require_home() {
     local home=$1
     HARNESS_COORD=$home/coordination
+    # A shared home (harness init --group) has setgid folders: its files are 0640.
+    if [[ -g $home ]]; then umask 027; else umask 077; fi
     local system=$HARNESS_COORD/config/system.json
     if [[ ! -f $system ]]; then
         die 2 "$home is not an initialised harness home (missing $system); run \`harness init --home $home\`"
@@ -85,6 +93,7 @@ harness_require_home() {
     fi
     # read -d '' stops at end of file with status 1: the text is read all the same.
     IFS= read -r -d '' HARNESS_SYSTEM_JSON <"$system" || true
+    _HR_LOADED=""  # redact_patterns are read from this system.json on the next use
 }
 
 # harness_config_number OUTVAR KEY DEFAULT: a top-level number of system.json (a cheap regex
@@ -207,3 +216,164 @@ json_quote_or_null() {
         json_quote "$1" "$2"
     fi
 }
+
+# -- redaction (the shell side of coordination/redact.py) ---------------------------------
+# Built-in token shapes, as POSIX extended regexes that bash's [[ =~ ]] and jq read alike:
+# group 1 is the context before the shape (kept), group 2 the visible prefix (kept), group
+# _HR_SECRET[i] the secret (masked); what the match has after the secret is kept too.
+# _HR_STYLE: "e" masks as "…[redacted]", "p" as "[redacted]". _HR_NOCASE: matched without
+# case. _HR_CHECK: an "assignment" value that is only digits, already "[redacted]", or a
+# Bearer/Basic keyword is kept (as Python's lookaheads do). Keep in step with redact.py
+# (tests/test_secrets.py compares both on the same texts).
+_HR_KEY='[A-Za-z0-9_.-]*(token|secret|password|passwd|api_?key|authorization|credential|private_?key|access_?key)[A-Za-z0-9_.-]*'
+_HR_RE=(
+    '(^|[^A-Za-z0-9_])(([Bb]earer|[Bb]asic)[[:space:]]+)([A-Za-z0-9._~+/-]{8,}=*)'
+    '(^|[^A-Za-z0-9_-])(sk-)((ant-)?[A-Za-z0-9_-]{16,})'
+    '(^|[^A-Za-z0-9_])(github_pat_)([A-Za-z0-9_]{20,})'
+    '(^|[^A-Za-z0-9_])(gh[pousr]_)([A-Za-z0-9]{20,})'
+    '(^|[^A-Za-z0-9])(AKIA)([0-9A-Z]{16})([^0-9A-Z]|$)'
+    '(^|[^A-Za-z0-9])(xox[baprs]-)([A-Za-z0-9-]{10,})'
+    "(^|[^A-Za-z0-9_])(${_HR_KEY}\"?[[:space:]]*[=:][[:space:]]*\"?)([^[:space:]\"',;&]+)"
+)
+# A cheap glob that a text must match before the regex runs (most texts match none).
+_HR_GLOB=('*[Bb][ea][as][ri][ec]*' '*sk-*' '*github_pat_*' '*gh[pousr]_*' '*AKIA*'
+    '*xox[baprs]-*' '*[=:]*')
+_HR_SECRET=(4 3 3 3 3 3 4)
+_HR_STYLE=(p e e e e e p)
+_HR_NOCASE=(0 0 0 0 0 0 1)
+_HR_CHECK=(0 0 0 0 0 0 1)
+_HR_EXTRA=()
+_HR_LOADED=""
+
+# harness_redact_init: read redact_patterns of system.json (HARNESS_SYSTEM_JSON, set by
+# harness_require_home) into _HR_EXTRA. jq runs only when the key is set and not empty.
+harness_redact_init() {
+    _HR_EXTRA=()
+    _HR_LOADED=1
+    local text=${HARNESS_SYSTEM_JSON:-} empty_re='"redact_patterns"[[:space:]]*:[[:space:]]*\[[[:space:]]*\]'
+    [[ $text == *'"redact_patterns"'* ]] || return 0
+    [[ $text =~ $empty_re ]] && return 0
+    command -v jq >/dev/null 2>&1 || die 2 "redact_patterns in system.json needs jq, which is not installed"
+    local line
+    while IFS= read -r line; do
+        [[ -n $line ]] && _HR_EXTRA+=("$line")
+    done < <(jq -r '.redact_patterns // [] | .[] | strings' <<<"$text" 2>/dev/null)
+}
+
+# _harness_redact_pattern RE SECRET_GROUP STYLE NOCASE CHECK: mask every match in _hr_text.
+_harness_redact_pattern() {
+    local re=$1 group=$2 style=$3 nocase=$4 check=$5
+    local out="" rest=$_hr_text m pre keep secret before post mask next
+    local -a found
+    while :; do
+        ((nocase)) && shopt -s nocasematch
+        if [[ $rest =~ $re ]]; then found=("${BASH_REMATCH[@]}"); else found=(); fi
+        ((nocase)) && shopt -u nocasematch
+        ((${#found[@]} > 0)) || break
+        m=${found[0]}
+        [[ -n $m ]] || break
+        if ((group == 0)); then
+            pre="" keep="" secret=$m
+        else
+            pre=${found[1]} keep=${found[2]} secret=${found[group]}
+        fi
+        before=${rest%%"$m"*}
+        post=${m:${#pre}+${#keep}+${#secret}}
+        if ((check)); then
+            next=${rest:${#before}+${#m}:1}
+            if [[ $secret =~ ^[0-9]+([^A-Za-z0-9_]|$) || $secret == "[redacted]"* ]] \
+                || [[ $secret =~ ^[Bb](earer|asic)$ && $next == [[:space:]] ]]; then
+                out+=$before$pre$keep
+                rest=${rest:${#before}+${#pre}+${#keep}}
+                continue
+            fi
+        fi
+        if [[ $style == e ]]; then mask=$'\xe2\x80\xa6[redacted]'; else mask="[redacted]"; fi
+        out+=$before$pre$keep$mask
+        rest=$post${rest:${#before}+${#m}}
+    done
+    _hr_text=$out$rest
+}
+
+# harness_redact OUTVAR TEXT: TEXT with the built-in token shapes and the configured
+# redact_patterns masked, as coordination.redact.redact_text does.
+harness_redact() {
+    local LC_ALL=C _hr_text=$2 i
+    [[ -n $_HR_LOADED ]] || harness_redact_init
+    if [[ -n $_hr_text ]]; then
+        for i in "${!_HR_RE[@]}"; do
+            # shellcheck disable=SC2053  # the right side is a glob on purpose
+            [[ $_hr_text == ${_HR_GLOB[i]} ]] || continue
+            if ((_HR_CHECK[i])); then  # an assignment needs a secret-looking key word
+                local lower=${_hr_text,,}
+                [[ $lower == *token* || $lower == *secret* || $lower == *passw* \
+                    || $lower == *api*key* || $lower == *authorization* \
+                    || $lower == *credential* || $lower == *private*key* \
+                    || $lower == *access*key* ]] || continue
+            fi
+            _harness_redact_pattern "${_HR_RE[i]}" "${_HR_SECRET[i]}" "${_HR_STYLE[i]}" \
+                "${_HR_NOCASE[i]}" "${_HR_CHECK[i]}"
+        done
+        for i in "${!_HR_EXTRA[@]}"; do
+            _harness_redact_pattern "${_HR_EXTRA[i]}" 0 p 0 0
+        done
+    fi
+    printf -v "$1" '%s' "$_hr_text"
+}
+
+# harness_redact_patterns_json OUTVAR: every pattern harness_redact applies, as the JSON
+# array that the jq function red($pats) of _HR_JQ reads.
+harness_redact_patterns_json() {
+    local _rp_json="" _rp_q _rp_i _rp_flags _rp_mask
+    [[ -n $_HR_LOADED ]] || harness_redact_init
+    for _rp_i in "${!_HR_RE[@]}"; do
+        json_quote _rp_q "${_HR_RE[_rp_i]}"
+        _rp_flags='""'; ((_HR_NOCASE[_rp_i])) && _rp_flags='"i"'
+        _rp_mask='"[redacted]"'; [[ ${_HR_STYLE[_rp_i]} == e ]] && _rp_mask=$'"\xe2\x80\xa6[redacted]"'
+        _rp_json+="${_rp_json:+,}{\"re\":$_rp_q,\"group\":${_HR_SECRET[_rp_i]},\"flags\":$_rp_flags,\"mask\":$_rp_mask,\"check\":${_HR_CHECK[_rp_i]}}"
+    done
+    for _rp_i in "${!_HR_EXTRA[@]}"; do
+        json_quote _rp_q "${_HR_EXTRA[_rp_i]}" || continue
+        _rp_json+="${_rp_json:+,}{\"re\":$_rp_q,\"group\":0,\"flags\":\"\",\"mask\":\"[redacted]\",\"check\":0}"
+    done
+    printf -v "$1" '[%s]' "$_rp_json"
+}
+
+# jq definitions: red($pats) masks a JSON value as coordination.redact.redact does: the
+# values under secret-looking keys (numbers kept under a key whose only secret part is
+# "token": they are counts), and the patterns of $pats in every other string.
+# shellcheck disable=SC2016  # $names are jq variables
+_HR_JQ='
+def mask($tok): if type == "string" then (if . == "" then . else "[redacted]" end)
+  elif type == "number" then (if $tok then . else "[redacted]" end)
+  elif type == "object" then map_values(mask($tok))
+  elif type == "array" then map(mask($tok)) else . end;
+def kind: ascii_downcase as $k
+  | if ($k | test("secret|password|passwd|api_key|apikey|authorization|credential|private_key|access_key"))
+    then "secret" elif ($k | test("token")) then "token" else null end;
+def kept($p; $sec; $next): $p.check == 1 and (($sec | test("^[0-9]+([^A-Za-z0-9_]|$)"))
+  or ($sec | startswith("[redacted]"))
+  or (($sec | test("^[Bb](earer|asic)$")) and ($next | test("^[[:space:]]"))));
+def shape($p):
+  def go:
+    (first(.rest | match($p.re; $p.flags)) // null) as $m
+    | if $m == null or $m.string == "" then .out + .rest
+      else (.rest | split($m.string)) as $parts
+        | ($parts[1:] | join($m.string)) as $after
+        | ($m.captures | map(.string // "")) as $c
+        | (if $p.group == 0 then ["", "", $m.string] else [$c[0], $c[1], $c[$p.group - 1]] end)
+          as [$pre, $keep, $sec]
+        | if kept($p; $sec; $after[0:1])
+          then {out: (.out + $parts[0] + $pre + $keep),
+                rest: ($m.string[($pre + $keep | length):] + $after)}
+          else {out: (.out + $parts[0] + $pre + $keep + $p.mask),
+                rest: ($m.string[($pre + $keep + $sec | length):] + $after)}
+          end
+        | go
+      end;
+  {out: "", rest: .} | go;
+def red($pats): if type == "object" then with_entries((.key | kind) as $k
+    | if $k == null then .value |= red($pats) else .value |= mask($k == "token") end)
+  elif type == "array" then map(red($pats))
+  elif type == "string" then reduce $pats[] as $p (.; shape($p)) else . end;
+'
