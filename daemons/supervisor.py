@@ -1157,7 +1157,6 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
 
             become_subreaper()
         wakeup.start()
-        wakeup.follow_queue(open_queue(home))
         watcher.start()
         # A bad system.json never stops the supervisor: it runs on the last good values
         # and reports config_invalid; started with a bad file, it waits for a good one.
@@ -1174,6 +1173,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
                 wakeup.wait(CONFIG_RETRY_S)
                 wakeup.clear()
         cfg.update(overrides or {})
+        wakeup.follow_queue(open_queue(home))  # the config names the backend: after it
         if actuator is None and scale:
             actuator = make_actuator(home, cfg, name=actuator_name)
         apply_scale = not (once and isinstance(actuator, ProcessActuator))

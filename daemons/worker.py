@@ -167,7 +167,7 @@ class Worker:
                  environ: dict[str, str] | None = None) -> None:
         self.home = home.require()
         self.opts = options
-        self.queue: QueueBackend = open_queue(home)
+        self._queue: QueueBackend | None = None
         self.notifier = notifier or Notifier({})
         self.wake = wake or (lambda: None)
         self.environ = dict(os.environ if environ is None else environ)
@@ -213,6 +213,14 @@ class Worker:
         self.flag_reload = False
 
     # ------------------------------------------------------------------ signal flags
+
+    @property
+    def queue(self) -> QueueBackend:
+        """The home's queue, opened on first use: a worker started on an invalid
+        system.json (which names the backend) waits for a good one before it has any."""
+        if self._queue is None:
+            self._queue = open_queue(self.home)
+        return self._queue
     def request_stop(self) -> None:
         """SIGTERM/SIGINT: stop claiming; a second request ends the stop grace at once."""
         self.flag_stop += 1
@@ -1015,10 +1023,10 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     failure: BaseException | None = None
     try:
         wakeup.start()
-        wakeup.follow_queue(worker.queue)
         while True:
             try:
                 worker.start(clock.now())
+                wakeup.follow_queue(worker.queue)
                 break
             except ConfigError as exc:
                 # Started on an invalid config (config_invalid is emitted): wait for a good

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import REPO_ROOT, make_home
+from helpers import REPO_ROOT, make_home, needs
 
 from coordination.doctor import check
 from coordination.errors import DiskFull, UnsafePath
@@ -30,7 +30,7 @@ from coordination.store import (
 )
 
 SCRIPTS = REPO_ROOT / "scripts"
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="needs jq (apt install jq)")
+needs_jq = needs("jq")
 
 
 def harness(home: Home, *args: str, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
@@ -91,7 +91,9 @@ def test_init_group_shares_the_home_read_only(tmp_path: Path) -> None:
 
 def test_doctor_reports_and_repairs_wrong_modes(tmp_path: Path) -> None:
     home = make_home(tmp_path)
-    TaskQueue(home).enqueue({"command": ["true"]})
+    queue = TaskQueue(home)
+    queue.enqueue({"command": ["true"]})
+    queue.sync()  # the jq view exists (as after 1 s of quiet)
     os.chmod(home.queue_file, 0o644)
     os.chmod(home.inbox, 0o777)
     os.chmod(home.root, 0o755)

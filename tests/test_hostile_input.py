@@ -96,7 +96,7 @@ def test_every_id_argument_is_checked_exit_2(tmp_path: Path, args: list[str]) ->
 def test_worker_type_names_in_config_follow_the_grammar(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     types = orjson.loads(home.worker_types_config.read_bytes())
-    types["types"]["../evil"] = {"command_template": None}
+    types["worker_types"]["../evil"] = {"command_template": None}
     replace_json(home.worker_types_config, types)
     code, out = invoke(home, "task", "add", "--", "true")
     assert code == 2

@@ -6,7 +6,6 @@ versions or by hand)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT, make_home, set_system
+from helpers import REPO_ROOT, make_home, needs, set_system
 
 from coordination import clock
 from coordination.config import load_system
@@ -29,7 +28,7 @@ from daemons.cli import cli
 SK = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 GHP = "ghp_" + "a1B2c3D4e5" * 3 + "abcdef"
 SCRIPTS = REPO_ROOT / "scripts"
-needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="needs jq (apt install jq)")
+needs_jq = needs("jq")
 
 
 def invoke(home: Home, *args: str) -> tuple[int, str]:

@@ -58,6 +58,8 @@ from ...events import append_events, make_event
 from ...locks import lock_for
 from ...paths import Home
 from ...store import (
+    FILE_MODE,
+    FILE_MODE_GROUP,
     Durability,
     append_bytes,
     dumps,
@@ -81,7 +83,6 @@ SNAPSHOT_INTERVAL_S = 0.4  # at most this often; with the write time, under the 
 COMPACT_BYTES = 64 << 20  # a snapshot after the journal holds this much becomes durable
 LOCK_RETRY_MIN_S = 0.0002
 LOCK_RETRY_MAX_S = 0.001
-FILE_MODE = 0o600
 
 
 @dataclass
@@ -146,7 +147,9 @@ class FileQueue:
         self.home = home.require()
         self._lock = lock_for(home.lock_path("queue"))
         self._mutex = threading.RLock()
-        self._journal = Journal(home.queue_journal, FILE_MODE)
+        # 0600, or 0640 in a home shared with an operator group (harness init --group).
+        self._mode = FILE_MODE_GROUP if home.shared() else FILE_MODE
+        self._journal = Journal(home.queue_journal, self._mode)
         self._state: LiveState | None = None
         self._gen = 0
         # The newest snapshot we know was published (by any process): its sig, revision
@@ -467,7 +470,7 @@ class FileQueue:
             compact = durable or self._journal.data_size() > COMPACT_BYTES
         dur: Durability = cfg.durability if compact else "none"
         tmp: Path | None = write_temp(self.home.queue_file, render(rev, now, parts), dur,
-                                      FILE_MODE)
+                                      self._mode)
         try:
             with self._mutex:
                 self._acquire(cfg.lock_timeout)
@@ -821,7 +824,7 @@ class FileQueue:
                 ts = clock.now() if now is None else now
                 tmp = write_temp(self.home.queue_file,
                                  render(state.rev, ts, state.snapshot_parts()),
-                                 load_system(self.home).durability, FILE_MODE)
+                                 load_system(self.home).durability, self._mode)
                 self._publish_locked(tmp, state.rev, ts, False,
                                      load_system(self.home).durability, force=True)
             finally:
