@@ -424,8 +424,14 @@ class FileQueue:
         self._schedule(max(0.0, self._snap_at + SNAPSHOT_INTERVAL_S - time.time()))
 
     def _schedule(self, delay: float) -> None:
+        """Ask the timer thread for a publish after ``delay`` (start it when none runs). A
+        request that arrives while it runs makes it publish again after the interval, so a
+        commit is never left out of the view (see :meth:`_timer_fired`)."""
         with self._mutex:
-            if self._closed or (self._timer is not None and self._timer.is_alive()):
+            if self._closed:
+                return
+            self._publish_wanted = True
+            if self._timer is not None and self._timer.is_alive():
                 return
             timer = threading.Timer(delay, self._timer_fired)
             timer.daemon = True
@@ -433,17 +439,30 @@ class FileQueue:
             self._timer = timer
             timer.start()
 
+    _publish_wanted = False
+
     def _timer_fired(self) -> None:
-        """A background publish: a failure is logged and retried later, never raised into
-        a thread nobody joins (the journal holds every commit either way)."""
-        if not self.home.coordination.is_dir():
-            return  # the home is gone
-        try:
-            self.sync()
-        except (HarnessError, OSError) as exc:
-            import logging
-            logging.getLogger("harness.queue").warning("snapshot not published: %s", exc)
-            self._schedule(SNAPSHOT_INTERVAL_S)
+        """The background publisher: publish, then again after SNAPSHOT_INTERVAL_S while
+        requests keep coming; it ends (under the mutex, so no request is lost) when none
+        came. A failure is logged and retried, never raised into a thread nobody joins (the
+        journal holds every commit either way)."""
+        while True:
+            with self._mutex:
+                self._publish_wanted = False
+            if not self.home.coordination.is_dir():
+                return  # the home is gone
+            try:
+                self.sync()
+            except (HarnessError, OSError) as exc:
+                import logging
+                logging.getLogger("harness.queue").warning("snapshot not published: %s", exc)
+                with self._mutex:
+                    self._publish_wanted = True
+            with self._mutex:
+                if self._closed or not self._publish_wanted:
+                    self._timer = None
+                    return
+            time.sleep(SNAPSHOT_INTERVAL_S)
 
     def sync(self, *, durable: bool = False) -> None:
         """Publish task-queue.json for the newest revision unless a snapshot of it exists
