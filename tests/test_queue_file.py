@@ -444,3 +444,35 @@ def test_ingest_with_zero_timeout_does_not_wait_for_a_busy_lock(backend: Any) ->
             holder.stdout.close()
     assert backend.ingest(timeout=5) == 1  # the killed holder's lock goes with its last fd
     assert tid in live_ids(backend)
+
+
+def test_a_failed_publish_leaves_no_temp_file(backend: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk during a snapshot write: the old view stays, no temp file or link is
+    left behind (the review found 48 `.task-queue.prev.json.tmp-*` after a full-disk loop),
+    and the next publish succeeds."""
+    import errno
+
+    from coordination.errors import DiskFull
+    from coordination.queue.file import snapshot as snapshot_module
+
+    home = backend.home
+    backend.enqueue(req(task_id="A"), now=T0)
+    backend.sync()
+    before = home.queue_file.read_bytes()
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(snapshot_module.os, "write", full)
+        backend.enqueue(req(task_id="B"), now=T0 + 1)  # committed: the journal has room
+        for _ in range(5):
+            with pytest.raises(DiskFull, match="previous version is intact"):
+                backend.sync()
+    assert os.write is real_write
+    assert home.queue_file.read_bytes() == before
+    assert [p.name for p in home.coordination.iterdir() if ".tmp" in p.name] == []
+    backend.sync()
+    assert {t["task_id"] for t in json.loads(home.queue_file.read_bytes())["tasks"]} == \
+        {"A", "B"}

@@ -13,6 +13,7 @@ Guarantees
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 
 from ... import clock
-from ...errors import CorruptFileError
+from ...errors import CorruptFileError, DiskFull, HarnessError
 from ...store import Durability, dumps, fsync_dir, parse_json
 from ...tasks import check_stored_task
 
@@ -88,6 +89,13 @@ def write_temp(path: Path, data: bytes, durability: Durability, mode: int) -> Pa
             view = view[os.write(fd, view):]
         if durability == "fsync":
             os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{path}: no space left to republish it; the previous version is "
+                           "intact and the queue itself is committed (its journal)") from exc
+        raise HarnessError(f"{path}: write failed: {exc.strerror or exc}") from exc
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
