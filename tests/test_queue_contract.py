@@ -874,3 +874,31 @@ def test_a_stale_lease_cannot_commit(make_backend: Callable[..., Any]) -> None:
     assert backend.get(first["task_id"])["status"] == "running"
     done = backend.complete(first["task_id"], "w1", lease=lease_token(again), now=T0 + 4)
     assert done["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------ wake-ups
+def test_wait_wakes_on_a_change_by_another_process_and_times_out_otherwise(
+        backend: Any) -> None:
+    import threading
+    import time
+
+    assert backend.wait(0.2) is False  # nothing changed
+    other = BACKENDS[backend.backend_name](backend.home)
+    timer = threading.Timer(0.2, lambda: other.enqueue(req(), now=T0))
+    started = time.monotonic()
+    timer.start()
+    try:
+        assert backend.wait(5) is True
+        assert time.monotonic() - started < 2.0
+    finally:
+        timer.join()
+    calls: list[int] = []
+    stop = backend.on_change(lambda: calls.append(1))
+    try:
+        other.enqueue(req(), now=T0 + 1)
+        deadline = time.monotonic() + 2
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls
+    finally:
+        stop()

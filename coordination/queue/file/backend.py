@@ -162,6 +162,7 @@ class FileQueue:
         self._timer: threading.Timer | None = None
         self._control_cache: tuple[tuple[int, int, int] | None, dict[str, Any]] | None = None
         self._watchers: list[Any] = []
+        self._changed = threading.Condition()
         self._closed = False
         ref = weakref.ref(self)
         atexit.register(_close_at_exit, ref)
@@ -1227,13 +1228,23 @@ class FileQueue:
         return unsubscribe
 
     def wait(self, timeout: float | None) -> bool:
-        """Block until the queue may have changed, or ``timeout``; True when woken."""
-        event = threading.Event()
-        stop = self.on_change(event.set)
-        try:
-            return event.wait(timeout)
-        finally:
-            stop()
+        """Block until the queue changes after this call, or ``timeout``; True when woken.
+        One inotify watcher serves every wait of this instance (started by the first,
+        stopped by :meth:`close`): a loop of short waits costs no thread start each."""
+        with self._changed:
+            if self._wait_watch is None:
+                self._wait_watch = self.on_change(self._note_change)
+            seen = self._change_count
+            self._changed.wait_for(lambda: self._change_count != seen, timeout)
+            return self._change_count != seen
+
+    _wait_watch: Callable[[], None] | None = None
+    _change_count = 0
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._change_count += 1
+            self._changed.notify_all()
 
     # ================================================================== check
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
