@@ -20,7 +20,7 @@ from coordination.errors import CorruptFileError, UsageError
 from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.queue import FileQueue
-from coordination.queue.file import backend as backend_module
+from coordination.queue.file import core as backend_module  # where events are appended
 
 
 @pytest.fixture
