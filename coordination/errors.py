@@ -71,3 +71,14 @@ class Backpressure(TemporaryFailure):
 
 class DiskFull(HarnessError):
     """A write failed with ENOSPC/EDQUOT. The previous version of the file is intact."""
+
+
+class DatabaseUnavailable(TemporaryFailure):
+    """The PostgreSQL server of a postgres home refused the connection or went away
+    (exit 75: retry once it is back). The message shows its URL with the password
+    redacted."""
+
+
+class SchemaVersionError(HarnessError):
+    """The database's harness schema is missing, older than this code (run `harness db
+    migrate`) or newer than this code knows (upgrade harness; nothing is written)."""

@@ -14,8 +14,10 @@ argument; it returns new containers and leaves other objects as they are):
    ``sk-ant-...``), GitHub tokens (``ghp_ gho_ ghu_ ghs_ ghr_``, ``github_pat_``), AWS access
    key ids (``AKIA`` + 16), ``Bearer <token>`` (and ``Basic <credentials>``), Slack
    ``xox[baprs]-`` tokens, and ``KEY=value`` / ``KEY: value`` assignments whose KEY looks
-   secret (as in rule 1; a value made only of digits is kept). The shape's public prefix
-   stays visible: ``sk-…[redacted]``, ``ghp_…[redacted]``, ``Bearer [redacted]``.
+   secret (as in rule 1; a value made only of digits is kept), and the password of a
+   ``scheme://user:password@host`` URL. The shape's public prefix stays visible:
+   ``sk-…[redacted]``, ``ghp_…[redacted]``, ``Bearer [redacted]``,
+   ``postgresql://app:[redacted]@db``.
 
 The functions are pure and cheap on strings without a match (one combined regex search).
 """
@@ -45,6 +47,9 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("github", re.compile(r"(?<![A-Za-z0-9_])(?P<keep>gh[pousr]_)[A-Za-z0-9]{20,}")),
     ("aws", re.compile(r"(?<![A-Za-z0-9])(?P<keep>AKIA)[0-9A-Z]{16}(?![0-9A-Z])")),
     ("slack", re.compile(r"(?<![A-Za-z0-9])(?P<keep>xox[baprs]-)[A-Za-z0-9-]{10,}")),
+    # scheme://user:password@host (a database URL): the password goes, the rest stays.
+    ("url_password", re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)"
+                                r"(?!\[redacted\]@)[^\s@/]+(?=@)")),
     # KEY=value, KEY: value, "KEY": "value" (JSON in a message), --KEY=value.
     ("assignment", re.compile(
         r"(?P<keep>(?i:\b" + _KEY_WORD + r")\"?\s*[=:]\s*\"?)"
@@ -68,6 +73,14 @@ def redact_text(text: str) -> str:
     for _, pattern in _PATTERNS:
         text = pattern.sub(_mask_match, text)
     return text
+
+
+def redact_url(url: str) -> str:
+    """A database URL or libpq conninfo fit to show: the password of
+    ``postgresql://user:password@host/db``, a ``?password=`` parameter and a conninfo's
+    ``password=...`` are masked; everything else (user, host, port, database, sslmode)
+    stays, so an operator can still tell which server it names."""
+    return redact_text(url)
 
 
 @lru_cache(maxsize=4096)
@@ -116,4 +129,5 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["MASK", "SECRET_KEY_PARTS", "redact", "redact_text", "secret_key_kind"]
+__all__ = ["MASK", "SECRET_KEY_PARTS", "redact", "redact_text", "redact_url",
+           "secret_key_kind"]

@@ -65,12 +65,11 @@ from ...store import (
     jsonl_archives,
     parse_record,
     read_json,
-    replace_bytes,
     replace_json,
     scan_jsonl_gz,
 )
-from ...tasks import PRIORITIES, REQUEST_FIELDS, check_priority, check_task_id, new_task
-from .. import rules
+from ...tasks import PRIORITIES, check_priority, check_task_id, new_task
+from .. import admission, rules
 from ..contract import EnqueueResult, QueueFinding
 from .journal import Journal
 from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
@@ -584,149 +583,17 @@ class FileQueue:
         """Validate ``request`` and publish it in the inbox without taking the queue lock.
         Returns the task id; the task is admitted by the next queue operation of any
         process. ``durable`` fsyncs the inbox file (when nothing else acknowledges it)."""
-        ts = clock.now() if now is None else now
-        cfg = load_system(self.home)
-        task = new_task(dict(request), worker_types=load_worker_types(self.home),
-                        limits=cfg.values, now=ts, where="request")
-        stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
-        path = self.home.inbox / f"{task['task_id']}.json"
-        if path.exists():
-            raise UsageError(f"task id {task['task_id']} is already pending in the inbox")
-        replace_bytes(path, dumps(stored) + b"\n", "fsync" if durable else "none")
-        return str(task["task_id"])
+        return admission.submit(self.home, request, now=clock.now() if now is None else now,
+                                durable=durable)
 
     def _inbox_names(self) -> list[str]:
-        try:
-            with os.scandir(self.home.inbox) as entries:
-                return sorted(e.name for e in entries
-                              if e.name.endswith(".json") and not e.name.startswith(".")
-                              and e.is_file(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
+        return admission.inbox_names(self.home)
 
     def _drain_inbox(self, txn: _Txn) -> None:
-        names = self._inbox_names()
-        if not names:
-            return
-        cfg = load_system(self.home)
-        types = load_worker_types(self.home)
-        accepted: list[tuple[dict[str, Any], Path | None]] = []
-        for name in names:
-            path = self.home.inbox / name
-            stem = name[:-5]
-            if stem in txn.state:
-                txn.inbox_done.append(path)  # committed before a crash; unlink is pending
-                continue
-            try:
-                request = read_json(path)
-                if isinstance(request, dict) and "task_id" not in request:
-                    request["task_id"] = stem
-                task = new_task(request, worker_types=types, limits=cfg.values, now=txn.now,
-                                where=str(path))
-                if task["task_id"] != stem:
-                    raise UsageError(f"{path}: task_id {task['task_id']!r} differs from the "
-                                     "file name")
-            except FileNotFoundError:
-                continue
-            except (CorruptFileError, UsageError) as exc:
-                self._reject(txn, path, str(exc))
-                continue
-            accepted.append((task, path))
-        self._admit(txn, accepted)
-
-    def _reject(self, txn: _Txn, path: Path, reason: str) -> None:
-        target = self.home.inbox_rejected / path.name
-        try:
-            replace_bytes(target.with_suffix(".reason"), reason.encode() + b"\n", "none")
-            os.replace(path, target)
-        except FileNotFoundError:
-            return
-        txn.event("inbox_rejected", reason, severity="warning", file=str(target))
+        admission.drain_inbox(self.home, txn, self._completed_ids)
 
     def _admit(self, txn: _Txn, batch: list[tuple[dict[str, Any], Path | None]]) -> None:
-        """Add validated new tasks: dedup, dependency and cycle checks, then queue them.
-        A task from an inbox file (path given) that fails a check is rejected into
-        ``inbox/rejected/``; a direct request (path None) raises UsageError, which aborts
-        the whole transaction (a batch is all-or-nothing)."""
-        state = txn.state
-        group_ids = {t["task_id"] for t, _ in batch}
-        unknown = {d for t, _ in batch for d in t["depends_on"]
-                   if d not in state and d not in group_ids
-                   and state.finished.get(d) != "completed"}
-        completed = self._completed_ids(unknown) if unknown else set()
-        completed.update(d for t, _ in batch for d in t["depends_on"]
-                         if state.finished.get(d) == "completed")
-        sources: dict[str, Path | None] = {}
-        for task, path in batch:
-            if task["task_id"] in state:
-                raise UsageError(f"task id {task['task_id']} is already live")
-            key = task.get("dedup_key")
-            holder_id = state.by_dedup.get(key) if key else None
-            if holder_id is not None:
-                existing = txn.get(holder_id) or {"task_id": holder_id}
-                txn.dedup[task["task_id"]] = holder_id
-                if path is not None:
-                    txn.inbox_done.append(path)
-                txn.event("task_deduplicated", f"dedup_key {key} is held by {holder_id}",
-                          existing, duplicate_task_id=task["task_id"])
-                continue
-            missing = [d for d in task["depends_on"]
-                       if d not in state and d not in group_ids and d not in completed]
-            if missing:
-                reason = (f"{path or 'request'}: depends_on names unknown or not-completed "
-                          f"task(s): {', '.join(missing)}")
-                if path is None:
-                    raise UsageError(reason)
-                self._reject(txn, path, reason)
-                group_ids.discard(task["task_id"])
-                continue
-            txn.put(task, touch=False)
-            sources[task["task_id"]] = path
-            if path is not None:
-                txn.inbox_done.append(path)
-            txn.event("task_enqueued", f"{task['priority']} task queued", task,
-                      priority=task["priority"], worker_type=task["worker_type"])
-        if txn.dedup:
-            # A request of this batch that names a deduplicated one depends on the live
-            # task that holds its dedup_key (the duplicate's id never exists).
-            for task_id in sources:
-                task = txn.puts[task_id]
-                if any(d in txn.dedup for d in task["depends_on"]):
-                    task["depends_on"] = list(dict.fromkeys(
-                        txn.dedup.get(d, d) for d in task["depends_on"]))
-                    txn.put(task, touch=False)
-        rejected = {t["task_id"] for t, _ in batch} - set(sources) - set(txn.dedup)
-        # Only a new task can close a cycle; every cycle goes, and with it whatever new
-        # task depends on a rejected one (it would otherwise run at once).
-        while any(txn.puts[t]["depends_on"] for t in sources):
-            cycle = rules.find_cycle(list(sources), state.deps_of)
-            if not cycle:
-                break
-            reason = f"depends_on forms a cycle: {' -> '.join(cycle)}"
-            for task_id in dict.fromkeys(cycle):
-                if task_id in sources:
-                    self._unadmit(txn, task_id, sources.pop(task_id), reason)
-                    rejected.add(task_id)
-        while rejected:
-            orphans = [tid for tid in sources if rejected & set(txn.puts[tid]["depends_on"])]
-            if not orphans:
-                break
-            for task_id in orphans:
-                deps = sorted(rejected & set(txn.puts[task_id]["depends_on"]))
-                self._unadmit(txn, task_id, sources.pop(task_id),
-                              f"depends_on names rejected task(s): {', '.join(deps)}")
-                rejected.add(task_id)
-
-    def _unadmit(self, txn: _Txn, task_id: str, path: Path | None, reason: str) -> None:
-        """Take back a task admitted earlier in this transaction and reject its request
-        (a direct request: UsageError, which aborts the whole transaction)."""
-        if path is None:
-            raise UsageError(f"request: {reason}")
-        txn.puts.pop(task_id, None)
-        txn.state.remove(task_id, None)
-        txn.inbox_done.remove(path)
-        txn.events = [e for e in txn.events if e["task_id"] != task_id]
-        self._reject(txn, path, f"{path}: {reason}")
+        admission.admit(self.home, txn, batch, self._completed_ids)
 
     def _completed_ids(self, wanted: set[str]) -> set[str]:
         """Which of ``wanted`` have a final ``completed`` record in history (streams), also
