@@ -26,6 +26,8 @@ Guarantees
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -268,8 +270,12 @@ class PostgresQueue:
         self._listeners: list[Callable[[], None]] = []
         self._owe_view = False
         self._closed = False
-        with self._mutex:
-            require_current(self._connection(), self.url)
+        conn = self._connection()
+        try:
+            require_current(conn, self.url)
+        except BaseException:
+            conn.close()
+            raise
         # Close the connection when this object is collected or at exit, whichever is
         # first (the finalizer holds the holder, not self).
         self._holder: list[psycopg.Connection[Any] | None] = [self._conn]
@@ -810,35 +816,41 @@ class PostgresQueue:
     # ================================================================== wake-ups
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         """LISTEN on a connection of its own (every committing transaction notifies) plus
-        inotify on this host's inbox; returns the function that stops both."""
+        inotify on this host's inbox; returns the function that stops both. The listener
+        thread sleeps in select(2) on the connection's socket and a pipe that stop()
+        writes to: no polling, and stop() returns at once."""
         from ..file.watch import watch_queue
 
         conn = connect(self.url, autocommit=True)
         conn.execute(f"LISTEN {CHANNEL}")
-        stop_flag = threading.Event()
+        wake_r, wake_w = os.pipe()
 
         def listen() -> None:
             try:
-                while not stop_flag.is_set():
-                    for _ in conn.notifies(timeout=0.5, stop_after=1):
-                        if not stop_flag.is_set():
-                            callback()
+                while True:
+                    ready, _, _ = select.select([conn.fileno(), wake_r], [], [])
+                    if wake_r in ready:
+                        return
+                    if any(True for _ in conn.notifies(timeout=0)):
+                        callback()
             except psycopg.Error:
-                if not stop_flag.is_set():
-                    callback()  # the server went away: wake the waiter to find out
+                callback()  # the server went away: wake the waiter to find out
             finally:
                 conn.close()
+                os.close(wake_r)
 
         thread = threading.Thread(target=listen, name="harness-queue-listen", daemon=True)
         thread.start()
         stop_inbox = watch_queue(self.home, callback)
 
         def unsubscribe() -> None:
-            stop_flag.set()
+            if unsubscribe not in self._listeners:
+                return
+            self._listeners.remove(unsubscribe)
             stop_inbox()
+            os.write(wake_w, b"x")
+            os.close(wake_w)
             thread.join(timeout=5)
-            if unsubscribe in self._listeners:
-                self._listeners.remove(unsubscribe)
         self._listeners.append(unsubscribe)
         return unsubscribe
 
