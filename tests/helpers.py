@@ -47,6 +47,9 @@ TOOL_INSTALL: dict[str, str] = {
     "systemctl": "apt install systemd", "systemd": "apt install systemd",
     "systemd-analyze": "apt install systemd", "systemd-run": "apt install systemd",
     "harness": "pip install -e '.[test]' in this checkout's .venv",
+    # Not on PATH (Debian keeps initdb and pg_ctl in /usr/lib/postgresql/N/bin):
+    # tests/pg_cluster.py looks for them there.
+    "PostgreSQL": "apt install postgresql",
 }
 
 

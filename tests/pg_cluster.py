@@ -27,7 +27,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SKIP_REASON = "needs PostgreSQL (apt install postgresql)"
+from helpers import skip_reason
+
+SKIP_REASON = skip_reason("PostgreSQL")  # "needs PostgreSQL (apt install postgresql)"
 TEMPLATE = "harness_template"
 RUN_AS = "postgres"
 

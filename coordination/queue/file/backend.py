@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import orjson
 
 from ... import clock
-from ...config import load_system, load_worker_types
+from ...config import load_system
 from ...control import paused_types, read_control
 from ...errors import (
     Backpressure,
@@ -52,7 +51,6 @@ from ...errors import (
     InvalidTransition,
     LockTimeout,
     NotFound,
-    UsageError,
 )
 from ...events import append_events, make_event
 from ...locks import lock_for
@@ -68,9 +66,9 @@ from ...store import (
     replace_json,
     scan_jsonl_gz,
 )
-from ...tasks import PRIORITIES, check_priority, check_task_id, new_task
-from .. import admission, rules
-from ..contract import EnqueueResult, QueueFinding
+from ...tasks import PRIORITIES, check_task_id
+from .. import admission, ops, rules
+from ..contract import QueueFinding
 from .journal import Journal
 from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
 from .state import LiveState
@@ -121,6 +119,14 @@ class _Txn:
         self.dels[task_id] = status
         self.state.remove(task_id, status)
 
+    def lock(self, task_id: str) -> dict[str, Any] | None:
+        """The whole queue is locked already: :meth:`get`."""
+        return self.get(task_id)
+
+    def waiters(self, task_id: str) -> list[dict[str, Any]]:
+        return [t for t in map(self.get, list(self.state.waiters.get(task_id, ())))
+                if t is not None]
+
     @property
     def changed(self) -> bool:
         return bool(self.puts or self.dels)
@@ -135,7 +141,7 @@ class _Txn:
             data=data, now=self.now))
 
 
-class FileQueue:
+class FileQueue(ops.Operations):
     """The file backend over one harness home. One instance per process and home is
     enough; it is safe to share between threads."""
 
@@ -578,22 +584,11 @@ class FileQueue:
             self._journal.close()
 
     # ================================================================== inbox
-    def submit(self, request: dict[str, Any], *, now: float | None = None,
-               durable: bool = False) -> str:
-        """Validate ``request`` and publish it in the inbox without taking the queue lock.
-        Returns the task id; the task is admitted by the next queue operation of any
-        process. ``durable`` fsyncs the inbox file (when nothing else acknowledges it)."""
-        return admission.submit(self.home, request, now=clock.now() if now is None else now,
-                                durable=durable)
-
     def _inbox_names(self) -> list[str]:
         return admission.inbox_names(self.home)
 
     def _drain_inbox(self, txn: _Txn) -> None:
         admission.drain_inbox(self.home, txn, self._completed_ids)
-
-    def _admit(self, txn: _Txn, batch: list[tuple[dict[str, Any], Path | None]]) -> None:
-        admission.admit(self.home, txn, batch, self._completed_ids)
 
     def _completed_ids(self, wanted: set[str]) -> set[str]:
         """Which of ``wanted`` have a final ``completed`` record in history (streams), also
@@ -614,46 +609,6 @@ class FileQueue:
         return found
 
     # ================================================================== producers
-    def enqueue(self, request: dict[str, Any], *, force: bool = False,
-                now: float | None = None) -> EnqueueResult:
-        """Add one task and return once it is durable (see the port)."""
-        return self.enqueue_batch([request], force=force, now=now)[0]
-
-    def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
-                      now: float | None = None) -> list[EnqueueResult]:
-        """Add many tasks in one commit; all requests are validated before any is queued."""
-        ts = clock.now() if now is None else now
-        cfg = load_system(self.home)
-        if not force:
-            self._check_backpressure(cfg.values["max_queue_depth"], len(requests))
-        types = load_worker_types(self.home)
-        validated = []
-        seen: set[str] = set()
-        for index, request in enumerate(requests):
-            where = "request" if len(requests) == 1 else f"request[{index}]"
-            task = new_task(dict(request), worker_types=types, limits=cfg.values, now=ts,
-                            where=where)
-            if task["task_id"] in seen:
-                raise UsageError(f"{where}: duplicate task_id {task['task_id']} in the batch")
-            seen.add(task["task_id"])
-            validated.append(task)
-        ids = [task["task_id"] for task in validated]
-
-        def direct(txn: _Txn) -> list[EnqueueResult]:
-            self._admit(txn, [(dict(task), None) for task in validated])
-            return [self._resolve(txn, task_id) for task_id in ids]
-        results: list[EnqueueResult] = self._transaction(ts, direct)
-        return results
-
-    def _resolve(self, txn: _Txn, task_id: str) -> EnqueueResult:
-        task = txn.get(task_id)
-        if task is not None:
-            return EnqueueResult(dict(task), True)
-        holder = txn.dedup.get(task_id)
-        if holder is not None:
-            return EnqueueResult(dict(txn.get(holder) or {"task_id": holder}), False)
-        raise NotFound(f"task {task_id} vanished during its own enqueue")
-
     def _check_backpressure(self, limit: int, adding: int) -> None:
         with self._mutex:
             queued = self._sync(locked=False).queued_count()
@@ -696,38 +651,6 @@ class FileQueue:
         return True
 
     # ================================================================== workers
-    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
-              now: float | None = None,
-              events_out: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
-        """Atomically take the best runnable task for ``worker_id`` (see the port)."""
-        wanted = set(types) if types is not None else None
-        ts = clock.now() if now is None else now
-        paused = paused_types(self._control(), ts)
-
-        def body(txn: _Txn) -> dict[str, Any] | None:
-            return self._claim_in(txn, worker_id, wanted, paused)
-        claimed: dict[str, Any] | None = self._transaction(ts, body, events_out=events_out)
-        return claimed
-
-    def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
-                           result: dict[str, Any] | None = None,
-                           types: Iterable[str] | None = None, now: float | None = None,
-                           events_out: list[dict[str, Any]] | None = None,
-                           lease: str | None = None,
-                           ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """:meth:`complete` then :meth:`claim` in one transaction: one lock hold, one
-        journal line, one fdatasync. Raises like :meth:`complete` (nothing is claimed)."""
-        wanted = set(types) if types is not None else None
-        ts = clock.now() if now is None else now
-        paused = paused_types(self._control(), ts)
-
-        def body(txn: _Txn) -> tuple[dict[str, Any], dict[str, Any] | None]:
-            done = self._complete_in(txn, task_id, worker_id, exit_code, result, lease)
-            return done, self._claim_in(txn, worker_id, wanted, paused)
-        out: tuple[dict[str, Any], dict[str, Any] | None] = self._transaction(
-            ts, body, events_out=events_out)
-        return out
-
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
                   paused: set[str]) -> dict[str, Any] | None:
         task_id = txn.state.best_runnable(txn.now_iso, wanted, paused)
@@ -735,130 +658,10 @@ class FileQueue:
             return None
         task = txn.get(task_id)
         assert task is not None
-        rules.claimed(task, worker_id, txn.now_iso)
-        txn.put(task)
-        txn.event("task_claimed", f"attempt {task['attempts']}/{task['max_attempts']}",
-                  task, attempt=task["attempts"])
-        return dict(task)
+        return ops.take(txn, task, worker_id)
 
-    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
-                 result: dict[str, Any] | None = None, now: float | None = None,
-                 lease: str | None = None) -> dict[str, Any]:
-        """Mark a running task completed (see the port)."""
-        def body(txn: _Txn) -> dict[str, Any]:
-            return self._complete_in(txn, task_id, worker_id, exit_code, result, lease)
-        done: dict[str, Any] = self._transaction(now, body)
-        return done
-
-    def _complete_in(self, txn: _Txn, task_id: str, worker_id: str, exit_code: int,
-                     result: dict[str, Any] | None, lease: str | None) -> dict[str, Any]:
-        task = self._running(txn, task_id, worker_id, lease)
-        task.update(exit_code=exit_code, last_error=None)
-        self._finish(txn, task, "completed", "completed", result)
-        txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
-                  exit_code=exit_code)
-        return dict(task)
-
-    def fail(self, task_id: str, worker_id: str | None, *, error: str,
-             exit_code: int | None = None, retry: bool = True,
-             result: dict[str, Any] | None = None, outcome: str = "failed",
-             now: float | None = None, lease: str | None = None) -> dict[str, Any]:
-        """Record a failed attempt of a running task (see the port)."""
-        cfg = load_system(self.home).values
-
-        def body(txn: _Txn) -> dict[str, Any]:
-            task = self._running(txn, task_id, worker_id, lease)
-            task.update(exit_code=exit_code, last_error=error[:4096])
-            if retry and task["attempts"] < task["max_attempts"] \
-                    and not task.get("cancel_requested"):
-                txn.history.append(rules.history_record(
-                    dict(task, status="failed"), final=False, outcome=outcome,
-                    recorded_at=txn.now_iso, result=result))
-                delay = rules.backoff_delay(task["attempts"], cfg, random.uniform)
-                task.update(status="queued", worker_id=None,
-                            not_before=rules.retry_at(txn.now, delay))
-                txn.put(task)
-                txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
-                          f"{error[:200]}; retry in {delay:.1f}s", task, severity="warning",
-                          attempt=task["attempts"], delay_s=round(delay, 3), outcome=outcome)
-            elif task.get("cancel_requested"):
-                self._finish(txn, task, "cancelled", "cancelled", result)
-                txn.event("task_cancelled", "cancelled while running", task)
-            else:
-                self._finish(txn, task, "failed", outcome, result)
-                txn.event("task_failed", f"failed after {task['attempts']} attempt(s): "
-                          f"{error[:200]}", task, severity="error", outcome=outcome)
-                txn.event("task_dead_lettered", "moved to dead letters", task,
-                          severity="warning")
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
-
-    def release(self, task_id: str, worker_id: str, *, reason: str,
-                now: float | None = None, lease: str | None = None) -> dict[str, Any]:
-        """Hand a running task back without spending an attempt (see the port)."""
-        def body(txn: _Txn) -> dict[str, Any]:
-            task = self._running(txn, task_id, worker_id, lease)
-            if task.get("cancel_requested"):
-                self._finish(txn, task, "cancelled", "cancelled")
-                txn.event("task_cancelled", "cancelled while running", task)
-                return dict(task)
-            txn.history.append(rules.history_record(
-                dict(task, status="queued"), final=False, outcome="released",
-                recorded_at=txn.now_iso))
-            task.update(status="queued", worker_id=None, attempts=task["attempts"] - 1,
-                        last_error=reason)
-            txn.put(task)
-            txn.event("task_released", reason, task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
-
-    @overload
-    def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
-                now: float | None = None) -> dict[str, Any]: ...
-    @overload
-    def reclaim(self, task_id: str, *, reason: str, worker_id: str,
-                now: float | None = None) -> dict[str, Any] | None: ...
-
-    def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
-                now: float | None = None) -> dict[str, Any] | None:
-        """Take a running task back from a worker proven dead (see the port)."""
-        if worker_id is None:
-            return self.fail(task_id, None, error=f"reclaimed: {reason}",
-                             outcome="reclaimed", now=now)
-        try:
-            return self.fail(task_id, worker_id, error=f"reclaimed: {reason}",
-                             outcome="reclaimed", now=now)
-        except (NotFound, InvalidTransition):
-            return None
-
-    def _running(self, txn: _Txn, task_id: str, worker_id: str | None,
-                 lease: str | None = None) -> dict[str, Any]:
-        task = txn.get(task_id)
-        rules.check_running(task, task_id, worker_id, lease)
-        assert task is not None
-        return task
-
-    def _finish(self, txn: _Txn, task: dict[str, Any], status: str, outcome: str,
-                result: dict[str, Any] | None = None) -> None:
-        """Move a task out of the live queue into history (and dead letters if failed),
-        cancelling queued tasks that depend on it unless it completed."""
-        rules.finish_fields(task, status, txn.now_iso)
-        txn.history.append(rules.history_record(task, final=True, outcome=outcome,
-                                                recorded_at=txn.now_iso, result=result))
-        if status == "failed":
-            txn.dead_letters.append(dict(task))
-        waiters = list(txn.state.waiters.get(task["task_id"], ()))
-        txn.remove(task["task_id"], status)
-        others = [t for t in map(txn.get, waiters) if t is not None]
-        for other_id in rules.dependents_to_cancel(task["task_id"], status, others):
-            other = txn.get(other_id)
-            if other is None:
-                continue
-            other["last_error"] = f"dependency {task['task_id']} ended {status}"
-            self._finish(txn, other, "cancelled", "dependency_failed")
-            txn.event("task_cancelled", other["last_error"], other, severity="warning")
+    def _paused(self, now: float) -> set[str]:
+        return paused_types(self._control(), now)
 
     def _control(self) -> dict[str, Any]:
         """control.json, re-read only when its inode, size or mtime changed."""
@@ -871,45 +674,6 @@ class FileQueue:
         return state
 
     # ================================================================== operators
-    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
-               now: float | None = None) -> dict[str, Any]:
-        """Cancel a live task (see the port)."""
-        def body(txn: _Txn) -> dict[str, Any]:
-            task = txn.get(task_id)
-            if task is None:
-                raise NotFound(f"task {task_id} is not live; only queued or running tasks "
-                               "can be cancelled")
-            if task["status"] == "queued":
-                task["last_error"] = reason
-                self._finish(txn, task, "cancelled", "cancelled")
-                txn.event("task_cancelled", reason, task)
-            elif not task.get("cancel_requested"):
-                task["cancel_requested"] = True
-                txn.put(task)
-                txn.event("task_cancel_requested", reason, task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
-
-    def reprioritize(self, task_id: str, priority: str, *,
-                     now: float | None = None) -> dict[str, Any]:
-        """Change the priority of a live task (claims pick it up at once)."""
-        check_priority(priority)
-
-        def body(txn: _Txn) -> dict[str, Any]:
-            task = txn.get(task_id)
-            if task is None:
-                raise NotFound(f"task {task_id} is not live")
-            old = task["priority"]
-            if old != priority:
-                task["priority"] = priority
-                txn.put(task)
-                txn.event("task_reprioritized", f"{old} -> {priority}", task, old=old,
-                          new=priority)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
-
     def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
                      now: float | None = None) -> dict[str, Any]:
         """Move a dead letter back into the queue as a fresh queued task; the dead-letter
@@ -1070,15 +834,6 @@ class FileQueue:
                 self._watchers.remove(unsubscribe)
         self._watchers.append(unsubscribe)
         return unsubscribe
-
-    def wait(self, timeout: float | None) -> bool:
-        """Block until the queue may have changed, or ``timeout``; True when woken."""
-        event = threading.Event()
-        stop = self.on_change(event.set)
-        try:
-            return event.wait(timeout)
-        finally:
-            stop()
 
     # ================================================================== check
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
