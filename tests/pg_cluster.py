@@ -83,6 +83,13 @@ class Cluster:
         name = url.rsplit("/", 1)[1]
         self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def restart(self) -> None:
+        """Stop the server (fast: sessions are disconnected) and start it again on the same
+        port; only a cluster this module started."""
+        assert self.datadir is not None and self.bindir is not None
+        _run_pg([str(self.bindir / "pg_ctl"), "restart", "-D", str(self.datadir), "-m",
+                 "fast", "-w", "-t", "60"])
+
     def stop(self) -> None:
         if self.datadir is None or self.bindir is None:
             return

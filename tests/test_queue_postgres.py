@@ -299,3 +299,52 @@ def test_claim_plan_walks_the_claim_index_even_with_stale_statistics(
         assert "tasks_claim" in plan and "Sort" not in plan, plan
     conn.execute("RESET plan_cache_mode")
     assert queue.claim("w1", now=T0) is not None
+
+
+def test_concurrent_enqueues_of_one_dedup_key_create_one_task(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """Four connections enqueue the same dedup_key at once: the partial unique index lets
+    one commit; the others' transactions are re-run and return that holder."""
+    home = pg_home_factory()
+    results: list[tuple[bool, str]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def producer() -> None:
+        queue = PostgresQueue(home)
+        try:
+            start.wait()
+            res = queue.enqueue(req(dedup_key="nightly"), now=T0)
+            results.append((res.created, res.task["task_id"]))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        finally:
+            queue.close()
+
+    threads = [threading.Thread(target=producer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert sorted(created for created, _ in results) == [False, False, False, True]
+    assert len({task_id for _, task_id in results}) == 1
+    assert len(PostgresQueue(home).live_tasks()) == 1
+
+
+def test_a_server_restart_is_exit_75_once_then_reconnects(
+        pg_cluster: Any, pg_home_factory: Callable[..., Home]) -> None:
+    """The server restarts under an open queue: the next operation fails with
+    DatabaseUnavailable (exit 75, nothing half-done), the one after reconnects; every
+    committed task is still there."""
+    if pg_cluster.datadir is None:
+        pytest.skip("HARNESS_TEST_DATABASE_URL names a server these tests did not start")
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    task_id = queue.enqueue(req(), now=T0).task["task_id"]
+    pg_cluster.restart()
+    with pytest.raises(DatabaseUnavailable) as info:
+        queue.claim("w1", now=T0 + 1)
+    assert info.value.exit_code == EXIT_TEMPFAIL
+    claimed = queue.claim("w1", now=T0 + 2)
+    assert claimed is not None and claimed["task_id"] == task_id and claimed["attempts"] == 1

@@ -27,11 +27,12 @@ Guarantees
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import select
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -333,8 +334,7 @@ class PostgresQueue(ops.Operations):
                         raise
                     continue
                 except psycopg.OperationalError as exc:
-                    raise DatabaseUnavailable(
-                        f"PostgreSQL at {redact_url(self.url)}: {exc}".strip()) from None
+                    raise self._unavailable(exc) from None
                 if txn.changed:
                     self._owe_view = True
             break
@@ -346,16 +346,28 @@ class PostgresQueue(ops.Operations):
             self._emit(txn.events)
         return out
 
+    def _unavailable(self, exc: Exception) -> DatabaseUnavailable:
+        """The error for a connection lost mid-operation (the next operation reconnects)."""
+        detail = str(exc).strip().replace("\n", " ")
+        return DatabaseUnavailable(f"PostgreSQL at {redact_url(self.url)}: {detail}")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[psycopg.Connection[Any]]:
+        """This instance's connection in one read-only REPEATABLE READ transaction (every
+        statement sees the same snapshot); DatabaseUnavailable when the server is gone."""
+        with self._mutex:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield conn
+            except psycopg.OperationalError as exc:
+                raise self._unavailable(exc) from None
+
     def _read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Rows of one read-only statement (its own short transaction)."""
-        with self._mutex:
-            conn = self._connection()
-            try:
-                with conn.transaction():
-                    return list(conn.execute(sql, params))
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(
-                    f"PostgreSQL at {redact_url(self.url)}: {exc}".strip()) from None
+        with self._snapshot() as conn:
+            return list(conn.execute(sql, params))
 
     def _emit(self, events: list[dict[str, Any]]) -> None:
         """Append events of a committed change; a failure is logged, never raised (the
@@ -527,27 +539,24 @@ class PostgresQueue(ops.Operations):
         paused = sorted(paused_types(read_control(self.home), ts))
         by_status = {"queued": 0, "running": 0}
         by_priority = {p: {"queued": 0, "running": 0} for p in PRIORITIES}
-        with self._mutex:
-            conn = self._connection()
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                dead = 0
-                for status, rank, n in conn.execute(
-                        "SELECT status, priority_rank, count(*) FROM tasks "
-                        "GROUP BY status, priority_rank"):
-                    if status == "failed":
-                        dead += int(n)
-                        continue
-                    by_status[status] += int(n)
-                    by_priority[_RANK_NAME[rank]][status] += int(n)
-                runnable = {str(w): int(n) for w, n in conn.execute(
-                    f"SELECT t.worker_type, count(*) FROM tasks t WHERE {_RUNNABLE} "
-                    "GROUP BY t.worker_type ORDER BY t.worker_type",
-                    {"now": clock.iso(ts), "paused": paused})}
-                row = conn.execute("SELECT min(created_at) FROM tasks "
-                                   "WHERE status = 'queued'").fetchone()
-                oldest = row[0] if row else None
-                revision = self._revision(conn)
+        with self._snapshot() as conn:
+            dead = 0
+            for status, rank, n in conn.execute(
+                    "SELECT status, priority_rank, count(*) FROM tasks "
+                    "GROUP BY status, priority_rank"):
+                if status == "failed":
+                    dead += int(n)
+                    continue
+                by_status[status] += int(n)
+                by_priority[_RANK_NAME[rank]][status] += int(n)
+            runnable = {str(w): int(n) for w, n in conn.execute(
+                f"SELECT t.worker_type, count(*) FROM tasks t WHERE {_RUNNABLE} "
+                "GROUP BY t.worker_type ORDER BY t.worker_type",
+                {"now": clock.iso(ts), "paused": paused})}
+            row = conn.execute("SELECT min(created_at) FROM tasks "
+                               "WHERE status = 'queued'").fetchone()
+            oldest = row[0] if row else None
+            revision = self._revision(conn)
         return {
             "live": sum(by_status.values()), "by_status": by_status,
             "by_priority": by_priority, "runnable": sum(runnable.values()),
@@ -567,14 +576,11 @@ class PostgresQueue(ops.Operations):
     # ================================================================== the jq view
     def sync(self) -> None:
         """Publish task-queue.json (the file backend's format) from the tasks table now."""
-        with self._mutex:
-            conn = self._connection()
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                rev = self._revision(conn)
-                parts = [dumps(r[0]) for r in conn.execute(
-                    f"SELECT data FROM tasks WHERE {_LIVE} {_CLAIM_ORDER}")]
-            self._owe_view = False
+        with self._snapshot() as conn:
+            rev = self._revision(conn)
+            parts = [dumps(r[0]) for r in conn.execute(
+                f"SELECT data FROM tasks WHERE {_LIVE} {_CLAIM_ORDER}")]
+        self._owe_view = False
         cfg = load_system(self.home)
         tmp = write_temp(self.home.queue_file, render(rev, clock.now(), parts),
                          cfg.durability, FILE_MODE)
