@@ -348,3 +348,42 @@ def test_a_server_restart_is_exit_75_once_then_reconnects(
     assert info.value.exit_code == EXIT_TEMPFAIL
     claimed = queue.claim("w1", now=T0 + 2)
     assert claimed is not None and claimed["task_id"] == task_id and claimed["attempts"] == 1
+
+
+def test_a_waiter_admitted_while_its_dependency_fails_is_rejected(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """Another host is failing the parent (its transaction holds the row, deleted, with a
+    final failed record, not yet committed) while we enqueue a child naming it. The
+    child's admission waits for that row; once the failure commits it sees the parent
+    failed and refuses the child, which must never run behind a failed dependency."""
+    from coordination.errors import UsageError
+    from coordination.queue.rules import history_record
+
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    parent = queue.enqueue(req(task_id="parent"), now=T0).task
+    outcome: list[BaseException | str] = []
+    with psycopg.connect(_url_of(home)) as other:  # the other host's transaction
+        other.execute("SELECT 1 FROM tasks WHERE task_id = 'parent' FOR UPDATE")
+        other.execute("DELETE FROM tasks WHERE task_id = 'parent' AND NOT dead")
+        record = history_record(dict(parent, status="failed"), final=True,
+                                outcome="failed", recorded_at="2023-11-14T22:13:21.000Z")
+        other.execute("INSERT INTO history (task_id, final, status, recorded_at, record) "
+                      "VALUES ('parent', true, 'failed', %s, %s)",
+                      (record["recorded_at"], psycopg.types.json.Jsonb(record)))
+
+        def enqueue_child() -> None:
+            try:
+                queue.enqueue(req(task_id="child", depends_on=["parent"]), now=T0 + 1)
+                outcome.append("admitted")
+            except BaseException as exc:  # checked below, in the test's thread
+                outcome.append(exc)
+
+        child = threading.Thread(target=enqueue_child)
+        child.start()
+        child.join(0.5)  # it waits for the parent's row (or, if late, finds it gone)
+        other.commit()
+    child.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], UsageError), outcome
+    assert "depends_on" in str(outcome[0])
+    assert PostgresQueue(home).live_tasks() == []

@@ -70,6 +70,8 @@ RETRIES = 20
 _RACES = (pgerrors.UniqueViolation, pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
 _LIVE = "status IN ('queued', 'running')"
 _RANK_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
+_FOR_UPDATE = "FOR UPDATE"
+_KEY_SHARE = "FOR KEY SHARE"
 
 #: The runnable condition of rules.is_runnable over rows: queued, due, no live
 #: dependency, type not paused (and wanted, when given).
@@ -116,7 +118,13 @@ class _Live:
         self.by_dedup = self
 
     def __contains__(self, task_id: object) -> bool:
-        return isinstance(task_id, str) and self._txn.get(task_id) is not None
+        """Whether ``task_id`` is live, holding that row (FOR KEY SHARE) until the
+        transaction ends: admission asks this of each dependency, and a dependency that
+        is finishing meanwhile either ends first (we then see it gone) or waits for our
+        commit (its cascade then sees our new waiter). Either way no task is admitted
+        behind a dependency that failed."""
+        return isinstance(task_id, str) and self._txn.get(task_id, lock=_KEY_SHARE) \
+            is not None
 
     def deps_of(self, task_id: str) -> tuple[str, ...] | None:
         task = self._txn.get(task_id)
@@ -146,6 +154,7 @@ class _Txn:
         self.dedup: dict[str, str] = {}
         self.rows: dict[str, dict[str, Any] | None] = {}  # live rows read (None: not live)
         self.stored: set[str] = set()  # ids with a live row in the database
+        self.locked: dict[str, set[str]] = {}  # row-lock clause -> ids read with it
         self.written = False
         self._state = _Live(self)
 
@@ -154,26 +163,29 @@ class _Txn:
         return self._state
 
     # ---------------------------------------------------------------- reads
-    def get(self, task_id: str, *, lock: bool = False) -> dict[str, Any] | None:
-        """The live task as this transaction sees it; ``lock`` takes its row lock."""
+    def get(self, task_id: str, *, lock: str = "") -> dict[str, Any] | None:
+        """The live task as this transaction sees it; ``lock`` (a row-lock clause) holds
+        its row until the transaction ends."""
         if task_id in self.puts:
             return self.puts[task_id]
         if task_id in self.dels:
             return None
-        if task_id in self.rows and not lock:
+        if task_id in self.rows and (not lock or task_id in self.locked.get(lock, ())):
             return self.rows[task_id]
         row = self.conn.execute(
-            f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE}"
-            + (" FOR UPDATE" if lock else ""), (task_id,)).fetchone()
+            f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE} {lock}",
+            (task_id,)).fetchone()
         task = dict(row[0]) if row else None
         self.rows[task_id] = task
+        if lock:
+            self.locked.setdefault(lock, set()).add(task_id)
         if task is not None:
             self.stored.add(task_id)
         return task
 
     def lock(self, task_id: str) -> dict[str, Any] | None:
-        """The live task with its row locked until the transaction ends."""
-        return self.get(task_id, lock=True)
+        """The live task with its row locked (FOR UPDATE) until the transaction ends."""
+        return self.get(task_id, lock=_FOR_UPDATE)
 
     def dedup_holder(self, key: str) -> str | None:
         for task_id, task in self.puts.items():
@@ -194,6 +206,7 @@ class _Txn:
                 "ORDER BY task_id FOR UPDATE", ([task_id],)):
             self.rows[data["task_id"]] = dict(data)
             self.stored.add(data["task_id"])
+            self.locked.setdefault(_FOR_UPDATE, set()).add(data["task_id"])
             out.append(self.get(data["task_id"]) or {})
         return [t for t in out if t]
 
