@@ -304,5 +304,11 @@ QueueMachine.TestCase.settings = settings(
 for _name in BACKENDS:
     _machine = type(f"QueueMachine_{_name}", (QueueMachine,), {"backend": _name})
     _machine.TestCase.settings = QueueMachine.TestCase.settings
+    if _name == "postgres":
+        # A database per example and a round trip per statement: fewer examples, and room
+        # on a loaded machine (alone it takes ~10 s).
+        _machine.TestCase.settings = settings(QueueMachine.TestCase.settings,
+                                              max_examples=20)
+        _machine.TestCase.pytestmark = [pytest.mark.timeout(600)]
     globals()[f"TestQueueModel_{_name}"] = _machine.TestCase
 del _name, _machine

@@ -284,20 +284,21 @@ def test_claim_plan_walks_the_claim_index_even_with_stale_statistics(
     """Right after a burst of enqueues (statistics not yet analysed) the claim must still
     read tasks_claim in order and stop at the first runnable row, never sort the backlog:
     its cost must not grow with the queue. Checked on the plan, not on a timing."""
-    from coordination.queue.postgres.backend import _CLAIM
+    from coordination.queue.postgres.backend import _CLAIM, _CLAIM_SETTINGS
 
     home = pg_home_factory(max_queue_depth=10_000)
     queue = PostgresQueue(home)
     queue.enqueue_batch([req(priority="low") for _ in range(3000)], now=T0)
     conn = queue._connection()
     for generic in (False, True):
-        conn.execute("SET plan_cache_mode = "
-                     + ("force_generic_plan" if generic else "force_custom_plan"))
-        plan = "\n".join(str(r[0]) for r in conn.execute(
-            "EXPLAIN " + _CLAIM, {"now": "2099", "paused": [], "wanted": None},
-            prepare=generic))
+        with conn.transaction():
+            conn.execute(_CLAIM_SETTINGS)
+            conn.execute("SET LOCAL plan_cache_mode = "
+                         + ("force_generic_plan" if generic else "force_custom_plan"))
+            plan = "\n".join(str(r[0]) for r in conn.execute(
+                "EXPLAIN " + _CLAIM, {"now": "2099", "paused": [], "wanted": None},
+                prepare=generic))
         assert "tasks_claim" in plan and "Sort" not in plan, plan
-    conn.execute("RESET plan_cache_mode")
     assert queue.claim("w1", now=T0) is not None
 
 
