@@ -388,3 +388,29 @@ def test_a_waiter_admitted_while_its_dependency_fails_is_rejected(
     assert len(outcome) == 1 and isinstance(outcome[0], UsageError), outcome
     assert "depends_on" in str(outcome[0])
     assert PostgresQueue(home).live_tasks() == []
+
+
+def test_a_worker_runs_tasks_from_the_database_end_to_end(
+        pg_home_factory: Callable[..., Home], procs: Any) -> None:
+    """A real `harness worker run` on a postgres home: it waits on LISTEN/NOTIFY, claims a
+    task enqueued after it started (and one from the inbox, create-task.sh's path), runs
+    both and records them; doctor then finds the home clean, jq view included."""
+    import sys
+
+    from helpers import daemon_env
+
+    home = pg_home_factory()
+    worker = procs.spawn("worker", [sys.executable, "-m", "daemons", "worker", "run",
+                                    "--home", str(home.root), "--max-tasks", "2"],
+                         env=daemon_env())
+    worker.wait_for_line("started worker-", timeout=30)
+    queue = PostgresQueue(home)
+    first = queue.enqueue(req(), now=None).task["task_id"]
+    second = queue.submit(req(command=["sh", "-c", "exit 0"]))
+    queue.ingest()
+    assert worker.wait(60) == 0, worker.stderr()
+    for task_id in (first, second):
+        record = queue.get(task_id)
+        assert record is not None and record["status"] == "completed", record
+    doctor = CliRunner().invoke(cli, ["--home", str(home.root), "doctor", "--json"])
+    assert doctor.exit_code == 0, doctor.output
