@@ -414,3 +414,36 @@ def test_a_worker_runs_tasks_from_the_database_end_to_end(
         assert record is not None and record["status"] == "completed", record
     doctor = CliRunner().invoke(cli, ["--home", str(home.root), "doctor", "--json"])
     assert doctor.exit_code == 0, doctor.output
+
+
+def test_history_since_pages_by_sequence_and_starts_over_on_an_unknown_cursor(
+        pg_home_factory: Callable[..., Home]) -> None:
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    ids = []
+    for i in range(3):
+        task = queue.enqueue(req(), now=T0 + i).task
+        queue.claim("w1", now=T0 + i)
+        queue.complete(task["task_id"], "w1", now=T0 + 10 * i)
+        ids.append(task["task_id"])
+    everything, end = queue.history_since(None)
+    assert [r["task_id"] for r in everything] == ids
+    assert queue.history_since(end) == ([], end)  # nothing new: the same cursor
+    first, cursor = queue.history_since(None, limit=1)
+    rest, cursor2 = queue.history_since(cursor)
+    assert [r["task_id"] for r in first + rest] == ids and cursor2 == end
+    recent, _ = queue.history_since(None, start_at=T0 + 10)  # recorded since then
+    assert [r["task_id"] for r in recent] == ids[1:]
+    stream = end.rpartition(":")[0]
+    assert stream and first and cursor.rpartition(":")[0] == stream  # one stream throughout
+    # A cursor from elsewhere (a recreated database, a file backend's, one past the newest
+    # record): from the start.
+    for foreign in ("999999", "123:456", f"{stream}:999999", "garbage"):
+        again, _ = queue.history_since(foreign)
+        assert [r["task_id"] for r in again] == ids
+    other = PostgresQueue(home)  # the cursor means the same to every process
+    later = other.enqueue(req(), now=T0 + 40).task
+    other.claim("w2", now=T0 + 40)
+    other.complete(later["task_id"], "w2", now=T0 + 41)
+    new, _ = queue.history_since(end)
+    assert [r["task_id"] for r in new] == [later["task_id"]]

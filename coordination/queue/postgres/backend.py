@@ -524,18 +524,23 @@ class PostgresQueue(ops.Operations):
 
     def history_since(self, cursor: str | None, *, start_at: float | None = None,
                       limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
-        """History records after ``cursor`` (a ``seq``, as text) and the next cursor. No
-        cursor: from ``start_at`` (records recorded since) or the beginning. A cursor past
-        the newest record (another database) starts over."""
+        """History records after ``cursor`` and the next cursor, ``"STREAM:SEQ"``: STREAM
+        names this database (its oid: a recreated database is another stream, as a
+        rotated file is for the file backend, and the supervisor, which compares streams,
+        starts its window over), SEQ the last record returned. No cursor: from ``start_at`` (records
+        recorded since) or the beginning. A cursor of another stream, or past the newest
+        record, starts over from the beginning."""
+        stream = self._history_stream()
         after = 0
         since: str | None = None
         if cursor:
+            theirs, _, seq = cursor.rpartition(":")
             try:
-                after = int(cursor)
+                after = int(seq) if theirs == stream else 0
             except ValueError:
                 after = 0
-            top = self._read("SELECT coalesce(max(seq), 0) FROM history")[0][0]
-            if after > int(top):
+            if after and after > int(self._read(
+                    "SELECT coalesce(max(seq), 0) FROM history")[0][0]):
                 after = 0
         elif start_at is not None:
             since = clock.iso(start_at)
@@ -544,7 +549,16 @@ class PostgresQueue(ops.Operations):
             "NULL OR recorded_at >= %(since)s::text) ORDER BY seq LIMIT %(limit)s",
             {"after": after, "since": since, "limit": limit})
         last = int(rows[-1][0]) if rows else after
-        return [dict(r[1]) for r in rows], str(last)
+        return [dict(r[1]) for r in rows], f"{stream}:{last}"
+
+    _stream: str | None = None
+
+    def _history_stream(self) -> str:
+        if self._stream is None:
+            # The database's oid: any role may read it (pg_control_system() needs more).
+            row = self._read("SELECT oid FROM pg_database WHERE datname = current_database()")
+            self._stream = f"pg.{row[0][0]}"
+        return self._stream
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         """Counts by status and priority, runnable per type, oldest queued age, inbox and
