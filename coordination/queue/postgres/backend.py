@@ -378,9 +378,14 @@ class PostgresQueue(ops.Operations):
                 raise self._unavailable(exc) from None
 
     def _read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """Rows of one read-only statement (its own short transaction)."""
-        with self._snapshot() as conn:
-            return list(conn.execute(sql, params))
+        """Rows of one statement on this instance's connection: on its own (autocommit:
+        one statement sees one snapshot, at one round trip), or inside the transaction
+        this thread has open (admission's history lookup)."""
+        with self._mutex:
+            try:
+                return list(self._connection().execute(sql, params))
+            except psycopg.OperationalError as exc:
+                raise self._unavailable(exc) from None
 
     def _emit(self, events: list[dict[str, Any]]) -> None:
         """Append events of a committed change; a failure is logged, never raised (the
@@ -395,15 +400,11 @@ class PostgresQueue(ops.Operations):
                 "%d event(s) not recorded: %s", len(events), exc)
 
     def _completed_ids(self, wanted: set[str]) -> set[str]:
-        rows = self._conn_rows(
+        rows = self._read(  # inside the admitting transaction
             "SELECT DISTINCT task_id FROM history WHERE task_id = ANY(%s) AND final "
             "AND status = 'completed'", (list(wanted),))
         return {str(r[0]) for r in rows}
 
-    def _conn_rows(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        """Rows on this instance's connection, inside whatever transaction is open."""
-        with self._mutex:
-            return list(self._connection().execute(sql, params))
 
     # ================================================================== producers
     def _check_backpressure(self, limit: int, adding: int) -> None:
