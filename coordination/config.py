@@ -54,14 +54,24 @@ def _pair() -> Check:
     return lambda v: isinstance(v, list) and len(v) == 2 and all(_num()(x) for x in v)
 
 
+def _opt_str(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v != "")
+
+
 def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 SYSTEM_KEYS: tuple[Key, ...] = (
-    Key("queue_backend", "file", _choice("file"), '"file"',
+    Key("queue_backend", "file", _choice("file", "postgres"), '"file" or "postgres"',
         "Where the queue keeps its tasks. file: a journal and the jq view task-queue.json in "
-        "this home (docs/coordination.md, \"Queue\")."),
+        "this home (docs/coordination.md, \"Queue\"). postgres: a PostgreSQL database "
+        "(database_url), shared by several hosts (docs/multi-host.md)."),
+    Key("database_url", None, _opt_str, "a string or null",
+        "The PostgreSQL connection URL or conninfo of queue_backend postgres, passed to libpq "
+        "unchanged (its PG* variables, ~/.pgpass and sslmode apply); the environment "
+        "variable HARNESS_DATABASE_URL overrides it. Keep the password out of it (use "
+        "~/.pgpass); one shown anywhere is redacted."),
     Key("durability", "fsync", _choice("fsync", "none"), '"fsync" or "none"',
         "fsync: every published file and appended line is fsynced (crash-durable). none: "
         "still atomic (publish by rename) but a power loss may lose recent writes."),

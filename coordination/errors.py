@@ -76,3 +76,14 @@ class DiskFull(HarnessError):
 class UnsafePath(HarnessError):
     """A path inside the home is a symbolic link (or its folder is one): harness refuses to
     follow it out of the home, writes nothing there, and ``harness doctor`` reports it."""
+
+
+class DatabaseUnavailable(TemporaryFailure):
+    """The PostgreSQL server of a postgres home refused the connection or went away
+    (exit 75: retry once it is back). The message shows its URL with the password
+    redacted."""
+
+
+class SchemaVersionError(HarnessError):
+    """The database's harness schema is missing, older than this code (run `harness db
+    migrate`) or newer than this code knows (upgrade harness; nothing is written)."""

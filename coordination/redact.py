@@ -14,8 +14,10 @@ argument; it returns new containers and leaves other objects as they are):
    ``sk-ant-...``), GitHub tokens (``ghp_ gho_ ghu_ ghs_ ghr_``, ``github_pat_``), AWS access
    key ids (``AKIA`` + 16), ``Bearer <token>`` (and ``Basic <credentials>``), Slack
    ``xox[baprs]-`` tokens, and ``KEY=value`` / ``KEY: value`` assignments whose KEY looks
-   secret (as in rule 1; a value made only of digits is kept). The shape's public prefix
-   stays visible: ``sk-…[redacted]``, ``ghp_…[redacted]``, ``Bearer [redacted]``.
+   secret (as in rule 1; a value made only of digits is kept), and the password of a
+   ``scheme://user:password@host`` URL. The shape's public prefix stays visible:
+   ``sk-…[redacted]``, ``ghp_…[redacted]``, ``Bearer [redacted]``,
+   ``postgresql://app:[redacted]@db``.
 
 3. **Configured patterns.** ``redact_patterns`` in system.json adds regexes whose whole
    match becomes ``[redacted]`` (:func:`use_patterns`, called by the config loader, so every
@@ -58,6 +60,9 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("github", re.compile(r"(?<![A-Za-z0-9_])(?P<keep>gh[pousr]_)[A-Za-z0-9]{20,}")),
     ("aws", re.compile(r"(?<![A-Za-z0-9])(?P<keep>AKIA)[0-9A-Z]{16}(?![0-9A-Z])")),
     ("slack", re.compile(r"(?<![A-Za-z0-9])(?P<keep>xox[baprs]-)[A-Za-z0-9-]{10,}")),
+    # scheme://user:password@host (a database URL): the password goes, the rest stays.
+    ("url_password", re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)"
+                                r"(?!\[redacted\]@)[^\s@/]+(?=@)")),
     # KEY=value, KEY: value, "KEY": "value" (JSON in a message), --KEY=value.
     ("assignment", re.compile(
         r"(?P<keep>(?i:\b" + _KEY_WORD + r")\"?\s*[=:]\s*\"?)"
@@ -188,6 +193,14 @@ def printable(text: str, *, keep_newlines: bool = False) -> str:
     return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def redact_url(url: str) -> str:
+    """A database URL or libpq conninfo fit to show: the password of
+    ``postgresql://user:password@host/db``, a ``?password=`` parameter and a conninfo's
+    ``password=...`` are masked; everything else (user, host, port, database, sslmode)
+    stays, so an operator can still tell which server it names."""
+    return redact_text(url)
+
+
 @lru_cache(maxsize=4096)
 def secret_key_kind(key: str) -> str | None:
     """``"secret"`` for a key whose values are masked, ``"token"`` when only the substring
@@ -235,4 +248,4 @@ def redact(obj: Any) -> Any:
 
 
 __all__ = ["MASK", "SECRET_KEY_PARTS", "pattern_problem", "printable", "redact", "redact_argv",
-           "redact_record", "redact_text", "secret_key_kind", "use_patterns"]
+           "redact_record", "redact_text", "redact_url", "secret_key_kind", "use_patterns"]

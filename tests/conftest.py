@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import ProcGroup, make_home, reap_zombie_children, set_subreaper
+from pg_cluster import Cluster, shared_cluster, stop_shared_cluster
 
 from coordination.paths import Home
 
@@ -56,3 +57,41 @@ def adopt_orphans() -> Iterator[None]:
     finally:
         set_subreaper(False)
         reap_zombie_children()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL server for the session (tests/pg_cluster.py); skips where
+    no PostgreSQL binaries exist."""
+    try:
+        yield shared_cluster()
+    finally:
+        stop_shared_cluster()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: Cluster) -> Iterator[Callable[..., str]]:
+    """``pg_database()``: the URL of a new database with the harness schema (a copy of the
+    template; ``pg_database(template=None)``: an empty one), dropped after the test."""
+    made: list[str] = []
+
+    def make(template: str | None = "harness_template") -> str:
+        made.append(pg_cluster.create_database(template))
+        return made[-1]
+
+    yield make
+    for url in made:
+        pg_cluster.drop_database(url)
+
+
+@pytest.fixture
+def pg_home_factory(tmp_path: Path, pg_database: Callable[..., str]) -> Callable[..., Home]:
+    """``pg_home_factory(**system_overrides)``: a fresh initialised postgres home over a
+    fresh database per call."""
+    counter = iter(range(1, 1_000_000))
+
+    def make(**overrides: Any) -> Home:
+        return make_home(tmp_path, f"pghome{next(counter)}", queue_backend="postgres",
+                         database_url=pg_database(), **overrides)
+
+    return make

@@ -49,6 +49,9 @@ TOOL_INSTALL: dict[str, str] = {
     "systemd-socket-activate": "apt install systemd",
     "chromedriver": "apt install chromium-driver",
     "harness": "pip install -e '.[test]' in this checkout's .venv",
+    # Not on PATH (Debian keeps initdb and pg_ctl in /usr/lib/postgresql/N/bin):
+    # tests/pg_cluster.py looks for them there.
+    "PostgreSQL": "apt install postgresql",
 }
 
 

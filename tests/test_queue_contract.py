@@ -43,10 +43,16 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_backend(tmp_path: Path, backend_kind: str) -> Callable[..., Any]:
+def make_backend(tmp_path: Path, backend_kind: str,
+                 request: pytest.FixtureRequest) -> Callable[..., Any]:
     counter = iter(range(1, 1000))
+    # The postgres backend: each home gets a fresh database (tests/pg_cluster.py).
+    databases = request.getfixturevalue("pg_database") if backend_kind == "postgres" \
+        else None
 
     def make(**system_overrides: Any) -> Any:
+        if databases is not None:
+            system_overrides.update(queue_backend="postgres", database_url=databases())
         home = make_home(tmp_path, f"home{next(counter)}", **system_overrides)
         return BACKENDS[backend_kind](home)  # a fresh instance: one "process" per call
 

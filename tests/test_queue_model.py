@@ -66,12 +66,26 @@ class QueueMachine(RuleBasedStateMachine):
     @initialize()
     def fresh_home(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="harness-model-")
-        home = make_home(Path(self.tmp.name), retry_backoff_base_s=0, durability="none")
+        overrides: dict[str, Any] = {}
+        if self.backend == "postgres":  # a fresh database per example (tests/pg_cluster.py)
+            from pg_cluster import shared_cluster
+
+            self.database = shared_cluster().create_database()
+            overrides.update(queue_backend="postgres", database_url=self.database)
+        home = make_home(Path(self.tmp.name), retry_backoff_base_s=0, durability="none",
+                         **overrides)
         self.queue = BACKENDS[self.backend](home)
+
+    database: str | None = None
 
     def teardown(self) -> None:
         if self.tmp is not None:
+            self.queue.close()
             self.tmp.cleanup()
+        if self.database is not None:
+            from pg_cluster import shared_cluster
+
+            shared_cluster().drop_database(self.database)
 
     def tick(self) -> float:
         self.now += 1.0
@@ -290,5 +304,11 @@ QueueMachine.TestCase.settings = settings(
 for _name in BACKENDS:
     _machine = type(f"QueueMachine_{_name}", (QueueMachine,), {"backend": _name})
     _machine.TestCase.settings = QueueMachine.TestCase.settings
+    if _name == "postgres":
+        # A database per example and a round trip per statement: fewer examples, and room
+        # on a loaded machine (alone it takes ~10 s).
+        _machine.TestCase.settings = settings(QueueMachine.TestCase.settings,
+                                              max_examples=20)
+        _machine.TestCase.pytestmark = [pytest.mark.timeout(600)]
     globals()[f"TestQueueModel_{_name}"] = _machine.TestCase
 del _name, _machine

@@ -1,6 +1,6 @@
 """The task queue: a port (:mod:`.contract`), its shared policy (:mod:`.rules`) and its
-backends (:mod:`.file`). Callers use :func:`open_queue` and the :class:`QueueBackend`
-methods, nothing else (docs/coordination.md, "Queue")."""
+backends (:mod:`.file`, :mod:`.postgres`). Callers use :func:`open_queue` and the
+:class:`QueueBackend` methods, nothing else (docs/coordination.md, "Queue")."""
 
 from __future__ import annotations
 
@@ -15,8 +15,19 @@ from .file import FileQueue
 from .file.snapshot import QUEUE_FORMAT_VERSION
 from .rules import is_runnable
 
+
+def _postgres(home: Home) -> QueueBackend:
+    """The postgres backend (psycopg is an optional dependency: imported only here)."""
+    try:
+        from .postgres import PostgresQueue
+    except ImportError as exc:
+        raise ConfigError(f"{home.system_config}: queue_backend 'postgres' needs psycopg "
+                          f"({exc}): pip install 'harness[postgres]'") from None
+    return PostgresQueue(home)
+
+
 #: The backends ``queue_backend`` may name, and how each is built.
-BACKENDS: dict[str, Callable[[Home], QueueBackend]] = {"file": FileQueue}
+BACKENDS: dict[str, Callable[[Home], QueueBackend]] = {"file": FileQueue, "postgres": _postgres}
 
 #: The instances in use, so the parts of one process share one (held weakly: a queue
 #: nobody holds any more closes its descriptors when it is collected).

@@ -101,12 +101,18 @@ def history_record(task: Mapping[str, Any], *, final: bool, outcome: str, record
                               result=result))
 
 
+def cascades(status: str) -> bool:
+    """Whether a task ending ``status`` cancels the queued tasks that depend on it (every
+    ending but ``completed``)."""
+    return status != "completed"
+
+
 def dependents_to_cancel(finished_id: str, status: str,
                          waiters: Iterable[Mapping[str, Any]]) -> list[str]:
     """Queued tasks that must be cancelled because ``finished_id`` ended ``status``: every
     queued waiter that names it, unless it completed (the cascade then goes on from each
     cancelled one, which the caller does by calling this again for it)."""
-    if status == "completed":
+    if not cascades(status):
         return []
     return [w["task_id"] for w in waiters
             if w["status"] == "queued" and finished_id in (w.get("depends_on") or ())]

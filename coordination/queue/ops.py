@@ -1,0 +1,362 @@
+"""The queue's operations as changes to one open transaction, shared by every backend.
+
+A backend runs each of these inside its own transaction (the file backend under its lock,
+the postgres backend in a database transaction); what the operation does to the tasks,
+history, dead letters and events is written once, here, from :mod:`.rules`. A backend's
+transaction object offers what :class:`OpsTxn` names.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, overload
+
+from .. import clock
+from ..config import load_system, load_worker_types
+from ..errors import InvalidTransition, NotFound, UsageError
+from ..paths import Home
+from ..tasks import check_priority, new_task
+from . import admission, rules
+from .admission import AdmitTxn
+from .contract import EnqueueResult
+
+Task = dict[str, Any]
+
+
+class OpsTxn(AdmitTxn, Protocol):
+    """An open transaction, as the operations see it."""
+
+    now_iso: str
+    history: list[dict[str, Any]]
+    dead_letters: list[Task]
+
+    def lock(self, task_id: str) -> Task | None:
+        """The live task, held by this transaction until it ends (None: not live)."""
+    def waiters(self, task_id: str) -> list[Task]:
+        """Live tasks whose depends_on names ``task_id``."""
+    def remove(self, task_id: str, status: str | None) -> None: ...
+
+
+def validate_batch(home: Home, requests: list[dict[str, Any]], now: float) -> list[Task]:
+    """Every request of an enqueue made a task (UsageError naming ``request[i]`` and the
+    field at the first bad one, before anything is queued)."""
+    cfg = load_system(home)
+    types = load_worker_types(home)
+    validated = []
+    seen: set[str] = set()
+    for index, request in enumerate(requests):
+        where = "request" if len(requests) == 1 else f"request[{index}]"
+        task = new_task(dict(request), worker_types=types, limits=cfg.values, now=now,
+                        where=where)
+        if task["task_id"] in seen:
+            raise UsageError(f"{where}: duplicate task_id {task['task_id']} in the batch")
+        seen.add(task["task_id"])
+        validated.append(task)
+    return validated
+
+
+def resolve(txn: OpsTxn, task_id: str) -> EnqueueResult:
+    """What became of a request admitted in ``txn``: its task, or the dedup holder."""
+    task = txn.get(task_id)
+    if task is not None:
+        return EnqueueResult(dict(task), True)
+    holder = txn.dedup.get(task_id)
+    if holder is not None:
+        return EnqueueResult(dict(txn.get(holder) or {"task_id": holder}), False)
+    raise NotFound(f"task {task_id} vanished during its own enqueue")
+
+
+def take(txn: OpsTxn, task: Task, worker_id: str) -> Task:
+    """Claim ``task`` (chosen by the backend in claim order) for ``worker_id``."""
+    rules.claimed(task, worker_id, txn.now_iso)
+    txn.put(task)
+    txn.event("task_claimed", f"attempt {task['attempts']}/{task['max_attempts']}",
+              task, attempt=task["attempts"])
+    return dict(task)
+
+
+def running(txn: OpsTxn, task_id: str, worker_id: str | None,
+            lease: str | None = None) -> Task:
+    task = txn.lock(task_id)
+    rules.check_running(task, task_id, worker_id, lease)
+    assert task is not None
+    return task
+
+
+def finish(txn: OpsTxn, task: Task, status: str, outcome: str,
+           result: dict[str, Any] | None = None) -> None:
+    """Move a task out of the live queue into history (and dead letters if failed),
+    cancelling queued tasks that depend on it unless it completed."""
+    rules.finish_fields(task, status, txn.now_iso)
+    txn.history.append(rules.history_record(task, final=True, outcome=outcome,
+                                            recorded_at=txn.now_iso, result=result))
+    if status == "failed":
+        txn.dead_letters.append(dict(task))
+    waiters = txn.waiters(task["task_id"]) if rules.cascades(status) else []
+    txn.remove(task["task_id"], status)
+    for other_id in rules.dependents_to_cancel(task["task_id"], status, waiters):
+        other = txn.lock(other_id)
+        if other is None:
+            continue
+        other["last_error"] = f"dependency {task['task_id']} ended {status}"
+        finish(txn, other, "cancelled", "dependency_failed")
+        txn.event("task_cancelled", other["last_error"], other, severity="warning")
+
+
+def complete(txn: OpsTxn, task_id: str, worker_id: str, exit_code: int,
+             result: dict[str, Any] | None, lease: str | None) -> Task:
+    task = running(txn, task_id, worker_id, lease)
+    task.update(exit_code=exit_code, last_error=None)
+    finish(txn, task, "completed", "completed", result)
+    txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
+              exit_code=exit_code)
+    return dict(task)
+
+
+def fail(txn: OpsTxn, task_id: str, worker_id: str | None, *, error: str,
+         exit_code: int | None, retry: bool, result: dict[str, Any] | None, outcome: str,
+         lease: str | None, cfg: Mapping[str, Any]) -> Task:
+    """A failed attempt: retried after rules.backoff_delay while attempts remain, else
+    failed with a dead letter (cancelled when a cancel was requested)."""
+    task = running(txn, task_id, worker_id, lease)
+    task.update(exit_code=exit_code, last_error=error[:4096])
+    if retry and task["attempts"] < task["max_attempts"] and not task.get("cancel_requested"):
+        txn.history.append(rules.history_record(
+            dict(task, status="failed"), final=False, outcome=outcome,
+            recorded_at=txn.now_iso, result=result))
+        delay = rules.backoff_delay(task["attempts"], cfg)
+        task.update(status="queued", worker_id=None, not_before=rules.retry_at(txn.now, delay))
+        txn.put(task)
+        txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
+                  f"{error[:200]}; retry in {delay:.1f}s", task, severity="warning",
+                  attempt=task["attempts"], delay_s=round(delay, 3), outcome=outcome)
+    elif task.get("cancel_requested"):
+        finish(txn, task, "cancelled", "cancelled", result)
+        txn.event("task_cancelled", "cancelled while running", task)
+    else:
+        finish(txn, task, "failed", outcome, result)
+        txn.event("task_failed", f"failed after {task['attempts']} attempt(s): "
+                  f"{error[:200]}", task, severity="error", outcome=outcome)
+        txn.event("task_dead_lettered", "moved to dead letters", task, severity="warning")
+    return dict(task)
+
+
+def release(txn: OpsTxn, task_id: str, worker_id: str, reason: str,
+            lease: str | None) -> Task:
+    """Hand a running task back without spending an attempt."""
+    task = running(txn, task_id, worker_id, lease)
+    if task.get("cancel_requested"):
+        finish(txn, task, "cancelled", "cancelled")
+        txn.event("task_cancelled", "cancelled while running", task)
+        return dict(task)
+    txn.history.append(rules.history_record(
+        dict(task, status="queued"), final=False, outcome="released",
+        recorded_at=txn.now_iso))
+    task.update(status="queued", worker_id=None, attempts=task["attempts"] - 1,
+                last_error=reason)
+    txn.put(task)
+    txn.event("task_released", reason, task)
+    return dict(task)
+
+
+def cancel(txn: OpsTxn, task_id: str, reason: str) -> Task:
+    """Queued: cancelled at once. Running: cancel_requested (its worker stops it)."""
+    task = txn.lock(task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} is not live; only queued or running tasks "
+                       "can be cancelled")
+    if task["status"] == "queued":
+        task["last_error"] = reason
+        finish(txn, task, "cancelled", "cancelled")
+        txn.event("task_cancelled", reason, task)
+    elif not task.get("cancel_requested"):
+        task["cancel_requested"] = True
+        txn.put(task)
+        txn.event("task_cancel_requested", reason, task)
+    return dict(task)
+
+
+def reprioritize(txn: OpsTxn, task_id: str, priority: str) -> Task:
+    task = txn.lock(task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} is not live")
+    old = task["priority"]
+    if old != priority:
+        task["priority"] = priority
+        txn.put(task)
+        txn.event("task_reprioritized", f"{old} -> {priority}", task, old=old, new=priority)
+    return dict(task)
+
+
+def reclaim(fail_: Any, task_id: str, *, reason: str, worker_id: str | None,
+            now: float | None) -> Task | None:
+    """Take a running task back from a worker proven dead through the backend's ``fail``
+    (the attempt counts). With ``worker_id`` the owner is checked in the transaction and
+    None is returned when the task is not running under it any more."""
+    if worker_id is None:
+        out: Task = fail_(task_id, None, error=f"reclaimed: {reason}", outcome="reclaimed",
+                          now=now)
+        return out
+    try:
+        got: Task = fail_(task_id, worker_id, error=f"reclaimed: {reason}",
+                          outcome="reclaimed", now=now)
+        return got
+    except (NotFound, InvalidTransition):
+        return None
+
+
+class Operations:
+    """The port's producer, worker and operator methods, written once over the backend's
+    transaction. A backend provides :meth:`_transaction` (run ``body(txn)`` in one
+    transaction, commit, then side effects), :meth:`_claim_in` (take the best runnable
+    task in ``txn``, in rules.claim_key order), :meth:`_paused` (the paused worker types
+    now), :meth:`_check_backpressure`, :meth:`_completed_ids` (for admission) and
+    :meth:`on_change` (for :meth:`wait`)."""
+
+    home: Home
+
+    # -- what a backend provides -----------------------------------------------------
+    def _transaction(self, now: float | None, body: Callable[[Any], Any], *,
+                     drain: bool = True,
+                     events_out: list[dict[str, Any]] | None = None) -> Any:
+        raise NotImplementedError
+
+    def _claim_in(self, txn: Any, worker_id: str, wanted: set[str] | None,
+                  paused: set[str]) -> Task | None:
+        raise NotImplementedError
+
+    def _paused(self, now: float) -> set[str]:
+        raise NotImplementedError
+
+    def _check_backpressure(self, limit: int, adding: int) -> None:
+        raise NotImplementedError
+
+    def _completed_ids(self, wanted: set[str]) -> set[str]:
+        raise NotImplementedError
+
+    # -- producers -------------------------------------------------------------------
+    def enqueue(self, request: dict[str, Any], *, force: bool = False,
+                now: float | None = None) -> EnqueueResult:
+        """Add one task and return once it is durable (see the port)."""
+        return self.enqueue_batch([request], force=force, now=now)[0]
+
+    def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
+                      now: float | None = None) -> list[EnqueueResult]:
+        """Add many tasks in one commit; all requests are validated before any is queued."""
+        ts = clock.now() if now is None else now
+        if not force:
+            self._check_backpressure(load_system(self.home).values["max_queue_depth"],
+                                     len(requests))
+        validated = validate_batch(self.home, requests, ts)
+
+        def body(txn: Any) -> list[EnqueueResult]:
+            admission.admit(self.home, txn, [(dict(t), None) for t in validated],
+                            self._completed_ids)
+            return [resolve(txn, t["task_id"]) for t in validated]
+        results: list[EnqueueResult] = self._transaction(ts, body)
+        return results
+
+    def submit(self, request: dict[str, Any], *, now: float | None = None,
+               durable: bool = False) -> str:
+        """Validate ``request`` and publish it in this host's inbox without touching the
+        queue; the next transaction of any process here admits it. ``durable`` fsyncs the
+        inbox file (when nothing else acknowledges it)."""
+        return admission.submit(self.home, request, now=clock.now() if now is None else now,
+                                durable=durable)
+
+    # -- workers ---------------------------------------------------------------------
+    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
+              now: float | None = None,
+              events_out: list[dict[str, Any]] | None = None) -> Task | None:
+        """Atomically take the best runnable task for ``worker_id`` (see the port)."""
+        wanted = set(types) if types is not None else None
+        ts = clock.now() if now is None else now
+        paused = self._paused(ts)
+
+        def body(txn: Any) -> Task | None:
+            return self._claim_in(txn, worker_id, wanted, paused)
+        claimed: Task | None = self._transaction(ts, body, events_out=events_out)
+        return claimed
+
+    def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                           result: dict[str, Any] | None = None,
+                           types: Iterable[str] | None = None, now: float | None = None,
+                           events_out: list[dict[str, Any]] | None = None,
+                           lease: str | None = None) -> tuple[Task, Task | None]:
+        """:meth:`complete` then :meth:`claim` in one transaction (one commit). Raises like
+        :meth:`complete` (nothing is claimed then)."""
+        wanted = set(types) if types is not None else None
+        ts = clock.now() if now is None else now
+        paused = self._paused(ts)
+
+        def body(txn: Any) -> tuple[Task, Task | None]:
+            done = complete(txn, task_id, worker_id, exit_code, result, lease)
+            return done, self._claim_in(txn, worker_id, wanted, paused)
+        out: tuple[Task, Task | None] = self._transaction(ts, body, events_out=events_out)
+        return out
+
+    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
+                 result: dict[str, Any] | None = None, now: float | None = None,
+                 lease: str | None = None) -> Task:
+        """Mark a running task completed (see the port)."""
+        done: Task = self._transaction(
+            now, lambda txn: complete(txn, task_id, worker_id, exit_code, result, lease))
+        return done
+
+    def fail(self, task_id: str, worker_id: str | None, *, error: str,
+             exit_code: int | None = None, retry: bool = True,
+             result: dict[str, Any] | None = None, outcome: str = "failed",
+             now: float | None = None, lease: str | None = None) -> Task:
+        """Record a failed attempt of a running task (see the port)."""
+        cfg = load_system(self.home).values
+        out: Task = self._transaction(now, lambda txn: fail(
+            txn, task_id, worker_id, error=error, exit_code=exit_code, retry=retry,
+            result=result, outcome=outcome, lease=lease, cfg=cfg))
+        return out
+
+    def release(self, task_id: str, worker_id: str, *, reason: str,
+                now: float | None = None, lease: str | None = None) -> Task:
+        """Hand a running task back without spending an attempt (see the port)."""
+        out: Task = self._transaction(
+            now, lambda txn: release(txn, task_id, worker_id, reason, lease))
+        return out
+
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
+                now: float | None = None) -> Task: ...
+    @overload
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str,
+                now: float | None = None) -> Task | None: ...
+
+    def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
+                now: float | None = None) -> Task | None:
+        """Take a running task back from a worker proven dead (see the port); the owner
+        check runs inside the transaction, so each task is reclaimed at most once."""
+        return reclaim(self.fail, task_id, reason=reason, worker_id=worker_id, now=now)
+
+    # -- operators -------------------------------------------------------------------
+    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
+               now: float | None = None) -> Task:
+        """Cancel a live task (see the port)."""
+        out: Task = self._transaction(now, lambda txn: cancel(txn, task_id, reason))
+        return out
+
+    def reprioritize(self, task_id: str, priority: str, *, now: float | None = None) -> Task:
+        """Change the priority of a live task (claims see it at once)."""
+        check_priority(priority)
+        out: Task = self._transaction(now, lambda txn: reprioritize(txn, task_id, priority))
+        return out
+
+    # -- wake-ups --------------------------------------------------------------------
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the queue may have changed, or ``timeout``; True when woken."""
+        event = threading.Event()
+        stop = self.on_change(event.set)
+        try:
+            return event.wait(timeout)
+        finally:
+            stop()

@@ -1,0 +1,720 @@
+"""The PostgreSQL backend of the queue port (docs/multi-host.md).
+
+Tables (:mod:`.schema`): ``tasks`` holds live tasks (``queued``, ``running``) and dead
+letters (``failed``) as rows with the task as ``data`` jsonb plus the columns claims and
+checks filter on; ``history`` is append-only, its ``seq`` the history cursor;
+``queue_revision`` counts commits (``stats()["revision"]``).
+
+Guarantees
+- Each method that changes the queue is one transaction (READ COMMITTED; the rows it
+  changes are locked with ``FOR UPDATE``); it returns once committed. A transaction that
+  lost a race (a dedup key or task id taken meanwhile, a deadlock) is re-run from the start.
+- A claim takes ``SELECT ... ORDER BY rules.claim_key FOR UPDATE SKIP LOCKED LIMIT 1`` and
+  updates that row in the same transaction: two claimers never get the same task and never
+  wait for each other.
+- Policy is :mod:`..rules` and admission :mod:`..admission`, as in the file backend: the
+  transaction object here offers what they need (an overlay of this transaction's changes
+  over the rows, written by :meth:`_Txn.flush`).
+- Commit first, then side effects: inbox files are unlinked and events appended to this
+  host's dashboard-events.jsonl after COMMIT; every committing transaction sends
+  ``NOTIFY harness_queue`` (delivered at commit), which :meth:`PostgresQueue.wait` and
+  :meth:`PostgresQueue.on_change` listen for on a connection of their own.
+- Per host, in the home: the inbox, control.json (paused types), the events file and the
+  jq view ``task-queue.json`` (written by :meth:`PostgresQueue.sync`, in the file backend's
+  format).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import select
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.types.json import Jsonb
+
+from ... import clock
+from ...config import load_system
+from ...control import paused_types, read_control
+from ...errors import (
+    Backpressure,
+    DatabaseUnavailable,
+    HarnessError,
+    InvalidTransition,
+    NotFound,
+)
+from ...events import append_events, make_event
+from ...paths import Home
+from ...redact import redact_url
+from ...store import dumps
+from ...tasks import PRIORITIES, PRIORITY_RANK, check_task_id
+from .. import admission, ops, rules
+from ..contract import QueueFinding
+from ..file.snapshot import parse as parse_view
+from ..file.snapshot import publish_temp, render, write_temp
+from .connect import connect, database_url
+from .schema import require_current
+
+SOURCE = "queue"
+CHANNEL = "harness_queue"
+FILE_MODE = 0o600
+#: A transaction that lost a race is re-run this many times before the error is raised.
+RETRIES = 20
+_RACES = (pgerrors.UniqueViolation, pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
+_LIVE = "status IN ('queued', 'running')"
+_RANK_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
+_FOR_UPDATE = "FOR UPDATE"
+_KEY_SHARE = "FOR KEY SHARE"
+
+#: The runnable condition of rules.is_runnable over rows: queued, due, no live
+#: dependency, type not paused (and wanted, when given).
+_RUNNABLE = f"""
+    t.status = 'queued'
+    AND (t.not_before IS NULL OR t.not_before <= %(now)s)
+    AND NOT (t.worker_type = ANY(%(paused)s::text[]))
+    AND NOT EXISTS (SELECT 1 FROM tasks d
+                    WHERE d.task_id = ANY(t.depends_on) AND d.{_LIVE})"""
+_CLAIM = f"""
+SELECT t.data FROM tasks t
+WHERE {_RUNNABLE}
+  AND (%(wanted)s::text[] IS NULL OR t.worker_type = ANY(%(wanted)s::text[]))
+ORDER BY t.priority_rank, t.created_at, t.task_id
+LIMIT 1 FOR UPDATE SKIP LOCKED"""
+_CLAIM_ORDER = "ORDER BY priority_rank, created_at, task_id"
+#: Run before the claim, in its transaction. The claim must walk tasks_claim in order and
+#: stop at the first runnable row. Right after a burst of enqueues the statistics are
+#: stale (autovacuum has not analysed yet) and a cached generic plan guesses its filters
+#: keep ~no rows: either way the planner picks "scan every queued row, then sort", O(the
+#: backlog) per claim (measured: 66 ms at 10,000 queued instead of 3 ms). Without sorts it
+#: must use the index's order. Only for the claim: other queries (live_tasks' order over
+#: queued and running rows) have no index for their ORDER BY and must sort.
+_CLAIM_SETTINGS = "SET LOCAL enable_sort = off"
+
+
+def _row(task: dict[str, Any]) -> dict[str, Any]:
+    """The columns of ``task`` (the task itself is ``data``)."""
+    return {"task_id": task["task_id"], "status": task["status"],
+            "priority_rank": PRIORITY_RANK[task["priority"]],
+            "created_at": task.get("created_at") or "", "not_before": task.get("not_before"),
+            "worker_type": rules.worker_type_of(task), "worker_id": task.get("worker_id"),
+            "dedup_key": task.get("dedup_key"),
+            "depends_on": list(task.get("depends_on") or ()), "data": Jsonb(task)}
+
+
+_COLUMNS = ("task_id", "status", "priority_rank", "created_at", "not_before", "worker_type",
+            "worker_id", "dedup_key", "depends_on", "data")
+_INSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES "
+           f"({', '.join(f'%({c})s' for c in _COLUMNS)})")
+_UPDATE = (f"UPDATE tasks SET {', '.join(f'{c} = %({c})s' for c in _COLUMNS[1:])} "
+           f"WHERE task_id = %(task_id)s AND {_LIVE}")
+
+
+class _Live:
+    """The live queue as one transaction sees it (:class:`..admission.LiveView`)."""
+
+    finished: dict[str, str] = {}  # nothing remembered: history answers (completed_ids)
+
+    def __init__(self, txn: _Txn) -> None:
+        self._txn = txn
+        self.by_dedup = self
+
+    def __contains__(self, task_id: object) -> bool:
+        """Whether ``task_id`` is live, holding that row (FOR KEY SHARE) until the
+        transaction ends: admission asks this of each dependency, and a dependency that
+        is finishing meanwhile either ends first (we then see it gone) or waits for our
+        commit (its cascade then sees our new waiter). Either way no task is admitted
+        behind a dependency that failed."""
+        return isinstance(task_id, str) and self._txn.get(task_id, lock=_KEY_SHARE) \
+            is not None
+
+    def deps_of(self, task_id: str) -> tuple[str, ...] | None:
+        task = self._txn.get(task_id)
+        return None if task is None else tuple(task.get("depends_on") or ())
+
+    def get(self, key: str) -> str | None:  # by_dedup.get: the live holder of a dedup_key
+        return self._txn.dedup_holder(key)
+
+    def remove(self, task_id: str, final_status: str | None) -> None:
+        """Nothing to do: the overlay (``puts``) is the transaction's only copy."""
+
+
+class _Txn:
+    """One transaction: changes are kept in ``puts`` / ``dels`` until :meth:`flush`."""
+
+    def __init__(self, conn: psycopg.Connection[Any], now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.now_iso = clock.iso(now)
+        self.puts: dict[str, dict[str, Any]] = {}
+        self.dels: dict[str, str | None] = {}
+        self.history: list[dict[str, Any]] = []
+        self.dead_letters: list[dict[str, Any]] = []
+        self.drop_dead: list[str] = []
+        self.inbox_done: list[Path] = []
+        self.events: list[dict[str, Any]] = []
+        self.dedup: dict[str, str] = {}
+        self.rows: dict[str, dict[str, Any] | None] = {}  # live rows read (None: not live)
+        self.stored: set[str] = set()  # ids with a live row in the database
+        self.locked: dict[str, set[str]] = {}  # row-lock clause -> ids read with it
+        self.written = False
+        self._state = _Live(self)
+
+    @property
+    def state(self) -> _Live:
+        return self._state
+
+    # ---------------------------------------------------------------- reads
+    def get(self, task_id: str, *, lock: str = "") -> dict[str, Any] | None:
+        """The live task as this transaction sees it; ``lock`` (a row-lock clause) holds
+        its row until the transaction ends."""
+        if task_id in self.puts:
+            return self.puts[task_id]
+        if task_id in self.dels:
+            return None
+        if task_id in self.rows and (not lock or task_id in self.locked.get(lock, ())):
+            return self.rows[task_id]
+        row = self.conn.execute(
+            f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE} {lock}",
+            (task_id,)).fetchone()
+        task = dict(row[0]) if row else None
+        self.rows[task_id] = task
+        if lock:
+            self.locked.setdefault(lock, set()).add(task_id)
+        if task is not None:
+            self.stored.add(task_id)
+        return task
+
+    def lock(self, task_id: str) -> dict[str, Any] | None:
+        """The live task with its row locked (FOR UPDATE) until the transaction ends."""
+        return self.get(task_id, lock=_FOR_UPDATE)
+
+    def dedup_holder(self, key: str) -> str | None:
+        for task_id, task in self.puts.items():
+            if task.get("dedup_key") == key:
+                return task_id
+        for task_id, in self.conn.execute(
+                f"SELECT task_id FROM tasks WHERE dedup_key = %s AND {_LIVE}", (key,)):
+            if task_id not in self.dels and task_id not in self.puts:
+                return str(task_id)
+        return None
+
+    def waiters(self, task_id: str) -> list[dict[str, Any]]:
+        """Queued tasks that name ``task_id`` in depends_on (locked)."""
+        self.flush()
+        out = []
+        for (data,) in self.conn.execute(
+                "SELECT data FROM tasks WHERE status = 'queued' AND depends_on @> %s "
+                "ORDER BY task_id FOR UPDATE", ([task_id],)):
+            self.rows[data["task_id"]] = dict(data)
+            self.stored.add(data["task_id"])
+            self.locked.setdefault(_FOR_UPDATE, set()).add(data["task_id"])
+            out.append(self.get(data["task_id"]) or {})
+        return [t for t in out if t]
+
+    # ---------------------------------------------------------------- changes
+    def put(self, task: dict[str, Any], *, touch: bool = True) -> None:
+        if touch:
+            task["updated_at"] = self.now_iso
+        self.dels.pop(task["task_id"], None)
+        self.puts[task["task_id"]] = task
+
+    def remove(self, task_id: str, status: str | None) -> None:
+        self.puts.pop(task_id, None)
+        self.dels[task_id] = status
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.puts or self.dels or self.history
+                    or self.dead_letters or self.drop_dead)
+
+    def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
+              severity: str = "info", **data: Any) -> None:
+        self.events.append(make_event(
+            event_type, severity=severity, source=SOURCE, message=message,
+            task_id=task["task_id"] if task else None,
+            worker_id=task.get("worker_id") if task else None,
+            correlation_id=task.get("correlation_id") if task else None,
+            data=data, now=self.now))
+
+    def flush(self) -> None:
+        """Write the overlay to the database (still inside the transaction)."""
+        if not (self.puts or self.dels or self.history or self.dead_letters
+                or self.drop_dead):
+            return
+        cur = self.conn.cursor()
+        if self.dels:
+            cur.execute(f"DELETE FROM tasks WHERE task_id = ANY(%s) AND {_LIVE}",
+                        (list(self.dels),))
+            self.stored.difference_update(self.dels)
+            for task_id in self.dels:
+                self.rows[task_id] = None
+        if self.drop_dead:
+            cur.execute("DELETE FROM tasks WHERE task_id = ANY(%s) AND dead",
+                        (self.drop_dead,))
+        if self.dead_letters:
+            ids = [t["task_id"] for t in self.dead_letters]
+            cur.execute("DELETE FROM tasks WHERE task_id = ANY(%s) AND dead", (ids,))
+            cur.executemany(_INSERT, [_row(t) for t in self.dead_letters])
+        updates = [t for i, t in self.puts.items() if i in self.stored]
+        inserts = [t for i, t in self.puts.items() if i not in self.stored]
+        if updates:
+            cur.executemany(_UPDATE, [_row(t) for t in updates])
+        if inserts:
+            cur.executemany(_INSERT, [_row(t) for t in inserts])
+        if self.history:
+            cur.executemany(
+                "INSERT INTO history (task_id, correlation_id, final, status, recorded_at, "
+                "record) VALUES (%s, %s, %s, %s, %s, %s)",
+                [(r["task_id"], r.get("correlation_id"), bool(r.get("final")), r["status"],
+                  r["recorded_at"], Jsonb(r)) for r in self.history])
+        for task_id, task in self.puts.items():
+            self.rows[task_id] = task
+            self.stored.add(task_id)
+        self.puts, self.dels = {}, {}
+        self.history, self.dead_letters, self.drop_dead = [], [], []
+        self.written = True
+
+
+class PostgresQueue(ops.Operations):
+    """The postgres backend over one harness home (its system.json names the database).
+    One connection per instance, shared by its threads under a lock."""
+
+    backend_name = "postgres"
+
+    def __init__(self, home: Home) -> None:
+        self.home = home.require()
+        self.url = database_url(home)
+        self._mutex = threading.RLock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._owe_view = False
+        self._closed = False
+        conn = self._connection()
+        try:
+            require_current(conn, self.url)
+        except BaseException:
+            conn.close()
+            raise
+        # Close the connection when this object is collected or at exit, whichever is
+        # first (the finalizer holds the holder, not self).
+        self._holder: list[psycopg.Connection[Any] | None] = [self._conn]
+        self._finalizer = weakref.finalize(self, _close_holder, self._holder)
+        # A process that changed the queue publishes the jq view as it exits.
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def __repr__(self) -> str:
+        return f"PostgresQueue({self.home.root}, {redact_url(self.url)})"
+
+    # ================================================================== connection
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            # autocommit: each `conn.transaction()` block is then a real BEGIN ... COMMIT
+            conn = self._conn = connect(self.url, autocommit=True)
+            holder = getattr(self, "_holder", None)
+            if holder is not None:
+                holder[0] = conn
+        return conn
+
+    def _transaction(self, now: float | None, body: Callable[[_Txn], Any], *,
+                     drain: bool = True,
+                     events_out: list[dict[str, Any]] | None = None) -> Any:
+        """Run ``body(txn)`` in one database transaction, commit, then the side effects
+        (inbox unlinks, events). Re-run from the start when it lost a race."""
+        ts = clock.now() if now is None else now
+        for attempt in range(RETRIES + 1):
+            with self._mutex:
+                try:
+                    conn = self._connection()
+                    txn = _Txn(conn, ts)
+                    with conn.transaction():
+                        if drain:
+                            admission.drain_inbox(self.home, txn, self._completed_ids)
+                        out = body(txn)
+                        txn.flush()
+                        if txn.changed:  # one round trip: the revision and the wake-up
+                            conn.execute("SELECT pg_notify(%s, nextval('queue_revision')::text)",
+                                         (CHANNEL,))
+                except _RACES:
+                    if attempt == RETRIES:
+                        raise
+                    continue
+                except psycopg.OperationalError as exc:
+                    raise self._unavailable(exc) from None
+                if txn.changed:
+                    self._owe_view = True
+            break
+        for path in txn.inbox_done:
+            _unlink_quietly(path)
+        if events_out is not None:
+            events_out.extend(txn.events)
+        else:
+            self._emit(txn.events)
+        return out
+
+    def _unavailable(self, exc: Exception) -> DatabaseUnavailable:
+        """The error for a connection lost mid-operation (the next operation reconnects)."""
+        detail = str(exc).strip().replace("\n", " ")
+        return DatabaseUnavailable(f"PostgreSQL at {redact_url(self.url)}: {detail}")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[psycopg.Connection[Any]]:
+        """This instance's connection in one read-only REPEATABLE READ transaction (every
+        statement sees the same snapshot); DatabaseUnavailable when the server is gone."""
+        with self._mutex:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield conn
+            except psycopg.OperationalError as exc:
+                raise self._unavailable(exc) from None
+
+    def _read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Rows of one statement on this instance's connection: on its own (autocommit:
+        one statement sees one snapshot, at one round trip), or inside the transaction
+        this thread has open (admission's history lookup)."""
+        with self._mutex:
+            try:
+                return list(self._connection().execute(sql, params))
+            except psycopg.OperationalError as exc:
+                raise self._unavailable(exc) from None
+
+    def _emit(self, events: list[dict[str, Any]]) -> None:
+        """Append events of a committed change; a failure is logged, never raised (the
+        change is durable: a retrying producer would enqueue twice)."""
+        if not events:
+            return
+        try:
+            append_events(self.home, events)
+        except HarnessError as exc:
+            import logging
+            logging.getLogger("harness.queue").warning(
+                "%d event(s) not recorded: %s", len(events), exc)
+
+    def _completed_ids(self, wanted: set[str]) -> set[str]:
+        rows = self._read(  # inside the admitting transaction
+            "SELECT DISTINCT task_id FROM history WHERE task_id = ANY(%s) AND final "
+            "AND status = 'completed'", (list(wanted),))
+        return {str(r[0]) for r in rows}
+
+
+    # ================================================================== producers
+    def _check_backpressure(self, limit: int, adding: int) -> None:
+        rows = self._read("SELECT count(*) FROM tasks WHERE status = 'queued'")
+        queued = int(rows[0][0])
+        if queued + adding > limit:
+            raise Backpressure(
+                f"backpressure: {queued} tasks queued, max_queue_depth is {limit}; retry later"
+                " or pass --force")
+
+    def ingest(self, *, now: float | None = None, timeout: float | None = None) -> int:
+        """Admit this host's inbox; returns how many tasks were added (no database work
+        when the inbox is empty). ``timeout`` is not used: a transaction here waits only
+        for the rows it changes."""
+        if not admission.inbox_names(self.home):
+            return 0
+
+        def body(txn: _Txn) -> int:
+            return sum(1 for e in txn.events if e["type"] == "task_enqueued")
+        count: int = self._transaction(now, body)
+        return count
+
+    # ================================================================== workers
+    def _paused(self, now: float) -> set[str]:
+        return paused_types(read_control(self.home), now)
+
+    def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
+                  paused: set[str]) -> dict[str, Any] | None:
+        txn.flush()  # the claim query must see this transaction's own changes
+        txn.conn.execute(_CLAIM_SETTINGS)
+        row = txn.conn.execute(_CLAIM, {
+            "now": txn.now_iso, "paused": sorted(paused),
+            "wanted": None if wanted is None else sorted(wanted)}).fetchone()
+        if row is None:
+            return None
+        task = dict(row[0])
+        txn.rows[task["task_id"]] = task
+        txn.stored.add(task["task_id"])
+        return ops.take(txn, task, worker_id)
+
+    # ================================================================== operators
+    def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
+                     now: float | None = None) -> dict[str, Any]:
+        """Move a dead letter back into the queue as a fresh queued task."""
+        check_task_id(task_id)
+
+        def body(txn: _Txn) -> dict[str, Any]:
+            row = txn.conn.execute("SELECT data FROM tasks WHERE task_id = %s AND dead "
+                                   "FOR UPDATE", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no dead letter {task_id}")
+            task = dict(row[0])
+            if txn.get(task_id) is not None:
+                raise InvalidTransition(f"task {task_id} is already live")
+            key = task.get("dedup_key")
+            holder = txn.dedup_holder(key) if key else None
+            if holder is not None:
+                raise InvalidTransition(f"dedup_key {key!r} of {task_id} is held by live task "
+                                        f"{holder}; cancel or finish it first")
+            rules.requeued_from_dead(task, reset_attempts=reset_attempts)
+            txn.drop_dead.append(task_id)
+            txn.put(task)
+            txn.event("task_requeued", "requeued from dead letters", task)
+            return dict(task)
+        out: dict[str, Any] = self._transaction(now, body)
+        return out
+
+    def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]:
+        """Delete dead letters (all when ``task_ids`` is None); their history stays."""
+        ids = None if task_ids is None else [check_task_id(t) for t in task_ids]
+
+        def body(txn: _Txn) -> list[str]:
+            rows = txn.conn.execute(
+                "DELETE FROM tasks WHERE dead AND (%(ids)s::text[] IS NULL "
+                "OR task_id = ANY(%(ids)s::text[])) RETURNING task_id", {"ids": ids})
+            removed = sorted(str(r[0]) for r in rows)
+            txn.written = bool(removed)
+            if removed:
+                txn.event("dlq_purged", f"purged {len(removed)} dead letter(s)",
+                          task_ids=removed[:100], count=len(removed))
+            return removed
+        out: list[str] = self._transaction(None, body, drain=False)
+        return out
+
+    # ================================================================== reads
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        """The live task, else its dead letter, else its newest final history record."""
+        rows = self._read("SELECT data FROM tasks WHERE task_id = %s ORDER BY dead LIMIT 1",
+                          (task_id,))
+        if rows:
+            return dict(rows[0][0])
+        rows = self._read("SELECT record FROM history WHERE task_id = %s AND final "
+                          "ORDER BY seq DESC LIMIT 1", (task_id,))
+        return dict(rows[0][0]) if rows else None
+
+    def live_tasks(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Queued and running tasks (only ``status`` ones when given), in claim order; one
+        statement, so a consistent view."""
+        rows = self._read(f"SELECT data FROM tasks WHERE {_LIVE} AND (%(s)s::text IS NULL "
+                          f"OR status = %(s)s::text) {_CLAIM_ORDER}", {"s": status})
+        return [dict(r[0]) for r in rows]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter, oldest task id first."""
+        return [dict(r[0]) for r in self._read(
+            "SELECT data FROM tasks WHERE dead ORDER BY task_id")]
+
+    def history_of(self, task_id: str | None, *, correlation_id: str | None = None,
+                   archives: bool = False) -> list[dict[str, Any]]:
+        """Every history record of ``task_id`` (or of ``correlation_id``), oldest first.
+        The database keeps all history (no rotation yet), so ``archives`` adds nothing."""
+        if (task_id is None) == (correlation_id is None):
+            raise ValueError("give exactly one of task_id and correlation_id")
+        column = "task_id" if task_id is not None else "correlation_id"
+        rows = self._read(f"SELECT record FROM history WHERE {column} = %s ORDER BY seq",
+                          (task_id if task_id is not None else correlation_id,))
+        return [dict(r[0]) for r in rows]
+
+    def history_since(self, cursor: str | None, *, start_at: float | None = None,
+                      limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
+        """History records after ``cursor`` and the next cursor, ``"STREAM:SEQ"``: STREAM
+        names this database (its oid: a recreated database is another stream, as a
+        rotated file is for the file backend, and the supervisor, which compares streams,
+        starts its window over), SEQ the last record returned. No cursor: from ``start_at`` (records
+        recorded since) or the beginning. A cursor of another stream, or past the newest
+        record, starts over from the beginning."""
+        stream = self._history_stream()
+        after = 0
+        since: str | None = None
+        if cursor:
+            theirs, _, seq = cursor.rpartition(":")
+            try:
+                after = int(seq) if theirs == stream else 0
+            except ValueError:
+                after = 0
+            if after and after > int(self._read(
+                    "SELECT coalesce(max(seq), 0) FROM history")[0][0]):
+                after = 0
+        elif start_at is not None:
+            since = clock.iso(start_at)
+        rows = self._read(
+            "SELECT seq, record FROM history WHERE seq > %(after)s AND (%(since)s::text IS "
+            "NULL OR recorded_at >= %(since)s::text) ORDER BY seq LIMIT %(limit)s",
+            {"after": after, "since": since, "limit": limit})
+        last = int(rows[-1][0]) if rows else after
+        return [dict(r[1]) for r in rows], f"{stream}:{last}"
+
+    _stream: str | None = None
+
+    def _history_stream(self) -> str:
+        if self._stream is None:
+            # The database's oid: any role may read it (pg_control_system() needs more).
+            row = self._read("SELECT oid FROM pg_database WHERE datname = current_database()")
+            self._stream = f"pg.{row[0][0]}"
+        return self._stream
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Counts by status and priority, runnable per type, oldest queued age, inbox and
+        dead-letter sizes, revision (see the port); one snapshot of the database."""
+        ts = clock.now() if now is None else now
+        paused = sorted(paused_types(read_control(self.home), ts))
+        by_status = {"queued": 0, "running": 0}
+        by_priority = {p: {"queued": 0, "running": 0} for p in PRIORITIES}
+        with self._snapshot() as conn:
+            dead = 0
+            for status, rank, n in conn.execute(
+                    "SELECT status, priority_rank, count(*) FROM tasks "
+                    "GROUP BY status, priority_rank"):
+                if status == "failed":
+                    dead += int(n)
+                    continue
+                by_status[status] += int(n)
+                by_priority[_RANK_NAME[rank]][status] += int(n)
+            runnable = {str(w): int(n) for w, n in conn.execute(
+                f"SELECT t.worker_type, count(*) FROM tasks t WHERE {_RUNNABLE} "
+                "GROUP BY t.worker_type ORDER BY t.worker_type",
+                {"now": clock.iso(ts), "paused": paused})}
+            row = conn.execute("SELECT min(created_at) FROM tasks "
+                               "WHERE status = 'queued'").fetchone()
+            oldest = row[0] if row else None
+            revision = self._revision(conn)
+        return {
+            "live": sum(by_status.values()), "by_status": by_status,
+            "by_priority": by_priority, "runnable": sum(runnable.values()),
+            "runnable_by_type": runnable,
+            "inbox_pending": len(admission.inbox_names(self.home)), "dead_letters": dead,
+            "oldest_queued_at": oldest,
+            "oldest_queued_age_s": round(ts - clock.parse_iso(oldest), 3) if oldest else None,
+            "revision": revision,
+        }
+
+    @staticmethod
+    def _revision(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                           "FROM queue_revision").fetchone()
+        return int(row[0]) if row else 0
+
+    # ================================================================== the jq view
+    def sync(self) -> None:
+        """Publish task-queue.json (the file backend's format) from the tasks table now."""
+        with self._snapshot() as conn:
+            rev = self._revision(conn)
+            parts = [dumps(r[0]) for r in conn.execute(
+                f"SELECT data FROM tasks WHERE {_LIVE} {_CLAIM_ORDER}")]
+        self._owe_view = False
+        cfg = load_system(self.home)
+        tmp = write_temp(self.home.queue_file, render(rev, clock.now(), parts),
+                         cfg.durability, FILE_MODE)
+        try:
+            publish_temp(tmp, self.home.queue_file, cfg.durability)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def ensure_published(self, *, now: float | None = None) -> bool:
+        """Publish the jq view when there is none; True when it wrote one."""
+        if self.home.queue_file.exists():
+            return False
+        self.sync()
+        return True
+
+    # ================================================================== wake-ups
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """LISTEN on a connection of its own (every committing transaction notifies) plus
+        inotify on this host's inbox; returns the function that stops both. The listener
+        thread sleeps in select(2) on the connection's socket and a pipe that stop()
+        writes to: no polling, and stop() returns at once."""
+        from ..file.watch import watch_queue
+
+        conn = connect(self.url, autocommit=True)
+        conn.execute(f"LISTEN {CHANNEL}")
+        wake_r, wake_w = os.pipe()
+
+        def listen() -> None:
+            try:
+                while True:
+                    ready, _, _ = select.select([conn.fileno(), wake_r], [], [])
+                    if wake_r in ready:
+                        return
+                    if any(True for _ in conn.notifies(timeout=0)):
+                        callback()
+            except psycopg.Error:
+                callback()  # the server went away: wake the waiter to find out
+            finally:
+                conn.close()
+                os.close(wake_r)
+
+        thread = threading.Thread(target=listen, name="harness-queue-listen", daemon=True)
+        thread.start()
+        stop_inbox = watch_queue(self.home, callback)
+
+        def unsubscribe() -> None:
+            if unsubscribe not in self._listeners:
+                return
+            self._listeners.remove(unsubscribe)
+            stop_inbox()
+            os.write(wake_w, b"x")
+            os.close(wake_w)
+            thread.join(timeout=5)
+        self._listeners.append(unsubscribe)
+        return unsubscribe
+
+    # ================================================================== check
+    def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
+        """Schema version, orphaned rows and the jq view (see :mod:`.check`)."""
+        from .check import check_queue
+        return check_queue(self, repair=repair, now=clock.now() if now is None else now)
+
+    def view_revision(self) -> int | None:
+        """The revision task-queue.json shows (None: absent or unreadable)."""
+        try:
+            snap = parse_view(self.home.queue_file)
+        except HarnessError:
+            return None
+        return None if snap is None else snap.revision
+
+    def close(self) -> None:
+        """Publish the jq view when this instance changed the queue, stop listeners and
+        close the connection."""
+        if self._closed:
+            return
+        if self._owe_view:
+            try:
+                self.sync()
+            except (HarnessError, OSError, psycopg.Error):
+                pass
+        with self._mutex:
+            self._closed = True
+            for stop in list(self._listeners):
+                stop()
+            conn, self._conn = self._conn, None
+            self._holder[0] = None
+        if conn is not None:
+            conn.close()
+
+
+def _close_at_exit(ref: weakref.ref[PostgresQueue]) -> None:
+    queue = ref()
+    if queue is not None:
+        queue.close()
+
+
+def _close_holder(holder: list[psycopg.Connection[Any] | None]) -> None:
+    conn = holder[0]
+    if conn is not None:
+        conn.close()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,88 @@
+"""The postgres backend's part of ``harness doctor``: its own invariants.
+
+- ``schema_version``: the database's harness schema is the one this code knows (checked
+  when the queue opens; reported here for the record).
+- ``running_without_worker``: a running row with no worker id can never be completed;
+  repair requeues it through ``fail`` with no owner check (the attempt counts).
+- ``orphaned_waiter``: a queued task whose dependency is neither live nor completed (the
+  cascade should have cancelled it; a row edited by hand can leave one); repair cancels it.
+- ``dead_letter_status``: a dead row whose task does not say ``failed``.
+- ``view_missing`` / ``view_stale``: the jq view task-queue.json is absent or shows an
+  older revision; repair republishes it.
+- ``inbox_pending``: requests wait in this host's inbox; repair ingests them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import admission
+from ..contract import QueueFinding
+from .schema import SCHEMA_VERSION, current_version
+
+if TYPE_CHECKING:
+    from .backend import PostgresQueue
+
+
+def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[QueueFinding]:
+    home = queue.home
+    out: list[QueueFinding] = []
+
+    def add(level: str, code: str, message: str, path: Any = None) -> QueueFinding:
+        finding = QueueFinding(level, code, message, str(path) if path else None)
+        out.append(finding)
+        return finding
+
+    with queue._mutex:
+        version = current_version(queue._connection())
+    add("info", "schema_version", f"database schema version {version} (this harness knows "
+        f"{SCHEMA_VERSION})")
+    for (task_id,) in queue._read("SELECT task_id FROM tasks WHERE status = 'running' "
+                                  "AND worker_id IS NULL ORDER BY task_id"):
+        f = add("error", "running_without_worker", f"task {task_id} is running with no "
+                "worker_id: nobody can finish it")
+        if repair:
+            queue.fail(task_id, None, error="doctor: running without a worker",
+                       outcome="reclaimed", now=now)
+            f.repaired = True
+    orphans = queue._read(
+        "SELECT t.task_id, d.dep FROM tasks t, unnest(t.depends_on) AS d(dep) "
+        "WHERE t.status = 'queued' "
+        "AND NOT EXISTS (SELECT 1 FROM tasks l WHERE l.task_id = d.dep "
+        "                AND l.status IN ('queued', 'running')) "
+        "AND NOT EXISTS (SELECT 1 FROM history h WHERE h.task_id = d.dep AND h.final "
+        "                AND h.status = 'completed') ORDER BY t.task_id")
+    for task_id, dep in orphans:
+        f = add("error", "orphaned_waiter", f"task {task_id} waits for {dep}, which is "
+                "neither live nor completed: it can never run")
+        if repair:
+            queue.cancel(task_id, reason=f"dependency {dep} is neither live nor completed "
+                         "(doctor)", now=now)
+            f.repaired = True
+    for (task_id,) in queue._read("SELECT task_id FROM tasks WHERE dead "
+                                  "AND data->>'status' <> 'failed' ORDER BY task_id"):
+        add("error", "dead_letter_status", f"dead letter {task_id} does not say status "
+            "failed")
+    revision = queue.stats(now)["revision"]
+    shown = queue.view_revision()
+    if not home.queue_file.exists() or shown is None:
+        f = add("warning", "view_missing", "task-queue.json (the jq view) is missing or "
+                "unreadable", home.queue_file)
+        if repair:
+            queue.sync()
+            f.repaired = True
+    elif shown < revision:
+        f = add("info", "view_stale", f"task-queue.json shows revision {shown}, the database "
+                f"is at {revision} (jq recipes read an older queue until it is republished)",
+                home.queue_file)
+        if repair:
+            queue.sync()
+            f.repaired = True
+    names = admission.inbox_names(home)
+    if names:
+        f = add("info", "inbox_pending", f"{len(names)} task request(s) wait in the inbox for "
+                "the next queue operation", home.inbox)
+        if repair:
+            queue.ingest(now=now)
+            f.repaired = True
+    return out
