@@ -29,237 +29,84 @@ snapshot holds; the next writer records the difference in the journal.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
-from typing import Any, overload
+from typing import Any
 
 from ... import clock
 from ...config import load_system
 from ...control import paused_types
-from ...errors import (
-    InvalidTransition,
-    NotFound,
-)
+from ...errors import Backpressure, InvalidTransition, NotFound
 from ...events import make_event
-from ...store import (
-    read_json,
-)
-from ...tasks import check_priority, check_task_id
-from .. import rules
+from ...store import iter_jsonl, jsonl_archives, read_json, scan_jsonl_gz
+from ...tasks import check_task_id
+from .. import admission, ops, rules
 from ..contract import QueueFinding
-from .admission import Admission
+from .publisher import Publisher
 from .txn import SOURCE, Txn, unlink_quietly
 
 
-class FileQueue(Admission):
+class FileQueue(Publisher, ops.Operations):
     """The file backend over one harness home. One instance per process and home is
     enough; it is safe to share between threads."""
 
     backend_name = "file"
 
-    def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
-              now: float | None = None,
-              events_out: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
-        """Atomically take the best runnable task for ``worker_id`` (see the port)."""
-        wanted = set(types) if types is not None else None
-        ts = clock.now() if now is None else now
-        paused = paused_types(self._control(), ts)
 
-        def body(txn: Txn) -> dict[str, Any] | None:
-            return self._claim_in(txn, worker_id, wanted, paused)
-        claimed: dict[str, Any] | None = self._transaction(ts, body, events_out=events_out)
-        return claimed
-
-    def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
-                           result: dict[str, Any] | None = None,
-                           types: Iterable[str] | None = None, now: float | None = None,
-                           events_out: list[dict[str, Any]] | None = None,
-                           lease: str | None = None,
-                           ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """:meth:`complete` then :meth:`claim` in one transaction: one lock hold, one
-        journal line, one fdatasync. Raises like :meth:`complete` (nothing is claimed)."""
-        wanted = set(types) if types is not None else None
-        ts = clock.now() if now is None else now
-        paused = paused_types(self._control(), ts)
-
-        def body(txn: Txn) -> tuple[dict[str, Any], dict[str, Any] | None]:
-            done = self._complete_in(txn, task_id, worker_id, exit_code, result, lease)
-            return done, self._claim_in(txn, worker_id, wanted, paused)
-        out: tuple[dict[str, Any], dict[str, Any] | None] = self._transaction(
-            ts, body, events_out=events_out)
-        return out
 
     def _claim_in(self, txn: Txn, worker_id: str, wanted: set[str] | None,
                   paused: set[str]) -> dict[str, Any] | None:
+        """The claim step of a transaction: the best runnable task by the in-memory heaps
+        (rules.claim_key order), taken by ops.take (the shared transition)."""
         task_id = txn.state.best_runnable(txn.now_iso, wanted, paused)
         if task_id is None:
             return None
         task = txn.get(task_id)
         assert task is not None
-        rules.claimed(task, worker_id, txn.now_iso)
-        txn.put(task)
-        txn.event("task_claimed", f"attempt {task['attempts']}/{task['max_attempts']}",
-                  task, attempt=task["attempts"])
-        return dict(task)
+        return ops.take(txn, task, worker_id)
 
-    def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
-                 result: dict[str, Any] | None = None, now: float | None = None,
-                 lease: str | None = None) -> dict[str, Any]:
-        """Mark a running task completed (see the port)."""
-        def body(txn: Txn) -> dict[str, Any]:
-            return self._complete_in(txn, task_id, worker_id, exit_code, result, lease)
-        done: dict[str, Any] = self._transaction(now, body)
-        return done
+    def _paused(self, now: float) -> set[str]:
+        return paused_types(self._control(), now)
 
-    def _complete_in(self, txn: Txn, task_id: str, worker_id: str, exit_code: int,
-                     result: dict[str, Any] | None, lease: str | None) -> dict[str, Any]:
-        task = self._running(txn, task_id, worker_id, lease)
-        task.update(exit_code=exit_code, last_error=None)
-        self._finish(txn, task, "completed", "completed", result)
-        txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
-                  exit_code=exit_code)
-        return dict(task)
+    def _drain_inbox(self, txn: Txn) -> None:
+        admission.drain_inbox(self.home, txn, self._completed_ids)
 
-    def fail(self, task_id: str, worker_id: str | None, *, error: str,
-             exit_code: int | None = None, retry: bool = True,
-             result: dict[str, Any] | None = None, outcome: str = "failed",
-             now: float | None = None, lease: str | None = None) -> dict[str, Any]:
-        """Record a failed attempt of a running task (see the port)."""
-        cfg = load_system(self.home).values
+    def _completed_ids(self, wanted: set[str]) -> set[str]:
+        """Which of ``wanted`` have a final ``completed`` record in history (streams), also
+        in the janitor's archives of it (newest first, only while some are not found)."""
+        found: set[str] = set()
+        for _, record in iter_jsonl(self.home.history_file):
+            if record and record.get("final") and record.get("task_id") in wanted \
+                    and record.get("status") == "completed":
+                found.add(record["task_id"])
+        for archive in jsonl_archives(self.home.history_file):
+            rest = wanted - found
+            if not rest:
+                break
+            for record in scan_jsonl_gz(archive, [t.encode() for t in rest]):
+                if record.get("final") and record.get("task_id") in rest \
+                        and record.get("status") == "completed":
+                    found.add(record["task_id"])
+        return found
 
-        def body(txn: Txn) -> dict[str, Any]:
-            task = self._running(txn, task_id, worker_id, lease)
-            task.update(exit_code=exit_code, last_error=error[:4096])
-            if retry and task["attempts"] < task["max_attempts"] \
-                    and not task.get("cancel_requested"):
-                txn.history.append(rules.history_record(
-                    dict(task, status="failed"), final=False, outcome=outcome,
-                    recorded_at=txn.now_iso, result=result))
-                delay = rules.backoff_delay(task["attempts"], cfg, random.uniform)
-                task.update(status="queued", worker_id=None,
-                            not_before=rules.retry_at(txn.now, delay))
-                txn.put(task)
-                txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
-                          f"{error[:200]}; retry in {delay:.1f}s", task, severity="warning",
-                          attempt=task["attempts"], delay_s=round(delay, 3), outcome=outcome)
-            elif task.get("cancel_requested"):
-                self._finish(txn, task, "cancelled", "cancelled", result)
-                txn.event("task_cancelled", "cancelled while running", task)
-            else:
-                self._finish(txn, task, "failed", outcome, result)
-                txn.event("task_failed", f"failed after {task['attempts']} attempt(s): "
-                          f"{error[:200]}", task, severity="error", outcome=outcome)
-                txn.event("task_dead_lettered", "moved to dead letters", task,
-                          severity="warning")
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
+    def _check_backpressure(self, limit: int, adding: int) -> None:
+        with self._mutex:
+            queued = self._sync(locked=False).queued_count()
+        if queued + adding > limit:
+            raise Backpressure(
+                f"backpressure: {queued} tasks queued, max_queue_depth is {limit}; retry later"
+                " or pass --force")
 
-    def release(self, task_id: str, worker_id: str, *, reason: str,
-                now: float | None = None, lease: str | None = None) -> dict[str, Any]:
-        """Hand a running task back without spending an attempt (see the port)."""
-        def body(txn: Txn) -> dict[str, Any]:
-            task = self._running(txn, task_id, worker_id, lease)
-            if task.get("cancel_requested"):
-                self._finish(txn, task, "cancelled", "cancelled")
-                txn.event("task_cancelled", "cancelled while running", task)
-                return dict(task)
-            txn.history.append(rules.history_record(
-                dict(task, status="queued"), final=False, outcome="released",
-                recorded_at=txn.now_iso))
-            task.update(status="queued", worker_id=None, attempts=task["attempts"] - 1,
-                        last_error=reason)
-            txn.put(task)
-            txn.event("task_released", reason, task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
+    def ingest(self, *, now: float | None = None, timeout: float | None = None) -> int:
+        """Drain the inbox into the queue; returns how many tasks were added (no lock is
+        taken when the inbox is empty). ``timeout``: wait at most that long for the queue
+        lock (0: only if it is free at once), LockTimeout after; default lock_timeout_s."""
+        if not self._inbox_names():
+            return 0
 
-    @overload
-    def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
-                now: float | None = None) -> dict[str, Any]: ...
-
-    @overload
-    def reclaim(self, task_id: str, *, reason: str, worker_id: str,
-                now: float | None = None) -> dict[str, Any] | None: ...
-
-    def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
-                now: float | None = None) -> dict[str, Any] | None:
-        """Take a running task back from a worker proven dead (see the port)."""
-        if worker_id is None:
-            return self.fail(task_id, None, error=f"reclaimed: {reason}",
-                             outcome="reclaimed", now=now)
-        try:
-            return self.fail(task_id, worker_id, error=f"reclaimed: {reason}",
-                             outcome="reclaimed", now=now)
-        except (NotFound, InvalidTransition):
-            return None
-
-    def _running(self, txn: Txn, task_id: str, worker_id: str | None,
-                 lease: str | None = None) -> dict[str, Any]:
-        task = txn.get(task_id)
-        rules.check_running(task, task_id, worker_id, lease)
-        assert task is not None
-        return task
-
-    def _finish(self, txn: Txn, task: dict[str, Any], status: str, outcome: str,
-                result: dict[str, Any] | None = None) -> None:
-        """Move a task out of the live queue into history (and dead letters if failed),
-        cancelling queued tasks that depend on it unless it completed."""
-        rules.finish_fields(task, status, txn.now_iso)
-        txn.history.append(rules.history_record(task, final=True, outcome=outcome,
-                                                recorded_at=txn.now_iso, result=result))
-        if status == "failed":
-            txn.dead_letters.append(dict(task))
-        waiters = list(txn.state.waiters.get(task["task_id"], ()))
-        txn.remove(task["task_id"], status)
-        others = [t for t in map(txn.get, waiters) if t is not None]
-        for other_id in rules.dependents_to_cancel(task["task_id"], status, others):
-            other = txn.get(other_id)
-            if other is None:
-                continue
-            other["last_error"] = f"dependency {task['task_id']} ended {status}"
-            self._finish(txn, other, "cancelled", "dependency_failed")
-            txn.event("task_cancelled", other["last_error"], other, severity="warning")
-
-    def cancel(self, task_id: str, *, reason: str = "cancelled by operator",
-               now: float | None = None) -> dict[str, Any]:
-        """Cancel a live task (see the port)."""
-        def body(txn: Txn) -> dict[str, Any]:
-            task = txn.get(task_id)
-            if task is None:
-                raise NotFound(f"task {task_id} is not live; only queued or running tasks "
-                               "can be cancelled")
-            if task["status"] == "queued":
-                task["last_error"] = reason
-                self._finish(txn, task, "cancelled", "cancelled")
-                txn.event("task_cancelled", reason, task)
-            elif not task.get("cancel_requested"):
-                task["cancel_requested"] = True
-                txn.put(task)
-                txn.event("task_cancel_requested", reason, task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
-
-    def reprioritize(self, task_id: str, priority: str, *,
-                     now: float | None = None) -> dict[str, Any]:
-        """Change the priority of a live task (claims pick it up at once)."""
-        check_priority(priority)
-
-        def body(txn: Txn) -> dict[str, Any]:
-            task = txn.get(task_id)
-            if task is None:
-                raise NotFound(f"task {task_id} is not live")
-            old = task["priority"]
-            if old != priority:
-                task["priority"] = priority
-                txn.put(task)
-                txn.event("task_reprioritized", f"{old} -> {priority}", task, old=old,
-                          new=priority)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
-        return out
+        def body(txn: Txn) -> int:
+            return sum(1 for e in txn.events if e["type"] == "task_enqueued")
+        count: int = self._transaction(now, body, lock_timeout=timeout)
+        return count
 
     def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
                      now: float | None = None) -> dict[str, Any]:

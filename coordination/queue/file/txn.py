@@ -52,6 +52,15 @@ class Txn:
         self.dels[task_id] = status
         self.state.remove(task_id, status)
 
+    def lock(self, task_id: str) -> dict[str, Any] | None:
+        """The whole queue is locked already (the queue lock): :meth:`get`."""
+        return self.get(task_id)
+
+    def waiters(self, task_id: str) -> list[dict[str, Any]]:
+        """The live tasks that wait for ``task_id`` (the state's dependency index)."""
+        return [t for t in map(self.get, list(self.state.waiters.get(task_id, ())))
+                if t is not None]
+
     @property
     def changed(self) -> bool:
         return bool(self.puts or self.dels)
