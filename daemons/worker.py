@@ -533,23 +533,17 @@ class Worker:
         """The earliest future instant at which a queued task of ours may become runnable
         without any file changing: a not_before or a pause's ``until`` coming due."""
         soonest: float | None = None
-        wanted = set(self.opts.types) if self.opts.types is not None else None
         try:
-            tasks = self.queue.live_tasks()
+            # The queue answers from its index: an idle worker never parses the backlog.
+            due = self.queue.next_due(types=self.opts.types, now=now)
             control = self._read_control()
         except HarnessError:
             return None
-        for task in tasks:
-            if task["status"] != "queued" or not task.get("not_before"):
-                continue
-            if wanted is not None and (task.get("worker_type") or "default") not in wanted:
-                continue
+        if due is not None:
             try:
-                ts = clock.parse_iso(task["not_before"])
+                soonest = clock.parse_iso(due)
             except ValueError:
-                continue
-            if ts > now and (soonest is None or ts < soonest):
-                soonest = ts
+                soonest = None
         for info in (control.get("paused_types") or {}).values():
             until = info.get("until") if isinstance(info, dict) else None
             if until:

@@ -908,3 +908,15 @@ def test_wait_wakes_on_a_change_by_another_process_and_times_out_otherwise(
         assert calls
     finally:
         stop()
+
+
+def test_next_due_is_the_earliest_future_not_before_of_queued_tasks(backend: Any) -> None:
+    assert backend.next_due(now=T0) is None
+    backend.enqueue(req(not_before=clock.iso(T0 + 50)), now=T0)
+    backend.enqueue(req(not_before=clock.iso(T0 + 20), worker_type="shell",
+                        description="x"), now=T0)
+    backend.enqueue(req(not_before=clock.iso(T0 - 5)), now=T0)  # due already: not future
+    assert backend.next_due(now=T0) == clock.iso(T0 + 20)
+    assert backend.next_due(types=["default"], now=T0) == clock.iso(T0 + 50)
+    assert backend.next_due(types=["other"], now=T0) is None
+    assert backend.next_due(now=T0 + 60) is None

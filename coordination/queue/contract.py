@@ -145,6 +145,11 @@ class QueueBackend(Protocol):
         """History records after ``cursor`` and the cursor to pass next time. With no
         cursor: from ``start_at`` (a time: records recorded since) or the beginning. A
         cursor the backend no longer recognises (history rotated) starts over."""
+    def next_due(self, *, types: Iterable[str] | None = None,
+                 now: float | None = None) -> str | None:
+        """The earliest ``not_before`` later than ``now`` among queued tasks (of ``types``
+        when given), or None: what an idle worker sleeps until. Never parses the backlog
+        into task dicts."""
     def stats(self, now: float | None = None) -> dict[str, Any]:
         """Counts by status and priority, runnable counts per type, oldest queued age,
         inbox and dead-letter sizes, revision."""

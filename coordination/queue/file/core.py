@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -437,6 +437,19 @@ class QueueCore:
             except FileNotFoundError:
                 continue
         return out
+
+    def next_due(self, *, types: Iterable[str] | None = None,
+                 now: float | None = None) -> str | None:
+        """The earliest future ``not_before`` of a queued task (see the port); a pass over
+        the slim index records, no task parsed."""
+        now_iso = clock.iso(clock.now() if now is None else now)
+        wanted = set(types) if types is not None else None
+        with self._mutex:
+            state = self._sync(locked=False)
+            found = [m.not_before for m in state.meta.values()
+                     if m.status == "queued" and m.not_before is not None
+                     and m.not_before > now_iso and (wanted is None or m.wtype in wanted)]
+        return min(found) if found else None
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         """Counts by status and priority, runnable tasks per worker type, oldest queued age,

@@ -561,6 +561,20 @@ class PostgresQueue(ops.Operations):
             self._stream = f"pg.{row[0][0]}"
         return self._stream
 
+    def next_due(self, *, types: Iterable[str] | None = None,
+                 now: float | None = None) -> str | None:
+        """The earliest future ``not_before`` of a queued task (see the port): one query."""
+        now_iso = clock.iso(clock.now() if now is None else now)
+        sql = ("SELECT min(not_before) FROM tasks WHERE status = 'queued' "
+               "AND not_before IS NOT NULL AND not_before > %(now)s")
+        params: dict[str, Any] = {"now": now_iso}
+        if types is not None:
+            sql += " AND worker_type = ANY(%(types)s)"
+            params["types"] = sorted(set(types))
+        with self._snapshot() as conn:
+            row = conn.execute(sql, params).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
     def stats(self, now: float | None = None) -> dict[str, Any]:
         """Counts by status and priority, runnable per type, oldest queued age, inbox and
         dead-letter sizes, revision (see the port); one snapshot of the database."""
