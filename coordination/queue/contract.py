@@ -45,6 +45,16 @@ class QueueFinding:
     repaired: bool = False
 
 
+class Findings(list[QueueFinding]):
+    """What a backend's ``check`` collects: :meth:`add` appends one finding and returns it
+    (so a repair can mark it ``repaired``)."""
+
+    def add(self, level: str, code: str, message: str, path: Any = None) -> QueueFinding:
+        finding = QueueFinding(level, code, message, str(path) if path else None)
+        self.append(finding)
+        return finding
+
+
 @runtime_checkable
 class QueueBackend(Protocol):
     """The queue contract. See each method for its guarantee."""

@@ -15,6 +15,7 @@ from typing import Any, Protocol, overload
 from .. import clock
 from ..config import load_system, load_worker_types
 from ..errors import InvalidTransition, NotFound, UsageError
+from ..events import make_event
 from ..paths import Home
 from ..tasks import check_priority, new_task
 from . import admission, rules
@@ -22,6 +23,21 @@ from .admission import AdmitTxn
 from .contract import EnqueueResult
 
 Task = dict[str, Any]
+
+
+#: The ``source`` of every event the queue emits.
+SOURCE = "queue"
+
+
+def queue_event(event_type: str, message: str, task: Mapping[str, Any] | None, *,
+                severity: str, now: float, data: dict[str, Any]) -> dict[str, Any]:
+    """An event of the queue about ``task`` (its id, worker and correlation id), as every
+    backend's transaction records it (appended after the commit)."""
+    return make_event(event_type, severity=severity, source=SOURCE, message=message,
+                      task_id=task["task_id"] if task else None,
+                      worker_id=task.get("worker_id") if task else None,
+                      correlation_id=task.get("correlation_id") if task else None,
+                      data=data, now=now)
 
 
 class OpsTxn(AdmitTxn, Protocol):

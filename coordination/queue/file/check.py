@@ -22,6 +22,7 @@ recover.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,8 +31,8 @@ from ... import clock
 from ...config import load_system
 from ...errors import CorruptFileError
 from ...locks import lock_for
-from ...store import dumps, iter_jsonl, read_json, replace_json
-from ..contract import QueueFinding
+from ...store import dumps, iter_jsonl, move_aside, read_json, replace_json
+from ..contract import Findings, QueueFinding
 from .journal import read_all
 from .rebuild import base_state, replay
 from .snapshot import parse
@@ -41,21 +42,13 @@ if TYPE_CHECKING:
 
 
 def _quarantine(queue: FileQueue, path: Any, now: float) -> str:
-    home = queue.home
-    home.quarantine.mkdir(parents=True, exist_ok=True)
-    target = home.quarantine / f"{os.path.basename(str(path))}.{clock.compact(now)}"
-    os.replace(path, target)
-    return target.name
+    return move_aside(Path(path), queue.home.quarantine, clock.compact(now)).name
 
 
 def check_queue(queue: FileQueue, *, repair: bool, now: float) -> list[QueueFinding]:
     home = queue.home
-    out: list[QueueFinding] = []
-
-    def add(level: str, code: str, message: str, path: Any = None) -> QueueFinding:
-        finding = QueueFinding(level, code, message, str(path) if path else None)
-        out.append(finding)
-        return finding
+    out = Findings()
+    add = out.add
 
     cfg = load_system(home)
     try:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...events import make_event
+from ..ops import SOURCE, queue_event
 from .state import LiveState
 
-SOURCE = "queue"
+__all__ = ["SOURCE", "Txn", "unlink_quietly"]
 
 
 @dataclass
@@ -67,12 +67,8 @@ class Txn:
 
     def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
               severity: str = "info", **data: Any) -> None:
-        self.events.append(make_event(
-            event_type, severity=severity, source=SOURCE, message=message,
-            task_id=task["task_id"] if task else None,
-            worker_id=task.get("worker_id") if task else None,
-            correlation_id=task.get("correlation_id") if task else None,
-            data=data, now=self.now))
+        self.events.append(queue_event(event_type, message, task, severity=severity,
+                                       now=self.now, data=data))
 
 
 def unlink_quietly(path: Path) -> None:

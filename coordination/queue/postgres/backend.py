@@ -50,7 +50,7 @@ from ...errors import (
     InvalidTransition,
     NotFound,
 )
-from ...events import append_events, make_event
+from ...events import append_events
 from ...paths import Home
 from ...redact import redact_url
 from ...store import dumps
@@ -59,10 +59,10 @@ from .. import admission, ops, rules
 from ..contract import QueueFinding
 from ..file.snapshot import parse as parse_view
 from ..file.snapshot import publish_temp, render, write_temp
+from ..ops import queue_event
 from .connect import connect, database_url
 from .schema import require_current
 
-SOURCE = "queue"
 CHANNEL = "harness_queue"
 FILE_MODE = 0o600
 #: A transaction that lost a race is re-run this many times before the error is raised.
@@ -236,12 +236,8 @@ class _Txn:
 
     def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
               severity: str = "info", **data: Any) -> None:
-        self.events.append(make_event(
-            event_type, severity=severity, source=SOURCE, message=message,
-            task_id=task["task_id"] if task else None,
-            worker_id=task.get("worker_id") if task else None,
-            correlation_id=task.get("correlation_id") if task else None,
-            data=data, now=self.now))
+        self.events.append(queue_event(event_type, message, task, severity=severity,
+                                       now=self.now, data=data))
 
     def flush(self) -> None:
         """Write the overlay to the database (still inside the transaction)."""

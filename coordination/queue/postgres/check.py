@@ -14,10 +14,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import admission
-from ..contract import QueueFinding
+from ..contract import Findings, QueueFinding
 from .schema import SCHEMA_VERSION, current_version
 
 if TYPE_CHECKING:
@@ -26,12 +26,8 @@ if TYPE_CHECKING:
 
 def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[QueueFinding]:
     home = queue.home
-    out: list[QueueFinding] = []
-
-    def add(level: str, code: str, message: str, path: Any = None) -> QueueFinding:
-        finding = QueueFinding(level, code, message, str(path) if path else None)
-        out.append(finding)
-        return finding
+    out = Findings()
+    add = out.add
 
     with queue._mutex:
         version = current_version(queue._connection())
