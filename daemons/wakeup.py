@@ -80,6 +80,8 @@ class Wakeup:
         self._old_wakeup_fd: int | None = None
         self.prompt_moves = False  # watchdog's 0.5 s move-pairing delay is disabled
         self._queue_stops: list[Any] = []
+        self.queue_interest = True  # see want_queue
+        self.queue_changes = 0  # queue-caused wake-ups (diagnostics and tests)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, signals: bool = True) -> Wakeup:
@@ -119,8 +121,22 @@ class Wakeup:
         self.prompt_moves = all(_no_move_pairing_delay(e) for e in observer.emitters)
 
     def follow_queue(self, queue: Any) -> None:
-        """Wake on every change of ``queue`` (a QueueBackend) until :meth:`stop`."""
-        self._queue_stops.append(queue.on_change(self.event.set))
+        """Wake on every change of ``queue`` (a QueueBackend) until :meth:`stop`, while
+        :attr:`queue_interest` is true (see there)."""
+        def changed() -> None:
+            if self.queue_interest:
+                self.queue_changes += 1
+                self.event.set()
+        self._queue_stops.append(queue.on_change(changed))
+
+    def want_queue(self, wanted: bool) -> None:
+        """Say whether queue changes should wake the loop. A busy worker cannot claim, so
+        the commits of the other workers need not wake it (each wake-up is a whole step).
+        Turning interest back on sets the event once: a change that came while it was off
+        is then looked at rather than lost."""
+        if wanted and not self.queue_interest:
+            self.event.set()
+        self.queue_interest = wanted
 
     def _start_signal_pipe(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)

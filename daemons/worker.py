@@ -1036,6 +1036,9 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
             delay = worker.step(clock.now())
             if delay is None:
                 break
+            # Busy: the task's exit, signals and the step's own timers wake us; other
+            # workers' commits need not (cancel and loss are checked on a timer).
+            wakeup.want_queue(worker.run is None)
             wakeup.wait(delay)
     except UsageError:
         raise

@@ -221,6 +221,14 @@ class QueueCore:
                 self._lock.release()
             if txn.changed:
                 self._owe_snapshot = True
+                if cfg.durability == "fsync":
+                    # Group commit: the line was written under the lock, its fdatasync
+                    # runs after the release, so the next process's transaction overlaps
+                    # our flush. Nothing of ours happens before it returns (the caller
+                    # and the events wait), and a later line that builds on ours is
+                    # flushed by its own writer's fdatasync, which covers ours (one file,
+                    # written in order): no one acts on a change that may not survive.
+                    self._journal.sync_written()
         if events_out is not None:
             events_out.extend(txn.events)
         else:
@@ -280,7 +288,8 @@ class QueueCore:
             line["hpos"] = hpos
         if txn.note:
             line["note"] = txn.note
-        self._journal.append(dumps(line) + b"\n", durability)
+        # Flushed by _transaction after the lock is released (group commit).
+        self._journal.append(dumps(line) + b"\n", "none")
         txn.state.rev = rev
         merged = self._merged_sig
         if merged is not None:
@@ -495,9 +504,13 @@ class QueueCore:
         """Block until the queue changes after this call, or ``timeout``; True when woken.
         One inotify watcher serves every wait of this instance (started by the first,
         stopped by :meth:`close`): a loop of short waits costs no thread start each."""
+        if self._wait_watch is None:
+            # Subscribed outside the condition: the watcher's thread calls
+            # _note_change, which takes it, while holding locks of its own.
+            with self._mutex:
+                if self._wait_watch is None:
+                    self._wait_watch = self.on_change(self._note_change)
         with self._changed:
-            if self._wait_watch is None:
-                self._wait_watch = self.on_change(self._note_change)
             seen = self._change_count
             self._changed.wait_for(lambda: self._change_count != seen, timeout)
             return self._change_count != seen

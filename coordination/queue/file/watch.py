@@ -9,6 +9,7 @@ are ignored, so appends to the event log do not wake anybody.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,17 @@ def _no_move_pairing_delay(emitter: Any) -> None:
 
 
 def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` from a watchdog thread on every queue change; returns stop()."""
+    """Call ``callback`` from a watchdog thread on every queue change; returns stop().
+
+    The journal is watched as a file (IN_MODIFY of that inode only), not through its
+    folder: a folder watch for IN_MODIFY would also deliver every append to the event log
+    and the history file beside it, several per task, each a Python dispatch in every
+    process that follows the queue. The folder is watched for IN_CREATE / IN_MOVED_TO
+    only: a new journal (compaction, or the first one) re-arms the file watch, then calls
+    ``callback`` (so a write between the rename and the re-arm is never missed: the
+    reader woken reads the new file from its start), and a hand-edited task-queue.json."""
+    import threading
+
     from watchdog.events import (
         FileCreatedEvent,
         FileModifiedEvent,
@@ -39,9 +50,26 @@ def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
         FileSystemEventHandler,
     )
     from watchdog.observers import Observer
+    from watchdog.observers.api import ObservedWatch
 
     coordination, inbox = str(home.coordination), str(home.inbox)
     journal, snapshot = str(home.queue_journal), str(home.queue_file)
+    observer = Observer(timeout=30)
+    armed: list[ObservedWatch] = []
+    arm_lock = threading.Lock()
+
+    def arm() -> None:
+        """(Re-)watch the current journal file; quiet when there is none yet."""
+        with arm_lock:
+            for old in armed:
+                with contextlib.suppress(KeyError, OSError):
+                    observer.unschedule(old)
+            armed.clear()
+            if os.path.exists(journal):
+                with contextlib.suppress(OSError):  # replaced or removed meanwhile
+                    armed.append(observer.schedule(handler, journal, recursive=False,
+                                                   event_filter=[FileModifiedEvent]))
+            _no_move_pairing_delay_all(observer)
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
@@ -50,9 +78,13 @@ def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
                 path = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
                 if not path:
                     continue
-                if path == journal and kind in ("modified", "created", "moved"):
-                    callback()
-                    return
+                if path == journal:
+                    if kind in ("created", "moved"):
+                        arm()
+                    if kind in ("modified", "created", "moved"):
+                        callback()
+                        return
+                    continue
                 if kind in ("created", "moved"):
                     folder, name = os.path.split(path)
                     if name.startswith("."):
@@ -61,23 +93,28 @@ def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
                         callback()
                         return
 
-    observer = Observer(timeout=30)
     handler = Handler()
     # Only the inotify events that can mean a change (watchdog builds the kernel's mask from
-    # the filter): opens, closes and attribute changes of every file there would each cost
-    # a Python dispatch, several per task.
-    filters = {coordination: [FileModifiedEvent, FileCreatedEvent, FileMovedEvent],
-               inbox: [FileCreatedEvent, FileMovedEvent]}
-    for folder, wanted in filters.items():
+    # the filter): opens, closes and attribute changes would each cost a Python dispatch.
+    for folder in (coordination, inbox):
         if os.path.isdir(folder):
-            observer.schedule(handler, folder, recursive=False, event_filter=wanted)
+            observer.schedule(handler, folder, recursive=False,
+                              event_filter=[FileCreatedEvent, FileMovedEvent])
     observer.daemon = True
     observer.start()
-    for emitter in observer.emitters:
-        _no_move_pairing_delay(emitter)
+    # Armed once the observer runs (a watch that cannot start then raises here, not in
+    # start()). Re-arms run in the dispatcher thread, which holds the observer's lock
+    # while it calls ``callback``: the caller must not hold, while subscribing, a lock
+    # that ``callback`` takes (QueueCore.wait subscribes outside its condition).
+    arm()
 
     def stop() -> None:
         observer.stop()
         if observer.is_alive():
             observer.join(timeout=5)
     return stop
+
+
+def _no_move_pairing_delay_all(observer: Any) -> None:
+    for emitter in list(observer.emitters):
+        _no_move_pairing_delay(emitter)
