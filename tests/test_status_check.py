@@ -20,16 +20,13 @@ from test_metrics import Known, build_known_home
 from coordination import clock
 from coordination.control import update_control
 from coordination.events import emit
-from coordination.metrics import (
-    HISTORY_TAIL_MAX_BYTES,
-    check_state_file,
-    collect_status,
-    run_check,
-)
+from coordination.metrics import HISTORY_TAIL_MAX_BYTES
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.store import append_bytes, read_json, replace_bytes
 from daemons.cli import cli
+from daemons.reporting.checks import check_state_file, run_check
+from daemons.reporting.status import collect_status
 from daemons.systemd_units import render_unit
 
 HARNESS = str(Path(sys.executable).with_name("harness"))
