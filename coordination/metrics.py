@@ -19,23 +19,25 @@ Cost bounds (so that ``harness status`` and ``harness check`` stay fast on a lar
   history file (new inode or smaller size) is detected and the new file is counted from its
   first record newer than the cursor, so the counters stay monotonic.
 
-Stalled workers (approximation, until the supervisor publishes its own list): a ``busy``
-spec whose ``heartbeat_at`` is older than ``heartbeat_timeout_s``; or whose
-``progress_at`` (or ``progress_updated_at``), when the worker reports one, is older than
-``worker_stall_timeout_s``; or, without such a timestamp, whose task has run longer than
-``worker_stall_timeout_s`` while ``progress`` is still 0/null.
+Stalled workers: :func:`stall_reason`, the rule the supervisor applies too (with its own
+progress watermark). From the files alone (until the supervisor publishes its own list):
+a busy, draining or stopping spec whose ``heartbeat_at`` is older than
+``heartbeat_timeout_s``; or whose ``progress_at`` (or ``progress_updated_at``), when the
+worker reports one, is ``worker_stall_timeout_s`` old; or, without such a timestamp, whose
+task has run that long while ``progress`` is still 0/null.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Container, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
@@ -48,6 +50,11 @@ from .paths import Home
 from .specs import liveness, read_specs
 from .store import append_line, iter_lines_reverse, parse_record, read_json, tail_jsonl
 from .tasks import PRIORITIES
+
+if TYPE_CHECKING:
+    from .queue import QueueBackend
+
+T = TypeVar("T")
 
 SNAPSHOT_VERSION = 1
 #: Newest bytes of task-history.jsonl that a window computation reads at most.
@@ -98,7 +105,13 @@ def as_number(value: Any) -> float | None:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q`` quantile (0..1) with linear interpolation; None for no values."""
+    """The ``q`` quantile (0..1), None for no values: the one definition behind every p50,
+    p95 and p99 harness reports (snapshots, ``harness bench``, the load test).
+
+    Linear interpolation between the closest ranks: position ``(n - 1) * q`` of the sorted
+    values (type 7 of Hyndman and Fan, numpy's default, Excel's PERCENTILE.INC), so the
+    median of an even count is the mean of the middle two and a single value is every
+    quantile."""
     if not values:
         return None
     data = sorted(values)
@@ -112,25 +125,74 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-@dataclass
-class HistoryWindow:
-    """History records with ``recorded_at`` in ``[since, now]``, oldest first."""
+class HistoryWindow(Generic[T]):
+    """What ``keep`` takes from the queue's history records of a sliding window, oldest
+    first: the one history-window reader of status, snapshots and the supervisor.
 
-    records: list[dict[str, Any]]
-    complete: bool  # False: the byte limit was reached before the window's start
+    Reads through the queue port's history cursor: the first :meth:`refresh` takes only the
+    records of the window (at most ``max_records``, the newest: :attr:`complete` is then
+    False; the file backend reads backwards from the end, so a long history costs nothing);
+    later ones take only what was recorded since, and drop what left the window. A
+    rotation (the cursor names another stream) starts over. ``keep`` returns what to hold
+    of a record (None: nothing), so a long-lived window can hold a few fields, not records.
+    """
+
+    def __init__(self, queue: QueueBackend, keep: Callable[[dict[str, Any]], T | None], *,
+                 max_records: int | None = None) -> None:
+        self.queue = queue
+        self.keep = keep
+        self.max_records = max_records
+        self.records: deque[T] = deque()
+        self.stamps: deque[float] = deque()  # recorded_at of each of ``records``
+        self.complete = True
+        self._cursor: str | None = None
+
+    def refresh(self, since: float) -> None:
+        """Read what was recorded since the last refresh; keep what is in ``[since, ...]``."""
+        first = self._cursor is None
+        records, cursor = self.queue.history_since(
+            self._cursor, start_at=since if first else None,
+            limit=self.max_records if first else None)
+        # The part before the last ":" names the stream; another one: history started over.
+        restarted = not first and \
+            cursor.rsplit(":", 1)[0] != (self._cursor or "").rsplit(":", 1)[0]
+        self._cursor = cursor
+        if first:
+            self.complete = self.max_records is None or len(records) < self.max_records
+        new: list[tuple[float, T]] = []
+        for record in records:
+            stamp = ts_of(record.get("recorded_at"))
+            kept = None if stamp is None else self.keep(record)
+            if stamp is not None and kept is not None:
+                new.append((stamp, kept))
+        if first or restarted:
+            new.sort(key=lambda entry: entry[0])
+            self.stamps, self.records = deque(e[0] for e in new), deque(e[1] for e in new)
+        else:
+            self.stamps.extend(e[0] for e in new)
+            self.records.extend(e[1] for e in new)
+        if self.stamps and self.stamps[0] < since:
+            # Concurrent writers append slightly out of order: filter, not pop from the left.
+            pairs = [(t, r) for t, r in zip(self.stamps, self.records, strict=True) if t >= since]
+            self.stamps, self.records = deque(p[0] for p in pairs), deque(p[1] for p in pairs)
+
+    def between(self, since: float, until: float | None = None) -> Iterator[T]:
+        """What was kept of the records recorded in ``[since, until]``."""
+        for stamp, item in zip(self.stamps, self.records, strict=True):
+            if stamp >= since and (until is None or stamp <= until):
+                yield item
 
 
-def history_window(home: Home, since: float,
-                   max_records: int = HISTORY_TAIL_MAX_RECORDS) -> HistoryWindow:
+def history_window(home: Home, since: float, max_records: int = HISTORY_TAIL_MAX_RECORDS
+                   ) -> HistoryWindow[dict[str, Any]]:
     """The history records recorded since ``since`` (at most ``max_records``, the newest:
-    ``complete`` is then False), through the queue port (the file backend reads backwards
-    from the end and stops at the window's start)."""
+    ``complete`` is then False), read once through the queue port."""
     from .queue import open_queue  # the queue package is the heaviest import; keep it local
 
-    records, _ = open_queue(home).history_since(None, start_at=since, limit=max_records)
-    since_iso = clock.iso(since)
-    return HistoryWindow([r for r in records if str(r.get("recorded_at") or "") >= since_iso],
-                         len(records) < max_records)
+    window: HistoryWindow[dict[str, Any]] = HistoryWindow(
+        open_queue(home), lambda record: record, max_records=max_records)
+    window.refresh(since)
+    return window
 
 
 # ---------------------------------------------------------------------------- attempts
@@ -143,6 +205,31 @@ def attempt_result(record: dict[str, Any]) -> str | None:
     if status == "failed" and record.get("started_at"):
         return "failed"
     return None
+
+
+def attempt_kind(record: dict[str, Any]) -> tuple[bool, str] | None:
+    """``(succeeded, worker_type)`` of a record that ends an attempt (:func:`attempt_result`),
+    None for any other record."""
+    result = attempt_result(record)
+    if result is None:
+        return None
+    return result == "completed", str(record.get("worker_type") or "default")
+
+
+class AttemptWindow(HistoryWindow[tuple[bool, str]]):
+    """The attempt outcomes of a sliding window of history (the supervisor's health and
+    circuits): a :class:`HistoryWindow` that holds ``(succeeded, worker_type)`` only."""
+
+    def __init__(self, queue: QueueBackend) -> None:
+        super().__init__(queue, attempt_kind)
+
+    def counts(self, since: float, until: float | None = None) -> dict[str, list[int]]:
+        """``{worker_type: [succeeded, failed]}`` for attempts recorded in [since, until]."""
+        out: dict[str, list[int]] = {}
+        for ok, wtype in self.between(since, until):
+            pair = out.setdefault(wtype, [0, 0])
+            pair[0 if ok else 1] += 1
+        return out
 
 
 def attempt_duration(record: dict[str, Any]) -> float | None:
@@ -233,23 +320,41 @@ def window_stats(records: Iterable[dict[str, Any]], now: float, window_s: float,
 
 
 # ---------------------------------------------------------------------------- workers
-def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float,
-                 stall_timeout_s: float) -> str | None:
-    """Why a busy worker counts as stalled (module docstring), or None."""
-    if spec.get("state") != "busy":
+#: Worker states in which a worker runs a task, so can stall (the worker's own states).
+STALL_STATES = ("busy", "draining", "stopping")
+
+
+def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float | None,
+                 stall_timeout_s: float, *, unchanged_since: float | None = None
+                 ) -> str | None:
+    """Why a worker counts as stalled, or None: the one stall rule, shared by status,
+    check and snapshots (:func:`worker_rows`) and the supervisor, which fences what it
+    finds (docs/supervisor.md).
+
+    A worker in a :data:`STALL_STATES` state is stalled when its heartbeat is older than
+    ``heartbeat_timeout_s`` (when given), or when its progress has not changed for
+    ``stall_timeout_s`` or longer. Since when it has not changed: ``unchanged_since`` when
+    the caller watched it (the supervisor's watermark: when it first saw this progress of
+    this task); else the spec's ``progress_at`` (or ``progress_updated_at``); else, while
+    ``progress`` is still 0/null, the task's ``task_started_at``."""
+    if spec.get("state") not in STALL_STATES:
         return None
-    beat = ts_of(spec.get("heartbeat_at"))
-    if beat is not None and now - beat > heartbeat_timeout_s:
-        return f"heartbeat {now - beat:.0f}s old (limit {heartbeat_timeout_s:g}s)"
-    progress_at = ts_of(spec.get("progress_at") or spec.get("progress_updated_at"))
-    if progress_at is not None:
-        if now - progress_at > stall_timeout_s:
-            return f"no progress for {now - progress_at:.0f}s (limit {stall_timeout_s:g}s)"
+    if heartbeat_timeout_s is not None:
+        beat = ts_of(spec.get("heartbeat_at"))
+        if beat is not None and now - beat > heartbeat_timeout_s:
+            return f"heartbeat {now - beat:.0f}s old (limit {heartbeat_timeout_s:g}s)"
+    since = unchanged_since
+    if since is None:
+        since = ts_of(spec.get("progress_at") or spec.get("progress_updated_at"))
+    if since is None:
+        started = ts_of(spec.get("task_started_at"))
+        if started is not None and now - started >= stall_timeout_s \
+                and not spec.get("progress"):
+            return (f"task running {now - started:.0f}s with no progress reported "
+                    f"(limit {stall_timeout_s:g}s)")
         return None
-    started = ts_of(spec.get("task_started_at"))
-    if started is not None and now - started > stall_timeout_s and not spec.get("progress"):
-        return (f"task running {now - started:.0f}s with no progress reported "
-                f"(limit {stall_timeout_s:g}s)")
+    if now - since >= stall_timeout_s:
+        return f"no progress for {now - since:.0f}s (limit {stall_timeout_s:g}s)"
     return None
 
 
@@ -724,8 +829,23 @@ def _count_exits(home: Home, state: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "HISTORY_TAIL_MAX_RECORDS",
-    "UNHEALTHY_STALLED", "UNHEALTHY_SUCCESS_RATE", "Observation", "build_snapshot",
-    "compute_health", "health_document", "history_window", "observe", "percentile",
-    "snapshot_from", "stall_reason", "take_snapshot", "update_counters", "window_stats",
+    "HEALTHY_SUCCESS_RATE",
+    "HISTORY_TAIL_MAX_BYTES",
+    "HISTORY_TAIL_MAX_RECORDS",
+    "UNHEALTHY_STALLED",
+    "UNHEALTHY_SUCCESS_RATE",
+    "AttemptWindow",
+    "HistoryWindow",
+    "Observation",
+    "build_snapshot",
+    "compute_health",
+    "health_document",
+    "history_window",
+    "observe",
+    "percentile",
+    "snapshot_from",
+    "stall_reason",
+    "take_snapshot",
+    "update_counters",
+    "window_stats",
 ]

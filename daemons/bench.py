@@ -34,6 +34,7 @@ import click
 
 from coordination.config import init_home
 from coordination.events import emit
+from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 
@@ -528,14 +529,6 @@ def select(only: tuple[str, ...], peers: bool = False, quick: bool = False) -> l
 
 
 # ---------------------------------------------------------------------------- running
-def _quantile(data: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (``p50`` is the median)."""
-    pos = (len(data) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
 def _row(bench: Bench, metric: Metric, runs: list[dict[str, Figure]],
          error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"name": metric.name, "group": bench.groups[0], "bench": bench.name,
@@ -553,8 +546,8 @@ def _row(bench: Bench, metric: Metric, runs: list[dict[str, Figure]],
         ordered = sorted(values)
         row.update(median=statistics.median(ordered), min=ordered[0], max=ordered[-1])
         if dist:
-            row.update(n=len(ordered), p50=_quantile(ordered, 0.5),
-                       p95=_quantile(ordered, 0.95), p99=_quantile(ordered, 0.99))
+            row.update(n=len(ordered), p50=percentile(ordered, 0.5),
+                       p95=percentile(ordered, 0.95), p99=percentile(ordered, 0.99))
     if error:
         row["error"] = error
     return row

@@ -275,12 +275,27 @@ def test_stall_rule() -> None:
     assert stall_reason(dict(spec, heartbeat_at=clock.iso(now - 61), progress=5), now, 60,
                         900) is not None
     assert stall_reason(dict(spec, state="idle"), now, 60, 900) is None
+    # One rule for status and the supervisor: a draining worker still runs its task.
+    assert stall_reason(dict(spec, state="draining"), now, 60, 900) is not None
+    # The supervisor's watermark (when it first saw this progress) decides when given, at
+    # the limit itself included; without a heartbeat limit the heartbeat is not judged.
+    recent = dict(spec, progress=5, progress_at=clock.iso(now - 1),
+                  heartbeat_at=clock.iso(now - 61))
+    assert stall_reason(recent, now, None, 900, unchanged_since=now - 900) == \
+        "no progress for 900s (limit 900s)"
+    assert stall_reason(recent, now, None, 900, unchanged_since=now - 899) is None
 
 
 def test_percentile() -> None:
     assert percentile([], 0.5) is None
     assert percentile([3.0], 0.95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    # Linear interpolation between closest ranks, the definition every p95 uses (the load
+    # test's included): position (n - 1) * q.
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 0.95) == pytest.approx(95.05)
+    assert percentile(values, 0.99) == pytest.approx(99.01)
+    assert percentile(list(reversed(values)), 0.5) == pytest.approx(50.5)
 
 
 def test_history_window_is_a_bounded_backwards_read(tmp_path: Path) -> None:
