@@ -43,8 +43,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "db": "daemons.db_commands",
     **dict.fromkeys(("metrics", "status", "check", "dashboard", "timeline", "report"),
                     "daemons.observability_commands"),
-    "bench": "daemons.bench",
-    "load-test": "daemons.loadtest",
+    "bench": "daemons.devtools.bench",
+    "load-test": "daemons.devtools.loadtest",
     "web": "daemons.web_commands",
 }
 

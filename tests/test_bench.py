@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from helpers import ProcGroup
 
-from daemons import bench as bench_mod
+from daemons.devtools import bench as bench_mod
 
 
 def bench_env(tmp: Path) -> dict[str, str]:

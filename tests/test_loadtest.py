@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from coordination.store import iter_jsonl
 from daemons.cli import cli
-from daemons.loadtest import SCENARIOS, Scenario, run_scenario
+from daemons.devtools.loadtest import SCENARIOS, Scenario, run_scenario
 
 pytestmark = pytest.mark.timeout(180)
 

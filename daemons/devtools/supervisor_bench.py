@@ -1,7 +1,7 @@
 """Supervisor measurements (reported, never asserted): how fast a dead worker's task is
 queued again, and what an idle supervisor costs.
 
-``python -m daemons.supervisor_bench [--trials N] [--idle-seconds S] [--no-pidfd]`` prints
+``python -m daemons.devtools.supervisor_bench [--trials N] [--idle-seconds S] [--no-pidfd]`` prints
 both as JSON. Each function runs real processes (``harness supervisor run``, ``harness
 worker run``) on a throwaway home with default settings and returns a dict.
 """
@@ -29,7 +29,7 @@ from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import open_queue
 
-from .task_runner import become_subreaper, reap_orphans
+from ..task_runner import become_subreaper, reap_orphans
 
 HARNESS = [sys.executable, "-m", "daemons"]
 

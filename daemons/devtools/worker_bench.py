@@ -12,7 +12,7 @@ returns a dict of figures:
 - ``throughput``: ``true`` tasks per second end to end (enqueue of a batch -> all
   completed) with 1 and with 2 workers.
 
-``harness bench`` (daemons/bench.py) reuses the pieces: :func:`dispatch_samples` (raw
+``harness bench`` (daemons/devtools/bench.py) reuses the pieces: :func:`dispatch_samples` (raw
 latencies), :func:`measure_throughput` and :func:`spawn_ceiling` (how fast this machine can
 merely spawn and reap ``true``, the bound end-to-end throughput is compared with).
 """

@@ -11,8 +11,8 @@ their median/min/max and ``p50``/``p95``/``p99`` are over every sample of every 
 Guarantees: figures are printed, never asserted (no threshold anywhere); a benchmark that
 fails (a missing ``jq``, a worker that does not start) yields rows with an ``error`` key and
 the others still run; every process a benchmark starts is stopped before the next one runs.
-Larger pieces live beside the daemons they measure (daemons/worker_bench.py,
-daemons/supervisor_bench.py); docs/performance.md has the figures of one machine.
+Larger pieces live beside it, one per daemon measured (daemons/devtools/worker_bench.py,
+daemons/devtools/supervisor_bench.py); docs/performance.md has the figures of one machine.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 
-from .context import json_option, print_json
+from ..context import json_option, print_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 #: One run's figure for a row: a single value, or samples (latencies, windows).
 Figure = float | list[float]

@@ -40,7 +40,7 @@ from coordination.queue import open_queue
 from coordination.specs import read_specs
 from coordination.store import iter_jsonl, read_json
 
-from .context import json_option, print_json
+from ..context import json_option, print_json
 
 
 @dataclass(frozen=True)
