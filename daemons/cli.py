@@ -109,6 +109,9 @@ def check_arguments(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point; click usage errors exit 2."""
+    from .diagnostics import setup_logging
+
+    setup_logging()
     try:
         check_arguments(sys.argv[1:])
         cli(standalone_mode=True)

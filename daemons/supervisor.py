@@ -36,12 +36,12 @@ Rules (docs/supervisor.md has the operator's view)
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -91,6 +91,7 @@ from .task_runner import reap_orphans
 from .wakeup import Wakeup
 
 SOURCE = "supervisor"
+log = logging.getLogger("harness.supervisor")  # diagnostics (daemons/diagnostics.py)
 STATE_VERSION = 1
 CONFIG_RETRY_S = 2.0  # a supervisor started on a bad config re-reads it this often
 HEALTH_REFRESH_S = 30.0  # health.json is republished at least this often, changed or not
@@ -132,7 +133,7 @@ def load_state(home: Home) -> dict[str, Any]:
     except FileNotFoundError:
         return state
     except CorruptFileError as exc:
-        print(f"harness supervisor: {exc}; starting from an empty state", file=sys.stderr)
+        log.warning("%s; starting from an empty state", exc)
         return state
     if isinstance(raw, dict):
         for key, value in raw.items():
@@ -254,7 +255,7 @@ def _emit(home: Home, event_type: str, message: str, **fields: Any) -> None:
     try:
         emit(home, event_type, source=SOURCE, message=message, **fields)
     except HarnessError as exc:  # the event log is best effort; the state is durable
-        print(f"harness supervisor: could not emit {event_type}: {exc}", file=sys.stderr)
+        log.warning("could not emit %s: %s", event_type, exc)
 
 
 def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof: str,
@@ -344,8 +345,7 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
         except NotFound:
             continue  # the worker deregistered itself meanwhile
         except HarnessError as exc:
-            print(f"harness supervisor: cannot complete spec {worker_id}: {exc}",
-                  file=sys.stderr)
+            log.error("cannot complete spec %s: %s", worker_id, exc)
             continue
         _emit(home, "worker_crashed", f"worker {worker_id} is dead: {proof}",
               severity="warning", worker_id=worker_id, now=now,
@@ -460,7 +460,7 @@ class Supervisor:
         try:
             return self.queue.ingest(now=now)
         except TemporaryFailure as exc:
-            print(f"harness supervisor: ingest deferred: {exc}", file=sys.stderr)
+            log.warning("ingest deferred: %s", exc)
             return 0
 
     # -------------------------------------------------------------- stalls
