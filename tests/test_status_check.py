@@ -14,8 +14,17 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT, events, make_home, needs, req, set_system
-from test_metrics import Known, build_known_home
+from helpers import (
+    REPO_ROOT,
+    Known,
+    build_known_home,
+    events,
+    make_home,
+    needs,
+    present,
+    req,
+    set_system,
+)
 
 from coordination import clock
 from coordination.control import update_control
@@ -95,7 +104,7 @@ def _liveness_home(tmp_path: Path) -> tuple[Home, float, dict[str, str]]:
     ids = {}
     for wid in ("w-alive", "w-gone", "w-reused", "w-frozen", "w-remote"):
         tid = q.enqueue(req(description=wid), now=now - 30).task["task_id"]
-        assert q.claim(wid, now=now - 20)["task_id"] == tid
+        assert present(q.claim(wid, now=now - 20))["task_id"] == tid
         ids[wid] = tid
         spec = new_spec(wid, wid, now - 20)
         spec.update(state="busy", current_task_id=tid, task_started_at=clock.iso(now - 20),
