@@ -10,6 +10,7 @@ Loaded files are cached per process and re-read when their inode, size or mtime 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -570,14 +571,14 @@ def daemon_run(home: Home, name: str) -> Iterator[None]:
     """Keep-last-good mode for a oneshot daemon run (the janitor and metrics timers),
     saying on stderr when it runs on the last good values of an invalid config. Raises
     ConfigError (exit 2) only when no good version was ever kept."""
-    import sys
 
     with keeping_last_good():
         load_system(home)
         load_worker_types(home)
         for problem in config_problems(home):
-            print(f"harness {name}: config invalid, running on the last good values "
-                  f"(config/last-good/): {problem}", file=sys.stderr)
+            logging.getLogger(f"harness.{name}").warning(
+                "config invalid, running on the last good values (config/last-good/): %s",
+                problem)
         yield
 
 

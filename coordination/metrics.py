@@ -1,62 +1,60 @@
-"""Metrics, health, checks and timelines computed from the coordination files.
+"""The metrics snapshot and the health rule, computed from the coordination files.
 
-Pure computation over the home (docs/observability.md): no long loop, no subprocess. The
-daemons and the CLI (``harness metrics``, ``status``, ``check``, ``timeline``, ``dashboard``,
-``report``) call these functions; the supervisor imports :func:`compute_health` (the one
-health rule) and may publish :func:`health_document` as ``coordination/health.json``.
+Pure computation over the home (docs/observability.md): no long loop, no subprocess. This
+module owns ``metrics-snapshots.jsonl`` (its schema, :func:`snapshot_from`, and the append,
+:func:`take_snapshot`), the health rule (:func:`compute_health`, :func:`health_document`:
+the supervisor publishes it as ``coordination/health.json``), the stall rule
+(:func:`stall_reason`) and what they are computed from: one :func:`observe` of the home,
+the history window (:class:`HistoryWindow`) and its attempt statistics. The reporting built
+on top (``harness status``, ``check``, ``timeline``) lives in :mod:`daemons.reporting`.
 
 Cost bounds (so that ``harness status`` and ``harness check`` stay fast on a large home)
 - History: only the newest records are read (through the queue port's history cursor; the
   file backend reads backwards), until a record older than the window (minus a minute) is
   met or :data:`HISTORY_TAIL_MAX_RECORDS` records were taken; the result says whether the
   window was complete. (:data:`HISTORY_TAIL_MAX_BYTES` bounds what status reads in all.)
-- Events: the alert list scans the newest :data:`ALERT_SCAN_LINES` lines (``tail_jsonl``).
 - Counters (``harness_tasks_total`` and friends) are cumulative and incremental: every
   snapshot stores a cursor (history inode and byte offset, newest ``recorded_at``; completed
   spec mtimes) and the next one reads only what was appended since. A rotation of the
   history file (new inode or smaller size) is detected and the new file is counted from its
   first record newer than the cursor, so the counters stay monotonic.
 
-Stalled workers (approximation, until the supervisor publishes its own list): a ``busy``
-spec whose ``heartbeat_at`` is older than ``heartbeat_timeout_s``; or whose
-``progress_at`` (or ``progress_updated_at``), when the worker reports one, is older than
-``worker_stall_timeout_s``; or, without such a timestamp, whose task has run longer than
-``worker_stall_timeout_s`` while ``progress`` is still 0/null.
+Stalled workers: :func:`stall_reason`, the rule the supervisor applies too (with its own
+progress watermark). From the files alone (until the supervisor publishes its own list):
+a busy, draining or stopping spec whose ``heartbeat_at`` is older than
+``heartbeat_timeout_s``; or whose ``progress_at`` (or ``progress_updated_at``), when the
+worker reports one, is ``worker_stall_timeout_s`` old; or, without such a timestamp, whose
+task has run that long while ``progress`` is still 0/null.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
 from . import clock
 from .config import SystemConfig, load_system
 from .control import paused_types, read_control
-from .errors import CorruptFileError, HarnessError, NotFound
-from .events import emit, recent_events
-from .ids import is_valid_id
+from .errors import CorruptFileError
 from .locks import lock_for
 from .paths import Home
-from .redact import redact
 from .specs import liveness, read_specs
-from .store import (
-    append_line,
-    jsonl_archives,
-    parse_record,
-    read_json,
-    replace_json,
-    scan_jsonl_gz,
-    tail_jsonl,
-)
+from .store import append_line, iter_lines_reverse, parse_record, read_json, tail_jsonl
 from .tasks import PRIORITIES
+
+if TYPE_CHECKING:
+    from .queue import QueueBackend
+
+T = TypeVar("T")
 
 SNAPSHOT_VERSION = 1
 #: Newest bytes of task-history.jsonl that a window computation reads at most.
@@ -64,25 +62,14 @@ HISTORY_TAIL_MAX_BYTES = 8 << 20
 HISTORY_TAIL_MAX_RECORDS = 20_000
 #: Records may be appended slightly out of time order by concurrent processes.
 WINDOW_SLACK_S = 300.0
-#: Newest event lines scanned for the "last alerts" of status and dashboard.
-ALERT_SCAN_LINES = 2000
-ALERT_SEVERITIES = ("warning", "error", "critical")
 #: Health rule (see :func:`compute_health`).
 HEALTHY_SUCCESS_RATE = 0.8
 UNHEALTHY_SUCCESS_RATE = 0.5
 UNHEALTHY_STALLED = 2
 HEALTH_STATES = ("healthy", "degraded", "unhealthy")
-LEVELS = ("ok", "warning", "critical")
 WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping")
-EVENT_SOURCE = "harness-check"
 _MB = 1024 * 1024
-_EVENTS_NAME = Home(Path("/")).events_file.name
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-
-
-def check_state_file(home: Home) -> Path:
-    """``coordination/check-state.json``: the levels ``harness check`` last reported."""
-    return home.coordination / "check-state.json"
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -111,14 +98,20 @@ def ts_of(value: Any) -> float | None:
         return None
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q`` quantile (0..1) with linear interpolation; None for no values."""
+    """The ``q`` quantile (0..1), None for no values: the one definition behind every p50,
+    p95 and p99 harness reports (snapshots, ``harness bench``, the load test).
+
+    Linear interpolation between the closest ranks: position ``(n - 1) * q`` of the sorted
+    values (type 7 of Hyndman and Fan, numpy's default, Excel's PERCENTILE.INC), so the
+    median of an even count is the mean of the middle two and a single value is every
+    quantile."""
     if not values:
         return None
     data = sorted(values)
@@ -132,55 +125,74 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def iter_lines_reverse(path: Path, max_bytes: int, chunk: int = 1 << 18
-                       ) -> Iterator[bytes]:
-    """Complete lines of ``path``, newest first, reading at most ``max_bytes`` from its end.
+class HistoryWindow(Generic[T]):
+    """What ``keep`` takes from the queue's history records of a sliding window, oldest
+    first: the one history-window reader of status, snapshots and the supervisor.
 
-    A line cut by the byte limit is not yielded; a missing file yields nothing.
+    Reads through the queue port's history cursor: the first :meth:`refresh` takes only the
+    records of the window (at most ``max_records``, the newest: :attr:`complete` is then
+    False; the file backend reads backwards from the end, so a long history costs nothing);
+    later ones take only what was recorded since, and drop what left the window. A
+    rotation (the cursor names another stream) starts over. ``keep`` returns what to hold
+    of a record (None: nothing), so a long-lived window can hold a few fields, not records.
     """
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed in finally, generator-safe
-    except FileNotFoundError:
-        return
-    try:
-        pos = os.fstat(fh.fileno()).st_size
-        carry = b""
-        spent = 0
-        while pos > 0 and spent < max_bytes:
-            step = min(chunk, pos, max_bytes - spent)
-            pos -= step
-            spent += step
-            fh.seek(pos)
-            parts = (fh.read(step) + carry).split(b"\n")
-            carry = parts[0]
-            for raw in reversed(parts[1:]):
-                if raw.strip():
-                    yield raw
-        if pos == 0 and carry.strip():
-            yield carry
-    finally:
-        fh.close()
+
+    def __init__(self, queue: QueueBackend, keep: Callable[[dict[str, Any]], T | None], *,
+                 max_records: int | None = None) -> None:
+        self.queue = queue
+        self.keep = keep
+        self.max_records = max_records
+        self.records: deque[T] = deque()
+        self.stamps: deque[float] = deque()  # recorded_at of each of ``records``
+        self.complete = True
+        self._cursor: str | None = None
+
+    def refresh(self, since: float) -> None:
+        """Read what was recorded since the last refresh; keep what is in ``[since, ...]``."""
+        first = self._cursor is None
+        records, cursor = self.queue.history_since(
+            self._cursor, start_at=since if first else None,
+            limit=self.max_records if first else None)
+        # The part before the last ":" names the stream; another one: history started over.
+        restarted = not first and \
+            cursor.rsplit(":", 1)[0] != (self._cursor or "").rsplit(":", 1)[0]
+        self._cursor = cursor
+        if first:
+            self.complete = self.max_records is None or len(records) < self.max_records
+        new: list[tuple[float, T]] = []
+        for record in records:
+            stamp = ts_of(record.get("recorded_at"))
+            kept = None if stamp is None else self.keep(record)
+            if stamp is not None and kept is not None:
+                new.append((stamp, kept))
+        if first or restarted:
+            new.sort(key=lambda entry: entry[0])
+            self.stamps, self.records = deque(e[0] for e in new), deque(e[1] for e in new)
+        else:
+            self.stamps.extend(e[0] for e in new)
+            self.records.extend(e[1] for e in new)
+        if self.stamps and self.stamps[0] < since:
+            # Concurrent writers append slightly out of order: filter, not pop from the left.
+            pairs = [(t, r) for t, r in zip(self.stamps, self.records, strict=True) if t >= since]
+            self.stamps, self.records = deque(p[0] for p in pairs), deque(p[1] for p in pairs)
+
+    def between(self, since: float, until: float | None = None) -> Iterator[T]:
+        """What was kept of the records recorded in ``[since, until]``."""
+        for stamp, item in zip(self.stamps, self.records, strict=True):
+            if stamp >= since and (until is None or stamp <= until):
+                yield item
 
 
-@dataclass
-class HistoryWindow:
-    """History records with ``recorded_at`` in ``[since, now]``, oldest first."""
-
-    records: list[dict[str, Any]]
-    complete: bool  # False: the byte limit was reached before the window's start
-
-
-def history_window(home: Home, since: float,
-                   max_records: int = HISTORY_TAIL_MAX_RECORDS) -> HistoryWindow:
+def history_window(home: Home, since: float, max_records: int = HISTORY_TAIL_MAX_RECORDS
+                   ) -> HistoryWindow[dict[str, Any]]:
     """The history records recorded since ``since`` (at most ``max_records``, the newest:
-    ``complete`` is then False), through the queue port (the file backend reads backwards
-    from the end and stops at the window's start)."""
+    ``complete`` is then False), read once through the queue port."""
     from .queue import open_queue  # the queue package is the heaviest import; keep it local
 
-    records, _ = open_queue(home).history_since(None, start_at=since, limit=max_records)
-    since_iso = clock.iso(since)
-    return HistoryWindow([r for r in records if str(r.get("recorded_at") or "") >= since_iso],
-                         len(records) < max_records)
+    window: HistoryWindow[dict[str, Any]] = HistoryWindow(
+        open_queue(home), lambda record: record, max_records=max_records)
+    window.refresh(since)
+    return window
 
 
 # ---------------------------------------------------------------------------- attempts
@@ -193,6 +205,31 @@ def attempt_result(record: dict[str, Any]) -> str | None:
     if status == "failed" and record.get("started_at"):
         return "failed"
     return None
+
+
+def attempt_kind(record: dict[str, Any]) -> tuple[bool, str] | None:
+    """``(succeeded, worker_type)`` of a record that ends an attempt (:func:`attempt_result`),
+    None for any other record."""
+    result = attempt_result(record)
+    if result is None:
+        return None
+    return result == "completed", str(record.get("worker_type") or "default")
+
+
+class AttemptWindow(HistoryWindow[tuple[bool, str]]):
+    """The attempt outcomes of a sliding window of history (the supervisor's health and
+    circuits): a :class:`HistoryWindow` that holds ``(succeeded, worker_type)`` only."""
+
+    def __init__(self, queue: QueueBackend) -> None:
+        super().__init__(queue, attempt_kind)
+
+    def counts(self, since: float, until: float | None = None) -> dict[str, list[int]]:
+        """``{worker_type: [succeeded, failed]}`` for attempts recorded in [since, until]."""
+        out: dict[str, list[int]] = {}
+        for ok, wtype in self.between(since, until):
+            pair = out.setdefault(wtype, [0, 0])
+            pair[0 if ok else 1] += 1
+        return out
 
 
 def attempt_duration(record: dict[str, Any]) -> float | None:
@@ -224,7 +261,7 @@ def queue_wait(record: dict[str, Any]) -> float | None:
 def tokens_of(record: dict[str, Any]) -> float | None:
     result = record.get("result")
     if isinstance(result, dict):
-        return _number(result.get("tokens_used"))
+        return as_number(result.get("tokens_used"))
     return None
 
 
@@ -283,23 +320,41 @@ def window_stats(records: Iterable[dict[str, Any]], now: float, window_s: float,
 
 
 # ---------------------------------------------------------------------------- workers
-def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float,
-                 stall_timeout_s: float) -> str | None:
-    """Why a busy worker counts as stalled (module docstring), or None."""
-    if spec.get("state") != "busy":
+#: Worker states in which a worker runs a task, so can stall (the worker's own states).
+STALL_STATES = ("busy", "draining", "stopping")
+
+
+def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float | None,
+                 stall_timeout_s: float, *, unchanged_since: float | None = None
+                 ) -> str | None:
+    """Why a worker counts as stalled, or None: the one stall rule, shared by status,
+    check and snapshots (:func:`worker_rows`) and the supervisor, which fences what it
+    finds (docs/supervisor.md).
+
+    A worker in a :data:`STALL_STATES` state is stalled when its heartbeat is older than
+    ``heartbeat_timeout_s`` (when given), or when its progress has not changed for
+    ``stall_timeout_s`` or longer. Since when it has not changed: ``unchanged_since`` when
+    the caller watched it (the supervisor's watermark: when it first saw this progress of
+    this task); else the spec's ``progress_at`` (or ``progress_updated_at``); else, while
+    ``progress`` is still 0/null, the task's ``task_started_at``."""
+    if spec.get("state") not in STALL_STATES:
         return None
-    beat = ts_of(spec.get("heartbeat_at"))
-    if beat is not None and now - beat > heartbeat_timeout_s:
-        return f"heartbeat {now - beat:.0f}s old (limit {heartbeat_timeout_s:g}s)"
-    progress_at = ts_of(spec.get("progress_at") or spec.get("progress_updated_at"))
-    if progress_at is not None:
-        if now - progress_at > stall_timeout_s:
-            return f"no progress for {now - progress_at:.0f}s (limit {stall_timeout_s:g}s)"
+    if heartbeat_timeout_s is not None:
+        beat = ts_of(spec.get("heartbeat_at"))
+        if beat is not None and now - beat > heartbeat_timeout_s:
+            return f"heartbeat {now - beat:.0f}s old (limit {heartbeat_timeout_s:g}s)"
+    since = unchanged_since
+    if since is None:
+        since = ts_of(spec.get("progress_at") or spec.get("progress_updated_at"))
+    if since is None:
+        started = ts_of(spec.get("task_started_at"))
+        if started is not None and now - started >= stall_timeout_s \
+                and not spec.get("progress"):
+            return (f"task running {now - started:.0f}s with no progress reported "
+                    f"(limit {stall_timeout_s:g}s)")
         return None
-    started = ts_of(spec.get("task_started_at"))
-    if started is not None and now - started > stall_timeout_s and not spec.get("progress"):
-        return (f"task running {now - started:.0f}s with no progress reported "
-                f"(limit {stall_timeout_s:g}s)")
+    if now - since >= stall_timeout_s:
+        return f"no progress for {now - since:.0f}s (limit {stall_timeout_s:g}s)"
     return None
 
 
@@ -773,430 +828,24 @@ def _count_exits(home: Home, state: dict[str, Any]) -> None:
     state["names"] = sorted(names_at_newest)
 
 
-# ---------------------------------------------------------------------------- status
-def recent_alerts(home: Home, limit: int = 5, scan: int = ALERT_SCAN_LINES
-                  ) -> list[dict[str, Any]]:
-    """The newest warning+ events among the last ``scan`` lines (redacted), oldest first.
-
-    Reads the events file backwards and parses only lines that mention a warning+
-    severity word (a byte-level prefilter), stopping at ``limit`` alerts."""
-    found: list[dict[str, Any]] = []
-    if limit <= 0:
-        return found
-    words = tuple(s.encode() for s in ALERT_SEVERITIES)
-    for seen, raw in enumerate(iter_lines_reverse(home.events_file, 64 << 20)):
-        if seen >= scan:
-            break
-        if not any(w in raw for w in words):
-            continue
-        event = parse_record(raw)
-        if event is not None and event.get("severity") in ALERT_SEVERITIES:
-            found.append(event)
-            if len(found) >= limit:
-                break
-    found.reverse()
-    return [redact(e) for e in found]
-
-
-def status_from(obs: Observation, home: Home, alerts: int = 5) -> dict[str, Any]:
-    snap = snapshot_from(obs)
-    status: dict[str, Any] = redact({
-        "timestamp": snap["timestamp"], "home": str(home.root),
-        "health": obs.health, "backpressure": obs.backpressure,
-        "queue": obs.queue, "workers": obs.workers, "worker_counts": snap["workers"],
-        "throughput": snap["throughput"], "success_rate": snap["success_rate"],
-        "durations": snap["durations"],
-        "paused_types": obs.paused, "circuits": obs.circuits,
-        "alerts": recent_alerts(home, alerts),
-        "service": obs.service,
-        "disk": obs.disk, "history_window_complete": obs.window.complete,
-    })
-    return status
-
-
-def collect_status(home: Home, now: float | None = None, alerts: int = 5, *,
-                   queue: Any = None) -> dict[str, Any]:
-    """The one-glance summary of ``harness status --json`` (bounded reads, redacted);
-    ``queue`` as for :func:`observe`."""
-    return status_from(observe(home, now, queue=queue), home, alerts)
-
-
-# ---------------------------------------------------------------------------- checks
-@dataclass(frozen=True)
-class CheckDef:
-    name: str
-    key: str          # system.json key with [warning, critical]
-    lower_is_worse: bool
-    unit: str
-    doc: str
-
-
-CHECKS: tuple[CheckDef, ...] = (
-    CheckDef("queue_depth", "check_queue_depth", False, "", "queued tasks"),
-    CheckDef("error_rate", "check_error_rate", False, "",
-             "failed / finished attempts over health_window_s"),
-    CheckDef("stalled_workers", "check_stalled_workers", False, "", "stalled workers"),
-    CheckDef("p95_duration_s", "check_p95_duration_s", False, "s",
-             "p95 attempt duration over health_window_s"),
-    CheckDef("disk_free_mb", "check_disk_free_mb", True, "MB", "free space of the home"),
-    CheckDef("file_mb", "check_file_mb", False, "MB", "largest coordination file"),
-    CheckDef("events_file_mb", "check_events_file_mb", False, "MB",
-             "dashboard-events.jsonl"),
-    CheckDef("oldest_queued_s", "check_oldest_queued_s", False, "s",
-             "age of the oldest runnable queued task"),
-    CheckDef("supervisor_stale_s", "check_supervisor_stale_s", False, "s",
-             "age of health.json while tasks wait (critical only)"),
-)
-
-
-def _check_value(check: CheckDef, snap: dict[str, Any]) -> tuple[float | None, str]:
-    files: dict[str, int] = snap.get("files") or {}
-    if check.name == "queue_depth":
-        return float(snap["queue"]["queued"]), ""
-    if check.name == "error_rate":
-        return _number(snap.get("error_rate")), ""
-    if check.name == "stalled_workers":
-        return float(snap["workers"]["stalled"]), ", ".join(snap["workers"]["stalled_ids"][:5])
-    if check.name == "p95_duration_s":
-        return _number(snap["durations"]["task_p95_s"]), ""
-    if check.name == "disk_free_mb":
-        return _number(snap["disk"]["free_mb"]), ""
-    if check.name == "file_mb":
-        if not files:
-            return 0.0, ""
-        name = max(files, key=lambda n: files[n])
-        return round(files[name] / _MB, 3), name
-    if check.name == "events_file_mb":
-        return round(files.get(_EVENTS_NAME, 0) / _MB, 3), ""
-    if check.name == "oldest_queued_s":
-        return _number(snap["queue"].get("oldest_runnable_age_s")), ""
-    if check.name == "supervisor_stale_s":
-        return _supervisor_staleness(snap)
-    raise ValueError(check.name)
-
-
-def _supervisor_staleness(snap: dict[str, Any]) -> tuple[float | None, str]:
-    """How long no supervisor has published health.json while tasks wait (None: nothing
-    waits). Without any health.json, the oldest waiting task's age: no supervisor has run
-    during its whole wait."""
-    q, sup = snap["queue"], snap.get("supervisor") or {}
-    if not int(q["queued"]) + int(q.get("inbox_pending") or 0):
-        return None, ""
-    age = _number(sup.get("health_age_s"))
-    if age is not None:
-        return age, f"health.json updated {sup.get('health_updated_at')}"
-    waited = _number(q.get("oldest_queued_age_s")) or 0.0
-    return waited, "no health.json: no supervisor has run on this home"
-
-
-def evaluate_checks(snap: dict[str, Any], cfg: SystemConfig) -> list[dict[str, Any]]:
-    """One result per :data:`CHECKS` entry: name, value, thresholds, level, detail."""
-    out = []
-    for check in CHECKS:
-        limits = cfg[check.key]
-        # A single number (check_supervisor_stale_s) is a critical-only threshold.
-        warn, crit = (float(x) for x in (limits if isinstance(limits, list)
-                                         else (limits, limits)))
-        value, detail = _check_value(check, snap)
-        level = "ok"
-        if value is not None:
-            if check.lower_is_worse:
-                level = "critical" if value <= crit else "warning" if value <= warn else "ok"
-            else:
-                level = "critical" if value >= crit else "warning" if value >= warn else "ok"
-        out.append({"name": check.name, "value": value, "warning": warn, "critical": crit,
-                    "level": level, "lower_is_worse": check.lower_is_worse,
-                    "unit": check.unit, "detail": detail, "doc": check.doc})
-    return out
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "U"
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.3f}".rstrip("0").rstrip(".")
-
-
-def check_summary(results: list[dict[str, Any]]) -> tuple[str, int, str]:
-    """``(STATUS, exit code, first line)`` in the monitoring-plugin format."""
-    worst = max((LEVELS.index(r["level"]) for r in results), default=0)
-    status = ("OK", "WARNING", "CRITICAL")[worst]
-    bad = sorted((r for r in results if r["level"] != "ok"),
-                 key=lambda r: -LEVELS.index(r["level"]))
-    if bad:
-        text = ", ".join(
-            f"{r['name']}={_fmt(r['value'])}"
-            f" ({'crit' if r['level'] == 'critical' else 'warn'} "
-            f"{_fmt(r['critical'] if r['level'] == 'critical' else r['warning'])})"
-            + (f" [{r['detail']}]" if r["detail"] else "")
-            for r in bad)
-    else:
-        text = f"{len(results)} checks ok"
-    perf = " ".join(f"{r['name']}={_fmt(r['value'])}{r['unit'] if r['value'] is not None else ''};"
-                    f"{_fmt(r['warning'])};{_fmt(r['critical'])}" for r in results)
-    return status, worst, f"HARNESS {status} - {text} | {perf}"
-
-
-@dataclass
-class CheckRun:
-    status: str
-    exit_code: int
-    summary: str
-    results: list[dict[str, Any]]
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    recoveries: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "exit_code": self.exit_code, "summary": self.summary,
-                "checks": self.results, "alerts": self.alerts,
-                "recoveries": self.recoveries, "notes": self.notes}
-
-
-def read_check_state(home: Home) -> dict[str, Any]:
-    try:
-        raw = read_json(check_state_file(home))
-    except FileNotFoundError:
-        return {"version": 1, "updated_at": None, "checks": {}}
-    if not isinstance(raw, dict) or not isinstance(raw.get("checks"), dict):
-        raise CorruptFileError(check_state_file(home), "must be an object with 'checks'")
-    return raw
-
-
-def run_check(home: Home, now: float | None = None, *, emit_events: bool = True) -> CheckRun:
-    """Evaluate every threshold and record level transitions.
-
-    Under locks/metrics.lock, compares each level with coordination/check-state.json
-    (published by rename): a level that rose emits one ``performance_alert`` event, one that
-    fell emits ``performance_recovered``; a level that stays the same emits nothing.
-    Raises HarnessError (the CLI maps it to UNKNOWN) when the home cannot be read.
-    """
-    ts = clock.now() if now is None else now
-    home.require()
-    cfg = load_system(home)
-    snap = snapshot_from(observe(home, ts))
-    results = evaluate_checks(snap, cfg)
-    status, code, summary = check_summary(results)
-    run = CheckRun(status, code, summary, results)
-    with lock_for(home.lock_path("metrics")).held_for(cfg.lock_timeout):
-        try:
-            state = read_check_state(home)
-        except CorruptFileError as exc:
-            run.notes.append(f"{exc}; starting from a clean state")
-            state = {"version": 1, "updated_at": None, "checks": {}}
-        previous: dict[str, Any] = state["checks"]
-        current: dict[str, Any] = {}
-        for r in results:
-            before = previous.get(r["name"]) if isinstance(previous.get(r["name"]), dict) \
-                else None
-            old = before.get("level") if before and before.get("level") in LEVELS else "ok"
-            since = before.get("since") if before and old == r["level"] else clock.iso(ts)
-            current[r["name"]] = {"level": r["level"], "since": since, "value": r["value"]}
-            if LEVELS.index(r["level"]) > LEVELS.index(old):
-                run.alerts.append(_transition_event("performance_alert", r, old))
-            elif LEVELS.index(r["level"]) < LEVELS.index(old):
-                run.recoveries.append(_transition_event("performance_recovered", r, old))
-        replace_json(check_state_file(home),
-                     {"version": 1, "updated_at": clock.iso(ts), "checks": current},
-                     cfg.durability, pretty=True)
-        if emit_events:
-            for fields in run.alerts + run.recoveries:
-                try:
-                    emit(home, fields["type"], severity=fields["severity"],
-                         source=EVENT_SOURCE, message=fields["message"], data=fields["data"],
-                         now=ts)
-                except HarnessError as exc:
-                    run.notes.append(f"could not emit {fields['type']}: {exc}")
-    return run
-
-
-def _transition_event(kind: str, r: dict[str, Any], old: str) -> dict[str, Any]:
-    level = r["level"]
-    value = _fmt(r["value"])
-    unit = r["unit"]
-    if kind == "performance_alert":
-        threshold = r["critical"] if level == "critical" else r["warning"]
-        cmp = "<=" if r["lower_is_worse"] else ">="
-        message = (f"{r['name']}={value}{unit} {cmp} {level} threshold {_fmt(threshold)}{unit}"
-                   + (f" ({r['detail']})" if r["detail"] else ""))
-        severity = "critical" if level == "critical" else "warning"
-    else:
-        threshold = r["critical"] if old == "critical" else r["warning"]
-        message = (f"{r['name']}={value}{unit} cleared its {old} threshold "
-                   f"{_fmt(threshold)}{unit} (now {level})")
-        severity = "info"
-    return {"type": kind, "severity": severity, "message": message,
-            "data": {"check": r["name"], "level": level, "previous": old, "value": r["value"],
-                     "warning": r["warning"], "critical": r["critical"]}}
-
-
-# ---------------------------------------------------------------------------- timeline
-KIND_RANK = {"task": 0, "worker": 1, "attempt": 2, "history": 3, "event": 4, "log": 5}
-
-
-def _scan_jsonl(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file whose raw line contains one of ``needles`` (a byte-level
-    prefilter, so only candidate lines are parsed)."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return
-    with fh:
-        for raw in fh:
-            if any(n in raw for n in needles):
-                record = parse_record(raw)
-                if record is not None:
-                    yield record
-
-
-def _scan_all(home: Home, path: Path, needles: Sequence[bytes], archives: bool
-              ) -> Iterator[dict[str, Any]]:
-    if archives:
-        for archive in reversed(jsonl_archives(path)):  # oldest first
-            yield from scan_jsonl_gz(archive, needles)
-    yield from _scan_jsonl(path, needles)
-
-
-def tail_lines(path: Path, count: int, max_bytes: int = 1 << 16) -> list[str]:
-    """The last ``count`` lines of a text file (bounded backwards read)."""
-    lines: list[str] = []
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return []
-    with open(path, "rb") as fh:
-        start = max(0, size - max_bytes)
-        fh.seek(start)
-        data = fh.read()
-    parts = data.decode(errors="replace").split("\n")
-    if start > 0:
-        parts = parts[1:]  # the first line is probably cut
-    if parts and parts[-1] == "":
-        parts.pop()
-    lines = parts[-count:] if count > 0 else []
-    return lines
-
-
-def _history_summary(r: dict[str, Any]) -> str:
-    attempt = f"attempt {r.get('attempts')}/{r.get('max_attempts')}"
-    outcome = r.get("outcome")
-    error = f": {r['last_error']}" if r.get("last_error") else ""
-    if r.get("final"):
-        exit_code = f", exit {r['exit_code']}" if r.get("exit_code") is not None else ""
-        return f"task {r.get('status')} ({outcome}; {attempt}{exit_code}){error}"
-    return f"{attempt} ended {outcome} -> {r.get('status')}{error}"
-
-
-def build_timeline(home: Home, task_id: str | None = None, correlation_id: str | None = None,
-                   *, log_lines: int = 20, archives: bool = False) -> dict[str, Any]:
-    """One ordered story of a task (or every task of a correlation id): its history
-    records, its events, the workers involved and the tail of its log, by timestamp.
-    Everything is redacted. Raises NotFound when nothing mentions the id."""
-    from .queue import open_queue
-
-    if (task_id is None) == (correlation_id is None):
-        raise ValueError("give exactly one of task_id and correlation_id")
-    home.require()
-    queue = open_queue(home)
-    live = [t for t in queue.live_tasks()
-            if (task_id is not None and t["task_id"] == task_id)
-            or (correlation_id is not None and t.get("correlation_id") == correlation_id)]
-    needles = [(task_id or correlation_id or "").encode()]
-    history = queue.history_of(task_id, correlation_id=correlation_id, archives=archives)
-    task_ids = {task_id} if task_id else set()
-    task_ids.update(str(r["task_id"]) for r in history if r.get("task_id"))
-    task_ids.update(t["task_id"] for t in live)
-    event_needles = [n.encode() for n in sorted(task_ids)] + needles
-    events = [e for e in _scan_all(home, home.events_file, event_needles, archives)
-              if e.get("task_id") in task_ids
-              or (correlation_id is not None and e.get("correlation_id") == correlation_id)]
-    entries: list[dict[str, Any]] = []
-
-    def add(timestamp: Any, kind: str, summary: str, *, task: Any = None, worker: Any = None,
-            severity: str | None = None, data: Any = None) -> None:
-        entries.append({"timestamp": timestamp if isinstance(timestamp, str) else None,
-                        "kind": kind, "task_id": task, "worker_id": worker,
-                        "severity": severity, "summary": summary, "data": data})
-
-    created: dict[str, Any] = {}
-    for t in [*history, *live]:
-        created.setdefault(t["task_id"], t)
-    for tid, t in sorted(created.items()):
-        add(t.get("created_at"), "task",
-            f"task created: {t.get('priority')} {t.get('worker_type')} "
-            f"{(t.get('description') or ' '.join(t.get('command') or []))[:120]}".rstrip(),
-            task=tid, data={"correlation_id": t.get("correlation_id"),
-                            "max_attempts": t.get("max_attempts")})
-    claimed = {(e.get("task_id"), (e.get("data") or {}).get("attempt")) for e in events
-               if e.get("type") == "task_claimed"}
-    for r in history:
-        if r.get("started_at") and (r.get("task_id"), r.get("attempts")) not in claimed:
-            add(r.get("started_at"), "attempt", f"attempt {r.get('attempts')} started",
-                task=r.get("task_id"), worker=r.get("worker_id"))
-        add(r.get("recorded_at"), "history", _history_summary(r), task=r.get("task_id"),
-            worker=r.get("worker_id"),
-            severity="info" if r.get("status") == "completed" else "warning",
-            data={k: r.get(k) for k in ("final", "outcome", "status", "attempts",
-                                        "exit_code", "last_error", "result")})
-    for e in events:
-        add(e.get("timestamp"), "event", f"{e.get('type')}: {e.get('message') or ''}".rstrip(),
-            task=e.get("task_id"), worker=e.get("worker_id"), severity=e.get("severity"),
-            data={"type": e.get("type"), "source": e.get("source"), "data": e.get("data")})
-    for t in live:
-        add(t.get("updated_at"), "task", f"now {t['status']} (attempt {t.get('attempts')}/"
-            f"{t.get('max_attempts')})", task=t["task_id"], worker=t.get("worker_id"))
-    workers = {str(x.get("worker_id")) for x in [*history, *events, *live]
-               if x.get("worker_id")}
-    for worker_id in sorted(workers):
-        if not is_valid_id(worker_id):
-            continue  # a hand-written event's worker_id names no spec file
-        for completed, state in ((False, "active"), (True, "completed")):
-            try:
-                spec = read_json(home.spec_file(worker_id, completed))
-            except (FileNotFoundError, CorruptFileError, OSError):
-                continue
-            if not isinstance(spec, dict):
-                continue
-            add(spec.get("started_at"), "worker",
-                f"worker started (instance {spec.get('instance')}, pid {spec.get('pid')})",
-                worker=worker_id)
-            if state == "completed":
-                add(spec.get("completed_at"), "worker",
-                    f"worker exited: {spec.get('exit_reason')}", worker=worker_id,
-                    severity="info" if spec.get("exit_reason") not in ("crashed", "error")
-                    else "warning")
-            else:
-                add(spec.get("heartbeat_at"), "worker",
-                    f"last heartbeat ({spec.get('state')}, task "
-                    f"{spec.get('current_task_id') or '-'})", worker=worker_id)
-            break
-    for tid in sorted(task_ids):
-        if not is_valid_id(tid):
-            continue  # an id from a hand-written record names no log
-        log = home.task_log(tid)
-        lines = tail_lines(log, log_lines)
-        if lines:
-            add(clock.iso(log.stat().st_mtime), "log",
-                f"last {len(lines)} line(s) of {log}", task=tid, data={"lines": lines})
-    if not entries:
-        what = f"task {task_id}" if task_id else f"correlation id {correlation_id}"
-        raise NotFound(f"nothing in the home mentions {what} (history, events, queue)")
-    order = {id(e): i for i, e in enumerate(entries)}
-    entries.sort(key=lambda e: (e["timestamp"] is None, e["timestamp"] or "",
-                                KIND_RANK[e["kind"]], order[id(e)]))
-    out: dict[str, Any] = {"task_id": task_id, "correlation_id": correlation_id,
-                           "task_ids": sorted(task_ids), "workers": sorted(workers),
-                           "entries": entries}
-    redacted: dict[str, Any] = redact(out)
-    return redacted
-
-
 __all__ = [
-    "CHECKS", "HEALTHY_SUCCESS_RATE", "HISTORY_TAIL_MAX_BYTES", "HISTORY_TAIL_MAX_RECORDS",
+    "HEALTHY_SUCCESS_RATE",
+    "HISTORY_TAIL_MAX_BYTES",
+    "HISTORY_TAIL_MAX_RECORDS",
     "UNHEALTHY_STALLED",
-    "UNHEALTHY_SUCCESS_RATE", "CheckRun", "Observation", "build_snapshot", "build_timeline",
-    "check_summary", "collect_status", "compute_health", "evaluate_checks", "health_document",
-    "history_window", "observe", "percentile", "recent_alerts", "recent_events", "run_check",
-    "snapshot_from", "stall_reason", "take_snapshot", "update_counters", "window_stats",
+    "UNHEALTHY_SUCCESS_RATE",
+    "AttemptWindow",
+    "HistoryWindow",
+    "Observation",
+    "build_snapshot",
+    "compute_health",
+    "health_document",
+    "history_window",
+    "observe",
+    "percentile",
+    "snapshot_from",
+    "stall_reason",
+    "take_snapshot",
+    "update_counters",
+    "window_stats",
 ]

@@ -26,7 +26,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -410,6 +410,76 @@ def tail_jsonl(path: Path, limit: int, chunk: int = 1 << 16,
     return newest_first
 
 
+def iter_lines_reverse(path: Path, max_bytes: int, chunk: int = 1 << 18
+                       ) -> Iterator[bytes]:
+    """Complete lines of ``path``, newest first, reading at most ``max_bytes`` from its end.
+
+    A line cut by the byte limit is not yielded; a missing file yields nothing.
+    """
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally, generator-safe
+    except FileNotFoundError:
+        return
+    try:
+        pos = os.fstat(fh.fileno()).st_size
+        carry = b""
+        spent = 0
+        while pos > 0 and spent < max_bytes:
+            step = min(chunk, pos, max_bytes - spent)
+            pos -= step
+            spent += step
+            fh.seek(pos)
+            parts = (fh.read(step) + carry).split(b"\n")
+            carry = parts[0]
+            for raw in reversed(parts[1:]):
+                if raw.strip():
+                    yield raw
+        if pos == 0 and carry.strip():
+            yield carry
+    finally:
+        fh.close()
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = 1 << 16) -> list[str]:
+    """The last ``count`` lines of a text file (a backwards read of at most ``max_bytes``;
+    the first line of a cut read is dropped, being probably partial); [] when missing."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return []
+    with open(path, "rb") as fh:
+        start = max(0, size - max_bytes)
+        fh.seek(start)
+        data = fh.read()
+    parts = data.decode(errors="replace").split("\n")
+    if start > 0:
+        parts = parts[1:]  # the first line is probably cut
+    if parts and parts[-1] == "":
+        parts.pop()
+    return parts[-count:] if count > 0 else []
+
+
+def _matching_records(lines: Iterable[bytes], needles: Sequence[bytes]
+                      ) -> Iterator[dict[str, Any]]:
+    """Records of the lines that contain one of ``needles`` (a byte-level prefilter, so
+    only candidate lines are parsed); unparseable lines are skipped."""
+    for raw in lines:
+        if any(n in raw for n in needles):
+            record = parse_record(raw)
+            if record is not None:
+                yield record
+
+
+def scan_jsonl(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, Any]]:
+    """Objects of the lines of a JSONL file that contain one of ``needles``; nothing for a
+    missing file."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below, generator-safe
+    except FileNotFoundError:
+        return
+    with fh:
+        yield from _matching_records(fh, needles)
+
 # ---------------------------------------------------------------------------- archives
 def jsonl_archives(path: Path) -> list[Path]:
     """The janitor's rotated archives of the JSONL file ``path`` (``NAME.N.jsonl.gz`` beside
@@ -432,10 +502,6 @@ def scan_jsonl_gz(path: Path, needles: Sequence[bytes]) -> Iterator[dict[str, An
 
     try:
         with gzip.open(path, "rb") as fh:
-            for raw in fh:
-                if any(n in raw for n in needles):
-                    obj = parse_record(raw)
-                    if obj is not None:
-                        yield obj
+            yield from _matching_records(fh, needles)
     except (OSError, EOFError):
         return

@@ -20,6 +20,7 @@ fencing a worker already declared dead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from coordination.store import open_in_folder
 from .task_runner import parent_death_preexec
 
 WORKER_UNIT_TEMPLATE = "harness-worker@.service"
+log = logging.getLogger("harness.actuators")  # diagnostics (daemons/diagnostics.py)
 #: Environment a spawned worker must not inherit from a supervisor run by systemd: it is
 #: not the unit's main process (sd_notify would be refused) and it is not "in" that unit.
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
@@ -209,8 +211,7 @@ class ProcessActuator:
             self.wait_all(10.0)
         # Whatever is left is unreapable by us (should not happen): forget it loudly.
         for name, child in list(self.children.items()):
-            print(f"harness: worker instance {name} (pid {child.popen.pid}) did not exit",
-                  file=sys.stderr)
+            log.error("worker instance %s (pid %s) did not exit", name, child.popen.pid)
         self.children.clear()
 
 

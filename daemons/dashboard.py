@@ -33,10 +33,12 @@ from rich.text import Text
 
 from coordination import clock
 from coordination.errors import HarnessError
-from coordination.metrics import collect_status, recent_events, recent_snapshots
+from coordination.events import recent_events
+from coordination.metrics import recent_snapshots
 from coordination.paths import Home
 from coordination.redact import redact
 
+from .reporting.status import collect_status
 from .wakeup import stop_signals, watch_changes
 
 SPARK_UTF8 = "▁▂▃▄▅▆▇█"

@@ -205,9 +205,8 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     create-task.sh left in the inbox are admitted first when the queue lock is free (else
     they show as `inbox N`). When tasks wait and nothing serves them, it says what to run.
     """
-    from coordination.metrics import collect_status
-
     from .context import ingest_if_free
+    from .reporting.status import collect_status
 
     home = resolve_home(home_dir).require()
     queue = _queue_of(home)
@@ -236,18 +235,15 @@ def check(obj: CliContext, home_dir: Path | None, no_alerts: bool, as_json: bool
     The first line is the summary with perfdata after '|'. A newly crossed threshold
     emits one performance_alert event; a cleared one emits performance_recovered.
     """
-    from coordination.metrics import run_check
+    from .reporting.checks import run_check
 
     home = resolve_home(home_dir)
     try:
         if no_alerts:
             from coordination.config import load_system
-            from coordination.metrics import (
-                check_summary,
-                evaluate_checks,
-                observe,
-                snapshot_from,
-            )
+            from coordination.metrics import observe, snapshot_from
+
+            from .reporting.checks import check_summary, evaluate_checks
 
             home.require()
             results = evaluate_checks(snapshot_from(observe(home)), load_system(home))
@@ -349,7 +345,7 @@ def timeline(obj: CliContext, task_id: str | None, correlation_id: str | None,
     harness timeline t-20250101T120000000-0123456789
     harness timeline --correlation deploy-42 --json
     """
-    from coordination.metrics import build_timeline
+    from .reporting.timeline import build_timeline
 
     if (task_id is None) == (correlation_id is None):
         raise UsageError("give a TASK_ID or --correlation ID (one of them)")

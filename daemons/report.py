@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from coordination import clock
-from coordination.metrics import last_snapshot, recent_alerts, recent_snapshots
+from coordination.metrics import last_snapshot, recent_snapshots
 from coordination.paths import Home
 from coordination.redact import redact
+
+from .reporting.status import recent_alerts
 
 Point = tuple[float, float | None]
 Series = tuple[str, str, list[Point]]  # name, colour, points

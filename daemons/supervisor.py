@@ -36,15 +36,14 @@ Rules (docs/supervisor.md has the operator's view)
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,7 @@ from coordination.errors import (
 )
 from coordination.events import emit
 from coordination.locks import lock_for
-from coordination.metrics import attempt_result, health_document
+from coordination.metrics import STALL_STATES, AttemptWindow, health_document, stall_reason
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.specs import (
@@ -92,11 +91,12 @@ from .task_runner import reap_orphans
 from .wakeup import Wakeup
 
 SOURCE = "supervisor"
+log = logging.getLogger("harness.supervisor")  # diagnostics (daemons/diagnostics.py)
 STATE_VERSION = 1
 CONFIG_RETRY_S = 2.0  # a supervisor started on a bad config re-reads it this often
 HEALTH_REFRESH_S = 30.0  # health.json is republished at least this often, changed or not
 HISTORY_CHUNK = 1 << 16
-BUSY_STATES = ("busy", "draining", "stopping")
+BUSY_STATES = STALL_STATES  # the states the stall rule (coordination.metrics) judges
 
 
 def singleton_lock_path(home: Home) -> Path:
@@ -133,7 +133,7 @@ def load_state(home: Home) -> dict[str, Any]:
     except FileNotFoundError:
         return state
     except CorruptFileError as exc:
-        print(f"harness supervisor: {exc}; starting from an empty state", file=sys.stderr)
+        log.warning("%s; starting from an empty state", exc)
         return state
     if isinstance(raw, dict):
         for key, value in raw.items():
@@ -182,70 +182,6 @@ def decide_scale(queued: int, running_workers: int, busy_workers: int, cfg: Mapp
     elif ratio < down:
         want = min(want, max(busy + warm, for_ratio))
     return max(floor, min(cap, want))
-
-
-# ---------------------------------------------------------------------------- health
-def attempt_outcome(record: dict[str, Any]) -> bool | None:
-    """True for a successful attempt, False for a failed one (final or retried, reclaimed
-    and timed-out included), None for records that are not attempt outcomes (released,
-    cancelled). The classification is coordination.metrics' ``attempt_result``, so the
-    supervisor's health and ``harness status`` agree."""
-    result = attempt_result(record)
-    return None if result is None else result == "completed"
-
-
-class HistoryWindow:
-    """Attempt outcomes from the queue's history, kept for a sliding window.
-
-    Reads through the queue port's history cursor: the first read takes only the records
-    of the window (the file backend reads backwards from the end, so a long history costs
-    nothing); later reads take only what was recorded since. A rotation starts over.
-    """
-
-    def __init__(self, queue: QueueBackend) -> None:
-        self.queue = queue
-        self.records: deque[tuple[float, bool, str]] = deque()
-        self._cursor: str | None = None
-
-    def _add(self, record: dict[str, Any] | None,
-             into: list[tuple[float, bool, str]]) -> float | None:
-        if record is None:
-            return None
-        ts = _ts(record.get("recorded_at"))
-        ok = attempt_outcome(record)
-        if ts is None:
-            return None
-        if ok is not None:
-            into.append((ts, ok, str(record.get("worker_type") or "default")))
-        return ts
-
-    def refresh(self, now: float, keep_s: float) -> None:
-        cutoff = now - keep_s
-        first = self._cursor is None
-        records, cursor = self.queue.history_since(self._cursor,
-                                                   start_at=cutoff if first else None)
-        # The part before the last ":" names the stream; another one: history started over.
-        restarted = not first and cursor.rsplit(":", 1)[0] != (self._cursor or "").rsplit(":", 1)[0]
-        self._cursor = cursor
-        new: list[tuple[float, bool, str]] = []
-        for record in records:
-            self._add(record, new)
-        if first or restarted:
-            self.records = deque(sorted(new))
-        else:
-            self.records.extend(new)
-        if self.records and self.records[0][0] < cutoff:
-            self.records = deque(r for r in self.records if r[0] >= cutoff)
-
-    def counts(self, since: float, until: float | None = None) -> dict[str, list[int]]:
-        """``{worker_type: [succeeded, failed]}`` for attempts recorded in [since, until]."""
-        out: dict[str, list[int]] = {}
-        for ts, ok, wtype in self.records:
-            if ts < since or (until is not None and ts > until):
-                continue
-            pair = out.setdefault(wtype, [0, 0])
-            pair[0 if ok else 1] += 1
-        return out
 
 
 # ---------------------------------------------------------------------------- death
@@ -319,7 +255,7 @@ def _emit(home: Home, event_type: str, message: str, **fields: Any) -> None:
     try:
         emit(home, event_type, source=SOURCE, message=message, **fields)
     except HarnessError as exc:  # the event log is best effort; the state is durable
-        print(f"harness supervisor: could not emit {event_type}: {exc}", file=sys.stderr)
+        log.warning("could not emit %s: %s", event_type, exc)
 
 
 def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof: str,
@@ -409,8 +345,7 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
         except NotFound:
             continue  # the worker deregistered itself meanwhile
         except HarnessError as exc:
-            print(f"harness supervisor: cannot complete spec {worker_id}: {exc}",
-                  file=sys.stderr)
+            log.error("cannot complete spec %s: %s", worker_id, exc)
             continue
         _emit(home, "worker_crashed", f"worker {worker_id} is dead: {proof}",
               severity="warning", worker_id=worker_id, now=now,
@@ -454,7 +389,7 @@ class Supervisor:
         self.apply_scale = apply_scale
         self.state = load_state(home)
         self._saved: dict[str, Any] = orjson.loads(orjson.dumps(self.state))
-        self.history = HistoryWindow(self.queue)
+        self.history = AttemptWindow(self.queue)
         self.health_written_at: float | None = None
         self._health_doc: dict[str, Any] | None = None
         self.specs: list[dict[str, Any]] = []
@@ -510,8 +445,8 @@ class Supervisor:
         report["queue"] = {"queued": queued, "runnable": runnable,
                            "running": stats["by_status"]["running"]}
         report["backpressure"] = self._backpressure(now, cfg, queued, report)
-        self.history.refresh(now, max(float(cfg["health_window_s"]),
-                                      float(cfg["circuit_window_s"])))
+        self.history.refresh(now - max(float(cfg["health_window_s"]),
+                                       float(cfg["circuit_window_s"])))
         report["circuits"] = self._circuits(now, cfg, control, report)
         report["workers"], report["scale"] = self._autoscale(now, cfg, specs, runnable,
                                                              control, report)
@@ -525,7 +460,7 @@ class Supervisor:
         try:
             return self.queue.ingest(now=now)
         except TemporaryFailure as exc:
-            print(f"harness supervisor: ingest deferred: {exc}", file=sys.stderr)
+            log.warning("ingest deferred: %s", exc)
             return 0
 
     # -------------------------------------------------------------- stalls
@@ -552,7 +487,8 @@ class Supervisor:
                 marks[wid] = {"task_id": task_id, "progress": progress, "since": clock.iso(now)}
                 continue
             since = _ts(mark.get("since")) or now
-            if now - since < limit:
+            proof = stall_reason(spec, now, None, limit, unchanged_since=since)
+            if proof is None:
                 continue
             item = {"worker_id": wid, "task_id": task_id, "instance": spec.get("instance"),
                     "pid": spec.get("pid"), "since": mark.get("since"),
@@ -560,7 +496,6 @@ class Supervisor:
             if mark.get("reported"):
                 found.append(item)
                 continue
-            proof = f"no progress for {now - since:.1f}s (limit {limit:g}s)"
             fenced = fence_worker(spec)
             item["fenced"] = fenced
             self.state["stalls"].append({"worker_id": wid, "task_id": task_id,

@@ -195,7 +195,7 @@ def up(workers: int, max_workers: int | None, with_demo: bool, progress: bool | 
     """
     import sys
 
-    from .demo import enqueue_demo
+    from .devtools.demo import enqueue_demo
     from .up import PROGRESS_EVERY_S, run_up
 
     home = resolve_home(home_dir)
@@ -233,7 +233,7 @@ def demo(workers: int, keep_running: bool, home_dir: Path | None) -> None:
     watch from another terminal; exits 0 once the workload is finished.
       harness --home ./harness-home demo
     """
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     home = resolve_home(home_dir)
     if home.root.exists() and not home.root.is_dir():

@@ -32,6 +32,7 @@ A :class:`TaskRun` is driven by its worker's loop and never blocks it:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import resource
@@ -39,7 +40,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -51,6 +51,7 @@ from coordination import clock
 from coordination.errors import UnsafePath
 from coordination.store import open_in_folder
 
+log = logging.getLogger("harness.task")  # diagnostics (daemons/diagnostics.py)
 TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
 LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
 EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
@@ -717,8 +718,7 @@ class TaskRun:
             self._scope_killed = True
             problem = kill_scope(self.spec.scope)
             if problem is not None:  # the sweep above still ran; say why the cgroup did not
-                print(f"harness: cannot kill the scope {self.spec.scope.unit}: {problem}",
-                      file=sys.stderr)
+                log.error("cannot kill the scope %s: %s", self.spec.scope.unit, problem)
 
     def kill_now(self, reason: str) -> None:
         """Skip the grace: SIGKILL the group at once."""

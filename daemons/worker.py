@@ -28,9 +28,9 @@ released (handed back without spending an attempt).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +84,13 @@ from .task_runner import (
 from .wakeup import Wakeup
 
 SOURCE = "worker"
+
+
+def _log(worker_id: str | None) -> logging.Logger:
+    """This worker's diagnostics: ``harness worker ID: ...`` (daemons/diagnostics.py)."""
+    return logging.getLogger(f"harness.worker.{worker_id}" if worker_id else "harness.worker")
+
+
 CANCEL_CHECK_S = 0.5  # a running task's cancel_requested is seen at least this often
 STATUS_REFRESH_S = 2.0  # STATUS="busy t-... (12s)" is refreshed this often
 RETRY_AFTER_ERROR_S = 2.0  # after a failed queue operation (lock timeout, bad config)
@@ -272,7 +279,7 @@ class Worker:
                                correlation_id=task.get("correlation_id") if task else None,
                                data=data)
         except HarnessError as exc:
-            print(f"harness worker: could not emit {event_type}: {exc}", file=sys.stderr)
+            _log(self.worker_id).warning("could not emit %s: %s", event_type, exc)
             return
         self.held_events.append(event)
         self._flush_events()
@@ -286,14 +293,14 @@ class Worker:
             # Not fdatasynced: each reports a change already durable (see append_events).
             append_events(self.home, batch, durability="none")
         except HarnessError as exc:  # the event log is best effort; the state is durable
-            print(f"harness worker: could not emit {len(batch)} event(s) "
-                  f"({', '.join(e['type'] for e in batch)}): {exc}", file=sys.stderr)
+            _log(self.worker_id).warning("could not emit %d event(s) (%s): %s", len(batch),
+                                         ", ".join(e["type"] for e in batch), exc)
 
     def _note(self, key: str, now: float, message: str, severity: str = "warning") -> None:
         """Emit a warning at most once a minute per key (errors in a retrying loop)."""
         if now - self.t.notes.get(key, -1e18) >= 60:
             self.t.notes[key] = now
-            print(f"harness worker {self.worker_id}: {message}", file=sys.stderr)
+            _log(self.worker_id).warning("%s", message)
             self._emit(f"worker_{key}", message, severity=severity)
 
     # ------------------------------------------------------------------ lifecycle
@@ -333,8 +340,8 @@ class Worker:
             self.published_state = str(self.spec.get("state"))
         if not ok and not self.dead:
             self.dead = True
-            print(f"harness worker {self.worker_id}: our spec was moved to completed/ (the "
-                  "supervisor declared us dead); stopping", file=sys.stderr)
+            _log(self.worker_id).warning("our spec was moved to completed/ (the supervisor "
+                                         "declared us dead); stopping")
         return ok
 
     def shutdown(self, now: float) -> dict[str, Any] | None:
@@ -442,8 +449,7 @@ class Worker:
                                reason="worker exiting before the task started; handed back "
                                "without spending an attempt", now=now)
         except HarnessError as exc:
-            print(f"harness worker {self.worker_id}: could not hand back "
-                  f"{claimed['task_id']}: {exc}", file=sys.stderr)
+            _log(self.worker_id).error("could not hand back %s: %s", claimed["task_id"], exc)
 
     def _spec_gone(self) -> bool:
         """Has our spec left ``worker-specs/active/``? Only the supervisor (or ``doctor
@@ -456,9 +462,9 @@ class Worker:
         if os.path.exists(active_path(self.home, self.worker_id)):
             return False
         self.dead = True
-        print(f"harness worker {self.worker_id}: our spec was moved out of worker-specs/active/"
-              " (the supervisor declared us dead); claiming nothing more, exiting",
-              file=sys.stderr)
+        _log(self.worker_id).warning("our spec was moved out of worker-specs/active/ (the "
+                                     "supervisor declared us dead); claiming nothing more, "
+                                     "exiting")
         return True
 
     def _idle_step(self, now: float) -> float | None:
@@ -622,12 +628,12 @@ class Worker:
             if problem is not None and limits:
                 message = (f"worker type {type_name!r} sets cgroup_limits but {problem}; its "
                            f"tasks run without a scope (setrlimit limits still apply)")
-                print(f"harness worker {self.worker_id}: {message}", file=sys.stderr)
+                _log(self.worker_id).warning("%s", message)
                 self._emit("worker_cgroup_limits_unavailable", message, severity="warning",
                            worker_type=type_name, reason=problem, properties=limits)
             elif problem is not None:
-                print(f"harness worker {self.worker_id}: tasks of type {type_name!r} run "
-                      f"without a transient scope: {problem}", file=sys.stderr)
+                _log(self.worker_id).warning("tasks of type %r run without a transient scope: %s",
+                                             type_name, problem)
         if manager is None or self._scope_checks[key] is not None:
             return None
         return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
@@ -929,8 +935,7 @@ class Worker:
         if proof is None:
             return False
         self.dead = True
-        print(f"harness worker {self.worker_id}: presumed dead by the supervisor ({proof}); "
-              "stopping", file=sys.stderr)
+        _log(self.worker_id).warning("presumed dead by the supervisor (%s); stopping", proof)
         return True
 
     def _commit_outcome(self, task: dict[str, Any], run: TaskRun, reason: str | None,
@@ -1045,8 +1050,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     except BaseException as exc:  # recorded as exit_reason error; re-raised unless Exception
         failure = exc
         worker.exit_reason = "error"
-        print(f"harness worker {worker.worker_id}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        _log(worker.worker_id).error("%s: %s", type(exc).__name__, exc)
     finally:
         try:
             if worker.worker_id:

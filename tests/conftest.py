@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from helpers import ProcGroup, make_home, reap_zombie_children, set_subreaper
 from pg_cluster import Cluster, shared_cluster, stop_shared_cluster
+from user_manager import UserManager, boot_manager, install_fleet
 
 from coordination.paths import Home
 
@@ -95,3 +96,16 @@ def pg_home_factory(tmp_path: Path, pg_database: Callable[..., str]) -> Callable
                          database_url=pg_database(), **overrides)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
+    """A private ``systemd --user`` manager for the module (tests/user_manager.py); skips
+    where systemd cannot run here."""
+    yield from boot_manager(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fleet(manager: UserManager) -> UserManager:
+    """``manager`` with the units installed, sandboxed where the host allows it."""
+    return install_fleet(manager)

@@ -322,10 +322,10 @@ def build_home(root: Path, live_pids: Sequence[int], *, now: float | None = None
             queue.ingest(now=t)
         elif kind == "cancel":
             # An operator cancels a queued task: a low-priority one enqueued for it.
-            res = queue.enqueue({"command": ["./scripts/reindex.sh", "--full"],
-                                 "description": "full reindex", "priority": "low",
-                                 "not_before": clock.iso(t + 3600)}, now=t - 60)
-            queue.cancel(res.task["task_id"], reason="superseded by incremental reindex",
+            added = queue.enqueue({"command": ["./scripts/reindex.sh", "--full"],
+                                   "description": "full reindex", "priority": "low",
+                                   "not_before": clock.iso(t + 3600)}, now=t - 60)
+            queue.cancel(added.task["task_id"], reason="superseded by incremental reindex",
                          now=t)
         elif kind == "alert":
             emit(home, "performance_alert", source="harness-check", severity="warning", now=t,

@@ -1,5 +1,6 @@
-"""Shared test helpers: initialised homes, file readers, and child processes that are
-always killed and reaped.
+"""Shared test helpers: initialised homes (and one whose numbers are known:
+:func:`build_known_home`), file readers, and child processes that are always killed and
+reaped.
 
 Import as ``from helpers import ...`` (pytest puts tests/ on sys.path via its conftest).
 """
@@ -16,13 +17,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from coordination import clock
 from coordination.config import SYSTEM_KEYS, init_home
 from coordination.paths import Home
+from coordination.queue import TaskQueue
+from coordination.specs import complete_spec, new_spec, write_spec
 from coordination.store import read_json, read_jsonl, replace_json
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -32,6 +37,7 @@ REPO_ROOT = TESTS_DIR.parent
 #: A fixed instant for tests that inject time (2023-11-14T22:13:20Z).
 T0 = 1_700_000_000.0
 
+T = TypeVar("T")
 _SYSTEM_KEY_NAMES = frozenset(k.name for k in SYSTEM_KEYS)
 
 
@@ -92,6 +98,13 @@ def set_system(home: Home, **overrides: Any) -> None:
     cfg = read_json(home.system_config)
     cfg.update(overrides)
     replace_json(home.system_config, cfg, pretty=True)
+
+
+def present(value: T | None) -> T:
+    """``value``, asserted not None (a task the test knows is live, a claim it knows
+    succeeds): the typed form of ``assert x is not None``."""
+    assert value is not None
+    return value
 
 
 def req(**fields: Any) -> dict[str, Any]:
@@ -362,3 +375,68 @@ def write_host_limits_dropin(unit_dir: Path) -> Path:
     path = folder / "kernel-protections.conf"
     path.write_text(DROPINS["kernel-protections"])
     return path
+
+
+# ---------------------------------------------------------------------------- a known home
+@dataclass
+class Known:
+    """A home whose snapshot at ``now`` is known (see :func:`build_known_home`)."""
+
+    home: Home
+    base: float
+    now: float
+    failed_dead: str     # critical task, failed without retry (dead letter), 6 s run
+    done_fast: str       # high, completed after 30 s (tokens 100)
+    done_slow: str       # high, completed after 60 s (tokens 250)
+    retried: str         # medium, failed after 90 s, queued again
+    running: str         # medium, running on worker-busy
+    low: str             # low, never claimed
+    busy_worker: str
+    stalled_worker: str
+    idle_worker: str
+
+
+def build_known_home(tmp_path: Path, name: str = "home", base: float | None = None,
+                     **overrides: Any) -> Known:
+    """Six tasks enqueued at ``base``; claims at base+10..14; finishes at +16, +41, +72,
+    +103; snapshot instant ``now`` = base+120. Attempt durations 6, 30, 60, 90 s; waits
+    10, 11, 12, 13 s; 2 completed, 2 failed (1 in the last minute each); 2 queued,
+    1 running; 1 dead letter; 3 active workers (1 idle, 1 busy, 1 stalled); 2 completed
+    worker specs (idle, crashed); max_queue_depth 1, so backpressure is on."""
+    base = time.time() - 120 if base is None else base
+    settings: dict[str, Any] = {"max_queue_depth": 1, "retry_backoff_base_s": 2,
+                                "durability": "none"}
+    settings.update(overrides)
+    home = make_home(tmp_path, name, **settings)
+    q = TaskQueue(home)
+    q.enqueue_batch([req(description="crit", priority="critical", max_attempts=1),
+                     req(description="high-1", priority="high"),
+                     req(description="high-2", priority="high"),
+                     req(description="med-1", priority="medium"),
+                     req(description="med-2", priority="medium"),
+                     req(description="low-1", priority="low")], force=True, now=base)
+    claimed = [q.claim(f"worker-w{i}", now=base + 9 + i) for i in range(1, 6)]
+    ids = [c["task_id"] for c in claimed if c is not None]
+    assert len(ids) == 5
+    q.fail(ids[0], "worker-w1", error="boom", retry=False, result={"tokens_used": 7},
+           now=base + 16)
+    q.complete(ids[1], "worker-w2", result={"tokens_used": 100}, now=base + 41)
+    q.complete(ids[2], "worker-w3", result={"tokens_used": 250}, now=base + 72)
+    q.fail(ids[3], "worker-w4", error="flaky", retry=True, now=base + 103)
+    low = next(t["task_id"] for t in q.live_tasks() if t["priority"] == "low")
+    now = base + 120
+    busy = new_spec("worker-busy", "busy", base)
+    busy.update(state="busy", current_task_id=ids[4], task_started_at=clock.iso(base + 14),
+                heartbeat_at=clock.iso(now - 5), progress=3)
+    stalled = new_spec("worker-stalled", "stalled", base)
+    stalled.update(state="busy", current_task_id="t-gone", task_started_at=clock.iso(base),
+                   heartbeat_at=clock.iso(now - 200))
+    idle = new_spec("worker-idle", "idle", base)
+    idle.update(state="idle", heartbeat_at=clock.iso(now - 1))
+    for spec in (busy, stalled, idle):
+        write_spec(home, spec, create=True)
+    for worker_id, reason in (("worker-old-1", "idle"), ("worker-old-2", "crashed")):
+        write_spec(home, new_spec(worker_id, "old", base), create=True)
+        complete_spec(home, worker_id, reason, base + 50)
+    return Known(home, base, now, ids[0], ids[1], ids[2], ids[3], ids[4], low,
+                 "worker-busy", "worker-stalled", "worker-idle")

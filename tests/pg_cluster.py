@@ -70,7 +70,7 @@ class Cluster:
         import psycopg
 
         with psycopg.connect(self.url(self.admin_db), autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
 
     def create_database(self, template: str | None = TEMPLATE) -> str:
         """A new database (a copy of ``template``; None: an empty one); returns its URL."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from helpers import ProcGroup
 
-from daemons import bench as bench_mod
+from daemons.devtools import bench as bench_mod
 
 
 def bench_env(tmp: Path) -> dict[str, str]:
@@ -126,7 +127,7 @@ def test_failing_bench_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch,
     """A missing script (as a missing jq would) fails its rows only."""
     monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(bench_mod.tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "tempdir", None)
     rows = bench_mod.run_benches(True, ("emit_event_sh", "events_python"), 1)
     by_name = {r["name"]: r for r in rows}
     failing = {"events_emit_event_sh", "events_emit_event_sh_x4", "emit_event_sh_latency"}
@@ -147,7 +148,7 @@ def test_a_failing_bench_makes_the_exit_status_1(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(bench_mod.tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "tempdir", None)
     failed = CliRunner().invoke(cli, ["bench", "--quick", "--only", "events_emit_event_sh",
                                       "--repeat", "1", "--json"])
     assert failed.exit_code == 1
@@ -216,7 +217,8 @@ def test_throughput_rows_relate_to_the_spawn_ceiling() -> None:
     figures = {"spawn_ceiling": 400.0, "spawn_ceiling_posix_spawn": 900.0,
                "throughput_1w": 50.0, "throughput_2w": 80.0, "throughput_4w": 100.0,
                "throughput_2w_nofsync": 120.0}
-    rows = [bench_mod._row(throughput, m, [figures], None) for m in throughput.metrics]
+    run: dict[str, bench_mod.Figure] = dict(figures)
+    rows = [bench_mod._row(throughput, m, [run], None) for m in throughput.metrics]
     bench_mod._relate(rows)
     by_name = {r["name"]: r for r in rows}
     assert list(by_name) == list(figures)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import REPO_ROOT, daemon_env, events, make_home, set_system, wait_until
@@ -16,7 +18,7 @@ from coordination.config import ConfigWatch, config_problems, keep_last_good, lo
 from coordination.errors import ConfigError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import replace_bytes
+from coordination.store import parse_json, replace_bytes
 
 HARNESS = [sys.executable, "-m", "daemons"]
 
@@ -34,7 +36,7 @@ def _break(home: Home) -> None:
     set_system(home, max_workers="lots")
 
 
-def test_strict_mode_raises_and_names_the_key(tmp_path: object) -> None:
+def test_strict_mode_raises_and_names_the_key(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     load_system(home)
     _break(home)
@@ -42,7 +44,7 @@ def test_strict_mode_raises_and_names_the_key(tmp_path: object) -> None:
         load_system(home)
 
 
-def test_keep_last_good_returns_the_last_valid_values(tmp_path: object,
+def test_keep_last_good_returns_the_last_valid_values(tmp_path: Path,
                                                       last_good: None) -> None:
     home = make_home(tmp_path, max_workers=7)
     assert load_system(home)["max_workers"] == 7
@@ -54,7 +56,7 @@ def test_keep_last_good_returns_the_last_valid_values(tmp_path: object,
     assert config_problems(home) == []
 
 
-def test_config_watch_reports_each_change_once(tmp_path: object, last_good: None) -> None:
+def test_config_watch_reports_each_change_once(tmp_path: Path, last_good: None) -> None:
     home = make_home(tmp_path)
     watch = ConfigWatch()
     assert watch.check(home) == []
@@ -71,13 +73,18 @@ def test_config_watch_reports_each_change_once(tmp_path: object, last_good: None
     assert [e["type"] for e in watch.check(home)] == ["config_valid"]
 
 
-def test_a_broken_file_is_not_reparsed_on_every_call(tmp_path: object,
+def test_a_broken_file_is_not_reparsed_on_every_call(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     home = make_home(tmp_path)
     _break(home)
-    calls = []
-    real = config.parse_json
-    monkeypatch.setattr(config, "parse_json", lambda p, d: calls.append(p) or real(p, d))
+    calls: list[Path] = []
+    real = parse_json
+
+    def counting(path: Path, data: bytes) -> Any:
+        calls.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(config, "parse_json", counting)
     for _ in range(3):
         with pytest.raises(ConfigError):
             load_system(home)
@@ -85,7 +92,7 @@ def test_a_broken_file_is_not_reparsed_on_every_call(tmp_path: object,
 
 
 def test_supervisor_survives_a_bad_config_and_picks_up_the_fix(
-        tmp_path: object, procs: object, last_good: None) -> None:
+        tmp_path: Path, procs: object, last_good: None) -> None:
     home = make_home(tmp_path, actuator="process", min_workers=0, warm_pool=0,
                      supervisor_tick_s=0.2, durability="none")
     load_system(home)  # this test process also writes to the home while the file is bad
@@ -107,7 +114,7 @@ def test_supervisor_survives_a_bad_config_and_picks_up_the_fix(
     assert sup.wait(30) == 0, sup.stderr()
 
 
-def test_supervisor_started_on_a_bad_config_waits_for_a_good_one(tmp_path: object,
+def test_supervisor_started_on_a_bad_config_waits_for_a_good_one(tmp_path: Path,
                                                                  procs: object) -> None:
     home = make_home(tmp_path, actuator="process", min_workers=0, warm_pool=0,
                      supervisor_tick_s=0.2, durability="none")
@@ -124,7 +131,7 @@ def test_supervisor_started_on_a_bad_config_waits_for_a_good_one(tmp_path: objec
     assert sup.wait(30) == 0, sup.stderr()
 
 
-def test_janitor_and_metrics_runs_use_the_last_good_copy(tmp_path: object) -> None:
+def test_janitor_and_metrics_runs_use_the_last_good_copy(tmp_path: Path) -> None:
     """The oneshots of the systemd timers have no earlier values of their own: they run on
     the copy in config/last-good/ that a daemon kept, and say so on stderr."""
     import subprocess
@@ -150,7 +157,7 @@ def test_janitor_and_metrics_runs_use_the_last_good_copy(tmp_path: object) -> No
     assert res.returncode == 2 and "'max_workers'" in res.stderr
 
 
-def test_worker_started_on_a_bad_config_waits_then_runs(tmp_path: object,
+def test_worker_started_on_a_bad_config_waits_then_runs(tmp_path: Path,
                                                         procs: object) -> None:
     home = make_home(tmp_path, durability="none")
     _break(home)
@@ -164,7 +171,7 @@ def test_worker_started_on_a_bad_config_waits_then_runs(tmp_path: object,
     assert worker.wait(30) == 0, worker.stderr()
 
 
-def test_a_daemon_run_in_process_leaves_the_process_strict(tmp_path: object) -> None:
+def test_a_daemon_run_in_process_leaves_the_process_strict(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from daemons.cli import cli

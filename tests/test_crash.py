@@ -12,6 +12,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import ProcGroup, final_records, make_home, queue_on_disk, req
@@ -54,7 +55,7 @@ def assert_every_file_parses(home: Home) -> None:
             assert result.bad_line_numbers == [last_line], (path, result.bad_line_numbers)
 
 
-def acknowledged(children: list) -> list[str]:
+def acknowledged(children: list[Any]) -> list[str]:
     return [line.split()[1] for c in children for line in c.lines() if line.startswith("ack ")]
 
 

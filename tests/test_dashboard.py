@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT
-from test_metrics import Known, build_known_home
+from helpers import REPO_ROOT, Known, build_known_home
 
 from coordination.events import emit
 from coordination.metrics import take_snapshot

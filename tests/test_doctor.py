@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dead_pid, final_records, make_home, needs, queue_on_disk, req, temp_files
+from helpers import (
+    dead_pid,
+    final_records,
+    make_home,
+    needs,
+    present,
+    queue_on_disk,
+    req,
+    temp_files,
+)
 
 from coordination import clock, doctor
 from coordination.errors import CorruptFileError
@@ -108,8 +117,10 @@ def test_corrupt_queue_makes_operations_raise_and_leaves_bytes(home: Home,
     queue.enqueue(req(description="a"))
     queue.enqueue(req(description="b"))
     broken = corrupt_queue(home)
-    for operation in (lambda q: q.claim("w1"), lambda q: q.enqueue(req()),
-                      lambda q: q.live_tasks(), lambda q: q.stats()):
+    operations: list[Callable[[TaskQueue], object]] = [
+        lambda q: q.claim("w1"), lambda q: q.enqueue(req()), lambda q: q.live_tasks(),
+        lambda q: q.stats()]
+    for operation in operations:
         with pytest.raises(CorruptFileError) as info:
             operation(TaskQueue(home))  # a fresh instance: nothing cached
         message = str(info.value)
@@ -191,7 +202,7 @@ def test_repair_of_a_garbled_view_rebuilds_it_and_keeps_history(home: Home,
     report = doctor.check(home, repair=True)
     assert report.ok and "corrupt_queue" in codes(report)
     assert set(queue_on_disk(home)) == {kept}
-    assert TaskQueue(home).get(done)["status"] == "completed"
+    assert present(TaskQueue(home).get(done))["status"] == "completed"
 
 
 # ------------------------------------------------------------------------------ hand edits
@@ -238,7 +249,7 @@ def test_self_dependency_in_hand_edited_queue_is_an_error(home: Home, queue: Tas
 def test_interrupted_finish_by_hand_is_a_warning_and_repaired(home: Home,
                                                               queue: TaskQueue) -> None:
     tid = queue.enqueue(req()).task["task_id"]
-    running = queue.claim("w1")
+    running = present(queue.claim("w1"))
     # What a crash between the history append and the queue publish leaves behind:
     append_line(home.history_file, dict(running, status="completed", final=True,
                                         outcome="completed", completed_at=clock.iso(time.time()),
@@ -249,7 +260,7 @@ def test_interrupted_finish_by_hand_is_a_warning_and_repaired(home: Home,
     repaired = doctor.check(home, repair=True)
     assert [f.code for f in repaired.findings if f.repaired] == ["interrupted_finish"]
     assert tid not in queue_on_disk(home)
-    assert TaskQueue(home).get(tid)["status"] == "completed"
+    assert present(TaskQueue(home).get(tid))["status"] == "completed"
     assert len(final_records(home)[tid]) == 1
     assert doctor.check(home).clean
 
@@ -314,7 +325,8 @@ def test_requeued_dead_letter_is_not_mistaken_for_interrupted_finish(
     queue.claim("w1")
     queue.fail(tid, "w1", error="boom")
     queue.requeue_dead(tid)
-    assert queue.claim("w2")["attempts"] == 1  # same attempt number as the old final record
+    # The same attempt number as the old final record:
+    assert present(queue.claim("w2"))["attempts"] == 1
     report = doctor.check(home)
     assert report.clean, report.as_dict()
     doctor.check(home, repair=True)
@@ -336,8 +348,8 @@ def test_dead_worker_orphans_are_reclaimed_and_spec_completed(home: Home,
     register(home, "worker-alive")  # this process: alive
     tid = queue.enqueue(req(max_attempts=3)).task["task_id"]
     other = queue.enqueue(req()).task["task_id"]
-    assert queue.claim("worker-dead")["task_id"] == tid
-    assert queue.claim("worker-alive")["task_id"] == other
+    assert present(queue.claim("worker-dead"))["task_id"] == tid
+    assert present(queue.claim("worker-alive"))["task_id"] == other
     report = doctor.check(home)
     assert report.ok and not report.clean
     assert open_codes(report) == ["dead_worker", "orphaned_task"]
@@ -345,12 +357,13 @@ def test_dead_worker_orphans_are_reclaimed_and_spec_completed(home: Home,
 
     repaired = doctor.check(home, repair=True)
     assert all(f.repaired for f in repaired.findings if f.level != "info")
-    task = TaskQueue(home).get(tid)
+    task = present(TaskQueue(home).get(tid))
     assert task["status"] == "queued"
     assert task["attempts"] == 1  # the attempt counts: kept, not reset
     assert task["worker_id"] is None
     assert queue.history_of(tid)[-1]["outcome"] == "reclaimed"
-    assert TaskQueue(home).get(other)["status"] == "running"  # the live worker keeps its task
+    # The live worker keeps its task.
+    assert present(TaskQueue(home).get(other))["status"] == "running"
     assert not (home.specs_active / "worker-dead.json").exists()
     spec = json.loads((home.specs_completed / "worker-dead.json").read_bytes())
     assert spec["exit_reason"] == "crashed" and spec["completed_at"]
@@ -370,7 +383,7 @@ def test_pid_reuse_is_detected_as_dead(home: Home, queue: TaskQueue) -> None:
     (dead,) = [f for f in report.findings if f.code == "dead_worker"]
     assert "reused" in dead.message
     doctor.check(home, repair=True)
-    assert TaskQueue(home).get(tid)["status"] == "queued"
+    assert present(TaskQueue(home).get(tid))["status"] == "queued"
     assert doctor.check(home).clean
 
 
@@ -388,7 +401,7 @@ def test_task_not_held_by_its_live_worker(home: Home, queue: TaskQueue) -> None:
     now = time.time()
     tid = queue.enqueue(req(max_attempts=3)).task["task_id"]
     other = queue.enqueue(req()).task["task_id"]
-    assert queue.claim("worker-me", now=now - 10)["task_id"] == tid
+    assert present(queue.claim("worker-me", now=now - 10))["task_id"] == tid
     register(home, "worker-me", state="busy", current_task_id=other,
              task_started_at=clock.iso(now - 5), heartbeat_at=clock.iso(now - 5))
     report = doctor.check(home, now=now)
@@ -399,7 +412,7 @@ def test_task_not_held_by_its_live_worker(home: Home, queue: TaskQueue) -> None:
     assert finding.path == str(home.specs_active / "worker-me.json")
     repaired = doctor.check(home, repair=True, now=now)
     assert open_codes(repaired) == ["task_not_held"]
-    task = TaskQueue(home).get(tid)
+    task = present(TaskQueue(home).get(tid))
     assert task["status"] == "running" and task["worker_id"] == "worker-me"
     assert (home.specs_active / "worker-me.json").exists()
     # The operator restarts the worker: its spec is completed, and the reclaim pass (the
@@ -428,7 +441,7 @@ def test_task_not_held_spares_a_worker_between_claim_and_spec_update(
     spec not newer than the claim (the previous task, or idle) is no proof."""
     now = time.time()
     queue.enqueue(req())
-    claimed = queue.claim("worker-me", now=now - 10)["task_id"]
+    claimed = present(queue.claim("worker-me", now=now - 10))["task_id"]
     register(home, "worker-me", state="busy", current_task_id="t-previous",
              heartbeat_at=clock.iso(now - 10 - lag_s))
     assert doctor.check(home, now=now).clean
@@ -454,7 +467,7 @@ def test_running_task_without_any_spec_is_orphaned_after_heartbeat_timeout(
     report = doctor.check(home)
     assert open_codes(report) == ["orphaned_task"]
     doctor.check(home, repair=True)
-    assert TaskQueue(home).get(tid)["status"] == "queued"
+    assert present(TaskQueue(home).get(tid))["status"] == "queued"
 
 
 def test_spec_in_both_active_and_completed(home: Home) -> None:
@@ -490,7 +503,7 @@ def test_stale_temp_files_are_reported_and_removed(home: Home, queue: TaskQueue)
         os.utime(path, (two_hours_ago, two_hours_ago))
     report = doctor.check(home)
     stale = [f for f in report.findings if f.code == "stale_temp"]
-    assert sorted(Path(f.path).name for f in stale) == sorted([old.name, old_inbox.name])
+    assert sorted(Path(str(f.path)).name for f in stale) == sorted([old.name, old_inbox.name])
     assert all(f.level == "warning" for f in stale)
     doctor.check(home, repair=True)
     assert not old.exists() and not old_inbox.exists()
@@ -526,7 +539,7 @@ def test_torn_tail_of_history_is_repaired_too(home: Home, queue: TaskQueue) -> N
     assert open_codes(doctor.check(home)) == ["torn_tail"]
     doctor.check(home, repair=True)
     assert doctor.check(home).clean
-    assert queue.get(tid)["status"] == "completed"
+    assert present(queue.get(tid))["status"] == "completed"
 
 
 def test_garbage_inside_jsonl_is_reported(home: Home, queue: TaskQueue) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -99,7 +100,7 @@ def test_doctor_reports_and_repairs_wrong_modes(tmp_path: Path) -> None:
     os.chmod(home.root, 0o755)
     report = check(home)
     found = [f for f in report.findings if f.code == "bad_mode"]
-    assert {Path(f.path) for f in found} == {home.queue_file, home.inbox, home.root}
+    assert {Path(str(f.path)) for f in found} == {home.queue_file, home.inbox, home.root}
     assert "0644" in next(f.message for f in found if f.path == str(home.queue_file))
     check(home, repair=True)
     assert (mode(home.queue_file), mode(home.inbox), mode(home.root)) == (0o600, 0o700, 0o700)
@@ -149,7 +150,7 @@ def test_doctor_flags_links_and_repair_quarantines_them(tmp_path: Path) -> None:
     home.task_log("t-2").symlink_to(target)
     report = check(home)
     links = [f for f in report.findings if f.code == "symlink"]
-    assert {Path(f.path) for f in links} == {home.results / "t-1", home.task_log("t-2")}
+    assert {Path(str(f.path)) for f in links} == {home.results / "t-1", home.task_log("t-2")}
     assert all(f.level == "error" for f in links)
     check(home, repair=True)
     assert not (home.results / "t-1").is_symlink() and not home.task_log("t-2").is_symlink()
@@ -269,9 +270,10 @@ def test_failed_appends_on_a_full_disk_leave_no_torn_line(small_disk: Path) -> N
 
 def test_readers_keep_the_record_glued_after_a_torn_fragment(tmp_path: Path) -> None:
     home = make_home(tmp_path)
-    good = {"event_id": "ev-2", "timestamp": "2026-01-01T00:00:00.000Z", "type": "after",
-            "severity": "info", "source": "t", "message": "kept", "task_id": None,
-            "worker_id": None, "correlation_id": None, "data": {}}
+    good: dict[str, Any] = {
+        "event_id": "ev-2", "timestamp": "2026-01-01T00:00:00.000Z", "type": "after",
+        "severity": "info", "source": "t", "message": "kept", "task_id": None,
+        "worker_id": None, "correlation_id": None, "data": {}}
     home.events_file.write_bytes(b'{"event_id": "ev-0", "type": "ok"}\n'
                                  b'{"event_id": "ev-1", "message": "tor'
                                  + orjson.dumps(good) + b"\n")

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import orjson
 import pytest
 from click.testing import CliRunner
 from helpers import skip_reason
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
 from coordination.errors import DiskFull, LockTimeout
 from coordination.events import append_events, emit, make_event
 from coordination.locks import lock_for
@@ -48,21 +48,14 @@ DAY = 86400.0
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture
-def make_home(tmp_path: Path) -> Callable[..., Home]:
-    """``make_home(**system_overrides)``: a fresh initialised home (own fixture, so this
-    file does not depend on conftest.py)."""
-    counter = iter(range(1, 1000))
+def make_home(home_factory: Callable[..., Home]) -> Callable[..., Home]:
+    """``make_home(root=None, **system_overrides)``: conftest's ``home_factory``, or the
+    shared ``helpers.make_home`` at ``root`` when given."""
 
     def make(root: Path | None = None, **overrides: Any) -> Home:
-        home = Home(root if root is not None else tmp_path / f"home{next(counter)}")
-        home.create()
-        cfg = default_system()
-        unknown = set(overrides) - set(cfg)
-        assert not unknown, unknown
-        cfg.update(overrides)
-        replace_json(home.system_config, cfg, pretty=True)
-        replace_json(home.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
-        return home
+        if root is None:
+            return home_factory(**overrides)
+        return helpers.make_home(root.parent, root.name, **overrides)
 
     return make
 

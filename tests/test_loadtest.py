@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from coordination.store import iter_jsonl
 from daemons.cli import cli
-from daemons.loadtest import SCENARIOS, Scenario, percentile, run_scenario
+from daemons.devtools.loadtest import SCENARIOS, Scenario, run_scenario
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,15 +41,6 @@ def test_scenarios_match_the_issue() -> None:
                      "medium": (100, 15, 0.10), "heavy": (200, 25, 0.10),
                      "stress": (300, 35, 0.15)}
     assert all(s.variance == pytest.approx(0.3) for s in SCENARIOS.values())
-
-
-def test_percentile_nearest_rank() -> None:
-    assert percentile([], 95) is None
-    assert percentile([3.0], 99) == 3.0
-    values = [float(i) for i in range(1, 101)]
-    assert percentile(values, 50) == 50.0
-    assert percentile(values, 95) == 95.0
-    assert percentile(values, 99) == 99.0
 
 
 def test_smoke_scenario_passes_and_accounts_for_every_task(tmp_path: Path) -> None:

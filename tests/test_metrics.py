@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import ProcGroup, make_home, req, set_system, temp_files
+from helpers import Known, ProcGroup, build_known_home, make_home, set_system, temp_files
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordination import clock
@@ -30,76 +29,11 @@ from coordination.metrics import (
     stall_reason,
     take_snapshot,
 )
-from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, write_spec
 from coordination.store import append_bytes, read_jsonl, replace_bytes, replace_json
 from daemons.cli import cli
 from daemons.prometheus import render
-
-
-@dataclass
-class Known:
-    """A home whose snapshot at ``now`` is known (see :func:`build_known_home`)."""
-
-    home: Home
-    base: float
-    now: float
-    failed_dead: str     # critical task, failed without retry (dead letter), 6 s run
-    done_fast: str       # high, completed after 30 s (tokens 100)
-    done_slow: str       # high, completed after 60 s (tokens 250)
-    retried: str         # medium, failed after 90 s, queued again
-    running: str         # medium, running on worker-busy
-    low: str             # low, never claimed
-    busy_worker: str
-    stalled_worker: str
-    idle_worker: str
-
-
-def build_known_home(tmp_path: Path, name: str = "home", base: float | None = None,
-                     **overrides: Any) -> Known:
-    """Six tasks enqueued at ``base``; claims at base+10..14; finishes at +16, +41, +72,
-    +103; snapshot instant ``now`` = base+120. Attempt durations 6, 30, 60, 90 s; waits
-    10, 11, 12, 13 s; 2 completed, 2 failed (1 in the last minute each); 2 queued,
-    1 running; 1 dead letter; 3 active workers (1 idle, 1 busy, 1 stalled); 2 completed
-    worker specs (idle, crashed); max_queue_depth 1, so backpressure is on."""
-    base = time.time() - 120 if base is None else base
-    settings: dict[str, Any] = {"max_queue_depth": 1, "retry_backoff_base_s": 2,
-                                "durability": "none"}
-    settings.update(overrides)
-    home = make_home(tmp_path, name, **settings)
-    q = TaskQueue(home)
-    q.enqueue_batch([req(description="crit", priority="critical", max_attempts=1),
-                     req(description="high-1", priority="high"),
-                     req(description="high-2", priority="high"),
-                     req(description="med-1", priority="medium"),
-                     req(description="med-2", priority="medium"),
-                     req(description="low-1", priority="low")], force=True, now=base)
-    claimed = [q.claim(f"worker-w{i}", now=base + 9 + i) for i in range(1, 6)]
-    ids = [c["task_id"] for c in claimed if c is not None]
-    assert len(ids) == 5
-    q.fail(ids[0], "worker-w1", error="boom", retry=False, result={"tokens_used": 7},
-           now=base + 16)
-    q.complete(ids[1], "worker-w2", result={"tokens_used": 100}, now=base + 41)
-    q.complete(ids[2], "worker-w3", result={"tokens_used": 250}, now=base + 72)
-    q.fail(ids[3], "worker-w4", error="flaky", retry=True, now=base + 103)
-    low = next(t["task_id"] for t in q.live_tasks() if t["priority"] == "low")
-    now = base + 120
-    busy = new_spec("worker-busy", "busy", base)
-    busy.update(state="busy", current_task_id=ids[4], task_started_at=clock.iso(base + 14),
-                heartbeat_at=clock.iso(now - 5), progress=3)
-    stalled = new_spec("worker-stalled", "stalled", base)
-    stalled.update(state="busy", current_task_id="t-gone", task_started_at=clock.iso(base),
-                   heartbeat_at=clock.iso(now - 200))
-    idle = new_spec("worker-idle", "idle", base)
-    idle.update(state="idle", heartbeat_at=clock.iso(now - 1))
-    for spec in (busy, stalled, idle):
-        write_spec(home, spec, create=True)
-    for worker_id, reason in (("worker-old-1", "idle"), ("worker-old-2", "crashed")):
-        write_spec(home, new_spec(worker_id, "old", base), create=True)
-        complete_spec(home, worker_id, reason, base + 50)
-    return Known(home, base, now, ids[0], ids[1], ids[2], ids[3], ids[4], low,
-                 "worker-busy", "worker-stalled", "worker-idle")
 
 
 @pytest.fixture
@@ -275,12 +209,27 @@ def test_stall_rule() -> None:
     assert stall_reason(dict(spec, heartbeat_at=clock.iso(now - 61), progress=5), now, 60,
                         900) is not None
     assert stall_reason(dict(spec, state="idle"), now, 60, 900) is None
+    # One rule for status and the supervisor: a draining worker still runs its task.
+    assert stall_reason(dict(spec, state="draining"), now, 60, 900) is not None
+    # The supervisor's watermark (when it first saw this progress) decides when given, at
+    # the limit itself included; without a heartbeat limit the heartbeat is not judged.
+    recent = dict(spec, progress=5, progress_at=clock.iso(now - 1),
+                  heartbeat_at=clock.iso(now - 61))
+    assert stall_reason(recent, now, None, 900, unchanged_since=now - 900) == \
+        "no progress for 900s (limit 900s)"
+    assert stall_reason(recent, now, None, 900, unchanged_since=now - 899) is None
 
 
 def test_percentile() -> None:
     assert percentile([], 0.5) is None
     assert percentile([3.0], 0.95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    # Linear interpolation between closest ranks, the definition every p95 uses (the load
+    # test's included): position (n - 1) * q.
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 0.95) == pytest.approx(95.05)
+    assert percentile(values, 0.99) == pytest.approx(99.01)
+    assert percentile(list(reversed(values)), 0.5) == pytest.approx(50.5)
 
 
 def test_history_window_is_a_bounded_backwards_read(tmp_path: Path) -> None:

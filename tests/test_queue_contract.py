@@ -72,7 +72,7 @@ def run_once(backend: Any, request: dict[str, Any], *, worker: str = "w1", now: 
              ) -> dict[str, Any]:
     """Enqueue ``request``, claim it and return the running task."""
     task = backend.enqueue(request, now=now).task
-    claimed = backend.claim(worker, now=now)
+    claimed: dict[str, Any] | None = backend.claim(worker, now=now)
     assert claimed is not None and claimed["task_id"] == task["task_id"]
     return claimed
 

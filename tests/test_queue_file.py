@@ -17,6 +17,7 @@ import pytest
 from helpers import T0, events, final_records, make_home, needs, req
 
 from coordination.errors import CorruptFileError, UsageError
+from coordination.events import append_events
 from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.queue import FileQueue
@@ -97,7 +98,7 @@ def test_every_mutation_emits_its_event_after_the_change_is_durable(
         make_backend: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     backend = make_backend(retry_backoff_base_s=0)
     home = backend.home
-    real_append = backend_module.append_events
+    real_append = append_events
     seen: list[str] = []
 
     def on_disk_check(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
@@ -161,7 +162,7 @@ def test_events_are_appended_after_the_queue_lock_is_released(
         backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     lock = lock_for(backend.home.lock_path("queue"))
     held_at_emit: list[tuple[str, bool]] = []
-    real_append = backend_module.append_events
+    real_append = append_events
 
     def spy(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
         held_at_emit.extend((e["type"], lock.held) for e in batch)
@@ -454,7 +455,6 @@ def test_a_failed_publish_leaves_no_temp_file(backend: Any,
     import errno
 
     from coordination.errors import DiskFull
-    from coordination.queue.file import snapshot as snapshot_module
 
     home = backend.home
     backend.enqueue(req(task_id="A"), now=T0)
@@ -465,7 +465,7 @@ def test_a_failed_publish_leaves_no_temp_file(backend: Any,
     def full(fd: int, data: Any) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
     with monkeypatch.context() as m:
-        m.setattr(snapshot_module.os, "write", full)
+        m.setattr(os, "write", full)
         backend.enqueue(req(task_id="B"), now=T0 + 1)  # committed: the journal has room
         for _ in range(5):
             with pytest.raises(DiskFull, match="previous version is intact"):

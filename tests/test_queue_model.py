@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from helpers import T0, make_home
@@ -302,13 +302,14 @@ QueueMachine.TestCase.settings = settings(
 )
 # One test case per backend the factory knows, each named after it (TestQueueModel_file).
 for _name in BACKENDS:
-    _machine = type(f"QueueMachine_{_name}", (QueueMachine,), {"backend": _name})
+    _machine = cast(type[QueueMachine],
+                    type(f"QueueMachine_{_name}", (QueueMachine,), {"backend": _name}))
     _machine.TestCase.settings = QueueMachine.TestCase.settings
     if _name == "postgres":
         # A database per example and a round trip per statement: fewer examples, and room
         # on a loaded machine (alone it takes ~10 s).
         _machine.TestCase.settings = settings(QueueMachine.TestCase.settings,
                                               max_examples=20)
-        _machine.TestCase.pytestmark = [pytest.mark.timeout(600)]
+        _machine.TestCase.pytestmark = [pytest.mark.timeout(600)]  # type: ignore[attr-defined]  # read by pytest
     globals()[f"TestQueueModel_{_name}"] = _machine.TestCase
 del _name, _machine

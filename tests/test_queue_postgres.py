@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner
-from helpers import T0, make_home, req
+from helpers import T0, make_home, present, req
 
 from coordination.errors import (
     EXIT_TEMPFAIL,
@@ -106,7 +106,7 @@ def test_cli_init_with_postgres_backend_creates_home_and_schema(
                                      "true"])
     assert added.exit_code == 0, added.output
     task_id = json.loads(added.output)["task_id"]
-    assert open_queue(Home(root), shared=False).get(task_id)["status"] == "queued"
+    assert present(open_queue(Home(root), shared=False).get(task_id))["status"] == "queued"
     # Asking for another backend over the kept config is an error, not a silent no-op.
     again = CliRunner().invoke(cli, ["--home", str(root), "init", "--backend", "file"])
     assert again.exit_code == 2 and "--force" in again.output
@@ -268,8 +268,8 @@ def test_check_reports_and_repairs_view_and_orphaned_rows(
     repaired = {f.code: f for f in queue.check(repair=True, now=T0)}
     assert repaired["orphaned_waiter"].repaired and repaired["view_stale"].repaired
     assert {t["task_id"] for t in queue.live_tasks()} == {"other"}
-    codes = {f.code for f in queue.check(now=T0)}
-    assert codes == {"schema_version"}
+    remaining = {f.code for f in queue.check(now=T0)}
+    assert remaining == {"schema_version"}
     home.queue_file.unlink()
     assert "view_missing" in {f.code for f in queue.check(now=T0)}
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import make_home, skip_reason
-from test_metrics import Known, build_known_home
+from helpers import Known, build_known_home, make_home, skip_reason
 
 from coordination import clock
 from coordination.events import emit

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import psutil
@@ -439,7 +439,8 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
 def ran(runner: Runner, request: pytest.FixtureRequest) -> Runner:
     """Every selected block has run (all at once, homes in parallel)."""
     this = sys.modules[__name__]
-    selected = [item.callspec.params["block"] for item in request.session.items
+    selected = [cast(Block, item.callspec.params["block"])
+                for item in request.session.items
                 if isinstance(item, pytest.Function) and item.module is this
                 and item.originalname == "test_block"]
     runner.run_all(selected)

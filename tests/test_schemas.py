@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import needs
+from helpers import make_home, needs, present
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from coordination import clock
 from coordination.config import (
     _TYPE_KEYS,
-    DEFAULT_WORKER_TYPES,
     SYSTEM_KEYS,
     config_reference_markdown,
-    default_system,
 )
 from coordination.control import update_control
 from coordination.events import ENVELOPE_FIELDS, SEVERITIES, emit, make_event
@@ -96,19 +94,11 @@ def assert_valid(name: str, instance: Any, what: str = "") -> None:
 
 
 def is_valid(name: str, instance: Any) -> bool:
-    return validator(name).is_valid(instance)
+    return bool(validator(name).is_valid(instance))
 
 
 def doc_text() -> str:
     return DOC.read_text(encoding="utf-8")
-
-
-def make_home(root: Path) -> Home:
-    h = Home(root)
-    h.create()
-    replace_json(h.system_config, default_system(), pretty=True)
-    replace_json(h.worker_types_config, DEFAULT_WORKER_TYPES, pretty=True)
-    return h
 
 
 # ------------------------------------------------------------------------------- the home
@@ -116,7 +106,7 @@ class Scenario:
     """A home driven through every queue transition, with snapshots checked on the way."""
 
     def __init__(self, root: Path) -> None:
-        self.home = make_home(root)
+        self.home = make_home(root.parent, root.name)
         self.q = TaskQueue(self.home)
         self.queue_revisions_checked = 0
         self.inbox_files_checked = 0
@@ -231,7 +221,7 @@ class Scenario:
         self.step(q.fail("C", w3, error="exit 1 again", exit_code=1, now=T0 + 101))
         assert (h.dead_letter("C")).exists()
         self.check_dead_letters()
-        assert q.get("F") is not None and q.get("F")["status"] == "cancelled"
+        assert present(q.get("F"))["status"] == "cancelled"
         self.step(q.requeue_dead("C", now=T0 + 102))
         assert not h.dead_letter("C").exists()
         assert self.claim(w3, T0 + 103, types=["default"]) == "C"
@@ -254,7 +244,7 @@ class Scenario:
             tmp.write_text(json.dumps(raw))
             tmp.replace(h.queue_file)
         q.reprioritize(edited["task_id"], edited["priority"], now=T0 + 108)
-        assert q.get(edited["task_id"])["description"] == "edited by hand"
+        assert present(q.get(edited["task_id"]))["description"] == "edited by hand"
         self.check_queue()
 
         emit(h, "deploy.started", severity="info", source="test", message="deploying",
@@ -590,7 +580,7 @@ class SupervisorScenario:
 
         from daemons.supervisor import Supervisor
 
-        self.home = h = make_home(root)
+        self.home = h = make_home(root.parent, root.name)
         cfg = read_json(h.system_config)
         # heartbeat_timeout_s: worker-busy is this test process, which the supervisor
         # would fence (SIGKILL) once its heartbeat is older than that.

@@ -23,10 +23,9 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import needs, wait_until
+from helpers import make_home, needs, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
-from coordination.config import init_home as config_init_home
 from coordination.events import ENVELOPE_FIELDS, emit
 from coordination.paths import Home
 from coordination.queue import TaskQueue
@@ -52,13 +51,6 @@ pytestmark = [needs_bash, needs_flock]
 
 
 # ---------------------------------------------------------------------------- helpers
-def init_home(root: Path, **system: Any) -> Home:
-    """An initialised home at ``root`` (system.json defaults plus ``system`` overrides)."""
-    home = Home(root)
-    config_init_home(home, **system)
-    return home
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without the home-selecting variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
@@ -354,7 +346,7 @@ def test_emit_event_home_resolution(tmp_path: Path) -> None:
 
     def check(expected: Path, args: Sequence[str], cwd: Path | None = None,
               **variables: str) -> None:
-        h = init_home(expected)
+        h = make_home(expected.parent, expected.name)
         res = run(EMIT, *args, "--type", "where", env=clean_env(HOME=str(user_home),
                                                                 **variables), cwd=cwd)
         assert res.returncode == 0, (expected, res.stderr)
@@ -429,7 +421,7 @@ def test_emit_event_waits_for_the_events_lock(shome: Home, env: dict[str, str],
 
 
 def test_emit_event_lock_timeout_exits_75(tmp_path: Path) -> None:
-    h = init_home(tmp_path / "home", lock_timeout_s=0.2)
+    h = make_home(tmp_path, lock_timeout_s=0.2)
     fd = os.open(h.lock_path("events"), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -733,7 +725,7 @@ def test_create_task_bad_input_exits_2_and_writes_nothing(shome: Home, env: dict
 
 @needs_jq
 def test_create_task_limits_from_system_json(tmp_path: Path) -> None:
-    h = init_home(tmp_path / "home", max_description_bytes=10, max_command_bytes=8,
+    h = make_home(tmp_path, max_description_bytes=10, max_command_bytes=8,
                   max_depends_on=1)
     env = clean_env(HARNESS_HOME=str(h.root))
     assert run(CREATE, "--description", "0123456789", "--", "true", env=env).returncode == 0

@@ -14,22 +14,28 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from helpers import REPO_ROOT, events, make_home, needs, req, set_system
-from test_metrics import Known, build_known_home
+from helpers import (
+    REPO_ROOT,
+    Known,
+    build_known_home,
+    events,
+    make_home,
+    needs,
+    present,
+    req,
+    set_system,
+)
 
 from coordination import clock
 from coordination.control import update_control
 from coordination.events import emit
-from coordination.metrics import (
-    HISTORY_TAIL_MAX_BYTES,
-    check_state_file,
-    collect_status,
-    run_check,
-)
+from coordination.metrics import HISTORY_TAIL_MAX_BYTES
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.store import append_bytes, read_json, replace_bytes
 from daemons.cli import cli
+from daemons.reporting.checks import check_state_file, run_check
+from daemons.reporting.status import collect_status
 from daemons.systemd_units import render_unit
 
 HARNESS = str(Path(sys.executable).with_name("harness"))
@@ -98,7 +104,7 @@ def _liveness_home(tmp_path: Path) -> tuple[Home, float, dict[str, str]]:
     ids = {}
     for wid in ("w-alive", "w-gone", "w-reused", "w-frozen", "w-remote"):
         tid = q.enqueue(req(description=wid), now=now - 30).task["task_id"]
-        assert q.claim(wid, now=now - 20)["task_id"] == tid
+        assert present(q.claim(wid, now=now - 20))["task_id"] == tid
         ids[wid] = tid
         spec = new_spec(wid, wid, now - 20)
         spec.update(state="busy", current_task_id=tid, task_started_at=clock.iso(now - 20),

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from helpers import temp_files
 
-from coordination import store
 from coordination.errors import CorruptFileError, DiskFull, HarnessError
 from coordination.store import (
     append_bytes,
@@ -100,7 +99,7 @@ def test_enospc_during_replace_keeps_old_file_and_raises_disk_full(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", full_disk)
+        m.setattr(os, "write", full_disk)
         with pytest.raises(DiskFull) as info:
             replace_json(target, {"version": "new", "pad": "x" * 10_000})
     assert calls, "the fake os.write was not used"
@@ -124,7 +123,7 @@ def test_enospc_after_partial_write_keeps_old_file(tmp_path: Path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", fills_up)
+        m.setattr(os, "write", fills_up)
         with pytest.raises(DiskFull):
             replace_bytes(target, b"x" * 5000)
     assert state["n"] == 2
@@ -143,11 +142,11 @@ def test_edquot_is_disk_full_and_other_errors_are_harness_errors(
         return write
 
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", raiser(errno.EDQUOT))
+        m.setattr(os, "write", raiser(errno.EDQUOT))
         with pytest.raises(DiskFull):
             replace_json(target, {"a": 2})
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", raiser(errno.EIO))
+        m.setattr(os, "write", raiser(errno.EIO))
         with pytest.raises(HarnessError) as info:
             replace_json(target, {"a": 3})
         assert not isinstance(info.value, DiskFull)
@@ -185,7 +184,7 @@ def test_append_enospc_leaves_file_unchanged(tmp_path: Path,
         return real_write(fd, bytes(data[:5]))  # disk fills up mid-line
 
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", short_write)
+        m.setattr(os, "write", short_write)
         with pytest.raises(DiskFull):
             append_line(path, {"i": 1, "pad": "y" * 100})
 
@@ -193,7 +192,7 @@ def test_append_enospc_leaves_file_unchanged(tmp_path: Path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(store.os, "write", full)
+        m.setattr(os, "write", full)
         with pytest.raises(DiskFull):
             append_bytes(path, b'{"i":2}\n')
     assert path.read_bytes() == before

@@ -19,225 +19,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
     final_records,
-    make_home,
     set_system,
-    skip_reason,
     wait_until,
-    write_host_limits_dropin,
 )
+from user_manager import UserManager, instance_of, unit_of
 
 from coordination.config import DEFAULT_WORKER_TYPES
 from coordination.errors import NotFound
-from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
 from coordination.store import replace_json
 from daemons.task_runner import scope_unit_name
 
 pytestmark = pytest.mark.systemd
-
-HARNESS = [sys.executable, "-m", "daemons"]
-#: Instance names unique to this run. Every `systemd --user` started in this container sits in
-#: the same cgroup tree, so two managers running at once (parallel test runs on one host)
-#: would share the cgroup of a same-named unit and kill each other's processes on stop.
-RUN = f"t{os.getpid()}"
-
-
-def unit_of(n: int | str) -> str:
-    return f"harness-worker@{RUN}-{n}.service"
-
-
-def instance_of(n: int | str) -> str:
-    return f"{RUN}-{n}"
-
-
-def _systemd_binary() -> str | None:
-    for candidate in (shutil.which("systemd"), "/usr/lib/systemd/systemd",
-                      "/lib/systemd/systemd"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-
-@dataclass
-class UserManager:
-    root: Path
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes]
-    log: Path
-    home: Home
-    pids: set[int] = field(default_factory=set)  # every worker MainPID seen (for cleanup)
-    # How much of the sandbox this manager applies: "full", "kernel-protections" (that
-    # drop-in was needed) or "none" (--no-sandbox: no mount namespace at all).
-    sandbox: str = "full"
-
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["systemctl", "--user", "--no-pager", *args], env=self.env,
-                              capture_output=True, text=True, timeout=90, check=False)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"systemctl --user {' '.join(args)} failed "
-                                 f"({proc.returncode}): {proc.stderr}\nmanager log:\n"
-                                 f"{self.log_tail()}")
-        return proc
-
-    def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.systemctl("show", unit, *(f"-p{p}" for p in props)).stdout
-        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        pid = values.get("MainPID")
-        if pid and pid != "0":
-            self.pids.add(int(pid))
-        return values
-
-    def log_tail(self, limit: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-limit:]
-        except FileNotFoundError:
-            return ""
-
-
-@pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
-    systemd = _systemd_binary()
-    if systemd is None or shutil.which("systemctl") is None:
-        pytest.skip(skip_reason("systemd"))
-    marker = Path("/run/systemd/system")
-    if not marker.is_dir() and os.geteuid() != 0:
-        pytest.skip("/run/systemd/system does not exist and we are not root, so a private "
-                    "systemd --user manager cannot be booted here")
-    created_marker = False
-    root = tmp_path_factory.mktemp("systemd-user")
-    runtime = root / "run"
-    runtime.mkdir(mode=0o700)
-    config = root / "config"
-    config.mkdir()
-    env = dict(os.environ)
-    for key in ("DBUS_SESSION_BUS_ADDRESS", "NOTIFY_SOCKET", "INVOCATION_ID", "MANAGERPID",
-                "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-        env.pop(key, None)
-    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_CONFIG_HOME=str(config),
-               SYSTEMD_LOG_TARGET="console")
-    log = root / "manager.log"
-    home = make_home(root, "home", stop_grace_s=1, kill_grace_s=0.5, retry_backoff_base_s=0)
-    private = runtime / "systemd" / "private"
-    mgr: UserManager | None = None
-    try:
-        # /run/systemd/system is shared by every test run on this host; another module's
-        # teardown may remove it just as we start, so a manager that exits at once is
-        # retried (the marker recreated) a couple of times before we give up and skip.
-        for _ in range(3):
-            if not marker.is_dir():
-                marker.mkdir(parents=True, exist_ok=True)
-                created_marker = True
-            with open(log, "ab") as fh:
-                proc = subprocess.Popen([systemd, "--user"], env=env,
-                                        stdin=subprocess.DEVNULL, stdout=fh,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-            mgr = UserManager(root, env, proc, log, home)
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda p=proc: private.exists() or p.poll() is not None,
-                           20, "the user manager's private socket")
-            if proc.poll() is None:
-                break  # up (or hung: then skipped below, and killed at teardown)
-        assert mgr is not None
-        if mgr.proc.poll() is not None or not private.exists():
-            pytest.skip(f"systemd --user did not start (exit {mgr.proc.poll()}): "
-                        f"{mgr.log_tail(2000)}")
-        yield mgr
-    finally:
-        _teardown(mgr, created_marker, marker)
-
-
-def _teardown(mgr: UserManager | None, created_marker: bool, marker: Path) -> None:
-    if mgr is None:
-        return
-    with contextlib.suppress(Exception):
-        if mgr.proc.poll() is None:
-            mgr.systemctl("stop", "harness.target", "harness-worker@*.service", check=False)
-    if mgr.proc.poll() is None:
-        mgr.proc.send_signal(signal.SIGTERM)  # a user manager exits on SIGTERM
-        try:
-            mgr.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(mgr.proc.pid, signal.SIGKILL)
-            mgr.proc.wait(30)
-    # Workers run in sessions of their own: make sure none outlived the manager.
-    for pid in mgr.pids:
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(mgr.home.root).encode() in cmdline:
-                os.kill(pid, signal.SIGKILL)
-    if created_marker:
-        with contextlib.suppress(OSError):
-            marker.rmdir()
-
-
-def _install(mgr: UserManager, *extra: str) -> subprocess.CompletedProcess[str]:
-    # ExecStart is whatever the installer picks by default (the console script beside this
-    # interpreter, else `harness` on PATH, else `python -m daemons`), as for an operator.
-    out = subprocess.run([*HARNESS, "systemd", "install", "--user", "--home",
-                          str(mgr.home.root), *extra], env=mgr.env, capture_output=True,
-                         text=True, timeout=90, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "ran systemctl --user daemon-reload" in out.stdout, out.stdout + out.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def fleet(manager: UserManager) -> UserManager:
-    """The units installed into the private manager's user unit directory, sandboxed.
-
-    Where the manager cannot build the sandbox's mount namespace (the unit fails with
-    status 226/NAMESPACE), the units are reinstalled with --no-sandbox, the documented
-    switch for such hosts, and the test says so; on this project's CI container the
-    sandboxed units work."""
-    out = _install(manager)
-    if str(manager.home.root).startswith(("/tmp/", "/var/tmp/")):
-        assert "PrivateTmp turned off" in out.stderr  # a private /tmp would hide the home
-    unit = Path(manager.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "harness-worker@.service"
-    text = unit.read_text()
-    assert "ProtectSystem=strict" in text and f"ReadWritePaths={manager.home.root}" in text
-    probe = unit_of("probe")
-
-    def start_probe() -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
-        started = manager.systemctl("start", probe, check=False)
-        state = manager.show(probe, "ActiveState", "ExecMainStatus")
-        if started.returncode != 0:
-            manager.systemctl("reset-failed", probe, check=False)
-        return started, state
-
-    started, state = start_probe()
-    if started.returncode != 0 and state.get("ExecMainStatus") == "226":
-        # The documented, narrower escape first: only the two kernel protections this
-        # host's manager cannot apply are dropped, the rest of the sandbox stays.
-        dropin = write_host_limits_dropin(unit.parent)
-        manager.systemctl("daemon-reload")
-        print(f"sandboxed unit failed with 226/NAMESPACE here; added {dropin}")
-        manager.sandbox = "kernel-protections"
-        started, state = start_probe()
-    if started.returncode != 0 and state.get("ExecMainStatus") == "226":
-        print(f"still 226/NAMESPACE; reinstalling with --no-sandbox. Manager log:\n"
-              f"{manager.log_tail(1500)}")
-        _install(manager, "--no-sandbox")
-        manager.sandbox = "none"
-    else:
-        assert started.returncode == 0, (started.stderr, state, manager.log_tail())
-    manager.systemctl("stop", probe, check=False)
-    return manager
-
 
 def _start(mgr: UserManager, *units: str) -> None:
     mgr.systemctl("start", *units)
@@ -595,16 +399,20 @@ def test_cancelled_task_scope_and_escapees_are_killed(fleet: UserManager) -> Non
             assert mgr.show(scope, "ActiveState")["ActiveState"] == "active"
             if stop == "cancel":
                 q.cancel(task["task_id"])
-                wait_until(lambda t=task: t["task_id"] in final_records(mgr.home), 30,
-                           "the cancelled task")
+                def cancelled(t: dict[str, Any] = task) -> bool:
+                    return t["task_id"] in final_records(mgr.home)
+
+                wait_until(cancelled, 30, "the cancelled task")
             else:
                 # SIGKILL of the worker alone: the unit fails and is restarted; its bound
                 # scope is stopped with it, children and all.
                 os.kill(int(mgr.show(unit, "MainPID")["MainPID"]), signal.SIGKILL)
             _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
             assert not alive, (stop, alive, mgr.log_tail())
-            wait_until(lambda s=scope: mgr.show(s, "LoadState")["LoadState"] == "not-found",
-                       10, "the scope to be collected")
+            def collected(s: str = scope) -> bool:
+                return mgr.show(s, "LoadState")["LoadState"] == "not-found"
+
+            wait_until(collected, 10, "the scope to be collected")
             with contextlib.suppress(NotFound):  # the killed worker's task, if still live
                 q.cancel(task["task_id"])
     finally:

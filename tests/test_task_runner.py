@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import events, final_records, pid_alive, set_system, wait_until
+from helpers import events, final_records, pid_alive, present, set_system, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES, scope_properties, validate_worker_types
 from coordination.errors import ConfigError
@@ -513,7 +513,7 @@ def test_drain_finishes_current_task(home: Home, make_worker: Callable[..., Driv
     update_control(home, lambda s: s["drain"].update(all=clock.iso(time.time())))
     assert d.run_to_exit() == "drained"
     assert final(home, first["task_id"])["status"] == "completed"
-    assert q.get(second["task_id"])["status"] == "queued"
+    assert present(q.get(second["task_id"]))["status"] == "queued"
 
 
 def test_notifier_messages(home: Home) -> None:

@@ -16,12 +16,12 @@ from helpers import make_home, req
 from coordination import clock
 from coordination.errors import NotFound
 from coordination.events import emit
-from coordination.metrics import build_timeline
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, write_spec
 from coordination.store import replace_bytes
 from daemons.cli import cli
+from daemons.reporting.timeline import build_timeline
 
 T = 1_700_000_000.0
 

@@ -22,10 +22,10 @@ from starlette.testclient import TestClient
 from coordination.control import read_control
 from coordination.errors import ConfigError, UsageError
 from coordination.events import emit
-from coordination.metrics import collect_status
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import new_spec, write_spec
+from daemons.reporting.status import collect_status
 from daemons.web import auth, server
 from daemons.web.app import CSP, create_app, host_name
 from daemons.web.sse import ChangeFeed

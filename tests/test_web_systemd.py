@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from test_systemd_real import UserManager, fleet, manager  # noqa: F401 - the fixtures
+from user_manager import UserManager
 
 pytestmark = pytest.mark.systemd
 
@@ -60,7 +60,7 @@ def _activate(mgr: UserManager, port: int, timeout: float = 60.0) -> tuple[int, 
                          f"{mgr.show(SERVICE, 'ActiveState', 'Result')}\n{mgr.log_tail()}")
 
 
-def test_socket_activation_starts_the_sandboxed_dashboard(fleet: UserManager) -> None:  # noqa: F811
+def test_socket_activation_starts_the_sandboxed_dashboard(fleet: UserManager) -> None:
     mgr = fleet
     port = _free_port()
     units = Path(mgr.env["XDG_CONFIG_HOME"]) / "systemd" / "user"

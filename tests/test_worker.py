@@ -306,7 +306,7 @@ def test_pause_and_resume_take_the_type_as_an_argument(home: Home) -> None:
 
 # ---------------------------------------------------------------------------- dispatch
 def test_idle_worker_picks_up_new_task_quickly(home: Home, procs: ProcGroup) -> None:
-    """Sanity only (the figures are in daemons/worker_bench.py): an idle worker, woken by
+    """Sanity only (the figures are in daemons/devtools/worker_bench.py): an idle worker, woken by
     inotify rather than its 30 s safety re-check, runs a new task within a few seconds."""
     worker = start_worker(procs, home)
     wait_until(lambda: (active_spec(home, worker.pid) or {}).get("state") == "idle", 10, "idle")

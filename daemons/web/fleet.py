@@ -1,9 +1,10 @@
 """Every read and write of the dashboard, through the public functions the CLI uses.
 
 Reads: the queue's public methods (``live_tasks``, ``get``, ``history_of``,
-``dead_letters``), ``coordination.metrics`` (``observe``, ``status_from`` as in ``harness
-status --json``, ``evaluate_checks`` as in ``harness check --no-alerts``, ``build_timeline``
-as in ``harness timeline``, ``worker_rows``, ``recent_snapshots``), ``specs.read_specs``
+``dead_letters``), ``coordination.metrics`` (``observe``, ``worker_rows``,
+``recent_snapshots``), ``daemons.reporting`` (``status_from`` as in ``harness status
+--json``, ``evaluate_checks`` as in ``harness check --no-alerts``, ``build_timeline`` as in
+``harness timeline``), ``specs.read_specs``
 and ``events.recent_events``. Writes are the CLI's calls: ``QueueBackend.cancel``
 (``harness task cancel``), ``requeue_dead`` (``task retry``), ``reprioritize`` (``task
 set-priority``), ``control.pause_type``/``resume_type``/``request_drain`` (``harness
@@ -26,21 +27,17 @@ from coordination.config import load_system, load_worker_types
 from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import NotFound, UsageError
 from coordination.events import recent_events
-from coordination.metrics import (
-    build_timeline,
-    evaluate_checks,
-    observe,
-    recent_snapshots,
-    snapshot_from,
-    status_from,
-    tail_lines,
-    worker_rows,
-)
+from coordination.metrics import observe, recent_snapshots, snapshot_from, worker_rows
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.redact import redact, redact_text
 from coordination.specs import read_specs
+from coordination.store import tail_lines
 from coordination.tasks import PRIORITIES, PRIORITY_RANK, check_priority, check_task_id
+
+from ..reporting.checks import evaluate_checks
+from ..reporting.status import status_from
+from ..reporting.timeline import build_timeline
 
 SOURCE = "web"
 #: Task list filters: live statuses, and ``failed`` for the dead letters.

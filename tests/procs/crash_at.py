@@ -61,9 +61,10 @@ def main() -> int:
             die()
         real_replace(src, dst)
 
-    journal.os.pwrite = pwrite  # type: ignore[assignment]
-    journal.os.fdatasync = fdatasync  # type: ignore[assignment]
-    journal.os.replace = replace  # type: ignore[assignment]
+    # The journal calls os.pwrite etc. through the os module: patch the module itself.
+    os.pwrite = pwrite
+    os.fdatasync = fdatasync  # type: ignore[assignment]  # our stand-in takes an int fd only
+    os.replace = replace  # type: ignore[assignment]  # and plain (src, dst)
     if point == "compact-before-journal":
         real_create = journal.Journal.create
 

@@ -16,10 +16,10 @@ from daemons import janitor
 
 
 def main() -> None:
-    home, step = Home(Path(sys.argv[1])), sys.argv[2]
+    home, target = Home(Path(sys.argv[1])), sys.argv[2]
 
-    def crash(name: str, path: Path) -> None:
-        if name == step:
+    def crash(step: str, path: Path) -> None:
+        if step == target:
             os._exit(9)
 
     janitor._checkpoint = crash

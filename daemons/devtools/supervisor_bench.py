@@ -1,7 +1,7 @@
 """Supervisor measurements (reported, never asserted): how fast a dead worker's task is
 queued again, and what an idle supervisor costs.
 
-``python -m daemons.supervisor_bench [--trials N] [--idle-seconds S] [--no-pidfd]`` prints
+``python -m daemons.devtools.supervisor_bench [--trials N] [--idle-seconds S] [--no-pidfd]`` prints
 both as JSON. Each function runs real processes (``harness supervisor run``, ``harness
 worker run``) on a throwaway home with default settings and returns a dict.
 """
@@ -25,10 +25,11 @@ import orjson
 import psutil
 
 from coordination.config import default_system, init_home
+from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import open_queue
 
-from .task_runner import become_subreaper, reap_orphans
+from ..task_runner import become_subreaper, reap_orphans
 
 HARNESS = [sys.executable, "-m", "daemons"]
 
@@ -81,14 +82,6 @@ def _status(home: Home, task_id: str) -> tuple[str | None, str | None]:
     return task["status"], task.get("worker_id")
 
 
-def _quantile(values: list[float], q: float) -> float:
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
 def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
                             workdir: Path | None = None) -> dict[str, Any]:
     """Seconds from SIGKILL of a busy worker to its task being ``queued`` again in
@@ -135,7 +128,7 @@ def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
     return {"trials": len(samples), "pid_watcher": "pidfd" if pidfd else "off (tick only)",
             "supervisor_tick_s": default_system()["supervisor_tick_s"],
             "p50_s": round(statistics.median(samples), 4),
-            "p90_s": round(_quantile(samples, 0.9), 4),
+            "p90_s": round(percentile(samples, 0.9) or 0.0, 4),
             "min_s": round(min(samples), 4), "max_s": round(max(samples), 4),
             "samples_s": [round(s, 4) for s in samples]}
 

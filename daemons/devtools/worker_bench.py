@@ -12,7 +12,7 @@ returns a dict of figures:
 - ``throughput``: ``true`` tasks per second end to end (enqueue of a batch -> all
   completed) with 1 and with 2 workers.
 
-``harness bench`` (daemons/bench.py) reuses the pieces: :func:`dispatch_samples` (raw
+``harness bench`` (daemons/devtools/bench.py) reuses the pieces: :func:`dispatch_samples` (raw
 latencies), :func:`measure_throughput` and :func:`spawn_ceiling` (how fast this machine can
 merely spawn and reap ``true``, the bound end-to-end throughput is compared with).
 """
@@ -35,6 +35,7 @@ import psutil
 
 from coordination import clock
 from coordination.config import init_home
+from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.specs import read_specs
@@ -102,11 +103,10 @@ def _wait_gone(queue: QueueBackend, task_id: str, timeout: float = 30) -> None:
 def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
-    def pct(p: float) -> float:
-        index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-        return round(ordered[index], 3)
+    def pct(q: float) -> float:
+        return round(percentile(ordered, q) or 0.0, 3)
 
-    return {"n": len(ordered), "p50": pct(50), "p95": pct(95), "p99": pct(99),
+    return {"n": len(ordered), "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
             "max": round(ordered[-1], 3), "mean": round(statistics.fmean(ordered), 3)}
 
 

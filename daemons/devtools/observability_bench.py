@@ -5,7 +5,7 @@ last week), 200,000 event lines, 50 active worker specs, 500 live tasks and a da
 metrics snapshots; ``bench_status_check(root)`` times cold ``harness`` processes on it.
 Figures are reported, never asserted::
 
-    .venv/bin/python -m daemons.observability_bench /tmp/obs-bench --repeat 5
+    .venv/bin/python -m daemons.devtools.observability_bench /tmp/obs-bench --repeat 5
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``harness bench --only web``: the dashboard's server time and the cost of idle streams.
 
-One run builds a large home (:func:`daemons.observability_bench.make_large_home`: 10,000
+One run builds a large home (:func:`daemons.devtools.observability_bench.make_large_home`: 10,000
 live tasks, 100,000 history records, 50 workers, two hours of snapshots; ``--quick``: a
 fifth of the tasks and history), starts ``harness web`` on it as a real process, and
 measures

@@ -11,8 +11,8 @@ their median/min/max and ``p50``/``p95``/``p99`` are over every sample of every 
 Guarantees: figures are printed, never asserted (no threshold anywhere); a benchmark that
 fails (a missing ``jq``, a worker that does not start) yields rows with an ``error`` key and
 the others still run; every process a benchmark starts is stopped before the next one runs.
-Larger pieces live beside the daemons they measure (daemons/worker_bench.py,
-daemons/supervisor_bench.py); docs/performance.md has the figures of one machine.
+Larger pieces live beside it, one per daemon measured (daemons/devtools/worker_bench.py,
+daemons/devtools/supervisor_bench.py); docs/performance.md has the figures of one machine.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ import click
 
 from coordination.config import init_home
 from coordination.events import emit
+from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 
-from .context import json_option, print_json
+from ..context import json_option, print_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 #: One run's figure for a row: a single value, or samples (latencies, windows).
 Figure = float | list[float]
@@ -528,14 +529,6 @@ def select(only: tuple[str, ...], peers: bool = False, quick: bool = False) -> l
 
 
 # ---------------------------------------------------------------------------- running
-def _quantile(data: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (``p50`` is the median)."""
-    pos = (len(data) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
 def _row(bench: Bench, metric: Metric, runs: list[dict[str, Figure]],
          error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"name": metric.name, "group": bench.groups[0], "bench": bench.name,
@@ -553,8 +546,8 @@ def _row(bench: Bench, metric: Metric, runs: list[dict[str, Figure]],
         ordered = sorted(values)
         row.update(median=statistics.median(ordered), min=ordered[0], max=ordered[-1])
         if dist:
-            row.update(n=len(ordered), p50=_quantile(ordered, 0.5),
-                       p95=_quantile(ordered, 0.95), p99=_quantile(ordered, 0.99))
+            row.update(n=len(ordered), p50=percentile(ordered, 0.5),
+                       p95=percentile(ordered, 0.95), p99=percentile(ordered, 0.99))
     if error:
         row["error"] = error
     return row

@@ -16,7 +16,6 @@ operations, backpressure activations and stalls, and passes (exit 0) only when:
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -35,12 +34,13 @@ import click
 from coordination import clock
 from coordination.config import init_home
 from coordination.errors import Backpressure, CorruptFileError, HarnessError
+from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import open_queue
 from coordination.specs import read_specs
 from coordination.store import iter_jsonl, read_json
 
-from .context import json_option, print_json
+from ..context import json_option, print_json
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,6 @@ SCENARIOS = {
     "heavy": Scenario("heavy", 200, 25),
     "stress": Scenario("stress", 300, 35, failure_rate=0.15),
 }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for an empty list."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
 
 
 def _harness_cmd() -> list[str]:
@@ -247,8 +238,8 @@ def _report(home: Home, sc: Scenario, time_scale: float, ids: list[str],
         "attempts": attempts, "retries": attempts - len(finished),
         "throughput_per_s": round(len(finished) / elapsed, 3) if elapsed else None,
         "latency_avg_s": round(statistics.fmean(latencies), 3) if latencies else None,
-        "latency_p95_s": _round(percentile(latencies, 95)),
-        "latency_p99_s": _round(percentile(latencies, 99)),
+        "latency_p95_s": _round(percentile(latencies, 0.95)),
+        "latency_p99_s": _round(percentile(latencies, 0.99)),
         "success_rate": round(success_rate, 4), "peak_concurrent_workers": peak,
         "target_workers": sc.workers,
         "scale_operations": counts.get("scale_up", 0) + counts.get("scale_down", 0),
