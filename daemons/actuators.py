@@ -38,7 +38,7 @@ import psutil
 from coordination.paths import Home
 from coordination.store import open_in_folder
 
-from .task_runner import parent_death_preexec
+from .process_groups import parent_death_preexec
 
 WORKER_UNIT_TEMPLATE = "harness-worker@.service"
 log = logging.getLogger("harness.actuators")  # diagnostics (daemons/diagnostics.py)
@@ -103,7 +103,7 @@ class ProcessActuator:
     """Workers as child processes, one session (and process group) each.
 
     Each child gets SIGTERM when this process dies, however it dies (PR_SET_PDEATHSIG,
-    :func:`~daemons.task_runner.parent_death_preexec`): a ``kill -9`` of ``harness up``
+    :func:`~daemons.process_groups.parent_death_preexec`): a ``kill -9`` of ``harness up``
     leaves no worker behind; each hands back its task and stops it, as on any SIGTERM.
 
     Their stdout/stderr go to ``logs/workers/worker-<N>.log`` (appended), so the terminal

@@ -201,7 +201,7 @@ def test_frozen_worker_stale_heartbeat(tmp_path: Path, adopt_orphans: None,
 
 
 def _group_alive(pgid: int) -> bool:
-    from daemons.task_runner import group_alive
+    from daemons.process_groups import group_alive
 
     return group_alive(pgid)
 

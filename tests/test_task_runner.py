@@ -27,20 +27,9 @@ from coordination.queue import TaskQueue
 from coordination.specs import read_specs
 from coordination.store import replace_json
 from daemons.notify import Notifier
-from daemons.task_runner import (
-    TRUNCATION_MARKER,
-    RunSpec,
-    Scope,
-    ScopeManager,
-    TaskRun,
-    build_env,
-    describe_exit,
-    find_scope_manager,
-    group_alive,
-    rlimits,
-    scope_command,
-    scope_unit_name,
-)
+from daemons.process_groups import group_alive
+from daemons.scopes import Scope, ScopeManager, find_scope_manager, scope_command, scope_unit_name
+from daemons.task_run import TRUNCATION_MARKER, RunSpec, TaskRun, build_env, describe_exit, rlimits
 from daemons.wakeup import Wakeup
 from daemons.worker import Worker, WorkerOptions
 

@@ -1,0 +1,567 @@
+"""Run one task attempt as its own process group, capture its output, stop it reliably.
+
+A :class:`TaskRun` is driven by its worker's loop and never blocks it:
+
+- The task is started with ``start_new_session=True`` (new session and process group, no
+  controlling terminal), stdin from /dev/null, stdout and stderr into one pipe, the
+  environment built by :func:`build_env` from an allowlist only, and the worker type's
+  resource limits applied in the child before exec (:func:`limits_preexec`).
+- A reader thread copies the pipe into ``logs/tasks/<task_id>.log`` (append, one header
+  line per attempt) until the file reaches ``task_log_max_bytes``; the rest of the output is
+  read and counted but dropped, and one marker line ``[harness: output truncated at N
+  bytes]`` is appended. The same thread polls a pidfd of the leader and pokes ``wake``
+  when it exits (the loop then reaps it), and again at EOF; it never touches coordination
+  files. Without pidfd_open (Linux < 5.3) a second thread waits for the leader instead.
+  One thread per attempt, no preexec_fn unless the type sets limits: subprocess then
+  spawns with vfork, the cheap path.
+- :meth:`TaskRun.terminate` sends SIGTERM to the whole group and SIGKILL ``kill_grace_s``
+  later. With ``RunSpec.sweep_descendants`` (the worker, a child subreaper that runs one
+  task at a time) both also go to every descendant of the worker, so children that left
+  the group (setsid, setpgid, a double-fork daemon) go too, and the SIGKILL sweep repeats
+  until none is left; with a scope, SIGKILL also goes to the scope's cgroup. When the
+  leader exits on its own, whatever is left (a background grandchild, a daemon) is stopped
+  the same way, so no process of a task outlives it (docs/security.md).
+  Zombies do not count as survivors: liveness is judged from ``/proc`` state.
+- With a :class:`~daemons.scopes.Scope` (the worker runs under a systemd manager that
+  accepts transient scopes from it), the argv is prefixed by
+  :func:`~daemons.scopes.scope_command` and the process runs in a transient scope, same
+  pid, same process group, still our child, so everything above is unchanged.
+
+The process-group helpers live in :mod:`daemons.process_groups`, the scopes in
+:mod:`daemons.scopes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordination import clock
+from coordination.errors import UnsafePath
+from coordination.store import open_in_folder
+
+from .process_groups import (
+    group_alive,
+    live_descendants,
+    reap_group,
+    reap_orphans,
+    signal_descendants,
+    signal_group,
+)
+from .scopes import SCOPE_REFUSED, Scope, kill_scope, scope_command
+
+log = logging.getLogger("harness.task")  # diagnostics (daemons/diagnostics.py)
+TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
+LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
+EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
+TAIL_BYTES = 512
+
+_LIMITS = {
+    "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
+    "cpu_seconds": (resource.RLIMIT_CPU, 1),
+    "processes": (resource.RLIMIT_NPROC, 1),
+}
+
+
+class SpawnError(Exception):
+    """The task could not be started; ``retry`` says whether another attempt may help."""
+
+    def __init__(self, message: str, *, retry: bool, exit_code: int) -> None:
+        super().__init__(message)
+        self.retry = retry
+        self.exit_code = exit_code
+
+
+def build_env(source: Mapping[str, str], allow: Iterable[str],
+              harness: Mapping[str, str]) -> dict[str, str]:
+    """The task environment: only allowlisted keys of ``source``, plus ``harness``."""
+    env = {key: source[key] for key in dict.fromkeys(allow) if key in source}
+    env.update(harness)
+    return env
+
+
+def rlimits(limits: Mapping[str, Any] | None) -> list[tuple[int, int, int]]:
+    """``(resource, soft, hard)`` triples for a worker type's ``limits`` (None: unset).
+
+    A limit never exceeds the worker's own hard limit (an unprivileged worker cannot raise
+    it). RLIMIT_CPU gets a hard limit one second above the soft one, so the task first sees
+    SIGXCPU (which it may handle) and SIGKILL only after.
+    """
+    out = []
+    for key, value in (limits or {}).items():
+        if value is None or key not in _LIMITS:
+            continue
+        res, unit = _LIMITS[key]
+        soft = int(value) * unit
+        hard = soft + 1 if res == resource.RLIMIT_CPU else soft
+        _, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        out.append((res, soft, hard))
+    return out
+
+
+def limits_preexec(limits: Mapping[str, Any] | None) -> Callable[[], None] | None:
+    """A preexec_fn applying the limits in the child between fork and exec (no race with
+    the task's first fork). It only calls setrlimit(2): no lock, no allocation worth
+    mentioning, so it is safe although the worker has threads. None when no limit is set,
+    which keeps subprocess on its vfork fast path."""
+    triples = rlimits(limits)
+    if not triples:
+        return None
+
+    def apply() -> None:
+        for res, soft, hard in triples:
+            resource.setrlimit(res, (soft, hard))
+
+    return apply
+
+
+def check_executable(argv0: str, cwd: Path, env: Mapping[str, str]) -> None:
+    """Raise FileNotFoundError or PermissionError as exec would for ``argv0`` (PATH from
+    ``env``, a name with a slash relative to ``cwd``). A wrapped command (systemd-run, env)
+    would only fail after starting; this keeps such failures spawn failures."""
+    if "/" in argv0:
+        candidates = [cwd / argv0]
+    else:  # as subprocess searches: the task's PATH, relative entries from its cwd
+        candidates = [cwd / folder / argv0 for folder in os.get_exec_path(dict(env))]
+    seen = False
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return
+        seen = seen or path.exists()
+    if seen:
+        raise PermissionError(13, "Permission denied")
+    raise FileNotFoundError(2, "No such file or directory")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+
+
+@dataclass
+class RunSpec:
+    """Everything needed to start one attempt."""
+
+    task_id: str
+    attempt: int
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log_path: Path
+    log_max_bytes: int
+    kill_grace_s: float = 5.0
+    limits: dict[str, Any] = field(default_factory=dict)
+    header: str = ""
+    scope: Scope | None = None  # run inside this transient systemd scope
+    # The running process is a child subreaper whose only children are this attempt's
+    # (the worker): stopping the attempt then stops every descendant of the process, not
+    # only the task's process group, so setsid/setpgid/double-fork children go too.
+    sweep_descendants: bool = False
+
+
+class TaskRun:
+    """One running attempt. All methods are called from the worker's main thread."""
+
+    def __init__(self, spec: RunSpec, wake: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self._wake = wake or (lambda: None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.started_mono = 0.0
+        self.ended_mono: float | None = None
+        self.output_bytes = 0  # everything read from the pipe, kept or dropped
+        self.logged_bytes = 0
+        self.truncated = False
+        self.tail = b""
+        self.stop_reason: str | None = None  # why we stopped it (timeout, cancelled, ...)
+        self.killed = False  # SIGKILL was sent
+        self.lingering = False  # gave up waiting for a group member that would not die
+        self.log_error: str | None = None  # a failed log write (the task kept running)
+        self.finished = False
+        self.scope_unit: str | None = None  # the transient scope it runs in, if any
+        self._scope_killed = False
+        self._term_sent_mono: float | None = None
+        self._kill_at: float | None = None
+        self._killed_mono: float | None = None
+        self._leader_done_mono: float | None = None
+        self._group_gone_mono: float | None = None
+        self._reader: threading.Thread | None = None
+        self._waiter: threading.Thread | None = None
+        self._pidfd: int | None = None  # the reader thread also watches the leader's exit
+        self._reader_done = threading.Event()
+        self._stop_r: int | None = None
+        self._stop_w: int | None = None
+        self._lock = threading.Lock()
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the task; raises :class:`SpawnError` (nothing left running) on failure."""
+        spec = self.spec
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        try:
+            # Never through a link (the log or logs/tasks/ swapped for one): open_in_folder.
+            try:
+                log_fd = open_in_folder(spec.log_path, flags)
+            except FileNotFoundError:  # logs/tasks/ is missing: create it, once
+                spec.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                log_fd = open_in_folder(spec.log_path, flags)
+        except UnsafePath as exc:
+            raise SpawnError(f"cannot open the task log: {exc}", retry=False,
+                             exit_code=126) from None
+        except OSError as exc:
+            raise SpawnError(f"cannot open the task log {spec.log_path}: "
+                             f"{exc.strerror or exc}", retry=True, exit_code=126) from None
+        try:
+            if spec.header:
+                _write_all(log_fd, spec.header.rstrip("\n").encode("utf-8", "replace") + b"\n")
+            size = os.fstat(log_fd).st_size
+            self._start_process(log_fd, max(0, spec.log_max_bytes - size))
+        except BaseException:
+            if self._reader is None:  # else the reader thread owns (and closes) log_fd
+                os.close(log_fd)
+            raise
+
+    def _start_process(self, log_fd: int, room: int) -> None:
+        spec = self.spec
+        if not spec.cwd.is_dir():
+            raise SpawnError(f"working directory {spec.cwd} does not exist", retry=False,
+                             exit_code=127)
+        argv, env = spec.argv, spec.env
+        # env(1) would take an argv[0] with "=" for an assignment: such a command runs
+        # without the scope (docs/coordination.md, cgroup_limits).
+        if spec.scope is not None and "=" not in argv[0]:
+            try:
+                check_executable(argv[0], spec.cwd, env)
+            except OSError as exc:
+                raise SpawnError(f"cannot execute {argv[0]!r}: {exc.strerror}", retry=False,
+                                 exit_code=127 if isinstance(exc, FileNotFoundError)
+                                 else 126) from None
+            argv, env = scope_command(spec.scope, argv, env)
+            self.scope_unit = spec.scope.unit
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.proc = subprocess.Popen(
+                argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+                stdout=out_w, stderr=out_w, start_new_session=True, close_fds=True,
+                preexec_fn=limits_preexec(spec.limits))
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            os.close(out_r)
+            raise SpawnError(f"cannot execute {spec.argv[0]!r}: {exc.strerror or exc}",
+                             retry=False, exit_code=127 if isinstance(
+                                 exc, FileNotFoundError) else 126) from None
+        except OSError as exc:
+            os.close(out_r)
+            raise SpawnError(f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}",
+                             retry=True, exit_code=126) from None
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(out_w)
+        self.pid = self.proc.pid
+        self.started_mono = time.monotonic()
+        # One thread per attempt: the output reader also polls a pidfd of the leader and
+        # wakes the loop when it exits (the loop reaps it). Without pidfd_open (Linux < 5.3)
+        # a second thread waits for the leader instead.
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
+        self._reader = threading.Thread(target=self._read_output, args=(out_r, log_fd, room),
+                                        name=f"task-output-{spec.task_id}", daemon=True)
+        self._reader.start()
+        if self._pidfd is None:
+            self._waiter = threading.Thread(target=self._wait_leader,
+                                            name=f"task-wait-{spec.task_id}", daemon=True)
+            self._waiter.start()
+
+    # -- threads ---------------------------------------------------------------------------
+    def _wait_leader(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self._wake()
+
+    def _read_output(self, fd: int, log_fd: int, room: int) -> None:
+        """Copy the pipe to the log until EOF (or :meth:`_abandon_reader`). Output past the
+        cap is read and counted but dropped; a failing log write (disk full) stops logging,
+        never reading, so the task cannot block on a full pipe."""
+        cap = self.spec.log_max_bytes
+        assert self._stop_r is not None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._stop_r, select.POLLIN)
+        pidfd = self._pidfd
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
+        last_byte = b"\n"
+        eof = False
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._stop_r in ready:
+                    break
+                if pidfd is not None and pidfd in ready:
+                    poller.unregister(pidfd)
+                    pidfd = None
+                    self._wake()  # the leader exited; the loop reaps it
+                    if eof:
+                        break
+                if eof or fd not in ready:
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    eof = True
+                    poller.unregister(fd)
+                    self._output_done(fd, log_fd)
+                    if pidfd is None:
+                        break
+                    continue  # the leader closed its output but lives on: watch it
+                with self._lock:
+                    self.output_bytes += len(data)
+                    self.tail = (self.tail + data)[-TAIL_BYTES:]
+                try:
+                    if room > 0:
+                        keep = data[:room]
+                        _write_all(log_fd, keep)
+                        room -= len(keep)
+                        self.logged_bytes += len(keep)
+                        last_byte = keep[-1:]
+                        data = data[len(keep):]
+                    if data and not self.truncated and self.log_error is None:
+                        self.truncated = True
+                        marker = TRUNCATION_MARKER.format(cap=cap).encode()
+                        _write_all(log_fd, (b"" if last_byte == b"\n" else b"\n")
+                                   + marker + b"\n")
+                except OSError as exc:
+                    self.log_error = f"{self.spec.log_path}: {exc.strerror or exc}"
+                    room = 0
+        finally:
+            if not eof:
+                self._output_done(fd, log_fd)
+            if self._pidfd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._pidfd)
+
+    def _output_done(self, fd: int, log_fd: int) -> None:
+        os.close(fd)
+        os.close(log_fd)
+        self._reader_done.set()
+        self._wake()
+
+    # -- control ---------------------------------------------------------------------------
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self.finished
+
+    def terminate(self, reason: str) -> None:
+        """SIGTERM to the whole group now, SIGKILL ``kill_grace_s`` later (see :meth:`poll`).
+        The first reason sticks (a timeout stays a timeout if a cancel follows)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._term_sent_mono is not None or self.pid is None:
+            return
+        now = time.monotonic()
+        self._term_sent_mono = now
+        self._kill_at = now + max(0.0, self.spec.kill_grace_s)
+        self._signal_all(signal.SIGTERM)
+        if self.spec.kill_grace_s <= 0:
+            self._sigkill(now)
+
+    def _signal_all(self, sig: int) -> None:
+        """``sig`` to the task's process group and, with ``sweep_descendants``, to every
+        descendant of ours; with a scope, SIGKILL also goes to the scope's cgroup."""
+        assert self.pid is not None
+        signal_group(self.pid, sig)
+        if self.spec.sweep_descendants:
+            signal_descendants(sig, skip_pgid=self.pid)
+        if sig == signal.SIGKILL and self.spec.scope is not None and not self._scope_killed:
+            self._scope_killed = True
+            problem = kill_scope(self.spec.scope)
+            if problem is not None:  # the sweep above still ran; say why the cgroup did not
+                log.error("cannot kill the scope %s: %s", self.spec.scope.unit, problem)
+
+    def kill_now(self, reason: str) -> None:
+        """Skip the grace: SIGKILL the group at once."""
+        self.terminate(reason)
+        self._sigkill(time.monotonic())
+
+    def _sigkill(self, now: float) -> None:
+        if self.pid is not None and not self.killed:
+            self.killed = True
+            self._killed_mono = now
+            self._signal_all(signal.SIGKILL)
+
+    def poll(self) -> bool:
+        """Advance the stop sequence; True once the attempt is over: the leader was reaped,
+        no group member is left (or one ignored SIGKILL for LINGER_AFTER_KILL_S) and the
+        output pipe reached EOF (or was abandoned EOF_GRACE_S after the group ended)."""
+        if self.finished:
+            return True
+        if self.proc is None or self.pid is None:
+            return False
+        now = time.monotonic()
+        if self._kill_at is not None and now >= self._kill_at:
+            self._sigkill(now)
+        if self.proc.poll() is None:
+            return False
+        if self._leader_done_mono is None:
+            self._leader_done_mono = now
+            if self.ended_mono is None:
+                self.ended_mono = now
+        reap_group(self.pid)
+        if self.spec.sweep_descendants:
+            reap_orphans()  # killed descendants re-parented to us are zombies of ours
+        if self._group_gone_mono is None:
+            if self._leftovers():
+                if self._term_sent_mono is None:
+                    # The leader is gone but left processes behind: stop them too.
+                    self._term_sent_mono = now
+                    self._kill_at = now + max(0.0, self.spec.kill_grace_s)
+                    self._signal_all(signal.SIGTERM)
+                elif self.killed and self.spec.sweep_descendants:
+                    # A descendant may have forked after the last sweep: sweep again.
+                    signal_descendants(signal.SIGKILL)
+                if self._killed_mono is not None and now - self._killed_mono \
+                        > LINGER_AFTER_KILL_S:
+                    self.lingering = True
+                else:
+                    return False
+            self._group_gone_mono = now
+        if not self._reader_done.is_set():
+            if now - self._group_gone_mono < EOF_GRACE_S:
+                return False
+            self._abandon_reader()
+        self._finish_threads()
+        self.finished = True
+        return True
+
+    def _leftovers(self) -> bool:
+        """After the leader was reaped: is any process of the attempt still alive?"""
+        assert self.pid is not None
+        if group_alive(self.pid):
+            return True
+        return self.spec.sweep_descendants and bool(live_descendants())
+
+    def next_poll_in(self) -> float | None:
+        """How soon :meth:`poll` needs calling without a wake-up (None: only on wake-up)."""
+        if self.finished:
+            return None
+        now = time.monotonic()
+        waits = []
+        if self._kill_at is not None and not self.killed:
+            waits.append(max(0.0, self._kill_at - now))
+        if self._leader_done_mono is not None:
+            if self._group_gone_mono is None:
+                waits.append(0.02)  # no event tells us a group emptied: re-check briskly
+            else:
+                waits.append(max(0.0, self._group_gone_mono + EOF_GRACE_S - now))
+        return min(waits) if waits else None
+
+    def _abandon_reader(self) -> None:
+        if self._stop_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+
+    def _finish_threads(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        if self._waiter is not None:
+            self._waiter.join(timeout=2)
+        for fd in (self._stop_r, self._stop_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._stop_r = self._stop_w = None
+
+    def duration_s(self) -> float:
+        end = self.ended_mono if self.ended_mono is not None else time.monotonic()
+        return max(0.0, end - self.started_mono) if self.started_mono else 0.0
+
+    @property
+    def scope_refused(self) -> bool:
+        """The manager refused the attempt's scope, so systemd-run exited (status 1) without
+        running the command: e.g. a scope bound to a worker unit whose stop job is already
+        queued is a "destructive transaction". Not the task's failure."""
+        with self._lock:
+            tail = self.tail
+        return self.scope_unit is not None and self.returncode == 1 \
+            and tail.lstrip().startswith(SCOPE_REFUSED) and tail.count(b"\n") <= 1
+
+    def tail_line(self, limit: int = 200) -> str:
+        """The last non-empty output line (for last_error), at most ``limit`` characters."""
+        with self._lock:
+            tail = self.tail
+        for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+            line = line.strip()
+            if line and not line.startswith("[harness:"):
+                return line[-limit:]
+        return ""
+
+    def append_log_line(self, text: str) -> None:
+        """A harness line (attempt footer) after the task's output."""
+        with contextlib.suppress(OSError, UnsafePath):
+            fd = open_in_folder(self.spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                _write_all(fd, text.rstrip("\n").encode("utf-8", "replace") + b"\n")
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Make sure nothing of the attempt is left (used when the worker aborts)."""
+        if self.finished or self.proc is None:
+            return
+        self.kill_now(self.stop_reason or "worker exiting")
+        deadline = time.monotonic() + LINGER_AFTER_KILL_S + EOF_GRACE_S + 1
+        while not self.poll() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.finished:
+            self._abandon_reader()
+            self._finish_threads()
+            self.finished = True
+
+
+def describe_exit(returncode: int | None) -> tuple[int | None, str]:
+    """(exit_code, phrase): a negative returncode (killed by signal N) becomes 128+N."""
+    if returncode is None:
+        return None, "did not exit"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return 128 - returncode, f"killed by {name}"
+    return returncode, f"exit code {returncode}"
+
+
+def header_line(task: Mapping[str, Any], worker_id: str, argv: list[str], now: float) -> str:
+    return (f"=== harness: {task['task_id']} attempt {task.get('attempts')}/"
+            f"{task.get('max_attempts')} on {worker_id} at {clock.iso(now)}: "
+            f"{subprocess.list2cmdline(argv)[:500]} ===")
