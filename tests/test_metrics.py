@@ -1,4 +1,4 @@
-"""Metrics snapshots, counters, health and the Prometheus exposition (coordination/metrics.py,
+"""Metrics snapshots, counters, health and the Prometheus exposition (coordination/metrics/,
 daemons/prometheus.py, ``harness metrics``).
 
 ``build_known_home`` (also used by the other observability tests) drives the real queue so
