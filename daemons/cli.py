@@ -42,7 +42,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "janitor": "daemons.janitor_commands",
     "db": "daemons.db_commands",
     **dict.fromkeys(("metrics", "status", "check", "dashboard", "timeline", "report"),
-                    "daemons.observability_commands"),
+                    "daemons.reporting.commands"),
     "bench": "daemons.devtools.bench",
     "load-test": "daemons.devtools.loadtest",
     "web": "daemons.web_commands",

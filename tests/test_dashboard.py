@@ -24,7 +24,7 @@ from helpers import REPO_ROOT, Known, build_known_home
 from coordination.events import emit
 from coordination.metrics import take_snapshot
 from daemons.cli import cli
-from daemons.dashboard import SPARK_UTF8, gather, render_frame, sparkline
+from daemons.reporting.dashboard import SPARK_UTF8, gather, render_frame, sparkline
 
 HARNESS = str(Path(sys.executable).with_name("harness"))
 SCRIPT = REPO_ROOT / "scripts" / "dashboards" / "metrics-dashboard.sh"

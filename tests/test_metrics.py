@@ -1,5 +1,5 @@
 """Metrics snapshots, counters, health and the Prometheus exposition (coordination/metrics/,
-daemons/prometheus.py, ``harness metrics``).
+daemons/reporting/prometheus.py, ``harness metrics``).
 
 ``build_known_home`` (also used by the other observability tests) drives the real queue so
 that every figure of a snapshot is known in advance.
@@ -33,7 +33,7 @@ from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, write_spec
 from coordination.store import append_bytes, read_jsonl, replace_bytes, replace_json
 from daemons.cli import cli
-from daemons.prometheus import render
+from daemons.reporting.prometheus import render
 
 
 @pytest.fixture
@@ -350,7 +350,7 @@ def test_fast_timestamp_parser_agrees_with_the_clock() -> None:
 
 
 def test_snapshot_and_publish_for_daemons(tmp_path: Path) -> None:
-    from daemons.prometheus import snapshot_and_publish
+    from daemons.reporting.prometheus import snapshot_and_publish
 
     known = build_known_home(tmp_path, metrics_textfile="metrics/harness.prom")
     (known.home.root / "metrics").mkdir()

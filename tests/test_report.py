@@ -18,7 +18,7 @@ from coordination.events import emit
 from coordination.metrics import take_snapshot
 from coordination.store import append_line
 from daemons.cli import cli
-from daemons.report import html_report, line_chart
+from daemons.reporting.report import html_report, line_chart
 
 CHART_IDS = ("chart-queue", "chart-throughput", "chart-durations", "chart-workers",
              "chart-success")

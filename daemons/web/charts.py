@@ -1,6 +1,6 @@
 """Charts of the overview, drawn by the server as inline SVG (no script, no library).
 
-Every label goes through ``html.escape`` (via daemons/report.py's :func:`line_chart`), and
+Every label goes through ``html.escape`` (via daemons/reporting/report.py's :func:`line_chart`), and
 no ``style`` attribute is used, so the strict Content-Security-Policy allows them.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from ..report import line_chart, snapshot_series
+from ..reporting.report import line_chart, snapshot_series
 
 BAR_COLOURS = {"queued": "#0969da", "running": "#1a7f37"}
 

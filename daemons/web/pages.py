@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from coordination.tasks import PRIORITIES
 
-from ..observability_commands import format_age
+from ..reporting.commands import format_age
 from .api import task_query
 from .auth import CSRF_COOKIE, CSRF_FIELD, new_csrf_value
 from .charts import depth_bars, hour_charts

@@ -38,8 +38,8 @@ from coordination.metrics import recent_snapshots
 from coordination.paths import Home
 from coordination.redact import redact
 
-from .reporting.status import collect_status
-from .wakeup import stop_signals, watch_changes
+from ..wakeup import stop_signals, watch_changes
+from .status import collect_status
 
 SPARK_UTF8 = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-=+*#@"

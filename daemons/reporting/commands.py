@@ -18,7 +18,7 @@ import click
 from coordination.errors import EXIT_USAGE, ConfigError, HarnessError, UsageError
 from coordination.redact import printable
 
-from .context import (
+from ..context import (
     TASK_ID,
     CliContext,
     home_option,
@@ -205,8 +205,8 @@ def status(obj: CliContext, home_dir: Path | None, alerts: int, as_json: bool) -
     create-task.sh left in the inbox are admitted first when the queue lock is free (else
     they show as `inbox N`). When tasks wait and nothing serves them, it says what to run.
     """
-    from .context import ingest_if_free
-    from .reporting.status import collect_status
+    from ..context import ingest_if_free
+    from .status import collect_status
 
     home = resolve_home(home_dir).require()
     queue = _queue_of(home)
@@ -235,7 +235,7 @@ def check(obj: CliContext, home_dir: Path | None, no_alerts: bool, as_json: bool
     The first line is the summary with perfdata after '|'. A newly crossed threshold
     emits one performance_alert event; a cleared one emits performance_recovered.
     """
-    from .reporting.checks import run_check
+    from .checks import run_check
 
     home = resolve_home(home_dir)
     try:
@@ -243,7 +243,7 @@ def check(obj: CliContext, home_dir: Path | None, no_alerts: bool, as_json: bool
             from coordination.config import load_system
             from coordination.metrics import observe, snapshot_from
 
-            from .reporting.checks import check_summary, evaluate_checks
+            from .checks import check_summary, evaluate_checks
 
             home.require()
             results = evaluate_checks(snapshot_from(observe(home)), load_system(home))
@@ -345,7 +345,7 @@ def timeline(obj: CliContext, task_id: str | None, correlation_id: str | None,
     harness timeline t-20250101T120000000-0123456789
     harness timeline --correlation deploy-42 --json
     """
-    from .reporting.timeline import build_timeline
+    from .timeline import build_timeline
 
     if (task_id is None) == (correlation_id is None):
         raise UsageError("give a TASK_ID or --correlation ID (one of them)")

@@ -16,7 +16,7 @@ from coordination.metrics import last_snapshot, recent_snapshots
 from coordination.paths import Home
 from coordination.redact import redact
 
-from .reporting.status import recent_alerts
+from .status import recent_alerts
 
 Point = tuple[float, float | None]
 Series = tuple[str, str, list[Point]]  # name, colour, points
