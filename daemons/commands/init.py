@@ -12,7 +12,7 @@ from coordination.config import init_home
 from coordination.errors import UsageError
 from coordination.paths import Home
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from ..context import CliContext, json_option, pass_ctx, print_json
 
 
 def _group_id(name: str | None) -> int | None:

@@ -9,7 +9,7 @@ import click
 from coordination.errors import UsageError
 from coordination.redact import printable, redact_record
 
-from .context import TASK_ID, CliContext, json_option, pass_ctx, print_json
+from ..context import TASK_ID, CliContext, json_option, pass_ctx, print_json
 
 
 @click.group()

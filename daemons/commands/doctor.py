@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .context import CliContext, json_option, pass_ctx, print_json
+from ..context import CliContext, json_option, pass_ctx, print_json
 
 
 @click.command()

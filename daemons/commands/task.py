@@ -14,7 +14,7 @@ from coordination.errors import NotFound, UsageError
 from coordination.redact import printable, redact_record
 from coordination.tasks import PRIORITIES
 
-from .context import TASK_ID, WORKER_TYPE, CliContext, json_option, pass_ctx, print_json
+from ..context import TASK_ID, WORKER_TYPE, CliContext, json_option, pass_ctx, print_json
 
 
 @click.group()
@@ -161,7 +161,7 @@ def task_list(obj: CliContext, status: str | None, priority: str | None, limit: 
     """
     from coordination.tasks import PRIORITY_RANK
 
-    from .context import ingest_if_free
+    from ..context import ingest_if_free
 
     queue = obj.queue()
     _, pending = ingest_if_free(queue)

@@ -18,7 +18,7 @@ from coordination.events import SEVERITIES, emit
 from coordination.redact import printable, redact
 from coordination.store import read_appended, tail_jsonl
 
-from .context import TASK_ID, WORKER_ID, CliContext, json_option, pass_ctx, print_json
+from ..context import TASK_ID, WORKER_ID, CliContext, json_option, pass_ctx, print_json
 
 
 @click.group()
@@ -137,7 +137,7 @@ def events_tail(obj: CliContext, lines: int, follow: bool, types: tuple[str, ...
     sys.stdout.flush()
     last_id: str | None = window[-1].get("event_id") if window else None
     skip_to: str | None = None  # after a rotation: the kept lines were printed already
-    from .wakeup import stop_signals, watch_changes
+    from ..wakeup import stop_signals, watch_changes
 
     # Woken by inotify on coordination/ (appends included) and by Ctrl-C/SIGTERM; the
     # 30 s timeout is only a safety net for a filesystem without inotify.

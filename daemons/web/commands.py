@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .context import home_option, resolve_home
+from ..context import home_option, resolve_home
 
 
 @click.command("web")
@@ -35,7 +35,7 @@ def web(listen: str, allow_hosts: tuple[str, ...], log_level: str,
       harness web                           # http://127.0.0.1:8765/
       HARNESS_WEB_TOKEN=$(cat tok) harness web --listen 0.0.0.0:8765 --allow-host ops.example
     """
-    from .web.server import serve
+    from .server import serve
 
     code = serve(resolve_home(home_dir), listen, allow_hosts=allow_hosts, log_level=log_level)
     if code:
