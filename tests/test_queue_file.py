@@ -278,6 +278,24 @@ def test_compaction_starts_a_new_journal_from_a_durable_base(backend: Any) -> No
     assert not [f for f in fresh.check() if f.level != "info"]
 
 
+def test_journal_deleted_while_running_restarts_from_the_live_state(backend: Any) -> None:
+    """An operator removes task-queue.journal while a daemon runs, before the view has
+    caught up: the next commit starts a new journal from the daemon's live state (a
+    durable view of it first), not from a stale view, so no commit is dropped."""
+    home = backend.home
+    first = backend.enqueue(req(), now=T0).task["task_id"]
+    backend.sync()  # the view has the first task only
+    later = [r.task["task_id"] for r in backend.enqueue_batch([req(), req()], now=T0 + 1)]
+    assert json.loads(home.queue_file.read_bytes())["revision"] == 1  # a stale view
+    home.queue_journal.unlink()
+    backend.get(first)  # the backend notices the journal is gone
+    last = backend.enqueue(req(), now=T0 + 2).task["task_id"]
+    fresh = FileQueue(home)  # another process: view + new journal
+    assert live_ids(fresh) == {first, *later, last}
+    assert json.loads(home.queue_base_file.read_bytes())["revision"] == 2
+    assert not [f for f in fresh.check() if f.level != "info"]
+
+
 # ------------------------------------------------------------------------------ hand edits
 def _edit(home: Home, change: Callable[[dict[str, Any]], None]) -> None:
     """What an operator does: under the queue lock, jq the file into a temp, mv it back."""

@@ -145,7 +145,8 @@ class Publisher(QueueCore):
         assert state is not None
         txn = Txn(state, now, clock.iso(now))
         self._record_merge(txn)
-        self._commit(txn, load_system(self.home).durability)
+        if self._commit(txn, load_system(self.home).durability):
+            self._journal.sync_written()  # under the lock here: a rare hand-edit merge
         self._emit(txn.events)
 
     def _compact(self, rev: int, at: str, dur: Durability) -> None:
