@@ -296,6 +296,39 @@ def test_journal_deleted_while_running_restarts_from_the_live_state(backend: Any
     assert not [f for f in fresh.check() if f.level != "info"]
 
 
+def test_a_view_published_by_another_process_defers_our_timer(backend: Any) -> None:
+    """Two processes committing: the one whose timer fires within SNAPSHOT_INTERVAL_S
+    of the other's publish waits for the interval instead of rendering the same view
+    again; once the interval is over it publishes what it owes."""
+    from coordination.queue.file.publisher import SNAPSHOT_INTERVAL_S
+
+    home = backend.home
+    other = FileQueue(home)
+    try:
+        backend.enqueue(req(), now=T0)
+        backend.sync()  # "another process" published just now
+        view = home.queue_file.stat().st_ino
+        mine = other.enqueue(req(), now=T0 + 1).task["task_id"]
+        started = time.monotonic()
+        later = other._sync_timed()
+        if time.monotonic() - started < SNAPSHOT_INTERVAL_S / 2:  # not stalled meanwhile
+            assert 0 < later <= SNAPSHOT_INTERVAL_S
+            assert home.queue_file.stat().st_ino == view  # nothing rendered
+        # Within the interval of our commit the view has it: published by the other
+        # process (its own timer) or by ours once the interval since that publish is over.
+        deadline = time.monotonic() + 2 * SNAPSHOT_INTERVAL_S + 1
+
+        def in_view() -> bool:
+            tasks = json.loads(home.queue_file.read_bytes())["tasks"]
+            return mine in {t["task_id"] for t in tasks}
+        while not in_view() and time.monotonic() < deadline:
+            time.sleep(later)
+            later = other._sync_timed()
+        assert in_view()
+    finally:
+        other.close()
+
+
 # ------------------------------------------------------------------------------ hand edits
 def _edit(home: Home, change: Callable[[dict[str, Any]], None]) -> None:
     """What an operator does: under the queue lock, jq the file into a temp, mv it back."""
