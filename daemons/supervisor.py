@@ -107,6 +107,10 @@ def singleton_lock_path(home: Home) -> Path:
     return home.supervisor_lock
 
 
+#: The loop wakes this long after the next lease may expire (timestamps have ms precision).
+LEASE_WAKE_LATE_S = 0.005
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else clock.iso(ts)
 
@@ -393,7 +397,10 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
                 out["fenced"].append(worker_id)
     own = host or host_id()
     judged: list[tuple[dict[str, Any], str, str]] = []
+    leases: list[str] = []
     for task in queue.live_tasks(status="running"):
+        if task.get("lease_until"):
+            leases.append(str(task["lease_until"]))
         if task.get("host_id") not in (None, own):
             continue  # another host's: its lease alone tells (below)
         proof = orphan_proof(task, active, dead,
@@ -401,6 +408,10 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
         if proof is not None:
             judged.append((task, proof, "dead_worker"))
     seen = {t["task_id"] for t, _, _ in judged}
+    # The next instant a lease may expire: the supervisor's loop wakes then (a timer, not
+    # a shorter tick), so a dead host's task is reclaimed right as its lease ends.
+    later = [until for until in leases if until >= clock.iso(now)]
+    out["next_lease_expiry"] = min(later) if later else None
     for task in queue.expired_leases(now):
         if task["task_id"] not in seen:
             judged.append((task, f"lease expired at {task.get('lease_until')} (worker "
@@ -426,6 +437,8 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
             continue
         if kill_orphans and spec.get("hostname") == socket.gethostname():
             out["orphans_killed"] += kill_orphaned_tasks(worker_id)
+        with contextlib.suppress(HarnessError):  # else doctor reports the row later
+            queue.forget_worker(worker_id)
         try:
             complete_spec(home, worker_id, "crashed", now, extra={"crash_proof": proof})
             item["completed"] = True
@@ -520,6 +533,7 @@ class Supervisor:
         specs = [s for s in specs if s["worker_id"] not in dead]
         report["reclaimed"] = reclaim["reclaimed"]
         report["dead_workers"] = reclaim["dead_workers"]
+        report["next_lease_expiry"] = reclaim["next_lease_expiry"]
         for item in reclaim["reclaimed"]:
             report["actions"].append(f"reclaimed {item['task_id']} from {item['worker_id']}: "
                                      f"{item['proof']} -> {item['status']}")
@@ -1253,6 +1267,9 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
                 watchdog_at = time.monotonic() + interval
             waits = [float(sup.config()["supervisor_tick_s"])]
             waits += [t.next_at - time.monotonic() for t in ticks]
+            expiry = report.get("next_lease_expiry")
+            if expiry:  # just past it: expired_leases compares lease_until < now
+                waits.append(clock.parse_iso(expiry) + LEASE_WAKE_LATE_S - clock.now())
             if interval is not None:
                 waits.append(watchdog_at - time.monotonic())
             wakeup.wait(max(0.0, min(waits)))

@@ -366,6 +366,9 @@ class Worker:
         self._flush_events()
         if not self.worker_id:
             return None
+        if self._queue is not None:
+            with contextlib.suppress(HarnessError):  # else doctor reports the row later
+                self._queue.forget_worker(self.worker_id)
         done: dict[str, Any] | None = None
         if not self.dead:
             extra = {k: self.spec.get(k) for k in ("tasks_done", "tasks_failed", "tokens_used",
@@ -392,7 +395,13 @@ class Worker:
         if self.pending is not None:
             wait = self._retry_pending(now)
             if wait is not None:
-                return wait
+                # Alive while the queue is away: the spec heartbeat and the systemd
+                # watchdog go on, so nobody takes us for dead meanwhile.
+                if now - self.t.heartbeat_at >= float(self.cfg["heartbeat_interval_s"]):
+                    self._write_spec(now)
+                self._watchdog_ping()
+                wd = self._watchdog_wait()
+                return wait if wd is None else min(wait, wd)
         if self.run is not None:
             return self._supervise(now)
         return self._idle_step(now)

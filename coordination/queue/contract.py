@@ -142,6 +142,9 @@ class QueueBackend(Protocol):
         a task is not running under that claim any more (its worker must stop it). A
         backend with a worker registry (postgres) records the heartbeat there too, also
         with no leases."""
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop ``worker_id`` from the backend's worker registry (a worker exiting, or
+        found dead); nothing happens without a registry (the file backend) or a row."""
     def expired_leases(self, now: float | None = None) -> list[Task]:
         """Running tasks whose ``lease_until`` is before ``now``, oldest lease first, on
         every host: what any host's supervisor reclaims. Tasks without a lease (claimed

@@ -290,6 +290,10 @@ class Operations:
     #: Whether :meth:`heartbeat` with no leases still has something to record.
     _keeps_registry = False
 
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop ``worker_id`` from the worker registry (see the port); nothing to do
+        without one."""
+
     def _paused(self, now: float) -> set[str]:
         raise NotImplementedError
 

@@ -463,6 +463,11 @@ class PostgresQueue(ops.Operations):
         txn.written = True
         txn.notify = False
 
+    def forget_worker(self, worker_id: str) -> None:
+        """Delete the ``workers`` row of ``worker_id`` (see the port)."""
+        self._read("DELETE FROM workers WHERE worker_id = %s RETURNING worker_id",
+                   (worker_id,))
+
     def expired_leases(self, now: float | None = None) -> list[dict[str, Any]]:
         """Running tasks whose lease ended before ``now`` (see the port): one query on the
         ``tasks_lease`` index."""
