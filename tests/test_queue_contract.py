@@ -965,6 +965,19 @@ def test_a_lease_reclaim_is_fenced_by_expiry_and_happens_once(
     assert len(reclaimed) == 1
 
 
+def test_check_reports_an_expired_lease_and_repair_reclaims_it(
+        make_backend: Callable[..., Any]) -> None:
+    backend = make_backend(heartbeat_timeout_s=30, retry_backoff_base_s=0)
+    task = run_once(backend, req(max_attempts=3))
+    assert "lease_expired" not in {f.code for f in backend.check(now=T0 + 29)}
+    found = {f.code: f for f in backend.check(now=T0 + 31)}
+    assert found["lease_expired"].level == "warning"
+    repaired = {f.code: f for f in backend.check(repair=True, now=T0 + 31)}
+    assert repaired["lease_expired"].repaired
+    assert backend.get(task["task_id"])["status"] == "queued"
+    assert "lease_expired" not in {f.code for f in backend.check(now=T0 + 32)}
+
+
 # ------------------------------------------------------------------------------ wake-ups
 def test_wait_wakes_on_a_change_by_another_process_and_times_out_otherwise(
         backend: Any) -> None:

@@ -10,9 +10,8 @@
 - ``view_missing`` / ``view_stale``: the jq view task-queue.json is absent or shows an
   older revision; repair republishes it.
 - ``inbox_pending``: requests wait in this host's inbox; repair ingests them.
-- ``lease_expired``: a running task whose lease ended (its worker stopped heartbeating:
-  dead, frozen, or its host cut off); the supervisor of any host reclaims it, and so does
-  repair (through ``reclaim`` with the owner, claim and expiry checked).
+- ``lease_expired``: a running task whose lease ended (:mod:`..leases`, shared with the
+  file backend).
 - ``orphaned_worker_row``: a ``workers`` row whose heartbeat is older than
   ``heartbeat_timeout_s`` and whose worker holds no running task (it exited or died);
   repair deletes it.
@@ -26,7 +25,7 @@ from ... import clock
 from ...config import load_system
 from .. import admission
 from ..contract import Findings, QueueFinding
-from ..rules import lease_token
+from ..leases import check_leases
 from .schema import SCHEMA_VERSION, current_version
 
 if TYPE_CHECKING:
@@ -68,15 +67,7 @@ def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[Queue
                                   "AND data->>'status' <> 'failed' ORDER BY task_id"):
         add("error", "dead_letter_status", f"dead letter {task_id} does not say status "
             "failed")
-    for task in queue.expired_leases(now):
-        f = add("warning", "lease_expired", f"task {task['task_id']} is running under "
-                f"{task.get('worker_id')} on host {task.get('host_id')} but its lease ended "
-                f"at {task.get('lease_until')}: the supervisor of any host reclaims it")
-        if repair and queue.reclaim(task["task_id"], reason="lease expired (doctor)",
-                                    worker_id=task["worker_id"],
-                                    lease=lease_token(task), expired_only=True,
-                                    now=now) is not None:
-            f.repaired = True
+    check_leases(queue, out, repair=repair, now=now)
     cutoff = clock.iso(now - float(load_system(home).values["heartbeat_timeout_s"]))
     for worker_id, host, beat in queue._read(
             "SELECT w.worker_id, w.host_id, w.heartbeat_at FROM workers w "
