@@ -121,13 +121,14 @@ def all_completed(queue: QueueBackend, ids: list[str]) -> bool:
     return all(any(r["status"] == "completed" for r in finals(queue, t)) for t in ids)
 
 
-def supervisor_step(home: Home, host: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """One reconcile pass of ``host``'s supervisor (no actuator: no scaling)."""
+def supervisor_step(home: Home, host: str, monkeypatch: pytest.MonkeyPatch,
+                    now: float | None = None) -> dict[str, Any]:
+    """One reconcile pass of ``host``'s supervisor (no actuator: no scaling) at ``now``."""
     from daemons.supervisor import Supervisor
 
     monkeypatch.setenv("HARNESS_HOST_ID", host)
     try:
-        return Supervisor(home).reconcile(clock.now())
+        return Supervisor(home).reconcile(clock.now() if now is None else now)
     finally:
         monkeypatch.delenv("HARNESS_HOST_ID")
 
@@ -149,13 +150,13 @@ def test_a_killed_host_s_tasks_are_reclaimed_by_another_host_and_none_is_lost(
     fl.kill_host("h1")
     killed_at = time.monotonic()
     fl.fast.touch()
-    first = supervisor_step(fl.homes["h2"], "h2", monkeypatch)
-    # Leases last 2 s from h1's last heartbeat: nothing is reclaimed yet (unless this
-    # machine was so slow the pass came after that, which the check below allows).
-    if time.monotonic() - killed_at < 1.0:
-        assert first["reclaimed"] == []
-        assert {t["task_id"] for t in running_on(queue, "h1")} == set(ids)
-    reclaimed: list[dict[str, Any]] = list(first["reclaimed"])
+    # Fail closed: a pass just before the first lease ends reclaims nothing, although
+    # h1's workers have no spec in h2's home and are in fact dead.
+    first_end = clock.parse_iso(min(t["lease_until"] for t in running_on(queue, "h1")))
+    early = supervisor_step(fl.homes["h2"], "h2", monkeypatch, now=first_end - 0.05)
+    assert early["reclaimed"] == []
+    assert {t["task_id"] for t in running_on(queue, "h1")} == set(ids)
+    reclaimed: list[dict[str, Any]] = []
 
     def step() -> bool:
         reclaimed.extend(supervisor_step(fl.homes["h2"], "h2", monkeypatch)["reclaimed"])
