@@ -35,6 +35,7 @@ import psutil
 from . import clock
 from .config import load_system, load_worker_types, migrate_worker_types_key
 from .errors import ConfigError, CorruptFileError, HarnessError
+from .hosts import host_id
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
@@ -191,9 +192,10 @@ def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
         proof = liveness(spec, now, heartbeat_timeout)
         if proof:
             dead_workers[worker_id] = proof
+    own_host = host_id()
     for task in list(tasks.values()):
-        if task["status"] != "running":
-            continue
+        if task["status"] != "running" or task.get("host_id") not in (None, own_host):
+            continue  # another host's task: its lease tells (the queue's lease_expired)
         owner = task.get("worker_id")
         proof = orphan_proof(task, active, dead_workers, completed_ids.__contains__, now,
                              heartbeat_timeout)
@@ -202,7 +204,10 @@ def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
         f = report.add("warning", "orphaned_task", f"task {task['task_id']} is running on "
                        f"{owner}, which is dead: {proof}", home.queue_file)
         if queue is not None and isinstance(owner, str):
-            queue.reclaim(task["task_id"], reason=proof, worker_id=owner, now=now)
+            from .queue.rules import lease_token  # local: the queue is a heavy import
+
+            queue.reclaim(task["task_id"], reason=proof, worker_id=owner,
+                          lease=lease_token(task), now=now)
             f.repaired = True
     for task in list(tasks.values()):
         reason = _not_held(task, active, dead_workers)

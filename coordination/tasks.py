@@ -25,7 +25,8 @@ TASK_FIELDS: tuple[str, ...] = (
     "task_id", "description", "priority", "status", "worker_type", "command",
     "created_at", "started_at", "completed_at", "attempts", "max_attempts", "not_before",
     "depends_on", "timeout_s", "correlation_id", "dedup_key", "worker_id", "last_error",
-    "exit_code", "cancel_requested", "budget", "updated_at",
+    "exit_code", "cancel_requested", "budget", "updated_at", "host_id", "lease_token",
+    "lease_until",
 )
 
 TASK_ID_RE = ID_RE
@@ -178,7 +179,8 @@ def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]]
         "depends_on": list(dict.fromkeys(depends_on)), "timeout_s": timeout_s,
         "correlation_id": request.get("correlation_id"), "dedup_key": request.get("dedup_key"),
         "worker_id": None, "last_error": None, "exit_code": None, "cancel_requested": False,
-        "budget": budget, "updated_at": clock.iso(now),
+        "budget": budget, "updated_at": clock.iso(now), "host_id": None, "lease_token": None,
+        "lease_until": None,
     }
 
 

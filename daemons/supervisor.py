@@ -66,10 +66,12 @@ from coordination.errors import (
     TemporaryFailure,
 )
 from coordination.events import emit
+from coordination.hosts import host_id
 from coordination.locks import lock_for
 from coordination.metrics import STALL_STATES, AttemptWindow, health_document, stall_reason
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
+from coordination.queue.rules import lease_token
 from coordination.specs import (
     complete_spec,
     is_completed,
@@ -103,6 +105,10 @@ def singleton_lock_path(home: Home) -> Path:
     """Held by a running supervisor (``supervisor run``, ``up``, ``demo``) for its life
     (:attr:`Home.supervisor_lock`, ``locks/supervisor.lock``)."""
     return home.supervisor_lock
+
+
+#: The loop wakes this long after the next lease may expire (timestamps have ms precision).
+LEASE_WAKE_LATE_S = 0.005
 
 
 def _iso(ts: float | None) -> str | None:
@@ -261,13 +267,16 @@ def _emit(home: Home, event_type: str, message: str, **fields: Any) -> None:
 def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof: str,
                  now: float, *, cause: str = "dead_worker") -> dict[str, Any] | None:
     """Take a running task back from its dead owner (the attempt counts): queued again, or
-    dead-lettered once attempts are spent. Checked against the owner under the queue lock,
-    so a task completed or re-claimed meanwhile is left alone (None). Emits
-    ``task_reclaimed`` after the commit."""
+    dead-lettered once attempts are spent. Checked against the owner and the claim (lease
+    token) in the queue's transaction, so a task completed or re-claimed meanwhile is left
+    alone (None); with cause ``lease_expired`` also one whose lease a heartbeat extended
+    meanwhile. Emits ``task_reclaimed`` after the commit."""
     owner = task.get("worker_id")
     if not isinstance(owner, str):
         return None
-    after = queue.reclaim(task["task_id"], reason=proof, worker_id=owner, now=now)
+    after = queue.reclaim(task["task_id"], reason=proof, worker_id=owner,
+                          lease=lease_token(task), expired_only=cause == "lease_expired",
+                          now=now)
     if after is None:
         return None
     requeued = after.get("status") == "queued"
@@ -286,8 +295,15 @@ def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof
 def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
                  dry_run: bool = False, heartbeat_timeout_s: float | None = None,
                  specs: list[dict[str, Any]] | None = None,
-                 kill_orphans: bool = True) -> dict[str, Any]:
+                 kill_orphans: bool = True, host: str | None = None) -> dict[str, Any]:
     """One orphan-reclaim pass (what ``harness supervisor reclaim`` runs).
+
+    Tasks claimed on this host (``host_id`` is ``host``, default
+    :func:`coordination.hosts.host_id`, or unknown) are judged by this host's worker specs
+    (the fast proofs: pid gone, zombie, reused, heartbeat). A task of any host whose lease
+    expired (:meth:`QueueBackend.expired_leases`) is reclaimed too, with the expiry checked
+    again in the transaction (cause ``lease_expired``); another host's task whose lease
+    holds is never touched, whatever this host's specs say.
 
     Returns ``{"reclaimed": [...], "dead_workers": [...], "orphans_killed": [...],
     "fenced": [...]}``; with ``dry_run`` nothing is changed and the lists say what would be.
@@ -315,18 +331,36 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
         for worker_id in sorted(dead):
             if fence_worker(active[worker_id]):
                 out["fenced"].append(worker_id)
+    own = host or host_id()
+    judged: list[tuple[dict[str, Any], str, str]] = []
+    leases: list[str] = []
     for task in queue.live_tasks(status="running"):
-        owner = task.get("worker_id")
+        if task.get("lease_until"):
+            leases.append(str(task["lease_until"]))
+        if task.get("host_id") not in (None, own):
+            continue  # another host's: its lease alone tells (below)
         proof = orphan_proof(task, active, dead,
                              lambda w: is_completed(home, w), now, hb)
-        if proof is None:
-            continue
+        if proof is not None:
+            judged.append((task, proof, "dead_worker"))
+    seen = {t["task_id"] for t, _, _ in judged}
+    # The next instant a lease may expire: the supervisor's loop wakes then (a timer, not
+    # a shorter tick), so a dead host's task is reclaimed right as its lease ends.
+    later = [until for until in leases if until >= clock.iso(now)]
+    out["next_lease_expiry"] = min(later) if later else None
+    for task in queue.expired_leases(now):
+        if task["task_id"] not in seen:
+            judged.append((task, f"lease expired at {task.get('lease_until')} (worker "
+                           f"{task.get('worker_id')} on host {task.get('host_id')})",
+                           "lease_expired"))
+    for task, proof, cause in judged:
         if dry_run:
-            out["reclaimed"].append({"task_id": task["task_id"], "worker_id": owner,
-                                     "proof": proof, "attempt": task["attempts"],
+            out["reclaimed"].append({"task_id": task["task_id"],
+                                     "worker_id": task.get("worker_id"), "proof": proof,
+                                     "cause": cause, "attempt": task["attempts"],
                                      "status": "would reclaim"})
             continue
-        done = reclaim_task(home, queue, task, proof, now)
+        done = reclaim_task(home, queue, task, proof, now, cause=cause)
         if done is not None:
             out["reclaimed"].append(done)
     for worker_id, proof in sorted(dead.items()):
@@ -339,6 +373,8 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
             continue
         if kill_orphans and spec.get("hostname") == socket.gethostname():
             out["orphans_killed"] += kill_orphaned_tasks(worker_id)
+        with contextlib.suppress(HarnessError):  # else doctor reports the row later
+            queue.forget_worker(worker_id)
         try:
             complete_spec(home, worker_id, "crashed", now, extra={"crash_proof": proof})
             item["completed"] = True
@@ -432,6 +468,7 @@ class Supervisor:
         specs = [s for s in specs if s["worker_id"] not in dead]
         report["reclaimed"] = reclaim["reclaimed"]
         report["dead_workers"] = reclaim["dead_workers"]
+        report["next_lease_expiry"] = reclaim["next_lease_expiry"]
         for item in reclaim["reclaimed"]:
             report["actions"].append(f"reclaimed {item['task_id']} from {item['worker_id']}: "
                                      f"{item['proof']} -> {item['status']}")
@@ -1165,6 +1202,9 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
                 watchdog_at = time.monotonic() + interval
             waits = [float(sup.config()["supervisor_tick_s"])]
             waits += [t.next_at - time.monotonic() for t in ticks]
+            expiry = report.get("next_lease_expiry")
+            if expiry:  # just past it: expired_leases compares lease_until < now
+                waits.append(clock.parse_iso(expiry) + LEASE_WAKE_LATE_S - clock.now())
             if interval is not None:
                 waits.append(watchdog_at - time.monotonic())
             wakeup.wait(max(0.0, min(waits)))

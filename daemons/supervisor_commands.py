@@ -84,7 +84,9 @@ def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> N
     time, on this host) gets SIGKILL, with its tasks' process groups, before its task is
     requeued. Its running task goes back to the queue with the attempt counted, or to the
     dead letters when its attempts are spent; task processes it left on this host are
-    killed and its spec moves to completed (exit_reason crashed, crash_proof). --dry-run
+    killed and its spec moves to completed (exit_reason crashed, crash_proof). A task of
+    any host whose lease expired (lease_until past: its worker stopped heartbeating) is
+    requeued the same way; another host's task whose lease holds is never touched. --dry-run
     signals and changes nothing.
     """
     from .supervisor import reclaim_pass

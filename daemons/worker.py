@@ -61,6 +61,7 @@ from coordination.errors import (
 from coordination.events import append_events, make_event
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
+from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv, redact_text
 from coordination.specs import active_path, complete_spec, liveness, new_spec, write_spec
 from coordination.store import parse_json, prepare_task_folder, read_in_folder, read_json
@@ -94,6 +95,10 @@ def _log(worker_id: str | None) -> logging.Logger:
 CANCEL_CHECK_S = 0.5  # a running task's cancel_requested is seen at least this often
 STATUS_REFRESH_S = 2.0  # STATUS="busy t-... (12s)" is refreshed this often
 RETRY_AFTER_ERROR_S = 2.0  # after a failed queue operation (lock timeout, bad config)
+# Recording an outcome that failed for a temporary reason (database restarting, lock
+# timeout) is retried after this long, doubling up to RETRY_AFTER_ERROR_S, while the task's
+# lease could still be valid (see _retry_pending).
+OUTCOME_RETRY_MIN_S = 0.1
 # A busy worker that goes straight on to its next task publishes the new current_task_id
 # only once that task has run this long (or at the next heartbeat): back-to-back short
 # tasks then cost no spec write each. Going busy from idle, draining, stopping and going
@@ -124,6 +129,8 @@ class _Pending:
     run: TaskRun
     task: dict[str, Any]
     retry_at: float = 0.0
+    tries: int = 0  # attempts to record it that failed for a temporary reason
+    gave_up: bool = False  # the lease ran out while retrying: recorded as lost
     footer_written: bool = False
     footer_logged_error: bool = False
 
@@ -187,6 +194,7 @@ class Worker:
         self.task: dict[str, Any] | None = None
         self.task_started = 0.0
         self.pending: _Pending | None = None
+        self.leases: dict[str, str] = {}  # task id -> lease_until, from the last heartbeat
         # A task claimed together with the previous task's completion (complete_and_claim),
         # not started yet. Released (handed back) if the worker exits before starting it.
         self.claimed: dict[str, Any] | None = None
@@ -365,6 +373,9 @@ class Worker:
         self._flush_events()
         if not self.worker_id:
             return None
+        if self._queue is not None:
+            with contextlib.suppress(HarnessError):  # else doctor reports the row later
+                self._queue.forget_worker(self.worker_id)
         done: dict[str, Any] | None = None
         if not self.dead:
             extra = {k: self.spec.get(k) for k in ("tasks_done", "tasks_failed", "tokens_used",
@@ -391,7 +402,13 @@ class Worker:
         if self.pending is not None:
             wait = self._retry_pending(now)
             if wait is not None:
-                return wait
+                # Alive while the queue is away: the spec heartbeat and the systemd
+                # watchdog go on, so nobody takes us for dead meanwhile.
+                if now - self.t.heartbeat_at >= float(self.cfg["heartbeat_interval_s"]):
+                    self._write_spec(now)
+                self._watchdog_ping()
+                wd = self._watchdog_wait()
+                return wait if wd is None else min(wait, wd)
         if self.run is not None:
             return self._supervise(now)
         return self._idle_step(now)
@@ -447,7 +464,8 @@ class Worker:
         try:
             self.queue.release(claimed["task_id"], self.worker_id,
                                reason="worker exiting before the task started; handed back "
-                               "without spending an attempt", now=now)
+                               "without spending an attempt", now=now,
+                               lease=lease_token(claimed))
         except HarnessError as exc:
             _log(self.worker_id).error("could not hand back %s: %s", claimed["task_id"], exc)
 
@@ -678,7 +696,8 @@ class Worker:
             run.append_log_line(f"=== harness: {exc} ===")
             with contextlib.suppress(NotFound, InvalidTransition):
                 self.queue.fail(task_id, self.worker_id, error=str(exc),
-                                exit_code=exc.exit_code, retry=exc.retry)
+                                exit_code=exc.exit_code, retry=exc.retry,
+                                lease=lease_token(task))
             self._emit("task_spawn_failed", str(exc), task=task, severity="error",
                        retry=exc.retry)
             return
@@ -729,7 +748,8 @@ class Worker:
             self._note("queue_read_failed", now, f"cannot read the queue: {exc}")
             return
         if live is None or live.get("status") != "running" \
-                or live.get("worker_id") != self.worker_id:
+                or live.get("worker_id") != self.worker_id \
+                or lease_token(live) != lease_token(self.task):
             if self.run.stop_reason is None:
                 self._emit("task_lost", "the task is no longer ours (reclaimed?); stopping it",
                            task=self.task, severity="warning")
@@ -796,6 +816,7 @@ class Worker:
         """Heartbeat, STATUS= refresh and the systemd watchdog, whichever is due."""
         interval = float(self.cfg["heartbeat_interval_s"]) if busy else self._idle_heartbeat_s()
         if now - self.t.heartbeat_at >= interval:
+            self._heartbeat(now)
             changes: dict[str, Any] = {}
             if busy and self.run is not None:
                 self.ticks += self.tick_progress
@@ -830,10 +851,22 @@ class Worker:
         try:
             self._record(pending, now)
         except (TemporaryFailure, ConfigError) as exc:
-            self._note("record_failed", now, f"cannot record the outcome of "
-                       f"{pending.task['task_id']} yet: {exc}")
-            pending.retry_at = now + RETRY_AFTER_ERROR_S
-            return RETRY_AFTER_ERROR_S
+            # Keep the outcome and retry with a bounded backoff (the database restarting,
+            # a busy lock) while our lease could still be valid: until then nobody else
+            # may take the task, and once it is back the fenced commit lands exactly once.
+            # Past that the task is presumably reclaimed by some supervisor: give up and
+            # record nothing (it runs again elsewhere; nothing is lost).
+            pending.tries += 1
+            if now >= self._lease_deadline(pending.task):
+                pending.gave_up = True
+                self._record(pending, now)
+            else:
+                self._note("record_failed", now, f"cannot record the outcome of "
+                           f"{pending.task['task_id']} yet: {exc}")
+                delay = min(OUTCOME_RETRY_MIN_S * 2.0 ** (pending.tries - 1),
+                            RETRY_AFTER_ERROR_S)
+                pending.retry_at = now + delay
+                return delay
         self.pending = None
         self.idle_since = now
         return None
@@ -896,14 +929,22 @@ class Worker:
         spec = self.spec
         if reason == "lost":
             outcome = "lost"
+        elif pending.gave_up:
+            outcome = "lost"
+            self._emit("task_outcome_dropped", "could not record the outcome before the "
+                       f"lease ended ({task.get('lease_until')}): the task is left to be "
+                       "reclaimed and run again", task=task, severity="warning")
         else:
             try:
                 outcome = self._commit_outcome(task, run, reason, exit_code, phrase, result,
                                                tokens, now)
             except (NotFound, InvalidTransition) as exc:
-                outcome = "lost"
-                self._emit("task_outcome_dropped", f"could not record the outcome: {exc}",
-                           task=task, severity="warning")
+                # After a temporary failure the earlier try may have committed (the reply
+                # was lost with the connection): then the record carries our lease.
+                outcome = (self._landed(task) if pending.tries else None) or "lost"
+                if outcome == "lost":
+                    self._emit("task_outcome_dropped", f"could not record the outcome: "
+                               f"{exc}", task=task, severity="warning")
         if tokens:
             spec["tokens_used"] = int(spec.get("tokens_used") or 0) + tokens
         if outcome == "completed":
@@ -938,36 +979,84 @@ class Worker:
         _log(self.worker_id).warning("presumed dead by the supervisor (%s); stopping", proof)
         return True
 
+    def _lease_deadline(self, task: dict[str, Any]) -> float:
+        """Until when the lease of ``task`` may still hold: its last known ``lease_until``
+        (the claim's, or the newest heartbeat's); a task without one, one lease from now."""
+        until = self.leases.get(task["task_id"]) or task.get("lease_until")
+        try:
+            return clock.parse_iso(str(until))
+        except ValueError:
+            return clock.now() + float(self.cfg["heartbeat_timeout_s"])
+
+    def _landed(self, task: dict[str, Any]) -> str | None:
+        """Whether a commit of ours whose reply was lost did land: the task's final record
+        ends our claim (same worker, same lease token). Its outcome, else None."""
+        try:
+            record = self.queue.get(task["task_id"])
+        except HarnessError:
+            return None
+        if not record or record.get("status") not in ("completed", "failed", "cancelled") \
+                or record.get("worker_id") != self.worker_id \
+                or record.get("lease_token") != task.get("lease_token"):
+            return None
+        return "completed" if record["status"] == "completed" else str(record["status"])
+
+    def _heartbeat(self, now: float) -> None:
+        """Extend the lease of the running task (and, with postgres, our row in the worker
+        registry). A lost lease (reclaimed while we were paused or cut off) stops the task
+        like a timeout and records nothing (outcome ``lost``); a failed heartbeat (the
+        database restarting) never stops the task: the next one may succeed, and the lease
+        outlives several missed ones."""
+        run, task = self.run, self.task
+        leases: dict[str, str] = {}
+        if run is not None and task is not None and not run.finished \
+                and run.stop_reason is None:
+            leases[task["task_id"]] = lease_token(task)
+        try:
+            extended = self.queue.heartbeat(self.worker_id, leases, now=now)
+        except (NotFound, InvalidTransition) as exc:
+            if run is not None and task is not None and run.stop_reason is None:
+                self._emit("task_lost", f"lease lost ({exc}); stopping the task",
+                           task=task, severity="warning")
+                run.terminate("lost")
+            return
+        except HarnessError as exc:
+            self._note("heartbeat_failed", now, f"cannot extend the lease: {exc}; the task "
+                       "keeps running")
+            return
+        self.leases = extended
+
     def _commit_outcome(self, task: dict[str, Any], run: TaskRun, reason: str | None,
                         exit_code: int | None, phrase: str, result: dict[str, Any] | None,
                         tokens: int | None, now: float) -> str:
-        task_id, wid = task["task_id"], self.worker_id
+        task_id, wid, lease = task["task_id"], self.worker_id, lease_token(task)
         if reason == "stopping":
             self.queue.release(task_id, wid, reason="worker stopped (signal) before the task "
-                               "finished; handed back without spending an attempt", now=now)
+                               "finished; handed back without spending an attempt", now=now,
+                               lease=lease)
             return "released"
         if reason == "scope_refused":
             self.queue.release(task_id, wid, reason=f"the systemd manager refused the task's "
                                f"scope ({run.tail_line()}); handed back without spending an "
-                               "attempt", now=now)
+                               "attempt", now=now, lease=lease)
             return "released"
         if reason == "dead":
             self.queue.release(task_id, wid, reason="worker presumed dead by the supervisor; "
-                               "handed back without spending an attempt", now=now)
+                               "handed back without spending an attempt", now=now, lease=lease)
             return "released"
         if reason == "cancelled":
             self.queue.fail(task_id, wid, error=f"cancelled by operator ({phrase})",
-                            exit_code=exit_code, result=result, now=now)
+                            exit_code=exit_code, result=result, now=now, lease=lease)
             return "cancelled"
         if reason == "timeout":
             self.queue.fail(task_id, wid, error=f"timeout after {task.get('timeout_s')}s "
-                            f"({phrase})", exit_code=exit_code, result=result, now=now)
+                            f"({phrase})", exit_code=exit_code, result=result, now=now, lease=lease)
             return "timeout"
         if run.returncode == 0:
             budget = self._budget(task)
             if budget is not None and tokens is not None and tokens > budget:
                 self.queue.fail(task_id, wid, error="budget_exceeded", exit_code=0,
-                                retry=False, result=result, now=now)
+                                retry=False, result=result, now=now, lease=lease)
                 self._emit("task_budget_exceeded", f"used {tokens} tokens, budget {budget}",
                            task=task, severity="warning", tokens_used=tokens, budget=budget)
                 return "budget_exceeded"
@@ -976,17 +1065,17 @@ class Worker:
                 # are appended together with the next task's task_started.
                 _, self.claimed = self.queue.complete_and_claim(
                     task_id, wid, exit_code=0, result=result, types=self.opts.types, now=now,
-                    events_out=self.held_events)
+                    events_out=self.held_events, lease=lease)
                 if self.claimed is None:
                     self._flush_events()
             else:
-                self.queue.complete(task_id, wid, exit_code=0, result=result, now=now)
+                self.queue.complete(task_id, wid, exit_code=0, result=result, now=now, lease=lease)
             return "completed"
         # The tail of the task's output becomes last_error (queue, dead letter, events):
         # masked here, as everything harness writes for people.
         tail = redact_text(run.tail_line() or "")
         self.queue.fail(task_id, wid, error=phrase + (f": {tail}" if tail else ""),
-                        exit_code=exit_code, result=result, now=now)
+                        exit_code=exit_code, result=result, now=now, lease=lease)
         return "failed"
 
 

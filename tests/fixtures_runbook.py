@@ -129,6 +129,7 @@ class _Worker:
     exit_reason: str | None
     pid: int
     busy: str | None = None
+    lease: str | None = None  # the lease token of the task it runs
     done: int = 0
     failed: int = 0
     tokens: int = 0
@@ -193,6 +194,8 @@ def build_home(root: Path, live_pids: Sequence[int], *, now: float | None = None
     def spec_update(w: _Worker, t: float, **changes: Any) -> None:
         w.spec.update(changes, heartbeat_at=clock.iso(t))
         write_spec(home, w.spec)
+        if w.busy and w.lease:  # a live worker's heartbeat extends its lease too
+            queue.heartbeat(w.worker_id, {w.busy: w.lease}, now=t)
 
     def try_claim(w: _Worker, t: float) -> None:
         if w.busy or (w.end is not None and t >= w.end) or not w.spec:
@@ -202,7 +205,7 @@ def build_home(root: Path, live_pids: Sequence[int], *, now: float | None = None
             push(t + 20, "free", w)  # the safety re-check of an idle worker
             return
         tid = task["task_id"]
-        w.busy = tid
+        w.busy, w.lease = tid, task["lease_token"]
         spec_update(w, t, state="busy", current_task_id=tid, task_started_at=clock.iso(t),
                     progress=0)
         emit(home, "task_started", source="worker", task_id=tid, worker_id=w.worker_id,

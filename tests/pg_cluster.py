@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Cluster:
     admin_db: str = "postgres"
     datadir: Path | None = None
     bindir: Path | None = None
+    options: str = ""  # the server options pg_ctl start was given
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def url(self, dbname: str) -> str:
@@ -83,12 +85,20 @@ class Cluster:
         name = url.rsplit("/", 1)[1]
         self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def restart(self) -> None:
+    def restart(self, down_s: float = 0.0) -> None:
         """Stop the server (fast: sessions are disconnected) and start it again on the same
-        port; only a cluster this module started."""
+        port, after ``down_s`` seconds without a server; only a cluster this module
+        started."""
         assert self.datadir is not None and self.bindir is not None
-        _run_pg([str(self.bindir / "pg_ctl"), "restart", "-D", str(self.datadir), "-m",
-                 "fast", "-w", "-t", "60"])
+        if not down_s:
+            _run_pg([str(self.bindir / "pg_ctl"), "restart", "-D", str(self.datadir), "-m",
+                     "fast", "-w", "-t", "60"])
+            return
+        _run_pg([str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "fast",
+                 "-w", "-t", "60"])
+        time.sleep(down_s)
+        _run_pg([str(self.bindir / "pg_ctl"), "start", "-D", str(self.datadir), "-w", "-t",
+                 "60", "-l", str(self.datadir.parent / "server.log"), "-o", self.options])
 
     def stop(self) -> None:
         if self.datadir is None or self.bindir is None:
@@ -133,7 +143,8 @@ def start_cluster() -> Cluster:
         text = log.read_text(errors="replace") if log.exists() else ""
         shutil.rmtree(top, ignore_errors=True)
         raise RuntimeError(f"pg_ctl start failed: {exc.stderr!r}\n{text}") from exc
-    return Cluster(f"postgresql://postgres@127.0.0.1:{port}", datadir=datadir, bindir=bindir)
+    return Cluster(f"postgresql://postgres@127.0.0.1:{port}", datadir=datadir, bindir=bindir,
+                   options=options)
 
 
 def existing_cluster(url: str) -> Cluster:

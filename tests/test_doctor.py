@@ -465,9 +465,12 @@ def test_running_task_without_any_spec_is_orphaned_after_heartbeat_timeout(
     tid = queue.enqueue(req()).task["task_id"]
     queue.claim("worker-ghost", now=time.time() - 3600)
     report = doctor.check(home)
-    assert open_codes(report) == ["orphaned_task"]
+    # Its lease (claim + heartbeat_timeout_s) ended long ago too: the queue says so.
+    assert open_codes(report) == ["lease_expired", "orphaned_task"]
     doctor.check(home, repair=True)
     assert present(TaskQueue(home).get(tid))["status"] == "queued"
+    # Both findings name one state: the task is reclaimed once.
+    assert [r["outcome"] for r in TaskQueue(home).history_of(tid)] == ["reclaimed"]
 
 
 def test_spec_in_both_active_and_completed(home: Home) -> None:

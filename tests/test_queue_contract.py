@@ -882,6 +882,102 @@ def test_a_stale_lease_cannot_commit(make_backend: Callable[..., Any]) -> None:
     assert done["status"] == "completed"
 
 
+def test_a_claim_records_its_host_and_a_fresh_lease(
+        make_backend: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim records the claiming process's host (HARNESS_HOST_ID), a fresh lease token
+    and lease_until = claim time + heartbeat_timeout_s; handing the task back clears them
+    all, and the next claim's token is new."""
+    from coordination.queue.rules import lease_token
+
+    monkeypatch.setenv("HARNESS_HOST_ID", "h7")
+    backend = make_backend(heartbeat_timeout_s=30)
+    first = run_once(backend, req())
+    assert first["host_id"] == "h7" and first["lease_until"] == clock.iso(T0 + 30)
+    assert first["lease_token"] and lease_token(first) == first["lease_token"]
+    queued = backend.release(first["task_id"], "w1", reason="x", now=T0 + 1,
+                             lease=first["lease_token"])
+    assert (queued["worker_id"], queued["host_id"], queued["lease_token"],
+            queued["lease_until"]) == (None, None, None, None)
+    monkeypatch.setenv("HARNESS_HOST_ID", "h8")
+    again = backend.claim("w1", now=T0 + 2)
+    assert again is not None and again["host_id"] == "h8"
+    assert again["lease_token"] != first["lease_token"]
+    with pytest.raises(UsageError, match="HARNESS_HOST_ID"):
+        monkeypatch.setenv("HARNESS_HOST_ID", "../h")
+        backend.claim("w2", now=T0 + 3)
+
+
+def test_heartbeat_extends_the_lease_and_refuses_a_lost_one(
+        make_backend: Callable[..., Any]) -> None:
+    backend = make_backend(heartbeat_timeout_s=30, retry_backoff_base_s=0)
+    task = run_once(backend, req(max_attempts=3))
+    tid, token = task["task_id"], task["lease_token"]
+    assert backend.heartbeat("w1", {}, now=T0 + 1) == {}
+    assert backend.heartbeat("w1", {tid: token}, now=T0 + 10) == {tid: clock.iso(T0 + 40)}
+    assert backend.get(tid)["lease_until"] == clock.iso(T0 + 40)
+    with pytest.raises(InvalidTransition, match="lease lost"):
+        backend.heartbeat("w1", {tid: "1-stale"}, now=T0 + 11)
+    with pytest.raises(InvalidTransition):
+        backend.heartbeat("intruder", {tid: token}, now=T0 + 11)
+    assert backend.get(tid)["lease_until"] == clock.iso(T0 + 40)  # nothing changed
+    assert backend.reclaim(tid, reason="gone", worker_id="w1", lease=token,
+                           now=T0 + 12) is not None
+    with pytest.raises(InvalidTransition, match="not running"):  # queued again
+        backend.heartbeat("w1", {tid: token}, now=T0 + 13)
+    again = backend.claim("w2", now=T0 + 14)
+    assert again is not None and again["task_id"] == tid
+    with pytest.raises(InvalidTransition, match=r"lease lost|held by"):
+        backend.heartbeat("w1", {tid: token}, now=T0 + 15)
+
+
+def test_expired_leases_lists_running_tasks_past_their_lease(
+        make_backend: Callable[..., Any]) -> None:
+    backend = make_backend(heartbeat_timeout_s=30)
+    backend.enqueue_batch([req(task_id="a"), req(task_id="b"), req(task_id="c")], now=T0)
+    a = backend.claim("w1", now=T0)
+    b = backend.claim("w2", now=T0 + 20)
+    assert a is not None and b is not None
+    assert backend.expired_leases(T0 + 29) == []
+    assert [t["task_id"] for t in backend.expired_leases(T0 + 31)] == ["a"]
+    assert [t["task_id"] for t in backend.expired_leases(T0 + 51)] == ["a", "b"]
+    backend.heartbeat("w1", {"a": a["lease_token"]}, now=T0 + 40)
+    assert [t["task_id"] for t in backend.expired_leases(T0 + 51)] == ["b"]
+    backend.complete("b", "w2", lease=b["lease_token"], now=T0 + 52)
+    assert backend.expired_leases(T0 + 60) == []  # a's lease runs to T0 + 70; c is queued
+
+
+def test_a_lease_reclaim_is_fenced_by_expiry_and_happens_once(
+        make_backend: Callable[..., Any]) -> None:
+    """reclaim(expired_only=True) leaves a task whose lease has not expired (a heartbeat
+    came first: fail closed) and reclaims an expired one exactly once, whoever asks."""
+    backend = make_backend(heartbeat_timeout_s=30, retry_backoff_base_s=0)
+    task = run_once(backend, req(max_attempts=3))
+    tid, token = task["task_id"], task["lease_token"]
+    assert backend.reclaim(tid, reason="lease", worker_id="w1", lease=token,
+                           expired_only=True, now=T0 + 29) is None
+    assert backend.get(tid)["status"] == "running"
+    done = backend.reclaim(tid, reason="lease", worker_id="w1", lease=token,
+                           expired_only=True, now=T0 + 31)
+    assert done is not None and done["status"] == "queued" and done["attempts"] == 1
+    assert backend.reclaim(tid, reason="lease", worker_id="w1", lease=token,
+                           expired_only=True, now=T0 + 32) is None
+    reclaimed = [r for r in backend.history_of(tid) if r["outcome"] == "reclaimed"]
+    assert len(reclaimed) == 1
+
+
+def test_check_reports_an_expired_lease_and_repair_reclaims_it(
+        make_backend: Callable[..., Any]) -> None:
+    backend = make_backend(heartbeat_timeout_s=30, retry_backoff_base_s=0)
+    task = run_once(backend, req(max_attempts=3))
+    assert "lease_expired" not in {f.code for f in backend.check(now=T0 + 29)}
+    found = {f.code: f for f in backend.check(now=T0 + 31)}
+    assert found["lease_expired"].level == "warning"
+    repaired = {f.code: f for f in backend.check(repair=True, now=T0 + 31)}
+    assert repaired["lease_expired"].repaired
+    assert backend.get(task["task_id"])["status"] == "queued"
+    assert "lease_expired" not in {f.code for f in backend.check(now=T0 + 32)}
+
+
 # ------------------------------------------------------------------------------ wake-ups
 def test_wait_wakes_on_a_change_by_another_process_and_times_out_otherwise(
         backend: Any) -> None:

@@ -278,6 +278,57 @@ def test_compaction_starts_a_new_journal_from_a_durable_base(backend: Any) -> No
     assert not [f for f in fresh.check() if f.level != "info"]
 
 
+def test_journal_deleted_while_running_restarts_from_the_live_state(backend: Any) -> None:
+    """An operator removes task-queue.journal while a daemon runs, before the view has
+    caught up: the next commit starts a new journal from the daemon's live state (a
+    durable view of it first), not from a stale view, so no commit is dropped."""
+    home = backend.home
+    first = backend.enqueue(req(), now=T0).task["task_id"]
+    backend.sync()  # the view has the first task only
+    later = [r.task["task_id"] for r in backend.enqueue_batch([req(), req()], now=T0 + 1)]
+    assert json.loads(home.queue_file.read_bytes())["revision"] == 1  # a stale view
+    home.queue_journal.unlink()
+    backend.get(first)  # the backend notices the journal is gone
+    last = backend.enqueue(req(), now=T0 + 2).task["task_id"]
+    fresh = FileQueue(home)  # another process: view + new journal
+    assert live_ids(fresh) == {first, *later, last}
+    assert json.loads(home.queue_base_file.read_bytes())["revision"] == 2
+    assert not [f for f in fresh.check() if f.level != "info"]
+
+
+def test_a_view_published_by_another_process_defers_our_timer(backend: Any) -> None:
+    """Two processes committing: the one whose timer fires within SNAPSHOT_INTERVAL_S
+    of the other's publish waits for the interval instead of rendering the same view
+    again; once the interval is over it publishes what it owes."""
+    from coordination.queue.file.publisher import SNAPSHOT_INTERVAL_S
+
+    home = backend.home
+    other = FileQueue(home)
+    try:
+        backend.enqueue(req(), now=T0)
+        backend.sync()  # "another process" published just now
+        view = home.queue_file.stat().st_ino
+        mine = other.enqueue(req(), now=T0 + 1).task["task_id"]
+        started = time.monotonic()
+        later = other._sync_timed()
+        if time.monotonic() - started < SNAPSHOT_INTERVAL_S / 2:  # not stalled meanwhile
+            assert 0 < later <= SNAPSHOT_INTERVAL_S
+            assert home.queue_file.stat().st_ino == view  # nothing rendered
+        # Within the interval of our commit the view has it: published by the other
+        # process (its own timer) or by ours once the interval since that publish is over.
+        deadline = time.monotonic() + 2 * SNAPSHOT_INTERVAL_S + 1
+
+        def in_view() -> bool:
+            tasks = json.loads(home.queue_file.read_bytes())["tasks"]
+            return mine in {t["task_id"] for t in tasks}
+        while not in_view() and time.monotonic() < deadline:
+            time.sleep(later)
+            later = other._sync_timed()
+        assert in_view()
+    finally:
+        other.close()
+
+
 # ------------------------------------------------------------------------------ hand edits
 def _edit(home: Home, change: Callable[[dict[str, Any]], None]) -> None:
     """What an operator does: under the queue lock, jq the file into a temp, mv it back."""

@@ -274,6 +274,49 @@ def test_check_reports_and_repairs_view_and_orphaned_rows(
     assert "view_missing" in {f.code for f in queue.check(now=T0)}
 
 
+def test_heartbeats_keep_the_worker_registry_and_doctor_checks_leases(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every heartbeat upserts the worker's row (host, pid, time), with or without a task,
+    and notifies nobody; doctor reports a running task past its lease (repair reclaims it
+    through the fenced reclaim) and a stale row of a worker holding no task (repair deletes
+    it); forget_worker drops a row."""
+    import os
+
+    monkeypatch.setenv("HARNESS_HOST_ID", "h9")
+    home = pg_home_factory(heartbeat_timeout_s=30, retry_backoff_base_s=0)
+    queue = PostgresQueue(home)
+    task = queue.enqueue(req(max_attempts=3), now=T0).task
+    claimed = queue.claim("w1", now=T0)
+    assert claimed is not None
+    revision = queue.stats(T0)["revision"]
+    woken = threading.Event()
+    stop = queue.on_change(woken.set)
+    try:
+        queue.heartbeat("w1", {task["task_id"]: claimed["lease_token"]}, now=T0 + 5)
+        queue.heartbeat("w2", {}, now=T0 + 6)
+        assert not woken.wait(0.3)  # a heartbeat makes nothing claimable
+    finally:
+        stop()
+    assert queue.stats(T0)["revision"] > revision  # but it is a commit (the view's rev)
+    rows = queue._read("SELECT worker_id, host_id, pid, heartbeat_at FROM workers "
+                       "ORDER BY worker_id")
+    assert rows == [("w1", "h9", os.getpid(), "2023-11-14T22:13:25.000Z"),
+                    ("w2", "h9", os.getpid(), "2023-11-14T22:13:26.000Z")]
+    codes = {f.code: f for f in queue.check(now=T0 + 40)}
+    assert codes["lease_expired"].level == "warning"
+    assert "orphaned_worker_row" in codes  # w2: stale and holding nothing
+    assert {f.code for f in queue.check(now=T0 + 20)} & {"lease_expired",
+                                                          "orphaned_worker_row"} == set()
+    repaired = {f.code: f for f in queue.check(repair=True, now=T0 + 40)}
+    assert repaired["lease_expired"].repaired and repaired["orphaned_worker_row"].repaired
+    assert present(queue.get(task["task_id"]))["status"] == "queued"
+    # w1 held nothing once its task was reclaimed: its stale row went too.
+    assert queue._read("SELECT worker_id FROM workers") == []
+    queue.heartbeat("w3", {}, now=T0 + 41)
+    queue.forget_worker("w3")
+    assert queue._read("SELECT worker_id FROM workers") == []
+
+
 def _url_of(home: Home) -> str:
     url: Any = json.loads(home.system_config.read_text())["database_url"]
     return str(url)

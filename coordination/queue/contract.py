@@ -9,16 +9,19 @@ A method that changes the queue returns once the change is durable (per ``durabi
 its events are appended after that. Policy (claim order, retries, dependencies, dedup) is
 :mod:`coordination.queue.rules`, the same for every backend.
 
-Shaped for a networked backend too: the fencing token of a claim is
-:func:`~coordination.queue.rules.lease_token` (a worker that lost its task cannot commit:
-complete / fail / release check the owner under the backend's own lock or row lock); the
+Shaped for a networked backend too: a claim is a lease (docs/coordination.md, "Leases
+and hosts"): it records the claiming host (``host_id``), a fresh fencing token
+(:func:`~coordination.queue.rules.lease_token`) and ``lease_until``, which ``heartbeat``
+extends; a worker that lost its task cannot commit (complete / fail / release check the
+owner and token under the backend's own lock or row lock), and a task whose lease expired
+is reclaimed by the supervisor of any host (``expired_leases``, ``reclaim``); the
 history cursor is an opaque string (a file offset here, a sequence number in a database);
 ``wait`` / ``on_change`` are what inotify or LISTEN/NOTIFY provide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, overload, runtime_checkable
 
@@ -88,7 +91,9 @@ class QueueBackend(Protocol):
               now: float | None = None,
               events_out: list[dict[str, Any]] | None = None) -> Task | None:
         """Take the best runnable task (rules.claim_key) for ``worker_id``: it becomes
-        ``running`` with ``attempts`` + 1. None when none is runnable. With ``events_out``
+        ``running`` with ``attempts`` + 1, this process's ``host_id``, a fresh
+        ``lease_token`` and ``lease_until`` = now + ``heartbeat_timeout_s``. None when
+        none is runnable. With ``events_out``
         the caller appends the committed transaction's events itself."""
     def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                  result: dict[str, Any] | None = None, now: float | None = None,
@@ -115,15 +120,35 @@ class QueueBackend(Protocol):
         """Hand a running task back without spending an attempt."""
     @overload
     def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task: ...
     @overload
     def reclaim(self, task_id: str, *, reason: str, worker_id: str,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task | None: ...
     def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task | None:
-        """Take a task back from a worker proven dead (the attempt counts). With
-        ``worker_id`` the owner is checked under the lock and None is returned when the
-        task is no longer running under it (each task is reclaimed at most once)."""
+        """Take a task back from a worker proven dead or whose lease expired (the attempt
+        counts). With ``worker_id`` the owner (and, with ``lease``, the claim) is checked
+        in the transaction and None is returned when the task is no longer running under
+        it (each task is reclaimed at most once); with ``expired_only`` also when its
+        lease has not expired at ``now`` (fail closed: a heartbeat committed first)."""
+    def heartbeat(self, worker_id: str, leases: Mapping[str, str], *,
+                  now: float | None = None) -> dict[str, str]:
+        """Extend to now + ``heartbeat_timeout_s`` the lease of each task in ``leases``
+        (task id -> lease token) held by ``worker_id``; returns task id -> new
+        ``lease_until``. All or nothing: NotFound / InvalidTransition ("lease lost") when
+        a task is not running under that claim any more (its worker must stop it). A
+        backend with a worker registry (postgres) records the heartbeat there too, also
+        with no leases."""
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop ``worker_id`` from the backend's worker registry (a worker exiting, or
+        found dead); nothing happens without a registry (the file backend) or a row."""
+    def expired_leases(self, now: float | None = None) -> list[Task]:
+        """Running tasks whose ``lease_until`` is before ``now``, oldest lease first, on
+        every host: what any host's supervisor reclaims. Tasks without a lease (claimed
+        before leases existed) are never listed."""
 
     # -- operators -------------------------------------------------------------------
     def cancel(self, task_id: str, *, reason: str = "cancelled by operator",

@@ -8,14 +8,17 @@ transaction object offers what :class:`OpsTxn` names.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
 from .. import clock
 from ..config import load_system, load_worker_types
 from ..errors import InvalidTransition, NotFound, UsageError
 from ..events import make_event
+from ..hosts import host_id as this_host_id
 from ..paths import Home
 from ..tasks import check_priority, new_task
 from . import admission, rules
@@ -83,9 +86,26 @@ def resolve(txn: OpsTxn, task_id: str) -> EnqueueResult:
     raise NotFound(f"task {task_id} vanished during its own enqueue")
 
 
-def take(txn: OpsTxn, task: Task, worker_id: str) -> Task:
-    """Claim ``task`` (chosen by the backend in claim order) for ``worker_id``."""
-    rules.claimed(task, worker_id, txn.now_iso)
+@dataclass(frozen=True)
+class ClaimLease:
+    """What a claim records besides the worker: the claiming process's host and how long
+    the lease lasts (system.json ``heartbeat_timeout_s``)."""
+
+    host_id: str
+    seconds: float
+
+
+def claim_lease(home: Home) -> ClaimLease:
+    """The lease a claim made by this process takes (:mod:`coordination.hosts`)."""
+    return ClaimLease(this_host_id(), float(load_system(home).values["heartbeat_timeout_s"]))
+
+
+def take(txn: OpsTxn, task: Task, worker_id: str, lease: ClaimLease) -> Task:
+    """Claim ``task`` (chosen by the backend in claim order) for ``worker_id``: a fresh
+    lease token, valid for ``lease.seconds`` unless a heartbeat extends it."""
+    rules.claimed(task, worker_id, txn.now_iso, host_id=lease.host_id,
+                  token=f"{task['attempts'] + 1}-{secrets.token_hex(8)}",
+                  lease_until=clock.iso(txn.now + lease.seconds))
     txn.put(task)
     txn.event("task_claimed", f"attempt {task['attempts']}/{task['max_attempts']}",
               task, attempt=task["attempts"])
@@ -142,7 +162,8 @@ def fail(txn: OpsTxn, task_id: str, worker_id: str | None, *, error: str,
             dict(task, status="failed"), final=False, outcome=outcome,
             recorded_at=txn.now_iso, result=result))
         delay = rules.backoff_delay(task["attempts"], cfg)
-        task.update(status="queued", worker_id=None, not_before=rules.retry_at(txn.now, delay))
+        task.update(status="queued", not_before=rules.retry_at(txn.now, delay))
+        rules.unleased(task)
         txn.put(task)
         txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
                   f"{error[:200]}; retry in {delay:.1f}s", task, severity="warning",
@@ -169,8 +190,8 @@ def release(txn: OpsTxn, task_id: str, worker_id: str, reason: str,
     txn.history.append(rules.history_record(
         dict(task, status="queued"), final=False, outcome="released",
         recorded_at=txn.now_iso))
-    task.update(status="queued", worker_id=None, attempts=task["attempts"] - 1,
-                last_error=reason)
+    task.update(status="queued", attempts=task["attempts"] - 1, last_error=reason)
+    rules.unleased(task)
     txn.put(task)
     txn.event("task_released", reason, task)
     return dict(task)
@@ -205,21 +226,37 @@ def reprioritize(txn: OpsTxn, task_id: str, priority: str) -> Task:
     return dict(task)
 
 
-def reclaim(fail_: Any, task_id: str, *, reason: str, worker_id: str | None,
-            now: float | None) -> Task | None:
-    """Take a running task back from a worker proven dead through the backend's ``fail``
-    (the attempt counts). With ``worker_id`` the owner is checked in the transaction and
-    None is returned when the task is not running under it any more."""
-    if worker_id is None:
-        out: Task = fail_(task_id, None, error=f"reclaimed: {reason}", outcome="reclaimed",
-                          now=now)
-        return out
-    try:
-        got: Task = fail_(task_id, worker_id, error=f"reclaimed: {reason}",
-                          outcome="reclaimed", now=now)
-        return got
-    except (NotFound, InvalidTransition):
-        return None
+def heartbeat(txn: OpsTxn, worker_id: str, leases: Mapping[str, str],
+              seconds: float) -> dict[str, str]:
+    """Extend the lease of each task in ``leases`` (task id -> its lease token) held by
+    ``worker_id`` to ``seconds`` from now; returns task id -> the new ``lease_until``.
+    All or nothing: NotFound / InvalidTransition ("lease lost") for the first task that is
+    not running under that claim any more, and then no lease is extended."""
+    out: dict[str, str] = {}
+    until = clock.iso(txn.now + seconds)
+    for task_id in sorted(leases):
+        task = running(txn, task_id, worker_id, leases[task_id])
+        task["lease_until"] = until
+        txn.put(task, touch=False)  # updated_at stays the last change of state
+        out[task_id] = until
+    return out
+
+
+def reclaim(txn: OpsTxn, task_id: str, *, reason: str, worker_id: str | None,
+            lease: str | None, expired_only: bool, cfg: Mapping[str, Any]) -> Task | None:
+    """Take a running task back (the attempt counts) as a ``fail`` with outcome
+    ``reclaimed``. With ``worker_id`` (and ``lease``) the owner (and claim) is checked in
+    the transaction and None is returned when the task is not running under it any more;
+    with ``expired_only`` also when its lease has not expired (a heartbeat came first)."""
+    if worker_id is not None:
+        try:
+            task = running(txn, task_id, worker_id, lease)
+        except (NotFound, InvalidTransition):
+            return None
+        if expired_only and not rules.lease_expired(task, txn.now_iso):
+            return None
+    return fail(txn, task_id, worker_id, error=f"reclaimed: {reason}", exit_code=None,
+                retry=True, result=None, outcome="reclaimed", lease=lease, cfg=cfg)
 
 
 class Operations:
@@ -239,8 +276,23 @@ class Operations:
         raise NotImplementedError
 
     def _claim_in(self, txn: Any, worker_id: str, wanted: set[str] | None,
-                  paused: set[str]) -> Task | None:
+                  paused: set[str], lease: ClaimLease) -> Task | None:
         raise NotImplementedError
+
+    def expired_leases(self, now: float | None = None) -> list[Task]:
+        raise NotImplementedError
+
+    def _register_worker(self, txn: Any, worker_id: str) -> None:
+        """Record ``worker_id``'s heartbeat in the backend's worker registry, if it keeps
+        one (postgres: the ``workers`` table); the file backend's registry is the worker
+        specs, which the worker writes itself."""
+
+    #: Whether :meth:`heartbeat` with no leases still has something to record.
+    _keeps_registry = False
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop ``worker_id`` from the worker registry (see the port); nothing to do
+        without one."""
 
     def _paused(self, now: float) -> set[str]:
         raise NotImplementedError
@@ -289,9 +341,10 @@ class Operations:
         wanted = set(types) if types is not None else None
         ts = clock.now() if now is None else now
         paused = self._paused(ts)
+        lease = claim_lease(self.home)
 
         def body(txn: Any) -> Task | None:
-            return self._claim_in(txn, worker_id, wanted, paused)
+            return self._claim_in(txn, worker_id, wanted, paused, lease)
         claimed: Task | None = self._transaction(ts, body, events_out=events_out)
         return claimed
 
@@ -305,10 +358,11 @@ class Operations:
         wanted = set(types) if types is not None else None
         ts = clock.now() if now is None else now
         paused = self._paused(ts)
+        claim = claim_lease(self.home)
 
         def body(txn: Any) -> tuple[Task, Task | None]:
             done = complete(txn, task_id, worker_id, exit_code, result, lease)
-            return done, self._claim_in(txn, worker_id, wanted, paused)
+            return done, self._claim_in(txn, worker_id, wanted, paused, claim)
         out: tuple[Task, Task | None] = self._transaction(ts, body, events_out=events_out)
         return out
 
@@ -340,16 +394,39 @@ class Operations:
 
     @overload
     def reclaim(self, task_id: str, *, reason: str, worker_id: None = None,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task: ...
     @overload
     def reclaim(self, task_id: str, *, reason: str, worker_id: str,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task | None: ...
 
     def reclaim(self, task_id: str, *, reason: str, worker_id: str | None = None,
+                lease: str | None = None, expired_only: bool = False,
                 now: float | None = None) -> Task | None:
-        """Take a running task back from a worker proven dead (see the port); the owner
-        check runs inside the transaction, so each task is reclaimed at most once."""
-        return reclaim(self.fail, task_id, reason=reason, worker_id=worker_id, now=now)
+        """Take a running task back from a worker proven dead, or whose lease expired (see
+        the port); the owner, claim and expiry checks run inside the transaction, so each
+        task is reclaimed at most once and never while its lease is valid."""
+        cfg = load_system(self.home).values
+        out: Task | None = self._transaction(now, lambda txn: reclaim(
+            txn, task_id, reason=reason, worker_id=worker_id, lease=lease,
+            expired_only=expired_only, cfg=cfg))
+        return out
+
+    def heartbeat(self, worker_id: str, leases: Mapping[str, str], *,
+                  now: float | None = None) -> dict[str, str]:
+        """Extend the leases ``worker_id`` holds (see the port); no transaction at all when
+        there is nothing to extend or register."""
+        if not leases and not self._keeps_registry:
+            return {}
+        seconds = float(load_system(self.home).values["heartbeat_timeout_s"])
+
+        def body(txn: Any) -> dict[str, str]:
+            out = heartbeat(txn, worker_id, leases, seconds)
+            self._register_worker(txn, worker_id)
+            return out
+        extended: dict[str, str] = self._transaction(now, body, drain=False)
+        return extended
 
     # -- operators -------------------------------------------------------------------
     def cancel(self, task_id: str, *, reason: str = "cancelled by operator",

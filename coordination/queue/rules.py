@@ -79,16 +79,35 @@ def check_running(task: Mapping[str, Any] | None, task_id: str,
 
 
 def lease_token(task: Mapping[str, Any]) -> str:
-    """The fencing token of a running task's current claim: its worker and attempt number.
-    A claim after a reclaim changes it, so an old holder's token no longer matches."""
+    """The fencing token of a running task's current claim: ``lease_token``, fresh for
+    every claim (:func:`claimed`), so an old holder's token never matches again. A task
+    claimed before leases existed has none: its worker and attempt number stand in."""
+    token = task.get("lease_token")
+    if token:
+        return str(token)
     return f"{task.get('worker_id')}:{task.get('attempts')}"
 
 
-def claimed(task: dict[str, Any], worker_id: str, now_iso: str) -> None:
-    """Apply a claim to a queued task (in place): running under ``worker_id``, one more
-    attempt."""
+def lease_expired(task: Mapping[str, Any], now_iso: str) -> bool:
+    """Whether ``task`` is running under a lease that ended before ``now_iso`` (timestamps
+    compare as text). A running task with no ``lease_until`` (claimed before leases
+    existed) has not expired: fail closed, only a proof of death reclaims it."""
+    until = task.get("lease_until")
+    return task.get("status") == "running" and until is not None and until < now_iso
+
+
+def claimed(task: dict[str, Any], worker_id: str, now_iso: str, *, host_id: str | None = None,
+            token: str | None = None, lease_until: str | None = None) -> None:
+    """Apply a claim to a queued task (in place): running under ``worker_id`` on
+    ``host_id``, one more attempt, a fresh lease ``token`` valid until ``lease_until``."""
     task.update(status="running", worker_id=worker_id, started_at=now_iso,
-                completed_at=None, attempts=task["attempts"] + 1, exit_code=None)
+                completed_at=None, attempts=task["attempts"] + 1, exit_code=None,
+                host_id=host_id, lease_token=token, lease_until=lease_until)
+
+
+def unleased(task: dict[str, Any]) -> None:
+    """A task back in the queue holds no claim (in place): no worker, host or lease."""
+    task.update(worker_id=None, host_id=None, lease_token=None, lease_until=None)
 
 
 def history_record(task: Mapping[str, Any], *, final: bool, outcome: str, recorded_at: str,
@@ -157,8 +176,9 @@ def finish_fields(task: dict[str, Any], status: str, now_iso: str) -> None:
 
 def requeued_from_dead(task: dict[str, Any], *, reset_attempts: bool) -> None:
     """A dead letter made a fresh queued task again (in place)."""
-    task.update(status="queued", worker_id=None, not_before=None, started_at=None,
+    task.update(status="queued", not_before=None, started_at=None,
                 completed_at=None, cancel_requested=False, exit_code=None)
+    unleased(task)
     if reset_attempts:
         task["attempts"] = 0
 

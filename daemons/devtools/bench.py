@@ -294,6 +294,14 @@ def _reclaim(root: Path, quick: bool) -> dict[str, Figure]:
     return {"reclaim_latency": [s * 1000 for s in got["samples_s"]]}
 
 
+def _host_reclaim(root: Path, quick: bool) -> dict[str, Figure]:
+    """A dead host's task reclaimed on its lease by another host's supervisor."""
+    from .supervisor_bench import measure_host_reclaim_latency
+
+    got = measure_host_reclaim_latency(2 if quick else 5, workdir=root.parent)
+    return {"reclaim_dead_host": [s * 1000 for s in got["samples_s"]]}
+
+
 #: Spawns argv[1:], waits for it with wait4 and prints its exit status and ru_maxrss (KiB).
 _RSS_PROBE = """
 import os, sys
@@ -476,6 +484,10 @@ BENCHES: tuple[Bench, ...] = (
     Bench("reclaim", ("reclaim",), (
         Metric("reclaim_latency", "ms", "SIGKILL of a busy worker -> its task queued again"),
     ), _reclaim, _DIST),
+    Bench("reclaim_dead_host", ("reclaim",), (
+        Metric("reclaim_dead_host", "ms", "SIGKILL of a host (worker + task) -> its task "
+               "queued again by another host's supervisor, on the lease (timeout 5 s)"),
+    ), _host_reclaim, _DIST),
     Bench("peers", ("peers",), (
         Metric("throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers, fsync (harness)"),
         Metric("peer_huey_2w_600", "tasks/s", "the same on huey SqliteHuey, 2 process workers"),

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,37 +83,32 @@ def _status(home: Home, task_id: str) -> tuple[str | None, str | None]:
     return task["status"], task.get("worker_id")
 
 
-def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
-                            workdir: Path | None = None) -> dict[str, Any]:
-    """Seconds from SIGKILL of a busy worker to its task being ``queued`` again in
-    task-queue.json, with a running ``harness supervisor run --no-scale`` (default
-    settings; no actuator, so it neither starts nor drains the measured workers). The
-    killed worker is reaped at once, as systemd would."""
-    become_subreaper()  # the killed workers' orphaned tasks are reaped here, not by init
-    root = Path(tempfile.mkdtemp(prefix="harness-reclaim-bench-", dir=workdir))
-    # Default settings, except that the circuit breaker must not pause the "default" type
-    # after five reclaimed (failed) attempts, as it rightly would.
-    home = _home(root / "home", circuit_min_tasks=10**6)
-    env = _env(pidfd)
+def _reclaim_samples(root: Path, home: Home, trials: int, sup_env: dict[str, str],
+                     worker_env: dict[str, str], settle_s: float,
+                     kill: Callable[[subprocess.Popen[bytes]], None]) -> list[float]:
+    """Seconds from ``kill(worker)`` to its task ``queued`` again, per trial, under a
+    ``harness supervisor run --no-scale`` (each trial: a fresh worker, a ``sleep 300``
+    task, ``settle_s`` once it runs, then the kill). Removes ``root`` and reaps every
+    orphan at the end."""
     sup = _spawn([*HARNESS, "supervisor", "run", "--no-scale", "--home", str(home.root)],
-                 root / "supervisor.log", env)
+                 root / "supervisor.log", sup_env)
     samples: list[float] = []
     try:
         _wait(home.health_file.exists, 60, "the supervisor's first pass", 0.02)
         queue = open_queue(home)
         for trial in range(trials):
             worker = _spawn([*HARNESS, "worker", "run", "--instance", f"b{trial}", "--home",
-                             str(home.root)], root / f"worker-{trial}.log", env)
+                             str(home.root)], root / f"worker-{trial}.log", worker_env)
             try:
                 task_id = queue.enqueue({"command": ["sleep", "300"],
                                          "description": f"bench {trial}"}).task["task_id"]
                 _wait(lambda: _status(home, task_id)[0] == "running", 60,  # noqa: B023
                       "the task to start")
-                time.sleep(0.3)  # let the supervisor's pass see the busy worker
+                time.sleep(settle_s)
                 t0 = time.time()
-                os.kill(worker.pid, signal.SIGKILL)
+                kill(worker)
                 worker.wait(30)
-                _wait(lambda: _status(home, task_id)[0] == "queued", 60,  # noqa: B023
+                _wait(lambda: _status(home, task_id)[0] == "queued", 120,  # noqa: B023
                       "the reclaim")
                 samples.append(time.time() - t0)
                 queue.cancel(task_id)
@@ -125,12 +121,61 @@ def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
         shutil.rmtree(root, ignore_errors=True)
         time.sleep(0.2)
         reap_orphans(())
+    return samples
+
+
+def measure_reclaim_latency(trials: int = 20, *, pidfd: bool = True,
+                            workdir: Path | None = None) -> dict[str, Any]:
+    """Seconds from SIGKILL of a busy worker to its task being ``queued`` again in
+    task-queue.json, with a running ``harness supervisor run --no-scale`` (default
+    settings; no actuator, so it neither starts nor drains the measured workers). The
+    killed worker is reaped at once, as systemd would."""
+    become_subreaper()  # the killed workers' orphaned tasks are reaped here, not by init
+    root = Path(tempfile.mkdtemp(prefix="harness-reclaim-bench-", dir=workdir))
+    # Default settings, except that the circuit breaker must not pause the "default" type
+    # after five reclaimed (failed) attempts, as it rightly would.
+    home = _home(root / "home", circuit_min_tasks=10**6)
+    env = _env(pidfd)
+
+    def kill(worker: subprocess.Popen[bytes]) -> None:
+        os.kill(worker.pid, signal.SIGKILL)
+    samples = _reclaim_samples(root, home, trials, env, env, 0.3, kill)
     return {"trials": len(samples), "pid_watcher": "pidfd" if pidfd else "off (tick only)",
             "supervisor_tick_s": default_system()["supervisor_tick_s"],
             "p50_s": round(statistics.median(samples), 4),
             "p90_s": round(percentile(samples, 0.9) or 0.0, 4),
             "min_s": round(min(samples), 4), "max_s": round(max(samples), 4),
             "samples_s": [round(s, 4) for s in samples]}
+
+
+#: Lease settings of the dead-host bench: the default heartbeat_timeout_s (60 s) would make
+#: each trial a minute long; the figure scales with it (target: timeout + 2 s).
+HOST_LEASE = {"heartbeat_timeout_s": 5.0, "heartbeat_interval_s": 1.0}
+
+
+def measure_host_reclaim_latency(trials: int = 5, *,
+                                 workdir: Path | None = None) -> dict[str, Any]:
+    """Seconds from SIGKILL of a whole simulated host (its worker and its task's process
+    group, ``HARNESS_HOST_ID=ha``) to its task being ``queued`` again by the supervisor of
+    another host (``harness supervisor run --no-scale``, ``HARNESS_HOST_ID=hb``), which
+    may only judge it by its lease (:data:`HOST_LEASE`). The two hosts share one file home
+    here: the lease rule and the supervisor's wake-up at the next lease expiry are the same
+    code on a postgres home."""
+    become_subreaper()
+    root = Path(tempfile.mkdtemp(prefix="harness-host-reclaim-bench-", dir=workdir))
+    home = _home(root / "home", circuit_min_tasks=10**6, **HOST_LEASE)
+
+    def kill_host(worker: subprocess.Popen[bytes]) -> None:
+        host = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        for proc in host:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    # Killed mid-lease (0.5 s after the claim), as a host dies at any instant.
+    samples = _reclaim_samples(root, home, trials, dict(_env(), HARNESS_HOST_ID="hb"),
+                               dict(_env(), HARNESS_HOST_ID="ha"), 0.5, kill_host)
+    return {"trials": len(samples), **HOST_LEASE,
+            "p50_s": round(statistics.median(samples), 4),
+            "max_s": round(max(samples), 4), "samples_s": [round(s, 4) for s in samples]}
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:

@@ -54,7 +54,7 @@ class FileQueue(Publisher, ops.Operations):
 
 
     def _claim_in(self, txn: Txn, worker_id: str, wanted: set[str] | None,
-                  paused: set[str]) -> dict[str, Any] | None:
+                  paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
         """The claim step of a transaction: the best runnable task by the in-memory heaps
         (rules.claim_key order), taken by ops.take (the shared transition)."""
         task_id = txn.state.best_runnable(txn.now_iso, wanted, paused)
@@ -62,7 +62,17 @@ class FileQueue(Publisher, ops.Operations):
             return None
         task = txn.get(task_id)
         assert task is not None
-        return ops.take(txn, task, worker_id)
+        return ops.take(txn, task, worker_id, lease)
+
+    def expired_leases(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Running tasks whose lease ended before ``now`` (see the port), from the
+        in-memory queue: only the running tasks are parsed."""
+        now_iso = clock.iso(clock.now() if now is None else now)
+        with self._mutex:
+            state = self._sync(locked=False)
+            running = [t for t in map(state.task, state.ids_with_status("running")) if t]
+        return sorted((t for t in running if rules.lease_expired(t, now_iso)),
+                      key=lambda t: (t["lease_until"], t["task_id"]))
 
     def _paused(self, now: float) -> set[str]:
         return paused_types(self._control(), now)

@@ -12,7 +12,8 @@ What it checks
   loss between the journal's fdatasync and the history file's writeback);
 - a live task whose final history record exists (``interrupted_finish``), a task both live
   and dead-lettered (``dead_and_live``), a dedup key held twice, corrupt dead letters;
-- inbox requests waiting (``inbox_pending``, info).
+- inbox requests waiting (``inbox_pending``, info);
+- a running task past its lease (``lease_expired``, :mod:`..leases`, shared with postgres).
 
 ``--repair`` rebuilds a corrupt or disagreeing snapshot from the base, the journal (also the
 previous generation, ``task-queue.journal.prev``) and the inbox, and says what it could not
@@ -33,6 +34,7 @@ from ...errors import CorruptFileError
 from ...locks import lock_for
 from ...store import dumps, iter_jsonl, move_aside, read_json, replace_json
 from ..contract import Findings, QueueFinding
+from ..leases import check_leases
 from .journal import read_all
 from .rebuild import base_state, replay
 from .snapshot import parse
@@ -114,6 +116,7 @@ def check_queue(queue: FileQueue, *, repair: bool, now: float) -> list[QueueFind
         if repair:
             queue.ingest(now=now)
             f.repaired = True
+    check_leases(queue, out, repair=repair, now=now)
     if repair:
         queue.sync()
     return out

@@ -40,7 +40,7 @@ from ...store import (
 )
 from ...tasks import PRIORITIES
 from .journal import Journal
-from .snapshot import Sig, parse, stat_sig
+from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
 from .state import LiveState
 from .txn import Txn, unlink_quietly
 
@@ -212,7 +212,7 @@ class QueueCore:
                     if drain:
                         self._drain_inbox(txn)
                     out = body(txn)
-                    self._commit(txn, cfg.durability)
+                    owed = self._commit(txn, cfg.durability)
                 except BaseException:
                     if txn.changed:
                         self._state = None
@@ -221,7 +221,7 @@ class QueueCore:
                 self._lock.release()
             if txn.changed:
                 self._owe_snapshot = True
-                if cfg.durability == "fsync":
+                if owed:
                     # Group commit: the line was written under the lock, its fdatasync
                     # runs after the release, so the next process's transaction overlaps
                     # our flush. Nothing of ours happens before it returns (the caller
@@ -263,13 +263,17 @@ class QueueCore:
             except LockTimeout:
                 continue
 
-    def _commit(self, txn: Txn, durability: Durability) -> None:
+    def _commit(self, txn: Txn, durability: Durability) -> bool:
+        """Write the transaction (see docs/coordination.md, "Commit order and crashes").
+        True when the journal line still owes its fdatasync: the caller runs
+        ``self._journal.sync_written()`` once it has released the queue lock (group
+        commit), before anything else."""
         if not txn.changed:
             for path in txn.inbox_done:  # requests found already admitted
                 unlink_quietly(path)
-            return
+            return False
         if self._journal.fd is None:
-            self._start_journal(txn.state.rev, txn.now_iso, durability)
+            self._start_journal(txn.state.rev, txn.now_iso, durability, txn.state)
         hpos: list[int] | None = None
         if txn.history:
             hpos = self._append_history(txn.history)
@@ -288,8 +292,14 @@ class QueueCore:
             line["hpos"] = hpos
         if txn.note:
             line["note"] = txn.note
-        # Flushed by _transaction after the lock is released (group commit).
         self._journal.append(dumps(line) + b"\n", "none")
+        owed = durability == "fsync"
+        if owed and (txn.drop_dead_letters or txn.inbox_done):
+            # Unlinking a drained request or a requeued dead letter must come after the
+            # line that replaces it is on disk (a power loss between would lose the task):
+            # flushed here, under the lock. Other commits flush after the release.
+            self._journal.sync_written()
+            owed = False
         txn.state.rev = rev
         merged = self._merged_sig
         if merged is not None:
@@ -303,6 +313,7 @@ class QueueCore:
             unlink_quietly(self.home.dead_letter(task_id))
         for path in txn.inbox_done:
             unlink_quietly(path)
+        return owed
 
     def _append_history(self, records: list[dict[str, Any]]) -> list[int]:
         """Append history lines under the history lock (not fsynced: the journal line holds
@@ -332,11 +343,29 @@ class QueueCore:
             logging.getLogger("harness.queue").warning(
                 "%d event(s) not recorded: %s", len(events), exc)
 
-    def _start_journal(self, rev: int, at: str, dur: Durability) -> None:
+    def _start_journal(self, rev: int, at: str, dur: Durability,
+                       state: LiveState | None = None) -> None:
         """The first journal of a home (or after one was removed): it starts from the
-        snapshot as it is, which becomes the base."""
+        snapshot, which becomes the base. With ``state`` (our live state, under the lock),
+        a view that is not of that state's revision is first replaced by a durable one of
+        it: a journal deleted while daemons run must not restart from a view up to a
+        second stale, which would drop that second's commits for every later reader."""
+        if state is not None and (self._snap_rev != rev
+                                  or stat_sig(self.home.queue_file) != self._snap_sig):
+            tmp = write_temp(self.home.queue_file,
+                             render(rev, time.time(), state.snapshot_parts()), dur,
+                             self._mode)
+            try:
+                self._snap_sig = publish_temp(tmp, self.home.queue_file, dur)
+            finally:
+                unlink_quietly(tmp)
+            self._snap_rev, self._snap_at = rev, time.time()
+        # The new journal names the view it starts from (as a compaction's does), so
+        # other processes know it for ours, not a hand edit.
+        first = [] if self._snap_sig is None or self._snap_rev != rev else [
+            dumps({"snap": {"rev": rev, "sig": list(self._snap_sig), "at": at}}) + b"\n"]
         self._link_base()
-        self._journal.create(self._gen + 1, rev, at, [], dur)
+        self._journal.create(self._gen + 1, rev, at, first, dur)
         self._journal.read_new(locked=True)
         self._gen = int((self._journal.header or {}).get("gen", self._gen + 1))
 

@@ -61,11 +61,20 @@ class Publisher(QueueCore):
         holds every commit either way)."""
         while True:
             with self._mutex:
+                if self._closed:
+                    self._timer = None
+                    return
                 self._publish_wanted = False
             if not self.home.coordination.is_dir():
                 return  # the home is gone
             try:
-                self.sync()
+                later = self._sync_timed()
+                if later > 0:
+                    # Another process published less than SNAPSHOT_INTERVAL_S ago: come
+                    # back when the interval since its publish is over (one render per
+                    # interval for the whole fleet, not one per process that commits).
+                    time.sleep(later)
+                    continue
             except (HarnessError, OSError) as exc:
                 # Logged once; the next commit asks again (a corrupt view stops commits too,
                 # so this never spins).
@@ -88,6 +97,21 @@ class Publisher(QueueCore):
                 return
             except Skip:
                 continue  # a hand edit was merged first; publish the merged queue
+
+    def _sync_timed(self) -> float:
+        """The timer's publish: 0.0 when done, else how long to wait first because
+        another process published a view less than SNAPSHOT_INTERVAL_S ago (the bound on
+        the view's staleness holds either way: that publish, or ours after the wait, comes
+        within the interval of our commit)."""
+        with self._mutex:
+            self._sync(locked=False)
+            wait = self._snap_at + SNAPSHOT_INTERVAL_S - time.time()
+            if self._snap_rev >= 0 and wait > 0.01 \
+                    and self._journal.data_size() <= COMPACT_BYTES:
+                self._publish_wanted = True
+                return min(wait, SNAPSHOT_INTERVAL_S)
+        self.sync()
+        return 0.0
 
     def _sync_once(self, durable: bool) -> None:
         cfg = load_system(self.home)
@@ -145,7 +169,8 @@ class Publisher(QueueCore):
         assert state is not None
         txn = Txn(state, now, clock.iso(now))
         self._record_merge(txn)
-        self._commit(txn, load_system(self.home).durability)
+        if self._commit(txn, load_system(self.home).durability):
+            self._journal.sync_written()  # under the lock here: a rare hand-edit merge
         self._emit(txn.events)
 
     def _compact(self, rev: int, at: str, dur: Durability) -> None:

@@ -51,6 +51,7 @@ from ...errors import (
     NotFound,
 )
 from ...events import append_events
+from ...hosts import host_id as this_host_id
 from ...paths import Home
 from ...redact import redact_url
 from ...store import dumps
@@ -65,6 +66,9 @@ from .schema import require_current
 
 CHANNEL = "harness_queue"
 FILE_MODE = 0o600
+#: A listener whose server went away reconnects after this long, doubling up to the max.
+LISTEN_RETRY_MIN_S = 0.1
+LISTEN_RETRY_MAX_S = 2.0
 #: A transaction that lost a race is re-run this many times before the error is raised.
 RETRIES = 20
 _RACES = (pgerrors.UniqueViolation, pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
@@ -105,11 +109,12 @@ def _row(task: dict[str, Any]) -> dict[str, Any]:
             "created_at": task.get("created_at") or "", "not_before": task.get("not_before"),
             "worker_type": rules.worker_type_of(task), "worker_id": task.get("worker_id"),
             "dedup_key": task.get("dedup_key"),
-            "depends_on": list(task.get("depends_on") or ()), "data": Jsonb(task)}
+            "depends_on": list(task.get("depends_on") or ()), "host_id": task.get("host_id"),
+            "lease_until": task.get("lease_until"), "data": Jsonb(task)}
 
 
 _COLUMNS = ("task_id", "status", "priority_rank", "created_at", "not_before", "worker_type",
-            "worker_id", "dedup_key", "depends_on", "data")
+            "worker_id", "dedup_key", "depends_on", "host_id", "lease_until", "data")
 _INSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES "
            f"({', '.join(f'%({c})s' for c in _COLUMNS)})")
 _UPDATE = (f"UPDATE tasks SET {', '.join(f'{c} = %({c})s' for c in _COLUMNS[1:])} "
@@ -164,6 +169,7 @@ class _Txn:
         self.stored: set[str] = set()  # ids with a live row in the database
         self.locked: dict[str, set[str]] = {}  # row-lock clause -> ids read with it
         self.written = False
+        self.notify = True  # False: a heartbeat (a lease extended wakes no claimer)
         self._state = _Live(self)
 
     @property
@@ -335,9 +341,11 @@ class PostgresQueue(ops.Operations):
                             admission.drain_inbox(self.home, txn, self._completed_ids)
                         out = body(txn)
                         txn.flush()
-                        if txn.changed:  # one round trip: the revision and the wake-up
+                        if txn.changed and txn.notify:  # one round trip: revision, wake-up
                             conn.execute("SELECT pg_notify(%s, nextval('queue_revision')::text)",
                                          (CHANNEL,))
+                        elif txn.changed:
+                            conn.execute("SELECT nextval('queue_revision')")
                 except _RACES:
                     if attempt == RETRIES:
                         raise
@@ -428,7 +436,7 @@ class PostgresQueue(ops.Operations):
         return paused_types(read_control(self.home), now)
 
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
-                  paused: set[str]) -> dict[str, Any] | None:
+                  paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
         txn.flush()  # the claim query must see this transaction's own changes
         txn.conn.execute(_CLAIM_SETTINGS)
         row = txn.conn.execute(_CLAIM, {
@@ -439,7 +447,34 @@ class PostgresQueue(ops.Operations):
         task = dict(row[0])
         txn.rows[task["task_id"]] = task
         txn.stored.add(task["task_id"])
-        return ops.take(txn, task, worker_id)
+        return ops.take(txn, task, worker_id, lease)
+
+    _keeps_registry = True
+
+    def _register_worker(self, txn: _Txn, worker_id: str) -> None:
+        """Upsert the ``workers`` row of ``worker_id`` (this host, this pid, now): the
+        registry doctor checks. A heartbeat notifies nobody (it makes nothing claimable)."""
+        txn.conn.execute(
+            "INSERT INTO workers (worker_id, host_id, pid, heartbeat_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET "
+            "host_id = EXCLUDED.host_id, pid = EXCLUDED.pid, "
+            "heartbeat_at = EXCLUDED.heartbeat_at",
+            (worker_id, this_host_id(), os.getpid(), txn.now_iso))
+        txn.written = True
+        txn.notify = False
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Delete the ``workers`` row of ``worker_id`` (see the port)."""
+        self._read("DELETE FROM workers WHERE worker_id = %s RETURNING worker_id",
+                   (worker_id,))
+
+    def expired_leases(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Running tasks whose lease ended before ``now`` (see the port): one query on the
+        ``tasks_lease`` index."""
+        now_iso = clock.iso(clock.now() if now is None else now)
+        return [dict(r[0]) for r in self._read(
+            "SELECT data FROM tasks WHERE status = 'running' AND lease_until < %s "
+            "ORDER BY lease_until, task_id", (now_iso,))]
 
     # ================================================================== operators
     def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
@@ -641,25 +676,44 @@ class PostgresQueue(ops.Operations):
         """LISTEN on a connection of its own (every committing transaction notifies) plus
         inotify on this host's inbox; returns the function that stops both. The listener
         thread sleeps in select(2) on the connection's socket and a pipe that stop()
-        writes to: no polling, and stop() returns at once."""
+        writes to: no polling, and stop() returns at once. When the server goes away (a
+        restart) it wakes the callback, reconnects with a bounded backoff and wakes it
+        again once listening."""
         from ..file.watch import watch_queue
 
-        conn = connect(self.url, autocommit=True)
-        conn.execute(f"LISTEN {CHANNEL}")
+        first: psycopg.Connection[Any] | None = self._listening()
         wake_r, wake_w = os.pipe()
 
         def listen() -> None:
+            conn, delay = first, LISTEN_RETRY_MIN_S
             try:
                 while True:
+                    if conn is None:
+                        # The server went away: reconnect with a bounded backoff, still
+                        # stoppable at once; a notification may have been missed, so the
+                        # waiter is woken once connected again.
+                        if select.select([wake_r], [], [], delay)[0]:
+                            return
+                        try:
+                            conn = self._listening()
+                        except (HarnessError, psycopg.Error):
+                            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+                            continue
+                        delay = LISTEN_RETRY_MIN_S
+                        callback()
                     ready, _, _ = select.select([conn.fileno(), wake_r], [], [])
                     if wake_r in ready:
                         return
-                    if any(True for _ in conn.notifies(timeout=0)):
-                        callback()
-            except psycopg.Error:
-                callback()  # the server went away: wake the waiter to find out
+                    try:
+                        if any(True for _ in conn.notifies(timeout=0)):
+                            callback()
+                    except psycopg.Error:
+                        conn.close()
+                        conn = None
+                        callback()  # wake the waiter to find out
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 os.close(wake_r)
 
         thread = threading.Thread(target=listen, name="harness-queue-listen", daemon=True)
@@ -676,6 +730,12 @@ class PostgresQueue(ops.Operations):
             thread.join(timeout=5)
         self._listeners.append(unsubscribe)
         return unsubscribe
+
+    def _listening(self) -> psycopg.Connection[Any]:
+        """A new connection that LISTENs on :data:`CHANNEL`."""
+        conn = connect(self.url, autocommit=True)
+        conn.execute(f"LISTEN {CHANNEL}")
+        return conn
 
     # ================================================================== check
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:

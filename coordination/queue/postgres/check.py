@@ -10,14 +10,22 @@
 - ``view_missing`` / ``view_stale``: the jq view task-queue.json is absent or shows an
   older revision; repair republishes it.
 - ``inbox_pending``: requests wait in this host's inbox; repair ingests them.
+- ``lease_expired``: a running task whose lease ended (:mod:`..leases`, shared with the
+  file backend).
+- ``orphaned_worker_row``: a ``workers`` row whose heartbeat is older than
+  ``heartbeat_timeout_s`` and whose worker holds no running task (it exited or died);
+  repair deletes it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ... import clock
+from ...config import load_system
 from .. import admission
 from ..contract import Findings, QueueFinding
+from ..leases import check_leases
 from .schema import SCHEMA_VERSION, current_version
 
 if TYPE_CHECKING:
@@ -59,6 +67,19 @@ def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[Queue
                                   "AND data->>'status' <> 'failed' ORDER BY task_id"):
         add("error", "dead_letter_status", f"dead letter {task_id} does not say status "
             "failed")
+    check_leases(queue, out, repair=repair, now=now)
+    cutoff = clock.iso(now - float(load_system(home).values["heartbeat_timeout_s"]))
+    for worker_id, host, beat in queue._read(
+            "SELECT w.worker_id, w.host_id, w.heartbeat_at FROM workers w "
+            "WHERE w.heartbeat_at < %s AND NOT EXISTS (SELECT 1 FROM tasks t "
+            "WHERE t.status = 'running' AND t.worker_id = w.worker_id) "
+            "ORDER BY w.worker_id", (cutoff,)):
+        f = add("info", "orphaned_worker_row", f"worker {worker_id} on host {host} last "
+                f"heartbeat at {beat} and holds no task: it is gone")
+        if repair:
+            queue._read("DELETE FROM workers WHERE worker_id = %s AND heartbeat_at = %s "
+                        "RETURNING worker_id", (worker_id, beat))
+            f.repaired = True
     revision = queue.stats(now)["revision"]
     shown = queue.view_revision()
     if not home.queue_file.exists() or shown is None:

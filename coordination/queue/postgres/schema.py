@@ -64,9 +64,27 @@ CREATE SEQUENCE queue_revision;
 COMMENT ON SEQUENCE queue_revision IS 'harness: one value per committed queue change';
 """
 
+#: Leases and hosts (docs/coordination.md, "Leases and hosts"): the claim's host and lease
+#: end as columns (the supervisor of every host looks up expired leases by index), and
+#: the worker registry, written by every heartbeat.
+_V2 = """
+ALTER TABLE tasks ADD COLUMN host_id text, ADD COLUMN lease_until text COLLATE "C";
+UPDATE tasks SET host_id = data->>'host_id', lease_until = data->>'lease_until'
+    WHERE status = 'running';
+CREATE INDEX tasks_lease ON tasks (lease_until) WHERE status = 'running';
+CREATE TABLE workers (
+    worker_id    text COLLATE "C" PRIMARY KEY,
+    host_id      text NOT NULL,
+    pid          integer,
+    heartbeat_at text COLLATE "C" NOT NULL
+);
+COMMENT ON TABLE workers IS 'harness: worker registry, one row per worker, written by heartbeats';
+"""
+
 #: (description, SQL) in order; version N is MIGRATIONS[N - 1]. Append, never edit.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("tasks, history and the revision sequence", _V1),
+    ("leases: tasks.host_id, tasks.lease_until (indexed), the workers registry", _V2),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
