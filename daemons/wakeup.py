@@ -122,6 +122,10 @@ class Wakeup:
         """Wake on every change of ``queue`` (a QueueBackend) until :meth:`stop`."""
         self._queue_stops.append(queue.on_change(self.event.set))
 
+    def keep_view(self, queue: Any) -> None:
+        """Keep ``queue``'s jq view fresh (QueueBackend.keep_view_fresh) until :meth:`stop`."""
+        self._queue_stops.append(queue.keep_view_fresh())
+
     def _start_signal_pipe(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(w, False)

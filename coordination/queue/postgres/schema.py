@@ -64,9 +64,32 @@ CREATE SEQUENCE queue_revision;
 COMMENT ON SEQUENCE queue_revision IS 'harness: one value per committed queue change';
 """
 
+_V2 = """
+CREATE TABLE events (
+    seq       bigserial PRIMARY KEY,
+    timestamp text COLLATE "C" NOT NULL,
+    type      text NOT NULL,
+    host_id   text NOT NULL,
+    task_id   text COLLATE "C",
+    event     jsonb NOT NULL
+);
+COMMENT ON TABLE events IS 'harness: the queue events of every host, in commit order';
+CREATE INDEX events_task ON events (task_id, seq) WHERE task_id IS NOT NULL;
+CREATE TABLE control (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    state      jsonb NOT NULL,
+    updated_at text
+);
+COMMENT ON TABLE control IS 'harness: control state shared by every host (pause, drain, circuits)';
+INSERT INTO control (state) VALUES
+    ('{"version": 1, "updated_at": null, "paused_types": {},
+       "drain": {"all": null, "instances": {}}}');
+"""
+
 #: (description, SQL) in order; version N is MIGRATIONS[N - 1]. Append, never edit.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("tasks, history and the revision sequence", _V1),
+    ("the shared events table and control state", _V2),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
