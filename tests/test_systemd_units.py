@@ -393,8 +393,8 @@ def test_units_take_the_database_url_from_an_environment_file_only() -> None:
             if database:
                 assert cuts == [], unit.name
                 assert all("AF_INET" in ln.split("=", 1)[1].split() for ln in families)
-    offline = [u for u in render_units(home, harness_argv=BIN)
-               if u.name == "harness-supervisor.service"][0]
+    offline = next(u for u in render_units(home, harness_argv=BIN)
+               if u.name == "harness-supervisor.service")
     assert "PrivateNetwork=yes" in offline.text.splitlines()
 
 
