@@ -171,3 +171,22 @@ def test_a_running_supervisor_keeps_the_jq_view_within_one_second(
     assert sup.popen.poll() is None, sup.stderr()
     view = parse(home_a.queue_file)
     assert view is not None and view.revision == queue_b.stats()["revision"]
+
+
+def test_doctor_reports_and_repairs_a_live_dead_letter_and_the_control_row(
+        pg_home_factory: Callable[..., Home]) -> None:
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    task = queue.enqueue(req()).task
+    with psycopg.connect(_url(home)) as conn:
+        conn.execute("INSERT INTO tasks (task_id, status, priority_rank, created_at, "
+                     "worker_type, data) SELECT task_id, 'failed', priority_rank, created_at,"
+                     " worker_type, jsonb_set(data, '{status}', '\"failed\"') FROM tasks")
+        conn.execute("DELETE FROM control")
+    codes = {f.code for f in queue.check()}
+    assert {"live_and_dead", "control_row"} <= codes
+    repaired = {f.code for f in queue.check(repair=True) if f.repaired}
+    assert {"live_and_dead", "control_row"} <= repaired
+    assert not {"live_and_dead", "control_row"} & {f.code for f in queue.check()}
+    assert queue.get(task["task_id"])["status"] == "queued"  # type: ignore[index]
+    assert read_control(home)["paused_types"] == {}
