@@ -190,3 +190,52 @@ def test_doctor_reports_and_repairs_a_live_dead_letter_and_the_control_row(
     assert not {"live_and_dead", "control_row"} & {f.code for f in queue.check()}
     assert queue.get(task["task_id"])["status"] == "queued"  # type: ignore[index]
     assert read_control(home)["paused_types"] == {}
+
+
+def test_a_role_with_only_the_documented_grants_runs_harness(
+        tmp_path: Path, pg_home_factory: Callable[..., Home], pg_cluster: Any) -> None:
+    """`harness db grants ROLE` (docs/multi-host.md) is enough for a role that owns nothing:
+    enqueue, claim, complete, a dead letter and its requeue, a pause, retention and the jq
+    view all work, and DDL is refused."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    owner_home = pg_home_factory()
+    owner_url = _url(owner_home)
+    dbname = str(conninfo_to_dict(owner_url)["dbname"])
+    role = f"harness_app_{dbname}"
+    out = CliRunner().invoke(cli, ["--home", str(owner_home.root), "db", "grants", role])
+    assert out.exit_code == 0, out.output
+    admin = pg_cluster.url(pg_cluster.admin_db)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')  # type: ignore[arg-type]
+    try:
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute(f'REVOKE ALL ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
+            conn.execute(out.output)  # type: ignore[arg-type]
+        app_url = make_conninfo(owner_url, user=role)
+        home = make_home(tmp_path, "app", queue_backend="postgres", database_url=app_url,
+                         history_max_lines=10, history_keep_lines=2)
+        queue = PostgresQueue(home)
+        _run_tasks(queue, 10)
+        failing = queue.enqueue(req(max_attempts=1)).task["task_id"]
+        assert queue.claim("w1") is not None
+        queue.fail(failing, "w1", error="boom", retry=False)
+        queue.requeue_dead(failing)
+        assert CliRunner().invoke(cli, ["--home", str(home.root), "pause", "default"]
+                                  ).exit_code == 0
+        assert queue.claim("w1") is None
+        report = queue.apply_retention()
+        assert not report.errors and report.summary["trimmed"]
+        queue.sync()
+        view = parse(home.queue_file)
+        assert view is not None and view.revision == queue.stats()["revision"]
+        assert not [f for f in queue.check() if f.level == "error"]
+        queue.close()
+        with psycopg.connect(app_url) as conn, \
+                __import__("pytest").raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE intruder (x int)")
+    finally:
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')  # type: ignore[arg-type]
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]

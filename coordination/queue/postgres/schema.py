@@ -167,3 +167,26 @@ def migrate(url: str) -> tuple[int, int]:
             conn.execute("INSERT INTO schema_version (version, description, applied_at) "
                          "VALUES (%s, %s, %s)", (number, description, clock.iso(clock.now())))
     return before, SCHEMA_VERSION
+
+
+#: What a role that runs harness (daemons, CLI, janitor) needs on a migrated database, and
+#: nothing more: no DDL, no ownership (migrations run as the schema's owner). ``{role}``
+#: and ``{database}`` are quoted identifiers. Sequences: USAGE for nextval (new history
+#: and event rows, the revision), SELECT for reading queue_revision.
+APP_GRANTS = """\
+GRANT CONNECT ON DATABASE {database} TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT ON schema_version TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, control TO {role};
+GRANT SELECT, INSERT, DELETE ON history, events TO {role};
+GRANT USAGE, SELECT ON SEQUENCE queue_revision, history_seq_seq, events_seq_seq TO {role};
+"""
+
+
+def grants_sql(role: str, database: str) -> str:
+    """:data:`APP_GRANTS` for ``role`` on ``database``, identifiers quoted."""
+    from psycopg import sql
+
+    def ident(name: str) -> str:
+        return sql.Identifier(name).as_string(None)
+    return APP_GRANTS.format(role=ident(role), database=ident(database))
