@@ -239,3 +239,30 @@ def test_a_role_with_only_the_documented_grants_runs_harness(
             conn.execute(f'DROP OWNED BY "{role}"')  # type: ignore[arg-type]
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]
+
+
+def test_the_view_keeper_listens_again_after_a_server_restart(
+        pg_home_factory: Callable[..., Home], pg_cluster: Any, tmp_path: Path) -> None:
+    """keep_view_fresh survives a restart of PostgreSQL (a failover looks the same to
+    it): once the server is back, a change made on another host reaches the view."""
+    if pg_cluster.datadir is None:
+        import pytest
+
+        pytest.skip("restarts only a cluster the tests started (not HARNESS_TEST_DATABASE_URL)")
+    home_a = pg_home_factory()
+    home_b = _second_host(tmp_path, home_a)
+    keeper_queue = PostgresQueue(home_a)
+    stop = keeper_queue.keep_view_fresh()
+    try:
+        pg_cluster.restart()
+        time.sleep(3)  # past the keeper's own retry of its failed publish: only a
+        # listener that is back can bring the next change
+        queue_b = PostgresQueue(home_b)
+        task_id = queue_b.enqueue(req()).task["task_id"]
+        deadline = time.monotonic() + 5
+        while task_id.encode() not in home_a.queue_file.read_bytes():
+            assert time.monotonic() < deadline, "the view never showed the task"
+            time.sleep(0.05)
+    finally:
+        stop()
+        keeper_queue.close()

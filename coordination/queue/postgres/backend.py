@@ -68,6 +68,9 @@ from .shared import apply_retention, parse_control, record_events
 from .view import ViewKeeper
 
 CHANNEL = "harness_queue"
+#: A listener whose connection broke tries again after this long, doubling up to the max.
+LISTEN_RETRY_S = 0.1
+LISTEN_RETRY_MAX_S = 5.0
 FILE_MODE = 0o600
 #: A transaction that lost a race is re-run this many times before the error is raised.
 RETRIES = 20
@@ -686,17 +689,26 @@ class PostgresQueue(ops.Operations):
         wake_r, wake_w = os.pipe()
 
         def listen() -> None:
+            current = conn
             try:
                 while True:
-                    ready, _, _ = select.select([conn.fileno(), wake_r], [], [])
-                    if wake_r in ready:
-                        return
-                    if any(True for _ in conn.notifies(timeout=0)):
-                        callback()
-            except psycopg.Error:
-                callback()  # the server went away: wake the waiter to find out
+                    try:
+                        ready, _, _ = select.select([current.fileno(), wake_r], [], [])
+                        if wake_r in ready:
+                            return
+                        if any(True for _ in current.notifies(timeout=0)):
+                            callback()
+                        continue
+                    except psycopg.Error:
+                        callback()  # the server went away: wake the waiter to find out
+                    current.close()
+                    fresh = self._listen_again(wake_r)
+                    if fresh is None:
+                        return  # stopped while the server was away
+                    current = fresh
+                    callback()  # commits made meanwhile sent no notification we saw
             finally:
-                conn.close()
+                current.close()
                 os.close(wake_r)
 
         thread = threading.Thread(target=listen, name="harness-queue-listen", daemon=True)
@@ -713,6 +725,28 @@ class PostgresQueue(ops.Operations):
             thread.join(timeout=5)
         self._listeners.append(unsubscribe)
         return unsubscribe
+
+    def _listen_again(self, stop_fd: int) -> psycopg.Connection[Any] | None:
+        """A new LISTENing connection, retried with backoff (LISTEN_RETRY_S, doubling to
+        LISTEN_RETRY_MAX_S) until the server (or the new primary the URL names) answers;
+        None when ``stop_fd`` becomes readable first."""
+        delay = LISTEN_RETRY_S
+        while True:
+            ready, _, _ = select.select([stop_fd], [], [], delay)
+            if ready:
+                return None
+            try:
+                conn = connect(self.url, autocommit=True)
+            except HarnessError:
+                delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+                continue
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+            except psycopg.Error:
+                conn.close()
+                delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+                continue
+            return conn
 
     # ================================================================== check
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
