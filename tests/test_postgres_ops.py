@@ -213,6 +213,10 @@ def test_a_role_with_only_the_documented_grants_runs_harness(
             conn.execute(f'REVOKE ALL ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
             conn.execute(out.output)  # type: ignore[arg-type]
         app_url = make_conninfo(owner_url, user=role)
+        # another host's `init` with that role: the schema is current, no DDL is needed
+        init = CliRunner().invoke(cli, ["--home", str(tmp_path / "app"), "init", "--backend",
+                                        "postgres", "--database-url", app_url])
+        assert init.exit_code == 0, init.output
         home = make_home(tmp_path, "app", queue_backend="postgres", database_url=app_url,
                          history_max_lines=10, history_keep_lines=2)
         queue = PostgresQueue(home)

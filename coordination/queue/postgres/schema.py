@@ -155,17 +155,25 @@ def migrate(url: str) -> tuple[int, int]:
     SchemaVersionError, with nothing changed, when the database is newer than this code."""
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-        conn.execute(_VERSION_TABLE)
         before = current_version(conn) or 0
         if before > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{redact_url(url)} has harness schema version {before}, newer than this "
                 f"harness knows ({SCHEMA_VERSION}): upgrade harness; nothing was changed")
-        for number in range(before + 1, SCHEMA_VERSION + 1):
-            description, sql = MIGRATIONS[number - 1]
-            conn.execute(sql)
-            conn.execute("INSERT INTO schema_version (version, description, applied_at) "
-                         "VALUES (%s, %s, %s)", (number, description, clock.iso(clock.now())))
+        if before == SCHEMA_VERSION:
+            return before, before  # no DDL: a least-privilege role may "migrate" a current one
+        try:
+            conn.execute(_VERSION_TABLE)
+            for number in range(before + 1, SCHEMA_VERSION + 1):
+                description, sql = MIGRATIONS[number - 1]
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_version (version, description, applied_at) "
+                             "VALUES (%s, %s, %s)",
+                             (number, description, clock.iso(clock.now())))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise SchemaVersionError(
+                f"{redact_url(url)}: this role may not change the schema ({exc}); run "
+                "`harness db migrate` as the database's owner; nothing was changed") from None
     return before, SCHEMA_VERSION
 
 
