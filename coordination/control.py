@@ -1,16 +1,22 @@
-"""Operator control state: ``coordination/control.json`` under ``locks/control.lock``.
+"""Operator control state: ``coordination/control.json`` under ``locks/control.lock``, or,
+on a postgres home, one row of the shared ``control`` table (every host sees the same
+pauses, drains and circuits: docs/multi-host.md).
 
 ``{"version": 1, "updated_at", "paused_types": {TYPE: {"since", "until", "reason"}},
 "drain": {"all": TS | null, "instances": {INSTANCE: TS}}}``. Claims skip paused types
 (``until`` null means until resumed); workers exit with ``drained`` once a drain request
 newer than their start applies to them.
+
+Where the state lives is a :class:`ControlStore` chosen with the queue backend
+(:func:`control_store`); :func:`read_control` and :func:`update_control` go through it, so
+every caller (CLI, web, worker, supervisor, metrics) works on either kind of home.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import clock
 from .config import load_system, load_worker_types
@@ -26,8 +32,52 @@ def empty_control() -> dict[str, Any]:
             "drain": {"all": None, "instances": {}}}
 
 
+class ControlStore(Protocol):
+    """Where a home's control state lives."""
+
+    def read(self) -> dict[str, Any]:
+        """The state (the empty state when none was ever written)."""
+    def update(self, change: Callable[[dict[str, Any]], None], now: float) -> dict[str, Any]:
+        """Apply ``change`` to the state atomically (no concurrent update is lost) and
+        store it with ``updated_at`` ``now``; returns the new state."""
+
+
+class FileControl:
+    """control.json, published by rename under ``locks/control.lock``."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    def read(self) -> dict[str, Any]:
+        return _read_file(self.home)
+
+    def update(self, change: Callable[[dict[str, Any]], None], now: float) -> dict[str, Any]:
+        cfg = load_system(self.home)
+        with lock_for(self.home.lock_path("control")).held_for(cfg.lock_timeout):
+            state = _read_file(self.home)
+            change(state)
+            state["updated_at"] = clock.iso(now)
+            replace_json(self.home.control_file, state, cfg.durability, pretty=True)
+        return state
+
+
+def control_store(home: Home) -> ControlStore:
+    """The control store of ``home``: the shared table on a postgres home, else
+    control.json."""
+    if load_system(home).values.get("queue_backend") == "postgres":
+        from .queue.postgres.shared import PostgresControl
+
+        return PostgresControl(home)
+    return FileControl(home)
+
+
 def read_control(home: Home) -> dict[str, Any]:
-    """The control state; the empty state when the file is absent."""
+    """The control state of ``home`` (see :func:`control_store`)."""
+    return control_store(home).read()
+
+
+def _read_file(home: Home) -> dict[str, Any]:
+    """control.json; the empty state when the file is absent."""
     try:
         raw = read_json(home.control_file)
     except FileNotFoundError:
@@ -41,14 +91,8 @@ def read_control(home: Home) -> dict[str, Any]:
 
 def update_control(home: Home, change: Callable[[dict[str, Any]], None],
                    now: float | None = None) -> dict[str, Any]:
-    """Apply ``change`` to the state under the control lock and publish it atomically."""
-    cfg = load_system(home)
-    with lock_for(home.lock_path("control")).held_for(cfg.lock_timeout):
-        state = read_control(home)
-        change(state)
-        state["updated_at"] = clock.iso(clock.now() if now is None else now)
-        replace_json(home.control_file, state, cfg.durability, pretty=True)
-    return state
+    """Apply ``change`` to the state atomically and store it (see :func:`control_store`)."""
+    return control_store(home).update(change, clock.now() if now is None else now)
 
 
 def paused_types(state: dict[str, Any], now: float) -> set[str]:

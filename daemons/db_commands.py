@@ -78,5 +78,26 @@ def db_migrate(url: str | None, home_dir: Path | None, as_json: bool) -> None:
         click.echo(f"database {redact_url(target)}: schema version {before} -> {after}")
 
 
+@db.command("grants")
+@click.argument("role")
+@click.option("--database", "database", default=None,
+              help="The database name in GRANT CONNECT. Default: the one the home's URL "
+                   "names.")
+@home_option
+def db_grants(role: str, database: str | None, home_dir: Path | None) -> None:
+    """Print the GRANT statements a least-privilege ROLE needs to run harness on a migrated
+    database (no DDL: migrations run as the schema owner). Changes nothing; pipe them to
+    psql as the owner (docs/multi-host.md, "A least-privilege role")."""
+    from coordination.queue.postgres.schema import grants_sql
+
+    if database is None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        database = str(conninfo_to_dict(_url(home_dir, None)).get("dbname") or "")
+        if not database:
+            raise click.UsageError("the database URL names no database: pass --database")
+    click.echo(grants_sql(role, database), nl=False)
+
+
 def register(group: click.Group) -> None:
     group.add_command(db)

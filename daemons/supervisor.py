@@ -1146,6 +1146,7 @@ def run_supervisor(home: Home, *, actuator: Actuator | None = None,
                 wakeup.clear()
         cfg.update(overrides or {})
         wakeup.follow_queue(open_queue(home))  # the config names the backend: after it
+        wakeup.keep_view(open_queue(home))  # this host's jq view, <= 1 s stale
         if actuator is None and scale:
             actuator = make_actuator(home, cfg, name=actuator_name)
         apply_scale = not (once and isinstance(actuator, ProcessActuator))

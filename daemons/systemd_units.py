@@ -17,6 +17,12 @@ rendered the same way, so units added later need no code here:
   (ProtectSystem=, ProtectHome=, PrivateTmp=, ReadWritePaths=, ...) with a note saying so,
   for hosts whose service manager cannot create them (some containers). NoNewPrivileges=
   and UMask= need no namespace and stay.
+- ``@HARNESS_DATABASE_ENV@`` (``database-env.inc``): every service reads
+  ``HOME/coordination/config/database.env`` with ``EnvironmentFile=-`` (optional), where a
+  postgres home keeps ``HARNESS_DATABASE_URL``; a template that sets the URL itself is an
+  error. ``database=True`` (a postgres home, which :func:`install_units` detects) comments
+  out the directives that cut a service off the network (:data:`NETWORK_CUTS`, e.g. the
+  offline sandbox's) and lets ``RestrictAddressFamilies=`` reach TCP.
 - A home under /tmp or /var/tmp is invisible behind ``PrivateTmp=yes`` (the unit would fail
   with status 226/NAMESPACE, or see an empty /tmp); PrivateTmp= is then turned off in the
   rendered unit, with a comment there and a warning to the operator. The shipped template
@@ -49,7 +55,15 @@ SANDBOX_DIRECTIVES = frozenset({
 })
 #: ``@HARNESS_<NAME>@`` on a line of its own: the lines of this fragment, in the template dir.
 INCLUDES = {"@HARNESS_SANDBOX@": "sandbox.inc",
-            "@HARNESS_SANDBOX_OFFLINE@": "sandbox-offline.inc"}
+            "@HARNESS_SANDBOX_OFFLINE@": "sandbox-offline.inc",
+            "@HARNESS_DATABASE_ENV@": "database-env.inc"}
+#: Directives that cut a service off the network: commented out on a postgres home, whose
+#: daemons must reach the database (``database=True``).
+NETWORK_CUTS = frozenset({"PrivateNetwork", "IPAddressDeny"})
+#: Address families a daemon of a postgres home needs (TCP, or the server's Unix socket).
+DATABASE_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6")
+#: Never set in a unit: the URL (and its password) comes from database-env.inc's file.
+_URL_IN_UNIT_RE = re.compile(r"HARNESS_DATABASE_URL\s*=|postgres(ql)?://")
 #: The dedicated unprivileged user (and group) the system units run as.
 DEFAULT_SERVICE_USER = "harness"
 ACCOUNT_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
@@ -233,10 +247,15 @@ def expand_includes(text: str, source: Path | None = None) -> str:
 def render_unit(text: str, *, name: str, harness_argv: list[str], home: Path,
                 sandbox: bool = True, warnings: list[str] | None = None,
                 scope: str = "user", service_user: str = DEFAULT_SERVICE_USER,
-                service_group: str | None = None, source: Path | None = None) -> str:
+                service_group: str | None = None, source: Path | None = None,
+                database: bool = False) -> str:
     """Render one unit template (see the module docstring)."""
     notes = warnings if warnings is not None else []
     text = expand_includes(text, source)
+    if any(_URL_IN_UNIT_RE.search(line) for line in text.splitlines()
+           if _directive(line) is not None):
+        raise HarnessError(f"{name}: the template sets a database URL; it must come from "
+                           "the EnvironmentFile= of database-env.inc (docs/multi-host.md)")
     values = {"@HARNESS_BIN@": " ".join(systemd_quote(w) for w in harness_argv),
               "@HARNESS_HOME@": systemd_quote(str(home)),
               "@HARNESS_USER@": systemd_quote(service_user),
@@ -261,6 +280,15 @@ def render_unit(text: str, *, name: str, harness_argv: list[str], home: Path,
                        "mount namespace this line needs")
             out.append("#" + line)
             continue
+        if database and key in NETWORK_CUTS:
+            out.append("# harness systemd install: a postgres home's daemons must reach the "
+                       "database")
+            out.append("#" + line)
+            continue
+        if database and key == "RestrictAddressFamilies":
+            families = line.split("=", 1)[1].split()
+            line = "RestrictAddressFamilies=" + " ".join(
+                families + [f for f in DATABASE_FAMILIES if f not in families])
         if key == "PrivateTmp" and home_in_tmp and sandbox and \
                 line.split("=", 1)[1].strip().lower() in ("yes", "true", "on", "1"):
             out.append(f"# harness systemd install: the home {home} is under /tmp or /var/tmp, "
@@ -276,7 +304,8 @@ def render_unit(text: str, *, name: str, harness_argv: list[str], home: Path,
 def render_units(home: Path, *, harness_argv: list[str] | None = None, sandbox: bool = True,
                  source: Path | None = None, warnings: list[str] | None = None,
                  scope: str = "user", service_user: str = DEFAULT_SERVICE_USER,
-                 service_group: str | None = None) -> list[RenderedUnit]:
+                 service_group: str | None = None,
+                 database: bool = False) -> list[RenderedUnit]:
     """Every unit template in ``source`` (default :func:`template_dir`), rendered."""
     src = source or template_dir()
     try:
@@ -291,7 +320,8 @@ def render_units(home: Path, *, harness_argv: list[str] | None = None, sandbox: 
     return [RenderedUnit(n, render_unit((src / n).read_text(), name=n, harness_argv=argv,
                                         home=home, sandbox=sandbox, warnings=warnings,
                                         scope=scope, service_user=service_user,
-                                        service_group=service_group, source=src))
+                                        service_group=service_group, source=src,
+                                        database=database))
             for n in names]
 
 
@@ -395,6 +425,21 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
 
 
+def _is_postgres_home(home: Path) -> bool:
+    """Whether ``home`` exists and its system.json names the postgres queue backend."""
+    from coordination.config import load_system
+    from coordination.errors import ConfigError
+    from coordination.paths import Home
+
+    h = Home(home)
+    if not h.system_config.is_file():
+        return False
+    try:
+        return load_system(h).values.get("queue_backend") == "postgres"
+    except ConfigError:
+        return False
+
+
 def install_units(home: Path, *, scope: str, dry_run: bool = False,
                   unit_dir: Path | None = None, harness_bin: str | None = None,
                   sandbox: bool = True, reload: bool = True, source: Path | None = None,
@@ -431,9 +476,14 @@ def install_units(home: Path, *, scope: str, dry_run: bool = False,
     if scope == "system" and _is_root_account(service_user):
         raise UsageError(f"--service-user: {service_user!r} is root (uid 0); the units run "
                          "as an unprivileged user, never root")
+    database = _is_postgres_home(home)
+    if database and not (home / "coordination" / "config" / "database.env").is_file():
+        warnings.append(f"postgres home: the units read HARNESS_DATABASE_URL from "
+                        f"{home}/coordination/config/database.env (absent: they use "
+                        "system.json database_url and libpq's own PG* settings)")
     units = render_units(home, harness_argv=argv, sandbox=sandbox, source=source,
                          warnings=warnings, scope=scope, service_user=service_user,
-                         service_group=service_group)
+                         service_group=service_group, database=database)
     report = InstallReport(target, units, warnings)
     if scope == "system" and create_user:
         report.user_actions = ensure_service_user(service_user, service_group or service_user,

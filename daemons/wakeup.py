@@ -138,6 +138,10 @@ class Wakeup:
             self.event.set()
         self.queue_interest = wanted
 
+    def keep_view(self, queue: Any) -> None:
+        """Keep ``queue``'s jq view fresh (QueueBackend.keep_view_fresh) until :meth:`stop`."""
+        self._queue_stops.append(queue.keep_view_fresh())
+
     def _start_signal_pipe(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(w, False)

@@ -587,7 +587,8 @@ class Worker:
             sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             sig = None
-        if sig != self._control_sig or not self._control:
+        # No file (a postgres home keeps control in the database): read it every time.
+        if sig is None or sig != self._control_sig or not self._control:
             self._control = read_control(self.home)
             self._control_sig = sig
         return self._control

@@ -98,8 +98,10 @@ def test_only_selects_groups_names_and_substrings() -> None:
     def names(*only: str) -> set[str]:
         return {b.name for b in bench_mod.select(only)}
 
-    assert names() == {b.name for b in bench_mod.BENCHES if not b.peer}
+    assert names() == {b.name for b in bench_mod.BENCHES if not b.peer and not b.postgres}
     assert {b.name for b in bench_mod.select((), peers=True)} == \
+        {b.name for b in bench_mod.BENCHES if not b.postgres}
+    assert {b.name for b in bench_mod.select((), peers=True, database=True)} == \
         {b.name for b in bench_mod.BENCHES}
     quick = {b.name for b in bench_mod.select((), quick=True)}
     assert "claim_complete_100000" not in quick and "claim_complete_10000" in quick

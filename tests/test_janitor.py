@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import skip_reason
 
+from coordination import rotation
 from coordination.errors import DiskFull, LockTimeout
 from coordination.events import append_events, emit, make_event
 from coordination.locks import lock_for
@@ -247,7 +248,7 @@ def test_append_during_unlocked_copy_lands_in_new_live_file(
             assert child.wait(30) == 0, spawner.stderr("meanwhile")
             seen.extend(spawner.stdout("meanwhile").split())
 
-    monkeypatch.setattr(janitor, "_checkpoint", hook)
+    monkeypatch.setattr(rotation, "_checkpoint", hook)
     summary = run_janitor(home, time.time())
     assert len(seen) == 3
     (rot,) = summary["rotations"]
@@ -535,7 +536,7 @@ def test_disk_full_keeps_files_intact_and_still_frees_space(
         def fail_events(step: str, path: Path) -> None:
             if step == "live_published":
                 fake.budget = 0
-        monkeypatch.setattr(janitor, "_checkpoint", fail_events)
+        monkeypatch.setattr(rotation, "_checkpoint", fail_events)
     monkeypatch.setattr(os, "write", fake)
     with pytest.raises(DiskFull, match="no space left") as info:
         run_janitor(home, now)

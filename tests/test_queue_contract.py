@@ -1016,3 +1016,29 @@ def test_next_due_is_the_earliest_future_not_before_of_queued_tasks(backend: Any
     assert backend.next_due(types=["default"], now=T0) == clock.iso(T0 + 50)
     assert backend.next_due(types=["other"], now=T0) is None
     assert backend.next_due(now=T0 + 60) is None
+
+
+# ------------------------------------------------------------------------------ retention
+def test_retention_keeps_the_newest_history_and_what_queued_tasks_need(
+        make_backend: Callable[..., Any]) -> None:
+    """apply_retention past history_max_lines leaves the newest history_keep_lines records
+    in the live history (the file backend archives the rest, the postgres backend deletes
+    them), and a completed dependency of a queued task stays known as completed."""
+    backend = make_backend(history_max_lines=10, history_keep_lines=4)
+    dep = run_once(backend, req())
+    backend.complete(dep["task_id"], "w1", now=T0)
+    backend.enqueue(req(depends_on=[dep["task_id"]], not_before=clock.iso(T0 + 10**6)),
+                    now=T0)
+    done = []
+    for i in range(12):
+        task = run_once(backend, req(description=f"t{i}"), now=T0 + i)
+        backend.complete(task["task_id"], "w1", now=T0 + i)
+        done.append(task["task_id"])
+    assert backend.apply_retention(dry_run=True).errors == []
+    assert len(backend.history_since(None)[0]) == 13  # a dry run changes nothing
+    report = backend.apply_retention(now=T0 + 100)
+    assert report.errors == []
+    kept = [r["task_id"] for r in backend.history_since(None)[0]]
+    assert kept[-4:] == done[-4:] and len(kept) <= 5
+    # the dependency still counts as completed: a new waiter is admitted behind it
+    backend.enqueue(req(depends_on=[dep["task_id"]]), now=T0 + 101)

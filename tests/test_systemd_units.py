@@ -371,3 +371,47 @@ def test_system_install_warns_when_the_service_user_cannot_reach_the_home(
         assert not any(f"{closed}," in w or f"{closed} lack" in w for w in report.warnings)
     finally:
         closed.chmod(0o755)
+
+
+def test_units_take_the_database_url_from_an_environment_file_only() -> None:
+    """Every service reads the home's database.env (optional), none names a URL; on a
+    postgres home the offline sandbox no longer cuts the daemons off the database."""
+    home = Path("/srv/harness")
+    env_line = f"EnvironmentFile=-{home}/coordination/config/database.env"
+    for database in (False, True):
+        for unit in render_units(home, harness_argv=BIN, database=database):
+            if not unit.name.endswith(".service"):
+                continue
+            lines = unit.text.splitlines()
+            assert env_line in lines, unit.name
+            assert not any("HARNESS_DATABASE_URL=" in ln or "postgresql://" in ln
+                           for ln in lines if not ln.startswith("#")), unit.name
+            active = [ln for ln in lines if not ln.startswith("#")]
+            cuts = [ln for ln in active if ln.split("=", 1)[0] in
+                    ("PrivateNetwork", "IPAddressDeny")]
+            families = [ln for ln in active if ln.startswith("RestrictAddressFamilies=")]
+            if database:
+                assert cuts == [], unit.name
+                assert all("AF_INET" in ln.split("=", 1)[1].split() for ln in families)
+    offline = next(u for u in render_units(home, harness_argv=BIN)
+               if u.name == "harness-supervisor.service")
+    assert "PrivateNetwork=yes" in offline.text.splitlines()
+
+
+def test_a_template_that_sets_the_database_url_is_refused() -> None:
+    text = "[Service]\nEnvironment=HARNESS_DATABASE_URL=postgresql://u:pw@db/h\n"
+    with pytest.raises(HarnessError, match="EnvironmentFile"):
+        render_unit(text, name="bad.service", harness_argv=BIN, home=Path("/srv/h"))
+
+
+def test_install_on_a_postgres_home_renders_database_units(tmp_path: Path) -> None:
+    from helpers import make_home
+
+    home = make_home(tmp_path, queue_backend="postgres",
+                     database_url="postgresql://harness@db.invalid/harness")
+    report = install_units(home.root, scope="user", dry_run=True, unit_dir=tmp_path / "u",
+                           harness_bin=" ".join(BIN))
+    sup = next(u for u in report.units if u.name == "harness-supervisor.service")
+    assert "PrivateNetwork=yes" not in sup.text.splitlines()
+    assert any("database.env" in w for w in report.warnings)
+    assert "db.invalid" not in "".join(u.text for u in report.units)

@@ -22,8 +22,10 @@ history cursor is an opaque string (a file offset here, a sequence number in a d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, overload, runtime_checkable
+
+from ..errors import HarnessError
 
 Task = dict[str, Any]
 HistoryRecord = dict[str, Any]
@@ -56,6 +58,19 @@ class Findings(list[QueueFinding]):
         finding = QueueFinding(level, code, message, str(path) if path else None)
         self.append(finding)
         return finding
+
+
+@dataclass
+class RetentionReport:
+    """What :meth:`QueueBackend.apply_retention` did (in a dry run: would do).
+
+    ``summary`` holds keys of the janitor's summary (docs/janitor.md), added into it:
+    the file backend's ``rotations``, ``recovered``, ``torn``, ... of task-history.jsonl;
+    the postgres backend's ``trimmed`` (one ``{"table", "reason", "rows_deleted",
+    "kept_rows"}`` per table it trimmed). ``errors``: what failed; the rest still ran."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    errors: list[HarnessError] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -200,5 +215,16 @@ class QueueBackend(Protocol):
         be fixed without losing data and mark those findings repaired."""
     def sync(self) -> None:
         """Bring the backend's operator-facing view (the jq file) up to date now."""
+    def keep_view_fresh(self) -> Callable[[], None]:
+        """Keep this host's jq view at most 1 s behind every change, whichever host made
+        it, until the returned function is called (the supervisor runs this). The file
+        backend's committers already republish within 0.4 s, so there it starts nothing."""
+    def apply_retention(self, *, now: float | None = None,
+                        dry_run: bool = False) -> RetentionReport:
+        """History retention (the janitor's step; system.json ``history_*`` and
+        ``archive_generations``): the file backend rotates task-history.jsonl into
+        gzip archives; the postgres backend deletes the oldest history rows, and the
+        oldest rows of its shared ``events`` table (``events_*``), in the database.
+        Records a queued task still needs (the completion of a dependency) are kept."""
     def close(self) -> None:
         """Release descriptors and threads; pending view updates are published first."""

@@ -69,6 +69,7 @@ class Bench:
     repeats: tuple[int, int] | None = None
     peer: bool = False  # runs a peer queue (huey): only with --peers
     full_only: bool = False  # too slow for --quick (100,000-task homes) unless named in --only
+    postgres: bool = False  # needs a PostgreSQL server: only with --database-url
 
     def names(self) -> tuple[str, ...]:
         return (*self.groups, self.name, *(m.name for m in self.metrics))
@@ -225,19 +226,27 @@ def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
 
 
 # ---------------------------------------------------------------------------- claim, events
-def _claim_complete(root: Path, quick: bool, backlog: int) -> float:
-    with closing(open_queue(make_home(root), shared=False)) as queue:
+def _claim_complete(root: Path, quick: bool, backlog: int, *, time_refill: bool = True,
+                    **home_overrides: Any) -> float:
+    """ms per claim + complete with ``backlog`` queued; each op enqueues a refill so every
+    sample sees the same backlog, timed too unless not ``time_refill``."""
+    with closing(open_queue(make_home(root, **home_overrides), shared=False)) as queue:
         _fill(queue, backlog)
         n = 20 if quick else 100
-        t0 = time.perf_counter()
+        spent = 0.0
         for _ in range(n):
+            t0 = time.perf_counter()
             task = queue.claim("bench-worker")
             if task is None:
                 raise RuntimeError("nothing to claim")
             queue.complete(task["task_id"], "bench-worker")
+            if not time_refill:
+                spent += time.perf_counter() - t0
             # keep the backlog constant so every sample sees the same size
             queue.enqueue({"description": "refill", "command": ["true"], "priority": "low"})
-        return (time.perf_counter() - t0) / n * 1000
+            if time_refill:
+                spent += time.perf_counter() - t0
+        return spent / n * 1000
 
 
 def _events_python(root: Path, quick: bool) -> float:
@@ -392,6 +401,17 @@ def _one(name: str, groups: tuple[str, ...], unit: str, doc: str,
     return Bench(name, groups, (Metric(name, unit, doc),), lambda r, q: {name: fn(r, q)})
 
 
+def _pg(name: str, groups: tuple[str, ...], unit: str, doc: str,
+        fn: Callable[[Path, bool], float]) -> Bench:
+    return dataclasses.replace(_one(name, groups, unit, doc, fn), postgres=True)
+
+
+def _pg_bench() -> Any:
+    from . import pg_bench  # needs the postgres extra; imported only when its benches run
+
+    return pg_bench
+
+
 _DIST = (1, 1)  # many samples within one run
 BENCHES: tuple[Bench, ...] = (
     _one("enqueue_empty", ("enqueue",), "ms/op",
@@ -499,6 +519,31 @@ BENCHES: tuple[Bench, ...] = (
         Metric("web_idle_sse_cpu_50", "%core", "harness web process with 50 idle event "
                                               "streams open, per window"),
     ), lambda r, q: _web(r, q), _DIST),
+    # The postgres backend (daemons/devtools/pg_bench.py): only with --database-url.
+    _pg("pg_claim_complete_1", ("postgres", "claim"), "ms/op",
+        "postgres: claim + complete with 1 queued (the refill enqueue untimed)",
+        lambda r, q: _pg_bench().claim_complete(r, q, 1)),
+    dataclasses.replace(_pg(
+        "pg_claim_complete_100000", ("postgres", "claim"), "ms/op",
+        "postgres: claim + complete with 100,000 queued (refill untimed)",
+        lambda r, q: _pg_bench().claim_complete(r, q, 100_000)), full_only=True,
+        repeats=(1, 3)),
+    Bench("pg_dispatch", ("postgres", "dispatch"), (
+        Metric("pg_dispatch_latency", "ms", "postgres: enqueue call -> task started, idle "
+                                            "worker woken by LISTEN/NOTIFY"),
+        Metric("pg_dispatch_latency_after_commit", "ms", "the same, from the return"),
+    ), lambda r, q: dict(_pg_bench().dispatch(r, q)), _DIST, postgres=True),
+    Bench("pg_throughput", ("postgres", "throughput"), (
+        Metric("pg_throughput_2w_2h", "tasks/s", "postgres: `true` tasks end to end, 2 "
+                                                 "workers on 2 simulated hosts"),
+        Metric("pg_throughput_4w_2h", "tasks/s", "the same, 4 workers on 2 hosts"),
+    ), lambda r, q: dict(_pg_bench().throughput(r, q)), (2, 3), postgres=True),
+    Bench("pg_peers", ("postgres", "peers"), (
+        Metric("pg_throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers on 2 hosts, "
+                                                  "postgres (harness)"),
+        Metric("peer_pgqueuer_2w_600", "tasks/s", "the same on pgqueuer, 2 worker "
+                                                  "processes, same server"),
+    ), lambda r, q: dict(_pg_bench().peer(r, q)), (1, 3), peer=True, postgres=True),
 )
 
 #: (row, reference row, field): the row gets ``field`` relating it to the reference when
@@ -510,7 +555,11 @@ RELATIONS: tuple[tuple[str, str, str], ...] = (
     ("enqueue_backlog_100000", "enqueue_empty", "slowdown_vs_empty"),
     ("claim_complete_10000", "claim_complete_100", "slowdown_vs_empty"),
     ("claim_complete_100000", "claim_complete_100", "slowdown_vs_empty"),
+    ("pg_claim_complete_100000", "pg_claim_complete_1", "slowdown_vs_empty"),
+    ("pg_throughput_2w_2h", "throughput_2w", "ratio_to_file"),
+    ("pg_throughput_4w_2h", "throughput_4w", "ratio_to_file"),
     ("throughput_2w_600", "peer_huey_2w_600", "ratio_to_peer"),
+    ("pg_throughput_2w_600", "peer_pgqueuer_2w_600", "ratio_to_peer"),
     ("enqueue_batch_backlog_10000", "enqueue_batch", "slowdown_vs_empty"),
     ("enqueue_cli_backlog_10000", "enqueue_cli", "slowdown_vs_empty"),
     ("enqueue_cli_x4", "enqueue_cli", "speedup_vs_sequential"),
@@ -526,17 +575,19 @@ def metric_names() -> list[str]:
     return [m.name for b in BENCHES for m in b.metrics]
 
 
-def select(only: tuple[str, ...], peers: bool = False, quick: bool = False) -> list[Bench]:
+def select(only: tuple[str, ...], peers: bool = False, quick: bool = False,
+           database: bool = False) -> list[Bench]:
     """The benches ``--only`` picks: each text that is exactly a group, bench or row name
     selects by that name; any other text selects every bench whose names contain it.
-    Peer benches run only with ``peers``; with ``quick`` and no ``--only``, the benches on
-    100,000-task homes are left out."""
+    Peer benches run only with ``peers``, postgres benches only with ``database`` (a
+    server to use); with ``quick`` and no ``--only``, the benches on 100,000-task homes
+    are left out."""
     exact = {n for b in BENCHES for n in b.names()}
 
     def picks(o: str, b: Bench) -> bool:
         return o in b.names() if o in exact else any(o in n for n in b.names())
 
-    return [b for b in BENCHES if (peers or not b.peer)
+    return [b for b in BENCHES if (peers or not b.peer) and (database or not b.postgres)
             and (any(picks(o, b) for o in only) if only else not (quick and b.full_only))]
 
 
@@ -582,11 +633,11 @@ def _relate(rows: list[dict[str, Any]]) -> None:
 
 def run_benches(quick: bool, only: tuple[str, ...], repeat: int | None,
                 progress: Callable[[str], None] | None = None,
-                peers: bool = False) -> list[dict[str, Any]]:
+                peers: bool = False, database: bool = False) -> list[dict[str, Any]]:
     """Run the benches :func:`select` picks (all when ``only`` is empty) and return their
     rows in table order."""
     rows: list[dict[str, Any]] = []
-    for bench in select(only, peers, quick):
+    for bench in select(only, peers, quick, database):
         default = bench.repeats or (3, 5)
         repeats = repeat or (default[0] if quick else default[1])
         runs: list[dict[str, Figure]] = []
@@ -623,7 +674,8 @@ def _fmt(value: float) -> str:
 
 _NOTES = (("p95", "p95"), ("p99", "p99"), ("n", "n"), ("ceiling", "ceiling"),
           ("ratio_to_ceiling", "ratio"), ("slowdown_vs_empty", "slowdown"),
-          ("speedup_vs_sequential", "speedup"), ("ratio_to_peer", "vs peer"))
+          ("speedup_vs_sequential", "speedup"), ("ratio_to_peer", "vs peer"),
+          ("ratio_to_file", "vs file"))
 
 
 def format_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -658,17 +710,22 @@ def register(group: click.Group) -> None:
                    "--only (for CI).")
 @click.option("--only", multiple=True,
               help="Run the benches of this group (enqueue, calls, claim, events, "
-                   "dispatch, throughput, idle, rss, jq, reclaim, web, peers), bench or row "
-                   "name; any other "
+                   "dispatch, throughput, idle, rss, jq, reclaim, web, peers, postgres), "
+                   "bench or row name; any other "
                    "text: those whose names contain it (repeatable).")
 @click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
 @click.option("--list", "list_only", is_flag=True, help="List the rows and exit.")
 @click.option("--peers", is_flag=True,
               help="Also run the same workload on a peer queue (huey SqliteHuey; needs the "
                    "bench extra: pip install -e '.[bench]').")
+@click.option("--database-url", metavar="URL", envvar="HARNESS_BENCH_DATABASE_URL",
+              help="Also run the postgres backend's benches (group postgres) on this server "
+                   "(each run in a database of its own, created and dropped; the role needs "
+                   "CREATEDB; needs the postgres extra). Default: "
+                   "$HARNESS_BENCH_DATABASE_URL.")
 @json_option
 def bench(quick: bool, only: tuple[str, ...], repeat: int | None, list_only: bool,
-          peers: bool, as_json: bool) -> None:
+          peers: bool, database_url: str | None, as_json: bool) -> None:
     """Measure enqueue, claim, event, dispatch, throughput, idle and reclaim costs on
     throwaway homes.
 
@@ -684,7 +741,11 @@ def bench(quick: bool, only: tuple[str, ...], repeat: int | None, list_only: boo
     def progress(text: str) -> None:
         click.echo(f"bench: {text}", err=True)
 
-    rows = run_benches(quick, only, repeat, progress if sys.stderr.isatty() else None, peers)
+    if database_url:
+        # read by daemons/devtools/pg_bench.py
+        os.environ["HARNESS_BENCH_DATABASE_URL"] = database_url
+    rows = run_benches(quick, only, repeat, progress if sys.stderr.isatty() else None, peers,
+                       bool(database_url))
     if as_json:
         print_json(rows)
     else:

@@ -47,9 +47,11 @@ def _home(root: Path, **overrides: Any) -> Home:
     return home
 
 
-def _start_worker(home: Home, instance: str, logdir: Path) -> subprocess.Popen[bytes]:
+def _start_worker(home: Home, instance: str, logdir: Path,
+                  env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
+    env.update(env_extra or {})
     out = open(logdir / f"worker-{instance}.out", "wb")  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(
@@ -110,12 +112,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 3), "mean": round(statistics.fmean(ordered), 3)}
 
 
-def dispatch_samples(root: Path, samples: int,
-                     durability: str) -> tuple[list[float], list[float]]:
-    """Dispatch latencies in ms on one idle ``harness worker run`` (home under ``root``):
-    ``(from_call, from_commit)``, one value per task, in order. Each task starts only once
-    the worker is idle again, so every sample is a wake-up from idle."""
-    home = _home(root / f"latency-{durability}", durability=durability)
+def dispatch_samples(root: Path, samples: int, durability: str,
+                     **home_overrides: Any) -> tuple[list[float], list[float]]:
+    """Dispatch latencies in ms on one idle ``harness worker run`` (home under ``root``,
+    with system.json ``home_overrides``, e.g. a postgres queue): ``(from_call,
+    from_commit)``, one value per task, in order. Each task starts only once the worker is
+    idle again, so every sample is a wake-up from idle."""
+    home = _home(root / f"latency-{durability}", durability=durability, **home_overrides)
     queue = open_queue(home, shared=False)
     worker = _start_worker(home, "lat", root)
     from_call: list[float] = []
@@ -164,16 +167,23 @@ def _idle_cost(root: Path, seconds: float, durability: str) -> dict[str, Any]:
             "threads": threads}
 
 
-def measure_throughput(root: Path, workers: int, tasks: int,
-                       durability: str) -> dict[str, Any]:
+def measure_throughput(root: Path, workers: int, tasks: int, durability: str, *,
+                       hosts: int = 1, **home_overrides: Any) -> dict[str, Any]:
     """``tasks`` ``true`` tasks end to end on ``workers`` already registered workers: the
-    clock starts before the batch enqueue and stops when no task is live (all completed)."""
-    home = _home(root / f"throughput-{workers}-{durability}", durability=durability)
+    clock starts before the batch enqueue and stops when no task is live (all completed).
+    With ``hosts`` > 1 (a shared queue: ``home_overrides`` name a postgres database) the
+    workers are spread over that many homes, each its own simulated host
+    (``HARNESS_HOST_ID``)."""
+    homes = [_home(root / f"throughput-{workers}-{durability}" / f"host{h}",
+                   durability=durability, **home_overrides) for h in range(hosts)]
+    home = homes[0]
     queue = open_queue(home, shared=False)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(workers):
-            procs.append(_start_worker(home, f"tp{i}", root))
+            host = i % hosts
+            procs.append(_start_worker(homes[host], f"tp{i}", root,
+                                       {"HARNESS_HOST_ID": f"bench-host{host}"}))
         t0 = time.monotonic()
         queue.enqueue_batch([{"command": ["true"]} for _ in range(tasks)])
         deadline = t0 + 600

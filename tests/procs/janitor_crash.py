@@ -1,6 +1,6 @@
 """Run the janitor over HOME and die abruptly (os._exit, no clean-up) at rotation STEP.
 
-Usage: janitor_crash.py HOME STEP  (a step named in daemons.janitor._checkpoint)
+Usage: janitor_crash.py HOME STEP  (a step named in coordination.rotation._checkpoint)
 Exit status 9 means it died there; 0 that the step was never reached.
 """
 
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from coordination import rotation
 from coordination.paths import Home
 from daemons import janitor
 
@@ -22,7 +23,7 @@ def main() -> None:
         if step == target:
             os._exit(9)
 
-    janitor._checkpoint = crash
+    rotation._checkpoint = crash
     janitor.run_janitor(home, time.time())
 
 

@@ -29,7 +29,7 @@ snapshot holds; the next writer records the difference in the journal.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ... import clock
@@ -37,10 +37,11 @@ from ...config import load_system
 from ...control import paused_types
 from ...errors import Backpressure, InvalidTransition, NotFound
 from ...events import make_event
+from ...rotation import Rotator, rotated_files
 from ...store import iter_jsonl, jsonl_archives, read_json, scan_jsonl_gz
 from ...tasks import check_task_id
 from .. import admission, ops, rules
-from ..contract import QueueFinding
+from ..contract import QueueFinding, RetentionReport
 from .publisher import Publisher
 from .txn import SOURCE, Txn, unlink_quietly
 
@@ -168,3 +169,24 @@ class FileQueue(Publisher, ops.Operations):
         """The queue's part of ``harness doctor`` (see :mod:`.check`)."""
         from .check import check_queue
         return check_queue(self, repair=repair, now=clock.now() if now is None else now)
+
+    # ================================================================== upkeep
+    def keep_view_fresh(self) -> Callable[[], None]:
+        """Nothing to start: every process that commits republishes task-queue.json
+        within SNAPSHOT_INTERVAL_S (0.4 s) itself, and no other host writes this queue."""
+        return _nothing
+
+    def apply_retention(self, *, now: float | None = None,
+                        dry_run: bool = False) -> RetentionReport:
+        """Rotate task-history.jsonl as the janitor rotates its own files (the protocol
+        of :mod:`coordination.rotation`: an interrupted rotation recovered, archives beyond
+        ``archive_generations`` deleted, the file rotated into ``task-history.1.jsonl.gz``
+        when over ``history_max_lines`` / ``history_max_bytes``, keeping the newest
+        ``history_keep_lines``). Takes janitor.lock (re-entrant: the janitor holds it)."""
+        rotator = Rotator(self.home, clock.now() if now is None else now, dry_run)
+        rotator.rotate_files(tuple(r for r in rotated_files(self.home) if r.key == "history"))
+        return RetentionReport(summary=rotator.summary, errors=rotator.errors)
+
+
+def _nothing() -> None:
+    """The stop function of a watch that started nothing."""

@@ -19,9 +19,11 @@ Guarantees
   host's dashboard-events.jsonl after COMMIT; every committing transaction sends
   ``NOTIFY harness_queue`` (delivered at commit), which :meth:`PostgresQueue.wait` and
   :meth:`PostgresQueue.on_change` listen for on a connection of their own.
-- Per host, in the home: the inbox, control.json (paused types), the events file and the
-  jq view ``task-queue.json`` (written by :meth:`PostgresQueue.sync`, in the file backend's
-  format).
+- Shared besides tasks and history (:mod:`.shared`): the ``events`` table (each
+  transaction's queue events, inserted before COMMIT) and the ``control`` row (pauses).
+- Per host, in the home: the inbox, the events file and the jq view ``task-queue.json``
+  (written by :meth:`PostgresQueue.sync`, in the file backend's format, and kept at most
+  1 s stale by :meth:`PostgresQueue.keep_view_fresh`, which the supervisor runs).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from psycopg.types.json import Jsonb
 
 from ... import clock
 from ...config import load_system
-from ...control import paused_types, read_control
+from ...control import paused_types
 from ...errors import (
     Backpressure,
     DatabaseUnavailable,
@@ -57,12 +59,14 @@ from ...redact import redact_url
 from ...store import dumps
 from ...tasks import PRIORITIES, PRIORITY_RANK, check_task_id
 from .. import admission, ops, rules
-from ..contract import QueueFinding
+from ..contract import QueueFinding, RetentionReport
 from ..file.snapshot import parse as parse_view
 from ..file.snapshot import publish_temp, render, write_temp
 from ..ops import queue_event
 from .connect import connect, database_url
 from .schema import require_current
+from .shared import apply_retention, parse_control, record_events
+from .view import ViewKeeper
 
 CHANNEL = "harness_queue"
 FILE_MODE = 0o600
@@ -341,6 +345,7 @@ class PostgresQueue(ops.Operations):
                             admission.drain_inbox(self.home, txn, self._completed_ids)
                         out = body(txn)
                         txn.flush()
+                        record_events(conn, txn.events)  # shared.py: the events table
                         if txn.changed and txn.notify:  # one round trip: revision, wake-up
                             conn.execute("SELECT pg_notify(%s, nextval('queue_revision')::text)",
                                          (CHANNEL,))
@@ -403,6 +408,13 @@ class PostgresQueue(ops.Operations):
             logging.getLogger("harness.queue").warning(
                 "%d event(s) not recorded: %s", len(events), exc)
 
+    def _control_state(self) -> dict[str, Any]:
+        """The shared control state, on this instance's connection (inside the caller's
+        transaction when one is open: a claim sees the pauses as of its own snapshot)."""
+        rows = self._read("SELECT state FROM control")
+        return parse_control(rows[0][0] if rows else {}, f"control table at "
+                             f"{redact_url(self.url)}")
+
     def _completed_ids(self, wanted: set[str]) -> set[str]:
         rows = self._read(  # inside the admitting transaction
             "SELECT DISTINCT task_id FROM history WHERE task_id = ANY(%s) AND final "
@@ -433,7 +445,7 @@ class PostgresQueue(ops.Operations):
 
     # ================================================================== workers
     def _paused(self, now: float) -> set[str]:
-        return paused_types(read_control(self.home), now)
+        return paused_types(self._control_state(), now)
 
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
                   paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
@@ -610,7 +622,7 @@ class PostgresQueue(ops.Operations):
         """Counts by status and priority, runnable per type, oldest queued age, inbox and
         dead-letter sizes, revision (see the port); one snapshot of the database."""
         ts = clock.now() if now is None else now
-        paused = sorted(paused_types(read_control(self.home), ts))
+        paused = sorted(paused_types(self._control_state(), ts))
         by_status = {"queued": 0, "running": 0}
         by_priority = {p: {"queued": 0, "running": 0} for p in PRIORITIES}
         with self._snapshot() as conn:
@@ -670,6 +682,31 @@ class PostgresQueue(ops.Operations):
             return False
         self.sync()
         return True
+
+    def keep_view_fresh(self) -> Callable[[], None]:
+        """Republish task-queue.json after every change of the database, by any host, at
+        most every :data:`.view.MIN_INTERVAL_S`: the view is at most 1 s stale while this
+        runs (the supervisor runs it). Returns the function that stops it."""
+        keeper = ViewKeeper(self.sync)
+        stop_listening = self.on_change(keeper.changed)
+        keeper.start()
+
+        def stop() -> None:
+            stop_listening()
+            keeper.stop()
+        return stop
+
+    # ================================================================== retention
+    def apply_retention(self, *, now: float | None = None,
+                        dry_run: bool = False) -> RetentionReport:
+        """Delete the oldest rows of ``history`` and ``events`` past their limits, in the
+        database (see :func:`.shared.apply_retention`); ``now`` is unused (line limits)."""
+        with self._mutex:
+            try:
+                conn = self._connection()
+            except DatabaseUnavailable as exc:
+                return RetentionReport(errors=[exc])
+            return apply_retention(conn, self.home, dry_run=dry_run)
 
     # ================================================================== wake-ups
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:

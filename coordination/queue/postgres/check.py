@@ -15,18 +15,27 @@
 - ``orphaned_worker_row``: a ``workers`` row whose heartbeat is older than
   ``heartbeat_timeout_s`` and whose worker holds no running task (it exited or died);
   repair deletes it.
+- ``live_and_dead``: a task that is both live and a dead letter (two rows: only a hand
+  edit makes one); repair deletes the dead letter (the live task is the newer state).
+- ``control_row``: the shared control row is missing or unreadable (claims then read
+  the empty state: nothing paused); repair writes the empty state in its place.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from psycopg.types.json import Jsonb
+
 from ... import clock
 from ...config import load_system
+from ...control import empty_control
+from ...errors import CorruptFileError
 from .. import admission
 from ..contract import Findings, QueueFinding
 from ..leases import check_leases
 from .schema import SCHEMA_VERSION, current_version
+from .shared import parse_control
 
 if TYPE_CHECKING:
     from .backend import PostgresQueue
@@ -94,6 +103,29 @@ def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[Queue
                 home.queue_file)
         if repair:
             queue.sync()
+            f.repaired = True
+    for (task_id,) in queue._read("SELECT l.task_id FROM tasks l JOIN tasks d USING (task_id) "
+                                  "WHERE d.dead AND l.status IN ('queued', 'running') "
+                                  "ORDER BY l.task_id"):
+        f = add("error", "live_and_dead", f"task {task_id} is both live and a dead letter")
+        if repair:
+            queue.purge_dead([task_id])
+            f.repaired = True
+    rows = queue._read("SELECT state FROM control")
+    problem = "is missing" if not rows else None
+    if rows:
+        try:
+            parse_control(rows[0][0], "control table")
+        except CorruptFileError as exc:
+            problem = f"is unreadable: {exc}"
+    if problem:
+        f = add("error", "control_row", f"the shared control state (table control) {problem}; "
+                "claims read it as nothing paused or drained")
+        if repair:
+            with queue._mutex, queue._connection().transaction():
+                queue._connection().execute("DELETE FROM control")
+                queue._connection().execute("INSERT INTO control (state) VALUES (%s)",
+                                            (Jsonb(empty_control()),))
             f.repaired = True
     names = admission.inbox_names(home)
     if names:

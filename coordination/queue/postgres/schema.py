@@ -81,10 +81,34 @@ CREATE TABLE workers (
 COMMENT ON TABLE workers IS 'harness: worker registry, one row per worker, written by heartbeats';
 """
 
+#: The shared events table and control state (docs/multi-host.md).
+_V3 = """
+CREATE TABLE events (
+    seq       bigserial PRIMARY KEY,
+    timestamp text COLLATE "C" NOT NULL,
+    type      text NOT NULL,
+    host_id   text NOT NULL,
+    task_id   text COLLATE "C",
+    event     jsonb NOT NULL
+);
+COMMENT ON TABLE events IS 'harness: the queue events of every host, in commit order';
+CREATE INDEX events_task ON events (task_id, seq) WHERE task_id IS NOT NULL;
+CREATE TABLE control (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    state      jsonb NOT NULL,
+    updated_at text
+);
+COMMENT ON TABLE control IS 'harness: control state shared by every host (pause, drain, circuits)';
+INSERT INTO control (state) VALUES
+    ('{"version": 1, "updated_at": null, "paused_types": {},
+       "drain": {"all": null, "instances": {}}}');
+"""
+
 #: (description, SQL) in order; version N is MIGRATIONS[N - 1]. Append, never edit.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("tasks, history and the revision sequence", _V1),
     ("leases: tasks.host_id, tasks.lease_until (indexed), the workers registry", _V2),
+    ("the shared events table and control state", _V3),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,15 +174,46 @@ def migrate(url: str) -> tuple[int, int]:
     SchemaVersionError, with nothing changed, when the database is newer than this code."""
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-        conn.execute(_VERSION_TABLE)
         before = current_version(conn) or 0
         if before > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{redact_url(url)} has harness schema version {before}, newer than this "
                 f"harness knows ({SCHEMA_VERSION}): upgrade harness; nothing was changed")
-        for number in range(before + 1, SCHEMA_VERSION + 1):
-            description, sql = MIGRATIONS[number - 1]
-            conn.execute(sql)
-            conn.execute("INSERT INTO schema_version (version, description, applied_at) "
-                         "VALUES (%s, %s, %s)", (number, description, clock.iso(clock.now())))
+        if before == SCHEMA_VERSION:
+            return before, before  # no DDL: a least-privilege role may "migrate" a current one
+        try:
+            conn.execute(_VERSION_TABLE)
+            for number in range(before + 1, SCHEMA_VERSION + 1):
+                description, sql = MIGRATIONS[number - 1]
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_version (version, description, applied_at) "
+                             "VALUES (%s, %s, %s)",
+                             (number, description, clock.iso(clock.now())))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise SchemaVersionError(
+                f"{redact_url(url)}: this role may not change the schema ({exc}); run "
+                "`harness db migrate` as the database's owner; nothing was changed") from None
     return before, SCHEMA_VERSION
+
+
+#: What a role that runs harness (daemons, CLI, janitor) needs on a migrated database, and
+#: nothing more: no DDL, no ownership (migrations run as the schema's owner). ``{role}``
+#: and ``{database}`` are quoted identifiers. Sequences: USAGE for nextval (new history
+#: and event rows, the revision), SELECT for reading queue_revision.
+APP_GRANTS = """\
+GRANT CONNECT ON DATABASE {database} TO {role};
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT ON schema_version TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, control, workers TO {role};
+GRANT SELECT, INSERT, DELETE ON history, events TO {role};
+GRANT USAGE, SELECT ON SEQUENCE queue_revision, history_seq_seq, events_seq_seq TO {role};
+"""
+
+
+def grants_sql(role: str, database: str) -> str:
+    """:data:`APP_GRANTS` for ``role`` on ``database``, identifiers quoted."""
+    from psycopg import sql
+
+    def ident(name: str) -> str:
+        return sql.Identifier(name).as_string(None)
+    return APP_GRANTS.format(role=ident(role), database=ident(database))

@@ -1,0 +1,164 @@
+"""What a postgres home shares in the database besides tasks and history
+(docs/multi-host.md, "What lives where"):
+
+- ``events``: the queue events of every host (each committed transaction's
+  ``task_*`` / ``dlq_*`` events), inserted in the transaction that made the change, so the
+  table holds exactly the committed changes, once each, in commit order (``seq``). Each
+  host still appends the same events to its own dashboard-events.jsonl after COMMIT
+  (``events tail -f``, emit-event.sh and jq keep working per host); events that are not
+  about the queue (a worker's start, janitor_run, config, operator pauses) stay in the
+  host's file only.
+- ``control``: one row, the control state (pause, drain, circuits) in control.json's
+  format (coordination/control.py), read and changed by every host.
+- Retention (:func:`apply_retention`): the janitor's ``history_*`` and ``events_*`` line
+  limits, applied as row counts.
+
+``host_id`` names the host in ``events``: ``$HARNESS_HOST_ID``, else the hostname.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ... import clock
+from ...config import load_system
+from ...control import empty_control
+from ...errors import CorruptFileError, DatabaseUnavailable, HarnessError
+from ...hosts import host_id
+from ...paths import Home
+from ...redact import redact_url
+from ..contract import RetentionReport
+
+CHANNEL = "harness_queue"
+#: Held (try-only) while one host applies retention: another host's janitor skips.
+RETENTION_LOCK = 0x6861726F
+
+
+def record_events(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> None:
+    """Insert ``events`` into the events table, inside the caller's open transaction."""
+    if events:
+        conn.execute(
+            "INSERT INTO events (timestamp, type, host_id, task_id, event) "
+            "SELECT e->>'timestamp', e->>'type', %s, e->>'task_id', e "
+            "FROM jsonb_array_elements(%s) AS e", (host_id(), Jsonb(events)))
+
+
+# ---------------------------------------------------------------------------- control
+def parse_control(raw: Any, where: str) -> dict[str, Any]:
+    """The control state from the stored JSON; CorruptFileError naming ``where``."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("paused_types", {}), dict):
+        raise CorruptFileError(where, "must be an object with 'paused_types'")
+    state = empty_control()
+    state.update(raw)
+    return state
+
+
+def read_control_row(conn: psycopg.Connection[Any], where: str) -> dict[str, Any]:
+    """The control row (the empty state when it is missing)."""
+    row = conn.execute("SELECT state FROM control").fetchone()
+    return empty_control() if row is None else parse_control(row[0], where)
+
+
+class PostgresControl:
+    """The control state of a postgres home (coordination/control.py's ``ControlStore``):
+    one row, changed under its row lock and announced with ``NOTIFY harness_queue`` (a
+    lifted pause wakes the workers of every host). One connection per process and URL."""
+
+    _conns: dict[str, psycopg.Connection[Any]] = {}
+
+    def __init__(self, home: Home) -> None:
+        from .connect import database_url
+
+        self.url = database_url(home)
+        self.where = f"control table at {redact_url(self.url)}"
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        from .connect import connect
+
+        conn = self._conns.get(self.url)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._conns[self.url] = connect(self.url, autocommit=True)
+        return conn
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return read_control_row(self._conn(), self.where)
+        except psycopg.OperationalError as exc:
+            raise _unavailable(self.url, exc) from None
+
+    def update(self, change: Callable[[dict[str, Any]], None], now: float) -> dict[str, Any]:
+        try:
+            conn = self._conn()
+            with conn.transaction():
+                row = conn.execute("SELECT state FROM control FOR UPDATE").fetchone()
+                state = empty_control() if row is None else parse_control(row[0], self.where)
+                change(state)
+                state["updated_at"] = clock.iso(now)
+                conn.execute("INSERT INTO control (singleton, state, updated_at) "
+                             "VALUES (true, %(s)s, %(at)s) ON CONFLICT (singleton) DO UPDATE "
+                             "SET state = %(s)s, updated_at = %(at)s",
+                             {"s": Jsonb(state), "at": state["updated_at"]})
+                conn.execute("SELECT pg_notify(%s, 'control')", (CHANNEL,))
+        except psycopg.OperationalError as exc:
+            raise _unavailable(self.url, exc) from None
+        return state
+
+
+def _unavailable(url: str, exc: Exception) -> DatabaseUnavailable:
+    detail = str(exc).strip().replace("\n", " ")
+    return DatabaseUnavailable(f"PostgreSQL at {redact_url(url)}: {detail}")
+
+
+# ---------------------------------------------------------------------------- retention
+#: Final records of completed tasks that a queued task names in depends_on: admission and
+#: the cascade read them, so retention keeps them whatever their age.
+_NEEDED = ("h.final AND h.status = 'completed' AND EXISTS (SELECT 1 FROM tasks t "
+           "WHERE t.status = 'queued' AND t.depends_on @> ARRAY[h.task_id::text])")
+
+
+def apply_retention(conn: psycopg.Connection[Any], home: Home, *, dry_run: bool,
+                    ) -> RetentionReport:
+    """Trim ``history`` to its newest ``history_keep_lines`` rows once it holds more than
+    ``history_max_lines`` (keeping what :data:`_NEEDED` says), and ``events`` likewise
+    with ``events_*``; one transaction, skipped when another host is at it. A dry run
+    counts what it would delete."""
+    values = load_system(home).values
+    report = RetentionReport(summary={"trimmed": [], "skipped": []})
+    tables = (("history", "h", _NEEDED), ("events", "e", "false"))
+    try:
+        with conn.transaction():
+            got = conn.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                               (RETENTION_LOCK,)).fetchone()
+            if not got or not got[0]:
+                report.summary["skipped"].append("database retention: another host is "
+                                                 "applying it now")
+                return report
+            for table, alias, keep in tables:
+                max_rows = int(values[f"{table}_max_lines"])
+                keep_rows = int(values[f"{table}_keep_lines"])
+                row = conn.execute(f"SELECT count(*), coalesce(max(seq), 0) FROM {table}"
+                                   ).fetchone()
+                count, newest = (int(row[0]), int(row[1])) if row else (0, 0)
+                if count <= max_rows:
+                    continue
+                edge = conn.execute(f"SELECT seq FROM {table} ORDER BY seq DESC "
+                                    "OFFSET %s LIMIT 1", (max(keep_rows - 1, 0),)).fetchone()
+                cut = newest + 1 if keep_rows == 0 or edge is None else int(edge[0])
+                where = f"FROM {table} {alias} WHERE {alias}.seq < %s AND NOT ({keep})"
+                if dry_run:
+                    deleted = int(conn.execute(f"SELECT count(*) {where}", (cut,)
+                                               ).fetchone()[0])  # type: ignore[index]
+                else:
+                    deleted = conn.execute(f"DELETE {where}", (cut,)).rowcount
+                report.summary["trimmed"].append({
+                    "table": table, "rows_deleted": deleted, "kept_rows": count - deleted,
+                    "reason": f"{count} rows > {table}_max_lines {max_rows}"})
+    except psycopg.OperationalError as exc:
+        report.errors.append(_unavailable(str(conn.info.dsn), exc))
+    except psycopg.Error as exc:
+        report.errors.append(HarnessError(f"database retention: {exc}".strip()))
+    return report
