@@ -32,8 +32,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 #: for importing every daemon (about a quarter of a cold start).
 LAZY_COMMANDS: dict[str, str] = {
     **dict.fromkeys(("worker", "drain", "pause", "resume", "systemd"),
-                    "daemons.worker_commands"),
-    **dict.fromkeys(("supervisor", "up", "demo"), "daemons.supervisor_commands"),
+                    "daemons.worker.commands"),
+    **dict.fromkeys(("supervisor", "up", "demo"), "daemons.supervisor.commands"),
     "init": "daemons.commands.init",
     "task": "daemons.commands.task",
     **dict.fromkeys(("queue", "dlq"), "daemons.commands.queue"),

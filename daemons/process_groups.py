@@ -1,6 +1,6 @@
 """Process groups and descendants: liveness, signals, reaping, subreaper, parent death.
 
-Shared by the worker (:mod:`daemons.task_run` stops an attempt's whole group and, as a
+Shared by the worker (:mod:`daemons.worker.task_run` stops an attempt's whole group and, as a
 child subreaper, every descendant), the supervisor (it reaps the orphans it inherits) and
 ``harness up`` (its children die with it). Liveness is judged from ``/proc`` state, so a
 zombie never counts as a survivor. Nothing here touches a coordination file.

@@ -19,8 +19,8 @@ from coordination.control import read_control
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, read_specs, write_spec
-from daemons.actuators import Instance, ProcessActuator, SystemdActuator
-from daemons.supervisor import Supervisor
+from daemons.supervisor.actuators import Instance, ProcessActuator, SystemdActuator
+from daemons.supervisor.reconcile import Supervisor
 
 
 class FakeActuator:

@@ -72,5 +72,5 @@ def test_a_simple_command_does_not_import_the_daemons(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stderr.split()
     assert "daemons.cli" in loaded
-    assert not {"daemons.worker_commands", "daemons.supervisor", "daemons.devtools.bench",
+    assert not {"daemons.worker", "daemons.supervisor", "daemons.devtools.bench",
                 "daemons.janitor"} & set(loaded), loaded

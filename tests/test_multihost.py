@@ -124,7 +124,7 @@ def all_completed(queue: QueueBackend, ids: list[str]) -> bool:
 def supervisor_step(home: Home, host: str, monkeypatch: pytest.MonkeyPatch,
                     now: float | None = None) -> dict[str, Any]:
     """One reconcile pass of ``host``'s supervisor (no actuator: no scaling) at ``now``."""
-    from daemons.supervisor import Supervisor
+    from daemons.supervisor.reconcile import Supervisor
 
     monkeypatch.setenv("HARNESS_HOST_ID", host)
     try:
@@ -294,7 +294,7 @@ def test_another_host_s_task_with_a_valid_lease_is_never_reclaimed(
     assert out["reclaimed"] == []
     assert present(queue.get(task_id))["status"] == "running"
     # Its lease runs out 29 s from now: then any host reclaims it.
-    from daemons.supervisor import reclaim_pass
+    from daemons.supervisor.reclaim import reclaim_pass
 
     late = reclaim_pass(fl.homes["h3"], now + 30, queue=queue, host="h3")
     assert [r["task_id"] for r in late["reclaimed"]] == [task_id]

@@ -40,7 +40,8 @@ from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import new_spec, read_specs, write_spec
 from coordination.store import read_json
-from daemons.supervisor import Supervisor, reclaim_pass
+from daemons.supervisor.reclaim import reclaim_pass
+from daemons.supervisor.reconcile import Supervisor
 
 HARNESS = [sys.executable, "-m", "daemons"]
 
@@ -256,7 +257,7 @@ def test_reclaim_checks_the_owner_under_the_lock(home: Home) -> None:
     assert stale is not None
     queue.release(task_id, worker_id, reason="test")
     queue.claim("worker-other")
-    from daemons.supervisor import reclaim_task
+    from daemons.supervisor.reclaim import reclaim_task
 
     assert reclaim_task(home, queue, stale, "test proof", clock.now()) is None
     assert queue.get(task_id)["worker_id"] == "worker-other"  # type: ignore[index]

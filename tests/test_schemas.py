@@ -578,7 +578,7 @@ class SupervisorScenario:
     def __init__(self, root: Path) -> None:
         from helpers import dead_pid
 
-        from daemons.supervisor import Supervisor
+        from daemons.supervisor.reconcile import Supervisor
 
         self.home = h = make_home(root.parent, root.name)
         cfg = read_json(h.system_config)

@@ -28,13 +28,10 @@ from coordination.queue import TaskQueue
 from coordination.specs import new_spec, read_specs, write_spec
 from coordination.store import append_bytes, dumps, read_json
 from daemons.cli import cli
-from daemons.supervisor import (
-    PidWatcher,
-    Supervisor,
-    decide_scale,
-    scale_down_once,
-    singleton_lock_path,
-)
+from daemons.supervisor.pidwatch import PidWatcher
+from daemons.supervisor.policy import decide_scale
+from daemons.supervisor.reconcile import Supervisor, scale_down_once
+from daemons.supervisor.state import singleton_lock_path
 
 HARNESS = [sys.executable, "-m", "daemons"]
 

@@ -27,8 +27,8 @@ from coordination import clock
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
-from daemons.actuators import SystemdActuator
-from daemons.supervisor import Supervisor
+from daemons.supervisor.actuators import SystemdActuator
+from daemons.supervisor.reconcile import Supervisor
 
 pytestmark = pytest.mark.systemd
 

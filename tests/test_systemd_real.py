@@ -39,7 +39,7 @@ from coordination.errors import NotFound
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
 from coordination.store import replace_json
-from daemons.scopes import scope_unit_name
+from daemons.worker.scopes import scope_unit_name
 
 pytestmark = pytest.mark.systemd
 

@@ -28,10 +28,24 @@ from coordination.specs import read_specs
 from coordination.store import replace_json
 from daemons.notify import Notifier
 from daemons.process_groups import group_alive
-from daemons.scopes import Scope, ScopeManager, find_scope_manager, scope_command, scope_unit_name
-from daemons.task_run import TRUNCATION_MARKER, RunSpec, TaskRun, build_env, describe_exit, rlimits
 from daemons.wakeup import Wakeup
-from daemons.worker import Worker, WorkerOptions
+from daemons.worker.loop import Worker
+from daemons.worker.options import WorkerOptions
+from daemons.worker.scopes import (
+    Scope,
+    ScopeManager,
+    find_scope_manager,
+    scope_command,
+    scope_unit_name,
+)
+from daemons.worker.task_run import (
+    TRUNCATION_MARKER,
+    RunSpec,
+    TaskRun,
+    build_env,
+    describe_exit,
+    rlimits,
+)
 
 PY = sys.executable
 

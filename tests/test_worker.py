@@ -456,7 +456,8 @@ def test_worker_declared_dead_claims_nothing_and_writes_no_spec(home: Home) -> N
     re-creating or updating a spec in active/, and leaves the completed spec as it is."""
     from coordination import clock
     from coordination.specs import complete_spec
-    from daemons.worker import Worker, WorkerOptions
+    from daemons.worker.loop import Worker
+    from daemons.worker.options import WorkerOptions
 
     worker = Worker(home, WorkerOptions(instance="dead"))
     now = clock.now()
@@ -499,7 +500,8 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
     (complete_and_claim). A stop that arrives before it starts hands it back (released,
     the attempt does not count), and the events of both commits are recorded in order."""
     from coordination import clock
-    from daemons.worker import Worker, WorkerOptions
+    from daemons.worker.loop import Worker
+    from daemons.worker.options import WorkerOptions
 
     q = TaskQueue(home)
     ids = {r.task["task_id"] for r in q.enqueue_batch([{"command": ["true"]},

@@ -20,8 +20,8 @@ from coordination.config import init_home
 from coordination.paths import Home
 from coordination.queue import open_queue
 
-from ..supervisor import Tick
-from ..up import Outcomes, command_prefix, run_up, worker_counts
+from ..supervisor.loop import Tick
+from ..supervisor.up import Outcomes, command_prefix, run_up, worker_counts
 
 DEMO_WORKERS = 3
 

@@ -30,7 +30,7 @@ from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import open_queue
 
-from ..task_runner import become_subreaper, reap_orphans
+from ..process_groups import become_subreaper, reap_orphans
 
 HARNESS = [sys.executable, "-m", "daemons"]
 

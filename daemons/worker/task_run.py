@@ -51,7 +51,7 @@ from coordination import clock
 from coordination.errors import UnsafePath
 from coordination.store import open_in_folder
 
-from .process_groups import (
+from ..process_groups import (
     group_alive,
     live_descendants,
     reap_group,

@@ -12,7 +12,7 @@ from coordination import clock
 from coordination.errors import CorruptFileError, UsageError
 from coordination.store import read_json
 
-from .context import add_commands, home_option, json_option, print_json, resolve_home
+from ..context import add_commands, home_option, json_option, print_json, resolve_home
 
 
 # ---------------------------------------------------------------------------- supervisor
@@ -43,7 +43,7 @@ def supervisor_run(once: bool, actuator: str | None, no_scale: bool, as_json: bo
     SIGTERM/SIGINT: stop (process-actuator workers are drained first). SIGHUP: re-read config.
     Exit 75 when another supervisor already runs on this home.
     """
-    from .supervisor import run_supervisor, status_text
+    from .loop import run_supervisor, status_text
 
     home = resolve_home(home_dir).require()
     reports: list[dict[str, Any]] = []
@@ -89,7 +89,7 @@ def supervisor_reclaim(dry_run: bool, as_json: bool, home_dir: Path | None) -> N
     requeued the same way; another host's task whose lease holds is never touched. --dry-run
     signals and changes nothing.
     """
-    from .supervisor import reclaim_pass
+    from .reclaim import reclaim_pass
 
     home = resolve_home(home_dir).require()
     out = reclaim_pass(home, clock.now(), dry_run=dry_run)
@@ -118,7 +118,7 @@ def supervisor_scale_down_once(dry_run: bool, as_json: bool, home_dir: Path | No
     """One scale-down pass (harness-idle-stop.timer): drain idle workers above what the
     scaling rules want (min_workers, warm_pool, cool-down). Never starts a worker; does
     nothing while a supervisor runs (it scales down itself)."""
-    from .supervisor import scale_down_once
+    from .reconcile import scale_down_once
 
     home = resolve_home(home_dir).require()
     out = scale_down_once(home, clock.now(), dry_run=dry_run)
@@ -197,7 +197,7 @@ def up(workers: int, max_workers: int | None, with_demo: bool, progress: bool | 
     """
     import sys
 
-    from .devtools.demo import enqueue_demo
+    from ..devtools.demo import enqueue_demo
     from .up import PROGRESS_EVERY_S, run_up
 
     home = resolve_home(home_dir)
@@ -235,7 +235,7 @@ def demo(workers: int, keep_running: bool, home_dir: Path | None) -> None:
     watch from another terminal; exits 0 once the workload is finished.
       harness --home ./harness-home demo
     """
-    from .devtools.demo import run_demo
+    from ..devtools.demo import run_demo
 
     home = resolve_home(home_dir)
     if home.root.exists() and not home.root.is_dir():

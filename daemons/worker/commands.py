@@ -11,7 +11,7 @@ from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import UsageError
 from coordination.ids import check_id
 
-from .context import (
+from ..context import (
     WORKER_TYPE,
     IdParam,
     add_commands,
@@ -20,7 +20,7 @@ from .context import (
     print_json,
     resolve_home,
 )
-from .systemd_units import DROPINS
+from ..systemd_units import DROPINS
 
 INSTANCE = IdParam("worker instance")
 
@@ -78,7 +78,8 @@ def worker_run(instance: str | None, types: str | None, idle_exit: float | None,
     SIGTERM/SIGINT: finish the current task within stop_grace_s, else hand it back.
     SIGHUP: re-read the config.
     """
-    from .worker import WorkerOptions, default_instance, run_worker, systemd_unit
+    from .loop import run_worker
+    from .options import WorkerOptions, default_instance, systemd_unit
 
     home = resolve_home(home_dir).require()
     type_list = [t.strip() for t in types.split(",") if t.strip()] if types else None
@@ -219,7 +220,7 @@ def systemd_install(scope: str | None, dry_run: bool, unit_dir: Path | None,
     as the unprivileged --service-user, never root: created when missing, and the home is
     chowned to it. --user units run as the user of that manager.
     """
-    from .systemd_units import install_units
+    from ..systemd_units import install_units
 
     if print_dropin is not None:
         click.echo(DROPINS[print_dropin], nl=False)

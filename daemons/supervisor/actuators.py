@@ -38,7 +38,7 @@ import psutil
 from coordination.paths import Home
 from coordination.store import open_in_folder
 
-from .process_groups import parent_death_preexec
+from ..process_groups import parent_death_preexec
 
 WORKER_UNIT_TEMPLATE = "harness-worker@.service"
 log = logging.getLogger("harness.actuators")  # diagnostics (daemons/diagnostics.py)

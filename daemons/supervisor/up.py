@@ -32,7 +32,7 @@ from coordination.errors import UsageError
 from coordination.paths import Home
 
 from .actuators import ProcessActuator
-from .supervisor import Tick, run_supervisor
+from .loop import Tick, run_supervisor
 
 PROGRESS_EVERY_S = 5.0
 
