@@ -17,7 +17,7 @@ import pytest
 from helpers import daemon_env, make_home
 
 from coordination.events import emit
-from daemons.janitor import run_janitor
+from daemons.janitor.run import run_janitor
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -29,9 +29,9 @@ from coordination.events import append_events, emit, make_event
 from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.store import append_bytes, dumps, read_json, read_jsonl, replace_json
-from daemons import janitor
 from daemons.cli import cli
-from daemons.janitor import (
+from daemons.janitor import run as janitor
+from daemons.janitor.run import (
     TMP_TAG,
     JanitorDiskFull,
     JanitorError,

@@ -22,7 +22,7 @@ from coordination.queue.postgres import PostgresQueue
 from coordination.queue.rules import lease_token
 from coordination.store import read_jsonl
 from daemons.cli import cli
-from daemons.janitor import format_summary, run_janitor
+from daemons.janitor.run import format_summary, run_janitor
 
 
 def _url(home: Home) -> str:

@@ -182,7 +182,7 @@ def test_events_are_appended_after_the_queue_lock_is_released(
 def test_dependency_on_a_task_whose_record_was_archived(tmp_path: Path) -> None:
     """The janitor moved the completed task's history record into NAME.1.jsonl.gz: a new
     task may still depend on it (it is known as completed, not as unknown)."""
-    from daemons.janitor import run_janitor
+    from daemons.janitor.run import run_janitor
 
     home = make_home(tmp_path, history_max_lines=10, history_keep_lines=0,
                      durability="none")

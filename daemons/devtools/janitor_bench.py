@@ -27,7 +27,7 @@ from coordination.store import dumps
 _ROTATE = """
 import json, sys, time
 from coordination.paths import Home
-from daemons.janitor import run_janitor
+from daemons.janitor.run import run_janitor
 if sys.argv[1] != "-":
     t0 = time.monotonic()
     summary = run_janitor(Home.at(sys.argv[1]), time.time())

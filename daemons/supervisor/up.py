@@ -58,7 +58,7 @@ def side_ticks(home: Home) -> list[Tick]:
     """The janitor (every 10 min) and metrics snapshot (every minute) ticks that exist."""
     mono = time.monotonic()
     ticks: list[Tick] = []
-    janitor = _optional("daemons.janitor", "run_janitor")
+    janitor = _optional("daemons.janitor.run", "run_janitor")
     if janitor is not None:
         ticks.append(Tick("janitor", JANITOR_EVERY_S, lambda now: janitor(home, now),
                           next_at=mono + JANITOR_FIRST_S))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from coordination import rotation
 from coordination.paths import Home
-from daemons import janitor
+from daemons.janitor import run as janitor
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from coordination.errors import LockTimeout
 from coordination.paths import Home
-from daemons.janitor import run_janitor
+from daemons.janitor.run import run_janitor
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import click
 from coordination import clock
 from coordination.config import daemon_run
 
-from .context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
-from .janitor import JanitorFailed, format_summary, run_janitor
+from ..context import CliContext, home_option, json_option, pass_ctx, print_json, resolve_home
+from .run import JanitorFailed, format_summary, run_janitor
 
 
 @click.group()
@@ -63,7 +63,7 @@ def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: 
 def janitor_bench(size_mb: int, workdir: str | None) -> None:
     """Measure one rotation of a big events file in a scratch home: wall time, peak RSS
     of the rotating process, lock hold time. Prints JSON; the scratch home is deleted."""
-    from .devtools.janitor_bench import bench_rotation
+    from ..devtools.janitor_bench import bench_rotation
 
     print_json(bench_rotation(size_mb * 1024 * 1024, workdir=workdir))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .context import home_option, json_option, print_json, resolve_home
+from ..context import home_option, json_option, print_json, resolve_home
 
 _URL_HELP = ("The database (a PostgreSQL URL or conninfo). Default: $HARNESS_DATABASE_URL, "
              "else the home's system.json database_url.")
