@@ -12,7 +12,7 @@ import psycopg
 from pg_cluster import Cluster
 from test_bench import bench_env
 
-from daemons import bench as bench_mod
+from daemons.devtools import bench as bench_mod
 
 
 def test_postgres_benches_run_only_with_a_server() -> None:
