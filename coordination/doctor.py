@@ -36,10 +36,11 @@ from . import clock
 from .config import load_system, load_worker_types, migrate_worker_types_key
 from .errors import ConfigError, CorruptFileError, HarnessError
 from .hosts import host_id
+from .jsonl import iter_jsonl
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
-from .store import iter_jsonl, move_aside, open_in_folder, read_json
+from .store import move_aside, open_in_folder, read_json
 
 STALE_TEMP_S = 3600.0
 

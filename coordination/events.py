@@ -17,10 +17,11 @@ from typing import Any
 from . import clock
 from .config import load_system, validate_system
 from .errors import ConfigError, UsageError
+from .jsonl import tail_jsonl
 from .locks import lock_for
 from .paths import Home
 from .redact import redact, redact_text
-from .store import Durability, append_bytes, dumps, tail_jsonl
+from .store import Durability, append_bytes, dumps
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")

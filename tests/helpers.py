@@ -25,10 +25,11 @@ import pytest
 
 from coordination import clock
 from coordination.config import SYSTEM_KEYS, init_home
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, write_spec
-from coordination.store import read_json, read_jsonl, replace_json
+from coordination.store import read_json, replace_json
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROCS_DIR = TESTS_DIR / "procs"

@@ -18,9 +18,9 @@ import pytest
 from helpers import ProcGroup, final_records, make_home, queue_on_disk, req
 
 from coordination import doctor
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import read_jsonl
 
 ROUNDS = 15
 PRODUCERS = 3

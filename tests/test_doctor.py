@@ -29,12 +29,13 @@ from helpers import (
 
 from coordination import clock, doctor
 from coordination.errors import CorruptFileError
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.queue.file import core as file_backend  # where the commit writes
 from coordination.queue.file.journal import Journal
 from coordination.specs import new_spec, write_spec
-from coordination.store import append_line, read_json, read_jsonl, replace_json
+from coordination.store import append_line, read_json, replace_json
 
 
 class SimulatedCrash(BaseException):

@@ -20,15 +20,10 @@ from helpers import REPO_ROOT, make_home, needs
 
 from coordination.doctor import check
 from coordination.errors import DiskFull, UnsafePath
+from coordination.jsonl import read_appended, read_jsonl, tail_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import (
-    append_bytes,
-    read_appended,
-    read_jsonl,
-    replace_json,
-    tail_jsonl,
-)
+from coordination.store import append_bytes, replace_json
 
 SCRIPTS = REPO_ROOT / "scripts"
 needs_jq = needs("jq")

@@ -26,9 +26,10 @@ from helpers import skip_reason
 from coordination import rotation
 from coordination.errors import DiskFull, LockTimeout
 from coordination.events import append_events, emit, make_event
+from coordination.jsonl import read_jsonl
 from coordination.locks import lock_for
 from coordination.paths import Home
-from coordination.store import append_bytes, dumps, read_json, read_jsonl, replace_json
+from coordination.store import append_bytes, dumps, read_json, replace_json
 from daemons.cli import cli
 from daemons.janitor import run as janitor
 from daemons.janitor.run import (

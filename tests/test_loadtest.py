@@ -15,7 +15,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from coordination.store import iter_jsonl
+from coordination.jsonl import iter_jsonl
 from daemons.cli import cli
 from daemons.devtools.loadtest import SCENARIOS, Scenario, run_scenario
 

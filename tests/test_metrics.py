@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordination import clock
 from coordination.errors import LockTimeout
+from coordination.jsonl import read_jsonl
 from coordination.metrics import (
     build_snapshot,
     compute_health,
@@ -31,7 +32,7 @@ from coordination.metrics import (
 )
 from coordination.queue import TaskQueue
 from coordination.specs import complete_spec, new_spec, write_spec
-from coordination.store import append_bytes, read_jsonl, replace_bytes, replace_json
+from coordination.store import append_bytes, replace_bytes, replace_json
 from daemons.cli import cli
 from daemons.reporting.prometheus import render
 

@@ -16,11 +16,11 @@ from helpers import daemon_env, make_home, req
 
 from coordination.config import load_system
 from coordination.control import read_control
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue.file.snapshot import parse
 from coordination.queue.postgres import PostgresQueue
 from coordination.queue.rules import lease_token
-from coordination.store import read_jsonl
 from daemons.cli import cli
 from daemons.janitor.run import format_summary, run_janitor
 

@@ -33,8 +33,8 @@ from coordination.errors import (
     UsageError,
 )
 from coordination.events import ENVELOPE_FIELDS
+from coordination.jsonl import read_jsonl
 from coordination.queue import BACKENDS
-from coordination.store import read_jsonl
 
 
 @pytest.fixture(params=sorted(BACKENDS))

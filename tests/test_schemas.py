@@ -28,11 +28,12 @@ from coordination.config import (
 )
 from coordination.control import update_control
 from coordination.events import ENVELOPE_FIELDS, SEVERITIES, emit, make_event
+from coordination.jsonl import read_jsonl
 from coordination.locks import lock_for
 from coordination.paths import LOCK_NAMES, Home
 from coordination.queue import TaskQueue
 from coordination.specs import EXIT_REASONS, SPEC_STATES, complete_spec, new_spec, write_spec
-from coordination.store import read_json, read_jsonl, replace_json
+from coordination.store import read_json, replace_json
 from coordination.tasks import PRIORITIES, REQUEST_FIELDS, STATUSES, TASK_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent

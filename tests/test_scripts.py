@@ -27,9 +27,10 @@ from helpers import make_home, needs, wait_until
 
 from coordination.config import DEFAULT_WORKER_TYPES, default_system
 from coordination.events import ENVELOPE_FIELDS, emit
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.store import read_json, read_jsonl, replace_json
+from coordination.store import read_json, replace_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"

@@ -19,10 +19,11 @@ from coordination import clock
 from coordination.config import load_system
 from coordination.errors import ConfigError
 from coordination.events import emit
+from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.redact import MASK, printable, redact_argv, redact_record, redact_text
-from coordination.store import append_bytes, read_jsonl
+from coordination.store import append_bytes
 from daemons.cli import cli
 
 SK = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"

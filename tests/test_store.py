@@ -13,18 +13,8 @@ import pytest
 from helpers import temp_files
 
 from coordination.errors import CorruptFileError, DiskFull, HarnessError
-from coordination.store import (
-    append_bytes,
-    append_line,
-    iter_jsonl,
-    parse_record,
-    read_appended,
-    read_json,
-    read_jsonl,
-    replace_bytes,
-    replace_json,
-    tail_jsonl,
-)
+from coordination.jsonl import iter_jsonl, parse_record, read_appended, read_jsonl, tail_jsonl
+from coordination.store import append_bytes, append_line, read_json, replace_bytes, replace_json
 
 
 # ------------------------------------------------------------------------------ replace

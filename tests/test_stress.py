@@ -17,8 +17,8 @@ import pytest
 from helpers import ProcGroup, event_counts, final_records, make_home
 
 from coordination import doctor
+from coordination.jsonl import read_jsonl
 from coordination.queue import TaskQueue
-from coordination.store import read_jsonl
 
 PRODUCERS = 8
 TASKS_EACH = 100

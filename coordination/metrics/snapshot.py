@@ -11,9 +11,10 @@ from typing import Any
 
 from .. import clock
 from ..config import load_system
+from ..jsonl import iter_lines_reverse, parse_record, tail_jsonl
 from ..locks import lock_for
 from ..paths import Home
-from ..store import append_line, iter_lines_reverse, parse_record, tail_jsonl
+from ..store import append_line
 from .counters import update_counters
 from .health import WORKER_STATES
 from .observation import Observation, observe

@@ -15,8 +15,8 @@ import orjson
 from coordination import clock
 from coordination.errors import UsageError
 from coordination.events import SEVERITIES, emit
+from coordination.jsonl import read_appended, tail_jsonl
 from coordination.redact import printable, redact
-from coordination.store import read_appended, tail_jsonl
 
 from ..context import TASK_ID, WORKER_ID, CliContext, json_option, pass_ctx, print_json
 

@@ -34,11 +34,12 @@ import click
 from coordination import clock
 from coordination.config import init_home
 from coordination.errors import Backpressure, CorruptFileError, HarnessError
+from coordination.jsonl import iter_jsonl
 from coordination.metrics import percentile
 from coordination.paths import Home
 from coordination.queue import open_queue
 from coordination.specs import read_specs
-from coordination.store import iter_jsonl, read_json
+from coordination.store import read_json
 
 from ..context import json_option, print_json
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordination.jsonl import iter_lines_reverse, parse_record
 from coordination.metrics import Observation, observe, snapshot_from
 from coordination.paths import Home
 from coordination.redact import redact
-from coordination.store import iter_lines_reverse, parse_record
 
 #: Newest event lines scanned for the "last alerts" of status and dashboard.
 ALERT_SCAN_LINES = 2000

@@ -15,10 +15,11 @@ from typing import Any
 from coordination import clock
 from coordination.errors import CorruptFileError, NotFound
 from coordination.ids import is_valid_id
+from coordination.jsonl import jsonl_archives, scan_jsonl, scan_jsonl_gz, tail_lines
 from coordination.paths import Home
 from coordination.queue import open_queue
 from coordination.redact import redact
-from coordination.store import jsonl_archives, read_json, scan_jsonl, scan_jsonl_gz, tail_lines
+from coordination.store import read_json
 
 KIND_RANK = {"task": 0, "worker": 1, "attempt": 2, "history": 3, "event": 4, "log": 5}
 

@@ -27,12 +27,12 @@ from coordination.config import load_system, load_worker_types
 from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import NotFound, UsageError
 from coordination.events import recent_events
+from coordination.jsonl import tail_lines
 from coordination.metrics import observe, recent_snapshots, snapshot_from, worker_rows
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.redact import redact, redact_text
 from coordination.specs import read_specs
-from coordination.store import tail_lines
 from coordination.tasks import PRIORITIES, PRIORITY_RANK, check_priority, check_task_id
 
 from ..reporting.checks import evaluate_checks

@@ -37,8 +37,9 @@ from ...config import load_system
 from ...control import paused_types
 from ...errors import Backpressure, InvalidTransition, NotFound
 from ...events import make_event
+from ...jsonl import iter_jsonl, jsonl_archives, scan_jsonl_gz
 from ...rotation import Rotator, rotated_files
-from ...store import iter_jsonl, jsonl_archives, read_json, scan_jsonl_gz
+from ...store import read_json
 from ...tasks import check_task_id
 from .. import admission, ops, rules
 from ..contract import QueueFinding, RetentionReport

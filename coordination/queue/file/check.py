@@ -31,8 +31,9 @@ import orjson
 from ... import clock
 from ...config import load_system
 from ...errors import CorruptFileError
+from ...jsonl import iter_jsonl
 from ...locks import lock_for
-from ...store import dumps, iter_jsonl, move_aside, read_json, replace_json
+from ...store import dumps, move_aside, read_json, replace_json
 from ..contract import Findings, QueueFinding
 from ..leases import check_leases
 from .journal import read_all

@@ -24,6 +24,7 @@ from ...errors import (
     LockTimeout,
 )
 from ...events import append_events
+from ...jsonl import iter_jsonl, jsonl_archives, scan_jsonl_gz
 from ...locks import lock_for
 from ...paths import Home
 from ...store import (
@@ -32,11 +33,8 @@ from ...store import (
     Durability,
     append_bytes,
     dumps,
-    iter_jsonl,
-    jsonl_archives,
     read_json,
     replace_json,
-    scan_jsonl_gz,
 )
 from ...tasks import PRIORITIES
 from .journal import Journal

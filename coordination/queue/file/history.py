@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import clock
-from ...store import parse_record, read_appended
+from ...jsonl import parse_record, read_appended
 
 CHUNK = 1 << 16
 #: appends are ordered by time to within one lock hold; a backwards read goes this much
