@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from coordination import clock
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import default_system
+from coordination.config_keys import DEFAULT_WORKER_TYPES
 from coordination.control import update_control
 from coordination.events import emit
 from coordination.metrics import take_snapshot

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import pytest
 
 from coordination import clock
-from coordination.config import SYSTEM_KEYS, init_home
+from coordination.config import init_home
+from coordination.config_keys import SYSTEM_KEYS
 from coordination.jsonl import read_jsonl
 from coordination.paths import Home
 from coordination.queue import TaskQueue

@@ -10,12 +10,8 @@ from pathlib import Path
 
 import orjson
 
-from coordination.config import (
-    DEFAULT_WORKER_TYPES,
-    default_system,
-    validate_system,
-    validate_worker_types,
-)
+from coordination.config import default_system, validate_system, validate_worker_types
+from coordination.config_keys import DEFAULT_WORKER_TYPES
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 

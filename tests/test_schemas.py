@@ -21,11 +21,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from coordination import clock
-from coordination.config import (
-    _TYPE_KEYS,
-    SYSTEM_KEYS,
-    config_reference_markdown,
-)
+from coordination.config import config_reference_markdown
+from coordination.config_keys import SYSTEM_KEYS, TYPE_KEYS
 from coordination.control import update_control
 from coordination.events import ENVELOPE_FIELDS, SEVERITIES, emit, make_event
 from coordination.jsonl import read_jsonl
@@ -313,7 +310,7 @@ def test_schemas_mirror_the_code_constants() -> None:
         assert system[key.name]["default"] == key.default, key.name
         assert system[key.name]["description"] == key.doc, key.name
     types = _SCHEMAS["worker-types.schema.json"]["$defs"]["worker_type"]["properties"]
-    assert set(types) == set(_TYPE_KEYS)
+    assert set(types) == set(TYPE_KEYS)
 
 
 _PROBES: list[Any] = [-1, 0, 1, 2, 3, 5, 1000, 1001, 1023, 1024, 2**62, 2**62 + 1, 0.001,
@@ -329,9 +326,9 @@ def test_system_schema_bounds_agree_with_the_loader(key: Any) -> None:
             f"{key.name}={value!r}"
 
 
-@pytest.mark.parametrize("key", sorted(_TYPE_KEYS))
+@pytest.mark.parametrize("key", sorted(TYPE_KEYS))
 def test_worker_type_schema_agrees_with_the_loader(key: str) -> None:
-    check = _TYPE_KEYS[key][0]
+    check = TYPE_KEYS[key][0]
     probes = [*_PROBES, ["bash", "-c", "{description}"]]
     if key == "limits":
         probes = [{}, {"memory_mb": None}, {"memory_mb": 512, "cpu_seconds": 60,
@@ -404,7 +401,8 @@ def test_worker_type_limits_agree_with_the_loader(tmp_path: Path) -> None:
 
 
 def test_worker_type_cgroup_limits_agree_with_the_loader(tmp_path: Path) -> None:
-    from coordination.config import SCOPE_PROPERTIES, validate_worker_types
+    from coordination.config import validate_worker_types
+    from coordination.config_keys import SCOPE_PROPERTIES
     from coordination.errors import ConfigError
 
     values: list[Any] = ["64M", "1.5G", "100", "0", "infinity", "50%", "0.5%", "0%", "200%",

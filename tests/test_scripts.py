@@ -25,7 +25,8 @@ import orjson
 import pytest
 from helpers import make_home, needs, wait_until
 
-from coordination.config import DEFAULT_WORKER_TYPES, default_system
+from coordination.config import default_system
+from coordination.config_keys import DEFAULT_WORKER_TYPES
 from coordination.events import ENVELOPE_FIELDS, emit
 from coordination.jsonl import read_jsonl
 from coordination.paths import Home

@@ -34,7 +34,7 @@ from helpers import (
 )
 from user_manager import UserManager, instance_of, unit_of
 
-from coordination.config import DEFAULT_WORKER_TYPES
+from coordination.config_keys import DEFAULT_WORKER_TYPES
 from coordination.errors import NotFound
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs

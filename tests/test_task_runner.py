@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from helpers import events, final_records, pid_alive, present, set_system, wait_until
 
-from coordination.config import DEFAULT_WORKER_TYPES, scope_properties, validate_worker_types
+from coordination.config import scope_properties, validate_worker_types
+from coordination.config_keys import DEFAULT_WORKER_TYPES
 from coordination.errors import ConfigError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
