@@ -161,12 +161,16 @@ class PostgresQueue(ops.Operations):
                             admission.drain_inbox(self.home, txn, self._completed_ids)
                         out = body(txn)
                         txn.flush()
-                        record_events(conn, txn.events)  # shared.py: the events table
-                        if txn.changed and txn.notify:  # one round trip: revision, wake-up
-                            conn.execute("SELECT pg_notify(%s, nextval('queue_revision')::text)",
-                                         (CHANNEL,))
+                        # One round trip: the events (shared.py: the events table), the
+                        # revision and the wake-up.
+                        if txn.changed and txn.notify:
+                            record_events(conn, txn.events, then="SELECT pg_notify(%s, "
+                                          "nextval('queue_revision')::text)", params=(CHANNEL,))
                         elif txn.changed:
-                            conn.execute("SELECT nextval('queue_revision')")
+                            record_events(conn, txn.events,
+                                          then="SELECT nextval('queue_revision')")
+                        else:
+                            record_events(conn, txn.events)
                 except _RACES:
                     if attempt == RETRIES:
                         raise

@@ -38,13 +38,24 @@ CHANNEL = "harness_queue"
 RETENTION_LOCK = 0x6861726F
 
 
-def record_events(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> None:
-    """Insert ``events`` into the events table, inside the caller's open transaction."""
-    if events:
-        conn.execute(
-            "INSERT INTO events (timestamp, type, host_id, task_id, event) "
-            "SELECT e->>'timestamp', e->>'type', %s, e->>'task_id', e "
-            "FROM jsonb_array_elements(%s) AS e", (host_id(), Jsonb(events)))
+_EVENTS_INSERT = ("INSERT INTO events (timestamp, type, host_id, task_id, event) "
+                  "SELECT e->>'timestamp', e->>'type', %s, e->>'task_id', e "
+                  "FROM jsonb_array_elements(%s) AS e")
+
+
+def record_events(conn: psycopg.Connection[Any], events: list[dict[str, Any]], *,
+                  then: str | None = None, params: tuple[Any, ...] = ()) -> None:
+    """Insert ``events`` into the events table, inside the caller's open transaction.
+    With ``then`` (a SELECT and its ``params``), in the same statement and round trip: the
+    insert becomes a data-modifying WITH, which PostgreSQL runs whether or not the
+    SELECT reads it."""
+    if events and then is not None:
+        conn.execute(f"WITH recorded AS ({_EVENTS_INSERT}) {then}",
+                     (host_id(), Jsonb(events), *params))
+    elif events:
+        conn.execute(_EVENTS_INSERT, (host_id(), Jsonb(events)))
+    elif then is not None:
+        conn.execute(then, params)
 
 
 # ---------------------------------------------------------------------------- control
