@@ -99,7 +99,10 @@ _CLAIM_ORDER = "ORDER BY priority_rank, created_at, task_id"
 #: backlog) per claim (measured: 66 ms at 10,000 queued instead of 3 ms). Without sorts it
 #: must use the index's order. Only for the claim: other queries (live_tasks' order over
 #: queued and running rows) have no index for their ORDER BY and must sort.
-_CLAIM_SETTINGS = "SET LOCAL enable_sort = off"
+#: The same round trip reads the shared control state (the pauses), so a claim sees them
+#: as of its own snapshot; a scalar subquery, so the setting applies even without a row.
+_CLAIM_SETTINGS = ("SELECT (SELECT state FROM control), "
+                   "set_config('enable_sort', 'off', true)")
 
 
 
@@ -265,12 +268,18 @@ class PostgresQueue(ops.Operations):
 
     # ================================================================== workers
     def _paused(self, now: float) -> set[str]:
-        return paused_types(self._control_state(), now)
+        """Nothing before the transaction: :meth:`_claim_in` reads the pauses inside it,
+        in the round trip that sets the claim's planner option (one round trip, not two,
+        and the pauses as of the claim's own snapshot)."""
+        return set()
 
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
                   paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
         txn.flush()  # the claim query must see this transaction's own changes
-        txn.conn.execute(_CLAIM_SETTINGS)
+        settings = txn.conn.execute(_CLAIM_SETTINGS).fetchone()
+        control = parse_control(settings[0] if settings and settings[0] is not None else {},
+                                f"control table at {redact_url(self.url)}")
+        paused = paused | paused_types(control, txn.now)
         row = txn.conn.execute(_CLAIM, {
             "now": txn.now_iso, "paused": sorted(paused),
             "wanted": None if wanted is None else sorted(wanted)}).fetchone()
