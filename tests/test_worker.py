@@ -422,7 +422,9 @@ def test_wakeup_fires_on_queue_inbox_control_and_config_only(home: Home) -> None
             assert wakeup.wait(2), "no wake-up"
             assert time.monotonic() - t0 < 0.5
         # Writes that are not work (event log appends, specs, results) do not wake anyone.
-        time.sleep(0.1)
+        # First let the watcher threads deliver what the publishes above caused (under
+        # load they are late, and a late one would look like a wake-up by these writes).
+        time.sleep(0.5)
         wakeup.clear()
         append_line(home.events_file, {"type": "x"}, "none")
         replace_json(home.specs_active / "w.json", {"worker_id": "w"}, "none")

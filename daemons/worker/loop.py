@@ -133,6 +133,7 @@ class Worker(TaskLaunch, OutcomeRecording):
         """Do what is due at ``now``; return how long to wait (None: exit now)."""
         if self.exit_reason is not None:
             return None
+        self.steps += 1
         self._take_flags(now)
         self._refresh_config(now)
         if self.pending is not None:

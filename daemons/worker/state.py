@@ -115,6 +115,8 @@ class WorkerState:
         self._config_watch = ConfigWatch()
         self._control_sig: tuple[int, int, int] | None = None
         self._control: dict[str, Any] = {}
+        self._control_step = -1  # the step whose database read _control is (no file)
+        self.steps = 0  # steps taken (step() counts them)
         self.subreaper = False  # run_worker sets it: then orphans of tasks are reaped here
         # cgroup_limits: the systemd manager for task scopes (found once), and per worker
         # type and property set whether scopes work (None) or why not (warned about once).
@@ -268,10 +270,15 @@ class WorkerState:
             sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             sig = None
-        # No file (a postgres home keeps control in the database): read it every time.
+        # No file (a postgres home keeps control in the database, or nothing was ever
+        # paused): read once per step, a round trip each on postgres; a change wakes the
+        # loop (NOTIFY, inotify), and the next step reads it.
+        if sig is None and self._control_step == self.steps and self._control:
+            return self._control
         if sig is None or sig != self._control_sig or not self._control:
             self._control = read_control(self.home)
             self._control_sig = sig
+            self._control_step = self.steps
         return self._control
 
     def _drain_requested(self) -> bool:
