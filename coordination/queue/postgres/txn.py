@@ -188,16 +188,16 @@ class _Txn:
         if self.dead_letters:
             ids = [t["task_id"] for t in self.dead_letters]
             cur.execute("DELETE FROM tasks WHERE task_id = ANY(%s) AND dead", (ids,))
-            cur.executemany(_INSERT, [_row(t) for t in self.dead_letters])
+            _write(cur, _INSERT, [_row(t) for t in self.dead_letters])
         updates = [t for i, t in self.puts.items() if i in self.stored]
         inserts = [t for i, t in self.puts.items() if i not in self.stored]
         if updates:
-            cur.executemany(_UPDATE, [_row(t) for t in updates])
+            _write(cur, _UPDATE, [_row(t) for t in updates])
         if inserts:
-            cur.executemany(_INSERT, [_row(t) for t in inserts])
+            _write(cur, _INSERT, [_row(t) for t in inserts])
         if self.history:
-            cur.executemany(
-                "INSERT INTO history (task_id, correlation_id, final, status, recorded_at, "
+            _write(
+                cur, "INSERT INTO history (task_id, correlation_id, final, status, recorded_at, "
                 "record) VALUES (%s, %s, %s, %s, %s, %s)",
                 [(r["task_id"], r.get("correlation_id"), bool(r.get("final")), r["status"],
                   r["recorded_at"], Jsonb(r)) for r in self.history])
@@ -207,3 +207,12 @@ class _Txn:
         self.puts, self.dels = {}, {}
         self.history, self.dead_letters, self.drop_dead = [], [], []
         self.written = True
+
+
+def _write(cur: psycopg.Cursor[Any], sql: str, rows: list[Any]) -> None:
+    """One statement per row; a single row (a claim, an enqueue, most completions) without
+    executemany, whose pipeline setup costs more than the one round trip it saves."""
+    if len(rows) == 1:
+        cur.execute(sql, rows[0])
+    else:
+        cur.executemany(sql, rows)
