@@ -41,6 +41,7 @@ from .locks import lock_for
 from .paths import LOCK_NAMES, Home
 from .specs import complete_spec, liveness, orphan_proof, read_specs
 from .store import move_aside, open_in_folder, read_json
+from .tasks import Task
 
 STALE_TEMP_S = 3600.0
 
@@ -119,7 +120,7 @@ def check(home: Home, *, repair: bool = False, now: float | None = None) -> Repo
     from .queue import open_queue  # local: the queue is the heaviest import
 
     queue = open_queue(home)
-    tasks: dict[str, dict[str, Any]] | None
+    tasks: dict[str, Task] | None
     try:
         for found in queue.check(repair=repair, now=ts):
             report.findings.append(Finding(found.level, found.code, found.message, found.path,
@@ -163,7 +164,7 @@ def _check_legacy_worker_types_key(home: Home, report: Report, repair: bool) -> 
         f.repaired = True
 
 
-def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
+def _check_specs(home: Home, report: Report, tasks: dict[str, Task],
                  queue: Any, now: float, heartbeat_timeout: float) -> None:
     """Worker specs against the live tasks: corrupt specs, dead workers, orphaned and
     not-held tasks. ``queue`` (a QueueBackend) is given when repairing."""
@@ -231,7 +232,7 @@ def _check_specs(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
                 pass
 
 
-def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
+def _not_held(task: Task, active: dict[str, dict[str, Any]],
               dead_workers: dict[str, str]) -> str | None:
     """Why a running task is provably not held by its owner, a live active worker; None
     when it is held, or when that cannot be proven.
@@ -262,7 +263,7 @@ def _not_held(task: dict[str, Any], active: dict[str, dict[str, Any]],
     return f"its spec (heartbeat {beat}, after the claim at {started}) says it {doing}"
 
 
-def stray_task_processes(home: Home, tasks: dict[str, dict[str, Any]]) \
+def stray_task_processes(home: Home, tasks: dict[str, Task]) \
         -> list[tuple[psutil.Process, str]]:
     """Processes on this host that a worker started for a task of ``home`` (their
     environment carries ``HARNESS_HOME`` and ``HARNESS_TASK_ID``, which every worker sets and
@@ -294,7 +295,7 @@ def stray_task_processes(home: Home, tasks: dict[str, dict[str, Any]]) \
     return out
 
 
-def _check_stray_task_processes(home: Home, report: Report, tasks: dict[str, dict[str, Any]],
+def _check_stray_task_processes(home: Home, report: Report, tasks: dict[str, Task],
                                 repair: bool) -> None:
     for proc, message in stray_task_processes(home, tasks):
         f = report.add("warning", "stray_task_process",

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, TypedDict
 
 from . import clock
 from .config import load_system, validate_system
@@ -31,6 +31,23 @@ ENVELOPE_FIELDS = ("event_id", "timestamp", "type", "severity", "source", "messa
                    "task_id", "worker_id", "correlation_id", "data")
 
 
+class Event(TypedDict):
+    """One line of events.jsonl (coordination/schemas/event.schema.json): the
+    :data:`ENVELOPE_FIELDS`, all required. ``severity`` is a plain ``str`` (one of
+    :data:`SEVERITIES`)."""
+
+    event_id: str
+    timestamp: str
+    type: str
+    severity: str
+    source: str
+    message: str
+    task_id: str | None
+    worker_id: str | None
+    correlation_id: str | None
+    data: dict[str, Any]
+
+
 def default_source() -> str:
     return f"harness[{os.getpid()}]@{socket.gethostname()}"
 
@@ -38,7 +55,7 @@ def default_source() -> str:
 def make_event(event_type: str, *, severity: str = "info", source: str | None = None,
                message: str = "", task_id: str | None = None, worker_id: str | None = None,
                correlation_id: str | None = None, data: dict[str, Any] | None = None,
-               now: float | None = None) -> dict[str, Any]:
+               now: float | None = None) -> Event:
     """Build a validated event envelope; raises :class:`UsageError` naming the bad field.
 
     ``message`` and ``data`` are redacted (coordination/redact.py) before they are checked
@@ -66,7 +83,7 @@ def make_event(event_type: str, *, severity: str = "info", source: str | None = 
     }
 
 
-def append_events(home: Home, events: list[dict[str, Any]], *,
+def append_events(home: Home, events: list[Event], *,
                   durability: Durability | None = None) -> None:
     """Append built events, each as one whole line, under the events lock; fdatasynced per
     system.json ``durability`` unless ``durability`` says otherwise. The queue and the
@@ -101,7 +118,7 @@ def create_events_file(home: Home) -> bool:
     return True
 
 
-def emit(home: Home, event_type: str, **fields: Any) -> dict[str, Any]:
+def emit(home: Home, event_type: str, **fields: Any) -> Event:
     """Build, append and return one event (see :func:`make_event` for the fields)."""
     with contextlib.suppress(ConfigError):
         load_system(home)  # its redact_patterns apply to this event (append_events reports)

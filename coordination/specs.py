@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import psutil
 
@@ -27,10 +27,47 @@ from .ids import is_valid_id
 from .locks import lock_for
 from .paths import Home
 from .store import move_aside, read_json, replace_json
+from .tasks import Task
 
 SPEC_STATES = ("starting", "idle", "busy", "draining", "stopping", "stopped")
 EXIT_REASONS = ("idle", "max_tasks", "max_uptime", "drained", "signal", "error", "crashed",
                 "once")
+
+
+class _SpecFields(TypedDict):
+    """The keys every worker spec has (see :class:`WorkerSpec`)."""
+
+    version: int
+    worker_id: str
+    instance: str
+    pid: int
+    process_start_time: float | None
+    hostname: str
+    unit: str | None
+    types: list[str] | None
+    worker_type: str
+    state: str
+    created_at: str
+    started_at: str
+    heartbeat_at: str
+    progress: float
+    current_task_id: str | None
+    task_started_at: str | None
+    tasks_done: int
+    tasks_failed: int
+    tokens_used: int
+    completed_at: str | None
+    exit_reason: str | None
+
+
+# total=False rather than NotRequired[]: with postponed annotations, Python 3.11's
+# TypedDict cannot see NotRequired at run time (__optional_keys__ would miss it).
+class WorkerSpec(_SpecFields, total=False):
+    """A worker spec file (coordination/schemas/worker-spec.schema.json): every key
+    required except ``crash_proof``. ``state`` and ``exit_reason`` are plain ``str``;
+    :data:`SPEC_STATES` / :data:`EXIT_REASONS` and :func:`check_spec` hold the values."""
+
+    crash_proof: str
 
 
 def process_start_time(pid: int) -> float | None:
@@ -234,7 +271,7 @@ def liveness(spec: dict[str, Any], now: float, heartbeat_timeout_s: float) -> st
     return None
 
 
-def orphan_proof(task: dict[str, Any], active: Container[str], dead: dict[str, str],
+def orphan_proof(task: Task, active: Container[str], dead: dict[str, str],
                  spec_completed: Callable[[str], bool], now: float,
                  heartbeat_timeout_s: float) -> str | None:
     """Why the running ``task``'s owner can no longer finish it, as a phrase; None when it

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict, cast
 
 from . import clock
 from .errors import UsageError
@@ -28,6 +29,63 @@ TASK_FIELDS: tuple[str, ...] = (
     "exit_code", "cancel_requested", "budget", "updated_at", "host_id", "lease_token",
     "lease_until",
 )
+
+
+
+class Task(TypedDict):
+    """One task, whatever its status: exactly :data:`TASK_FIELDS`
+    (coordination/schemas/task.schema.json ``$defs/task``; every key required, unset values
+    ``None``). Enumerations (``priority``, ``status``) are plain ``str`` here; the schema
+    holds the allowed values."""
+
+    task_id: str
+    description: str
+    priority: str
+    status: str
+    worker_type: str
+    command: list[str]
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    attempts: int
+    max_attempts: int
+    not_before: str | None
+    depends_on: list[str]
+    timeout_s: float | None
+    correlation_id: str | None
+    dedup_key: str | None
+    worker_id: str | None
+    last_error: str | None
+    exit_code: int | None
+    cancel_requested: bool
+    budget: int | None
+    updated_at: str
+    host_id: str | None
+    lease_token: str | None
+    lease_until: str | None
+
+
+class HistoryRecord(Task):
+    """One line of the task history: the task as it was after an attempt or at its end,
+    plus four record fields (coordination/schemas/history-record.schema.json)."""
+
+    final: bool
+    outcome: str
+    recorded_at: str
+    result: dict[str, Any] | None
+
+
+def stored_task(raw: Mapping[str, Any]) -> Task:
+    """The typing edge for a task read back from storage (a parsed JSON line or snapshot,
+    a database row): what the queue wrote, or checked by :func:`check_stored_task`. The
+    one place a plain mapping becomes a :class:`Task` (no runtime cost, no copy)."""
+    return cast(Task, raw)
+
+
+def stored_record(raw: Mapping[str, Any]) -> HistoryRecord:
+    """As :func:`stored_task`, for a history record read back from storage."""
+    return cast(HistoryRecord, raw)
+
 
 TASK_ID_RE = ID_RE
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
@@ -76,7 +134,7 @@ def render_command(template: list[str], fields: dict[str, Any], where: str) -> l
 
 
 def new_task(request: dict[str, Any], *, worker_types: dict[str, dict[str, Any]],
-             limits: dict[str, Any], now: float, where: str = "task") -> dict[str, Any]:
+             limits: dict[str, Any], now: float, where: str = "task") -> Task:
     """Validate a task request and return the full queued task.
 
     ``limits`` carries ``max_description_bytes``, ``max_command_bytes``, ``max_depends_on``

@@ -170,7 +170,7 @@ def test_worker_refuses_a_linked_results_folder(tmp_path: Path) -> None:
     assert (elsewhere / "result.json").read_text() == '{"keep": true}'  # not deleted
     assert not (elsewhere / "ran-here").exists()  # the task did not run there
     letter = TaskQueue(home).dead_letters()[0]
-    assert "symbolic link" in letter["last_error"]
+    assert "symbolic link" in (letter["last_error"] or "")
 
 
 def test_worker_refuses_a_linked_task_log(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_worker_refuses_a_linked_task_log(tmp_path: Path) -> None:
     res = _run_one_task(home)
     assert res.returncode == 0, res.stderr
     assert outside.read_text() == "untouched\n"
-    assert "symbolic link" in TaskQueue(home).dead_letters()[0]["last_error"]
+    assert "symbolic link" in (TaskQueue(home).dead_letters()[0]["last_error"] or "")
 
 
 def test_worker_does_not_read_a_linked_result_file(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -220,9 +221,10 @@ def test_timeline_skips_ids_from_hand_written_lines(tmp_path: Path) -> None:
     # worker-specs/active/../../../../evil.json is tmp_path/evil.json, outside the home
     (tmp_path / "evil.json").write_bytes(orjson.dumps(
         {"started_at": "2026-01-01T00:00:00.000Z", "instance": "LEAKED", "pid": 1}))
-    line = {"event_id": "ev-1", "timestamp": "2026-01-01T00:00:00.000Z", "type": "x",
-            "severity": "info", "source": "hand", "message": "m", "task_id": task_id,
-            "worker_id": "../../../../evil", "correlation_id": None, "data": {}}
+    line: dict[str, Any] = {
+        "event_id": "ev-1", "timestamp": "2026-01-01T00:00:00.000Z", "type": "x",
+        "severity": "info", "source": "hand", "message": "m", "task_id": task_id,
+        "worker_id": "../../../../evil", "correlation_id": None, "data": {}}
     home.events_file.write_bytes(orjson.dumps(line) + b"\n")
     code, out = invoke(home, "timeline", task_id)
     assert code == 0, out

@@ -25,7 +25,7 @@ from helpers import skip_reason
 
 from coordination import rotation
 from coordination.errors import DiskFull, LockTimeout
-from coordination.events import append_events, emit, make_event
+from coordination.events import Event, append_events, emit, make_event
 from coordination.jsonl import read_jsonl
 from coordination.locks import lock_for
 from coordination.paths import Home
@@ -471,7 +471,7 @@ def test_crash_at_any_step_loses_and_duplicates_nothing(make_home: Callable[...,
         assert summary["recovered"][0]["action"].startswith("rolled back")
 
 
-def append_many(home: Home, n: int) -> list[dict[str, Any]]:
+def append_many(home: Home, n: int) -> list[Event]:
     events = [make_event("t", message=str(i)) for i in range(n)]
     append_events(home, events)
     return events

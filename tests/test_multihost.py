@@ -25,6 +25,7 @@ from helpers import ProcGroup, daemon_env, events, make_home, present, req, wait
 from coordination import clock
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
+from coordination.tasks import HistoryRecord, Task
 
 HOSTS = ("h1", "h2", "h3")
 
@@ -105,7 +106,7 @@ FAST = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2, "retry_backoff_ba
         "retry_jitter": 0, "safety_recheck_s": 1}
 
 
-def finals(queue: QueueBackend, task_id: str) -> list[dict[str, Any]]:
+def finals(queue: QueueBackend, task_id: str) -> list[HistoryRecord]:
     return [r for r in queue.history_of(task_id) if r.get("final")]
 
 
@@ -113,7 +114,7 @@ def outcomes(queue: QueueBackend, task_id: str) -> Counter[str]:
     return Counter(str(r["outcome"]) for r in queue.history_of(task_id))
 
 
-def running_on(queue: QueueBackend, host: str) -> list[dict[str, Any]]:
+def running_on(queue: QueueBackend, host: str) -> list[Task]:
     return [t for t in queue.live_tasks("running") if t["host_id"] == host]
 
 
@@ -152,7 +153,7 @@ def test_a_killed_host_s_tasks_are_reclaimed_by_another_host_and_none_is_lost(
     fl.fast.touch()
     # Fail closed: a pass just before the first lease ends reclaims nothing, although
     # h1's workers have no spec in h2's home and are in fact dead.
-    first_end = clock.parse_iso(min(t["lease_until"] for t in running_on(queue, "h1")))
+    first_end = clock.parse_iso(min(t["lease_until"] or "" for t in running_on(queue, "h1")))
     early = supervisor_step(fl.homes["h2"], "h2", monkeypatch, now=first_end - 0.05)
     assert early["reclaimed"] == []
     assert {t["task_id"] for t in running_on(queue, "h1")} == set(ids)
@@ -289,6 +290,7 @@ def test_another_host_s_task_with_a_valid_lease_is_never_reclaimed(
     claimed = queue.claim("worker-h1-busy", now=now - 40)  # started 40 s ago
     monkeypatch.delenv("HARNESS_HOST_ID")
     assert claimed is not None and claimed["host_id"] == "h1"
+    assert claimed["lease_token"] is not None
     queue.heartbeat("worker-h1-busy", {task_id: claimed["lease_token"]}, now=now - 1)
     out = supervisor_step(fl.homes["h2"], "h2", monkeypatch)
     assert out["reclaimed"] == []

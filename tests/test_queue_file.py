@@ -17,7 +17,7 @@ import pytest
 from helpers import T0, events, final_records, make_home, needs, req
 
 from coordination.errors import CorruptFileError, UsageError
-from coordination.events import append_events
+from coordination.events import Event, append_events
 from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.queue import FileQueue
@@ -101,14 +101,14 @@ def test_every_mutation_emits_its_event_after_the_change_is_durable(
     real_append = append_events
     seen: list[str] = []
 
-    def on_disk_check(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
+    def on_disk_check(h: Home, batch: list[Event], **kw: Any) -> None:
         # Every file already says what the event claims (the live queue as any other
         # process reads it: the journal is the commit point).
         live = {t["task_id"]: t for t in FileQueue(home).live_tasks()}
         finals = final_records(home)
         dead = {p.stem for p in home.dead_letters.glob("*.json")}
         for event in batch:
-            tid, kind = event["task_id"], event["type"]
+            tid, kind = event["task_id"] or "", event["type"]
             seen.append(kind)
             if kind in ("task_enqueued", "task_requeued", "task_released"):
                 assert live[tid]["status"] == "queued", kind
@@ -164,7 +164,7 @@ def test_events_are_appended_after_the_queue_lock_is_released(
     held_at_emit: list[tuple[str, bool]] = []
     real_append = append_events
 
-    def spy(h: Home, batch: list[dict[str, Any]], **kw: Any) -> None:
+    def spy(h: Home, batch: list[Event], **kw: Any) -> None:
         held_at_emit.extend((e["type"], lock.held) for e in batch)
         real_append(h, batch, **kw)
 

@@ -287,7 +287,7 @@ def test_heartbeats_keep_the_worker_registry_and_doctor_checks_leases(
     queue = PostgresQueue(home)
     task = queue.enqueue(req(max_attempts=3), now=T0).task
     claimed = queue.claim("w1", now=T0)
-    assert claimed is not None
+    assert claimed is not None and claimed["lease_token"] is not None
     revision = queue.stats(T0)["revision"]
     woken = threading.Event()
     stop = queue.on_change(woken.set)
@@ -401,7 +401,7 @@ def test_a_waiter_admitted_while_its_dependency_fails_is_rejected(
     child's admission waits for that row; once the failure commits it sees the parent
     failed and refuses the child, which must never run behind a failed dependency."""
     from coordination.errors import UsageError
-    from coordination.queue.rules import history_record
+    from coordination.queue.rules import history_record, with_status
 
     home = pg_home_factory()
     queue = PostgresQueue(home)
@@ -410,7 +410,7 @@ def test_a_waiter_admitted_while_its_dependency_fails_is_rejected(
     with psycopg.connect(_url_of(home)) as other:  # the other host's transaction
         other.execute("SELECT 1 FROM tasks WHERE task_id = 'parent' FOR UPDATE")
         other.execute("DELETE FROM tasks WHERE task_id = 'parent' AND NOT dead")
-        record = history_record(dict(parent, status="failed"), final=True,
+        record = history_record(with_status(parent, "failed"), final=True,
                                 outcome="failed", recorded_at="2023-11-14T22:13:21.000Z")
         other.execute("INSERT INTO history (task_id, final, status, recorded_at, record) "
                       "VALUES ('parent', true, 'failed', %s, %s)",

@@ -536,7 +536,7 @@ def test_create_task_writes_a_request_the_queue_accepts(shome: Home,
     assert task is not None
     assert task["status"] == "queued"
     for key, value in request.items():
-        assert task[key] == value, key
+        assert dict(task)[key] == value, key
     assert inbox_entries(shome) == []
     assert list(shome.inbox_rejected.iterdir()) == []
 

@@ -250,7 +250,7 @@ def test_worker_log_header_and_last_error_are_redacted(tmp_path: Path) -> None:
     assert "hunter2" not in log.splitlines()[0]  # the header line shows the argv masked
     letter = TaskQueue(home).dead_letters()[0]
     assert GHP not in (letter["last_error"] or "")
-    assert "ghp_\u2026[redacted]" in letter["last_error"]
+    assert "ghp_\u2026[redacted]" in (letter["last_error"] or "")
 
 
 def test_history_records_mask_the_command_argv(tmp_path: Path) -> None:

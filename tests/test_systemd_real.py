@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import (
@@ -39,6 +38,7 @@ from coordination.errors import NotFound
 from coordination.queue import TaskQueue
 from coordination.specs import read_specs
 from coordination.store import replace_json
+from coordination.tasks import Task
 from daemons.worker.scopes import scope_unit_name
 
 pytestmark = pytest.mark.systemd
@@ -103,7 +103,7 @@ def test_stop_hands_running_task_back(fleet: UserManager) -> None:
     _start(mgr, *units)
     q = TaskQueue(mgr.home)
     task = q.enqueue({"command": ["sleep", "60"]}).task
-    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10,
+    wait_until(lambda: (q.get(task["task_id"]) or {"status": None})["status"] == "running", 10,
                "the task to start")
     # Stop once the attempt's transient scope is up (systemd-run then execs the command).
     # A stop that lands while systemd-run is still creating the scope makes it exit 1 with
@@ -406,7 +406,7 @@ def test_cancelled_task_scope_and_escapees_are_killed(fleet: UserManager) -> Non
             assert mgr.show(scope, "ActiveState")["ActiveState"] == "active"
             if stop == "cancel":
                 q.cancel(task["task_id"])
-                def cancelled(t: dict[str, Any] = task) -> bool:
+                def cancelled(t: Task = task) -> bool:
                     return t["task_id"] in final_records(mgr.home)
 
                 wait_until(cancelled, 30, "the cancelled task")

@@ -93,7 +93,7 @@ def test_up_runs_tasks_and_sigint_leaves_nothing_behind(tmp_path: Path,
     assert {final_records(home)[t][-1]["status"] for t in ids} == {"completed"}
     # A long task is running when Ctrl-C arrives: it is handed back, not lost.
     long_id = queue.enqueue(req(command=["sleep", "300"], description="long")).task["task_id"]
-    wait_until(lambda: family.sample() and (queue.get(long_id) or {}).get("status")
+    wait_until(lambda: family.sample() and (queue.get(long_id) or {"status": None})["status"]
                == "running", what="the long task to start")
     wait_until(lambda: family.sample() >= 4, timeout=10, what="the task process")
     os.kill(up.pid, signal.SIGINT)
@@ -186,7 +186,7 @@ def test_workers_die_with_a_killed_up(tmp_path: Path, procs: ProcGroup) -> None:
                          what="two workers to register")
     queue = TaskQueue(home)
     long_id = queue.enqueue(req(command=["sleep", "300"], description="long")).task["task_id"]
-    wait_until(lambda: family.sample() and (queue.get(long_id) or {}).get("status")
+    wait_until(lambda: family.sample() and (queue.get(long_id) or {"status": None})["status"]
                == "running", what="the long task to start")
     wait_until(lambda: family.sample() >= 3, timeout=10, what="the task process")
     os.kill(up.pid, signal.SIGKILL)
@@ -267,7 +267,7 @@ def test_up_workers_n_means_n_with_progress_and_an_exit_summary(tmp_path: Path,
     nexts = [x for x in out if x.startswith("  next: ")]
     assert any(" up` runs the rest" in x for x in nexts), out
     assert any(" status` for the whole picture" in x for x in nexts), out
-    assert (queue.get(blocked) or {}).get("status") == "queued"
+    assert (queue.get(blocked) or {"status": None})["status"] == "queued"
     assert family.survivors() == []
 
 

@@ -157,7 +157,8 @@ def test_sigterm_lets_a_short_task_finish(home: Home, procs: ProcGroup) -> None:
     q = TaskQueue(home)
     task = q.enqueue({"command": ["sleep", "0.6"]}).task
     worker = start_worker(procs, home)
-    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10, "start")
+    wait_until(lambda: (q.get(task["task_id"]) or {"status": None})["status"] == "running",
+               10, "start")
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(15) == 0
     assert final_records(home)[task["task_id"]][-1]["status"] == "completed"
@@ -230,7 +231,8 @@ def test_drain_finishes_current_task_and_spares_newer_workers(home: Home,
     q = TaskQueue(home)
     task = q.enqueue({"command": ["sleep", "0.5"]}).task
     worker = start_worker(procs, home)
-    wait_until(lambda: (q.get(task["task_id"]) or {}).get("status") == "running", 10, "start")
+    wait_until(lambda: (q.get(task["task_id"]) or {"status": None})["status"] == "running",
+               10, "start")
     out = cli(home, "drain")
     assert out.returncode == 0, out.stderr
     assert worker.wait(15) == 0
@@ -266,7 +268,7 @@ def test_pause_and_resume(home: Home, procs: ProcGroup) -> None:
     q = TaskQueue(home)
     task = q.enqueue({"command": ["true"]}).task
     time.sleep(0.7)
-    assert (q.get(task["task_id"]) or {}).get("status") == "queued"
+    assert (q.get(task["task_id"]) or {"status": None})["status"] == "queued"
     out = cli(home, "resume", "--type", "default")
     assert out.returncode == 0, out.stderr
     wait_until(lambda: task["task_id"] in final_records(home), 5, "the resumed task")

@@ -18,6 +18,7 @@ import orjson
 from ..errors import CorruptFileError
 from ..paths import Home
 from ..store import read_json
+from ..tasks import HistoryRecord
 from .window import attempt_duration, attempt_result, queue_wait, tokens_of
 
 
@@ -29,7 +30,7 @@ def empty_counters() -> dict[str, Any]:
             "worker_exits": {"counts": {}, "mtime_ns": 0, "names": []}}
 
 
-def _count_record(c: dict[str, Any], record: dict[str, Any]) -> None:
+def _count_record(c: dict[str, Any], record: HistoryRecord) -> None:
     if record.get("final"):
         outcome = str(record.get("outcome") or record.get("status") or "unknown")
         c["tasks_total"][outcome] = c["tasks_total"].get(outcome, 0) + 1

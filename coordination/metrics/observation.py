@@ -17,7 +17,7 @@ from .. import clock
 from ..config import SystemConfig, load_system
 from ..control import paused_types, read_control
 from ..paths import Home
-from ..tasks import PRIORITIES
+from ..tasks import PRIORITIES, Task
 from .health import compute_health, health_stale_after, read_health_file, worker_rows
 from .values import rounded, ts_of
 from .window import WindowStats, history_window, window_stats
@@ -144,7 +144,7 @@ def _age_s(stamp: str | None, now: float) -> float | None:
     return None if at is None else round(max(0.0, now - at), 3)
 
 
-def oldest_runnable_since(tasks: Sequence[dict[str, Any]], paused: Container[str],
+def oldest_runnable_since(tasks: Sequence[Task], paused: Container[str],
                           now: float) -> str | None:
     """Since when the oldest runnable task has been waiting: its ``not_before`` when that
     is later than its ``created_at`` (a deferred task or a retry waits from then), else its

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ..paths import Home
+from ..tasks import HistoryRecord
 from .values import as_number, ts_of
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class HistoryWindow(Generic[T]):
     of a record (None: nothing), so a long-lived window can hold a few fields, not records.
     """
 
-    def __init__(self, queue: QueueBackend, keep: Callable[[dict[str, Any]], T | None], *,
+    def __init__(self, queue: QueueBackend, keep: Callable[[HistoryRecord], T | None], *,
                  max_records: int | None = None) -> None:
         self.queue = queue
         self.keep = keep
@@ -91,18 +92,18 @@ class HistoryWindow(Generic[T]):
 
 
 def history_window(home: Home, since: float, max_records: int = HISTORY_TAIL_MAX_RECORDS
-                   ) -> HistoryWindow[dict[str, Any]]:
+                   ) -> HistoryWindow[HistoryRecord]:
     """The history records recorded since ``since`` (at most ``max_records``, the newest:
     ``complete`` is then False), read once through the queue port."""
     from ..queue import open_queue  # the queue package is the heaviest import; keep it local
 
-    window: HistoryWindow[dict[str, Any]] = HistoryWindow(
+    window: HistoryWindow[HistoryRecord] = HistoryWindow(
         open_queue(home), lambda record: record, max_records=max_records)
     window.refresh(since)
     return window
 
 
-def attempt_result(record: dict[str, Any]) -> str | None:
+def attempt_result(record: HistoryRecord) -> str | None:
     """``completed`` or ``failed`` for a record that ends an attempt; None otherwise
     (released attempts, cancellations and dependency failures are not attempts' results)."""
     status = record.get("status")
@@ -113,7 +114,7 @@ def attempt_result(record: dict[str, Any]) -> str | None:
     return None
 
 
-def attempt_kind(record: dict[str, Any]) -> tuple[bool, str] | None:
+def attempt_kind(record: HistoryRecord) -> tuple[bool, str] | None:
     """``(succeeded, worker_type)`` of a record that ends an attempt (:func:`attempt_result`),
     None for any other record."""
     result = attempt_result(record)
@@ -138,7 +139,7 @@ class AttemptWindow(HistoryWindow[tuple[bool, str]]):
         return out
 
 
-def attempt_duration(record: dict[str, Any]) -> float | None:
+def attempt_duration(record: HistoryRecord) -> float | None:
     """Seconds from the attempt's ``started_at`` to its ``recorded_at``."""
     start, end = ts_of(record.get("started_at")), ts_of(record.get("recorded_at"))
     if start is None or end is None:
@@ -146,7 +147,7 @@ def attempt_duration(record: dict[str, Any]) -> float | None:
     return max(0.0, end - start)
 
 
-def queue_wait(record: dict[str, Any]) -> float | None:
+def queue_wait(record: HistoryRecord) -> float | None:
     """Seconds the attempt waited to be claimed: from ``created_at`` (first attempt) or its
     ``not_before`` (a retry, or a deferred first attempt) to ``started_at``."""
     started = ts_of(record.get("started_at"))
@@ -164,7 +165,7 @@ def queue_wait(record: dict[str, Any]) -> float | None:
     return max(0.0, started - base)
 
 
-def tokens_of(record: dict[str, Any]) -> float | None:
+def tokens_of(record: HistoryRecord) -> float | None:
     result = record.get("result")
     if isinstance(result, dict):
         return as_number(result.get("tokens_used"))
@@ -194,7 +195,7 @@ class WindowStats:
         return None if total == 0 else self.failed / total
 
 
-def window_stats(records: Iterable[dict[str, Any]], now: float, window_s: float,
+def window_stats(records: Iterable[HistoryRecord], now: float, window_s: float,
                  complete: bool = True) -> WindowStats:
     """Throughput, success rate, durations, waits and tokens of the attempts that ended in
     ``(now - window_s, now]`` (and the last minute for the per-minute rates)."""

@@ -15,18 +15,17 @@ live queue as that transaction sees it (its own uncommitted puts included).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import load_system, load_worker_types
 from ..errors import CorruptFileError, UsageError
+from ..events import Event
 from ..paths import Home
 from ..store import dumps, read_json, replace_bytes
-from ..tasks import REQUEST_FIELDS, new_task
+from ..tasks import REQUEST_FIELDS, Task, new_task, stored_task
 from . import rules
-
-Task = dict[str, Any]
 
 
 class LiveView(Protocol):
@@ -47,7 +46,7 @@ class AdmitTxn(Protocol):
     puts: dict[str, Task]
     dedup: dict[str, str]
     inbox_done: list[Path]
-    events: list[dict[str, Any]]
+    events: list[Event]
 
     @property
     def state(self) -> Any: ...
@@ -73,7 +72,8 @@ def submit(home: Home, request: dict[str, Any], *, now: float, durable: bool) ->
     cfg = load_system(home)
     task = new_task(dict(request), worker_types=load_worker_types(home),
                     limits=cfg.values, now=now, where="request")
-    stored = {k: task[k] for k in REQUEST_FIELDS if task.get(k) is not None}
+    fields: Mapping[str, Any] = task  # REQUEST_FIELDS are names, not literal keys
+    stored = {k: fields[k] for k in REQUEST_FIELDS if fields.get(k) is not None}
     path = home.inbox / f"{task['task_id']}.json"
     if path.exists():
         raise UsageError(f"task id {task['task_id']} is already pending in the inbox")
@@ -148,7 +148,8 @@ def admit(home: Home, txn: AdmitTxn, batch: list[tuple[Task, Path | None]],
         key = task.get("dedup_key")
         holder_id = state.by_dedup.get(key) if key else None
         if holder_id is not None:
-            existing = txn.get(holder_id) or {"task_id": holder_id}
+            # A holder gone from the view is known by its id only.
+            existing = txn.get(holder_id) or stored_task({"task_id": holder_id})
             txn.dedup[task["task_id"]] = holder_id
             if path is not None:
                 txn.inbox_done.append(path)

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, overload, runtime_checkable
 
 from ..errors import HarnessError
+from ..events import Event
 
-Task = dict[str, Any]
-HistoryRecord = dict[str, Any]
+# Re-exported: the port's record types (TypedDicts owned by coordination.tasks).
+from ..tasks import HistoryRecord as HistoryRecord
+from ..tasks import Task as Task
 
 
 @dataclass
@@ -104,7 +106,7 @@ class QueueBackend(Protocol):
     # -- workers ---------------------------------------------------------------------
     def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
               now: float | None = None,
-              events_out: list[dict[str, Any]] | None = None) -> Task | None:
+              events_out: list[Event] | None = None) -> Task | None:
         """Take the best runnable task (rules.claim_key) for ``worker_id``: it becomes
         ``running`` with ``attempts`` + 1, this process's ``host_id``, a fresh
         ``lease_token`` and ``lease_until`` = now + ``heartbeat_timeout_s``. None when
@@ -120,7 +122,7 @@ class QueueBackend(Protocol):
     def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                            result: dict[str, Any] | None = None,
                            types: Iterable[str] | None = None, now: float | None = None,
-                           events_out: list[dict[str, Any]] | None = None,
+                           events_out: list[Event] | None = None,
                            lease: str | None = None) -> tuple[Task, Task | None]:
         """``complete`` then ``claim`` for the same worker in one commit."""
     def fail(self, task_id: str, worker_id: str | None, *, error: str,

@@ -17,23 +17,20 @@ from typing import Any, Protocol, overload
 from .. import clock
 from ..config import load_system, load_worker_types
 from ..errors import InvalidTransition, NotFound, UsageError
-from ..events import make_event
+from ..events import Event, make_event
 from ..hosts import host_id as this_host_id
 from ..paths import Home
-from ..tasks import check_priority, new_task
+from ..tasks import HistoryRecord, Task, check_priority, new_task, stored_task
 from . import admission, rules
 from .admission import AdmitTxn
 from .contract import EnqueueResult
-
-Task = dict[str, Any]
-
 
 #: The ``source`` of every event the queue emits.
 SOURCE = "queue"
 
 
 def queue_event(event_type: str, message: str, task: Mapping[str, Any] | None, *,
-                severity: str, now: float, data: dict[str, Any]) -> dict[str, Any]:
+                severity: str, now: float, data: dict[str, Any]) -> Event:
     """An event of the queue about ``task`` (its id, worker and correlation id), as every
     backend's transaction records it (appended after the commit)."""
     return make_event(event_type, severity=severity, source=SOURCE, message=message,
@@ -47,7 +44,7 @@ class OpsTxn(AdmitTxn, Protocol):
     """An open transaction, as the operations see it."""
 
     now_iso: str
-    history: list[dict[str, Any]]
+    history: list[HistoryRecord]
     dead_letters: list[Task]
 
     def lock(self, task_id: str) -> Task | None:
@@ -79,10 +76,13 @@ def resolve(txn: OpsTxn, task_id: str) -> EnqueueResult:
     """What became of a request admitted in ``txn``: its task, or the dedup holder."""
     task = txn.get(task_id)
     if task is not None:
-        return EnqueueResult(dict(task), True)
+        return EnqueueResult(task.copy(), True)
     holder = txn.dedup.get(task_id)
     if holder is not None:
-        return EnqueueResult(dict(txn.get(holder) or {"task_id": holder}), False)
+        held = txn.get(holder)
+        # The holder vanished in the same transaction: only its id is known.
+        return EnqueueResult(held.copy() if held is not None
+                             else stored_task({"task_id": holder}), False)
     raise NotFound(f"task {task_id} vanished during its own enqueue")
 
 
@@ -109,7 +109,7 @@ def take(txn: OpsTxn, task: Task, worker_id: str, lease: ClaimLease) -> Task:
     txn.put(task)
     txn.event("task_claimed", f"attempt {task['attempts']}/{task['max_attempts']}",
               task, attempt=task["attempts"])
-    return dict(task)
+    return task.copy()
 
 
 def running(txn: OpsTxn, task_id: str, worker_id: str | None,
@@ -128,26 +128,27 @@ def finish(txn: OpsTxn, task: Task, status: str, outcome: str,
     txn.history.append(rules.history_record(task, final=True, outcome=outcome,
                                             recorded_at=txn.now_iso, result=result))
     if status == "failed":
-        txn.dead_letters.append(dict(task))
+        txn.dead_letters.append(task.copy())
     waiters = txn.waiters(task["task_id"]) if rules.cascades(status) else []
     txn.remove(task["task_id"], status)
     for other_id in rules.dependents_to_cancel(task["task_id"], status, waiters):
         other = txn.lock(other_id)
         if other is None:
             continue
-        other["last_error"] = f"dependency {task['task_id']} ended {status}"
+        reason = f"dependency {task['task_id']} ended {status}"
+        other["last_error"] = reason
         finish(txn, other, "cancelled", "dependency_failed")
-        txn.event("task_cancelled", other["last_error"], other, severity="warning")
+        txn.event("task_cancelled", reason, other, severity="warning")
 
 
 def complete(txn: OpsTxn, task_id: str, worker_id: str, exit_code: int,
              result: dict[str, Any] | None, lease: str | None) -> Task:
     task = running(txn, task_id, worker_id, lease)
-    task.update(exit_code=exit_code, last_error=None)
+    task.update({"exit_code": exit_code, "last_error": None})
     finish(txn, task, "completed", "completed", result)
     txn.event("task_completed", f"completed on attempt {task['attempts']}", task,
               exit_code=exit_code)
-    return dict(task)
+    return task.copy()
 
 
 def fail(txn: OpsTxn, task_id: str, worker_id: str | None, *, error: str,
@@ -156,13 +157,13 @@ def fail(txn: OpsTxn, task_id: str, worker_id: str | None, *, error: str,
     """A failed attempt: retried after rules.backoff_delay while attempts remain, else
     failed with a dead letter (cancelled when a cancel was requested)."""
     task = running(txn, task_id, worker_id, lease)
-    task.update(exit_code=exit_code, last_error=error[:4096])
+    task.update({"exit_code": exit_code, "last_error": error[:4096]})
     if retry and task["attempts"] < task["max_attempts"] and not task.get("cancel_requested"):
         txn.history.append(rules.history_record(
-            dict(task, status="failed"), final=False, outcome=outcome,
+            rules.with_status(task, "failed"), final=False, outcome=outcome,
             recorded_at=txn.now_iso, result=result))
         delay = rules.backoff_delay(task["attempts"], cfg)
-        task.update(status="queued", not_before=rules.retry_at(txn.now, delay))
+        task.update({"status": "queued", "not_before": rules.retry_at(txn.now, delay)})
         rules.unleased(task)
         txn.put(task)
         txn.event("task_retry_scheduled", f"attempt {task['attempts']} {outcome}: "
@@ -176,7 +177,7 @@ def fail(txn: OpsTxn, task_id: str, worker_id: str | None, *, error: str,
         txn.event("task_failed", f"failed after {task['attempts']} attempt(s): "
                   f"{error[:200]}", task, severity="error", outcome=outcome)
         txn.event("task_dead_lettered", "moved to dead letters", task, severity="warning")
-    return dict(task)
+    return task.copy()
 
 
 def release(txn: OpsTxn, task_id: str, worker_id: str, reason: str,
@@ -186,15 +187,16 @@ def release(txn: OpsTxn, task_id: str, worker_id: str, reason: str,
     if task.get("cancel_requested"):
         finish(txn, task, "cancelled", "cancelled")
         txn.event("task_cancelled", "cancelled while running", task)
-        return dict(task)
+        return task.copy()
     txn.history.append(rules.history_record(
-        dict(task, status="queued"), final=False, outcome="released",
+        rules.with_status(task, "queued"), final=False, outcome="released",
         recorded_at=txn.now_iso))
-    task.update(status="queued", attempts=task["attempts"] - 1, last_error=reason)
+    task.update({"status": "queued", "attempts": task["attempts"] - 1,
+                 "last_error": reason})
     rules.unleased(task)
     txn.put(task)
     txn.event("task_released", reason, task)
-    return dict(task)
+    return task.copy()
 
 
 def cancel(txn: OpsTxn, task_id: str, reason: str) -> Task:
@@ -211,7 +213,7 @@ def cancel(txn: OpsTxn, task_id: str, reason: str) -> Task:
         task["cancel_requested"] = True
         txn.put(task)
         txn.event("task_cancel_requested", reason, task)
-    return dict(task)
+    return task.copy()
 
 
 def reprioritize(txn: OpsTxn, task_id: str, priority: str) -> Task:
@@ -223,7 +225,7 @@ def reprioritize(txn: OpsTxn, task_id: str, priority: str) -> Task:
         task["priority"] = priority
         txn.put(task)
         txn.event("task_reprioritized", f"{old} -> {priority}", task, old=old, new=priority)
-    return dict(task)
+    return task.copy()
 
 
 def heartbeat(txn: OpsTxn, worker_id: str, leases: Mapping[str, str],
@@ -272,7 +274,7 @@ class Operations:
     # -- what a backend provides -----------------------------------------------------
     def _transaction(self, now: float | None, body: Callable[[Any], Any], *,
                      drain: bool = True,
-                     events_out: list[dict[str, Any]] | None = None) -> Any:
+                     events_out: list[Event] | None = None) -> Any:
         raise NotImplementedError
 
     def _claim_in(self, txn: Any, worker_id: str, wanted: set[str] | None,
@@ -319,7 +321,7 @@ class Operations:
         validated = validate_batch(self.home, requests, ts)
 
         def body(txn: Any) -> list[EnqueueResult]:
-            admission.admit(self.home, txn, [(dict(t), None) for t in validated],
+            admission.admit(self.home, txn, [(t.copy(), None) for t in validated],
                             self._completed_ids)
             return [resolve(txn, t["task_id"]) for t in validated]
         results: list[EnqueueResult] = self._transaction(ts, body)
@@ -336,7 +338,7 @@ class Operations:
     # -- workers ---------------------------------------------------------------------
     def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
               now: float | None = None,
-              events_out: list[dict[str, Any]] | None = None) -> Task | None:
+              events_out: list[Event] | None = None) -> Task | None:
         """Atomically take the best runnable task for ``worker_id`` (see the port)."""
         wanted = set(types) if types is not None else None
         ts = clock.now() if now is None else now
@@ -351,7 +353,7 @@ class Operations:
     def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                            result: dict[str, Any] | None = None,
                            types: Iterable[str] | None = None, now: float | None = None,
-                           events_out: list[dict[str, Any]] | None = None,
+                           events_out: list[Event] | None = None,
                            lease: str | None = None) -> tuple[Task, Task | None]:
         """:meth:`complete` then :meth:`claim` in one transaction (one commit). Raises like
         :meth:`complete` (nothing is claimed then)."""

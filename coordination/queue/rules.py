@@ -16,7 +16,7 @@ from typing import Any
 from .. import clock
 from ..errors import InvalidTransition, NotFound
 from ..redact import redact_record
-from ..tasks import PRIORITY_RANK
+from ..tasks import PRIORITY_RANK, HistoryRecord, Task, stored_record
 
 ClaimKey = tuple[int, str, str]
 
@@ -96,28 +96,38 @@ def lease_expired(task: Mapping[str, Any], now_iso: str) -> bool:
     return task.get("status") == "running" and until is not None and until < now_iso
 
 
-def claimed(task: dict[str, Any], worker_id: str, now_iso: str, *, host_id: str | None = None,
+def claimed(task: Task, worker_id: str, now_iso: str, *, host_id: str | None = None,
             token: str | None = None, lease_until: str | None = None) -> None:
     """Apply a claim to a queued task (in place): running under ``worker_id`` on
     ``host_id``, one more attempt, a fresh lease ``token`` valid until ``lease_until``."""
-    task.update(status="running", worker_id=worker_id, started_at=now_iso,
-                completed_at=None, attempts=task["attempts"] + 1, exit_code=None,
-                host_id=host_id, lease_token=token, lease_until=lease_until)
+    task.update({"status": "running", "worker_id": worker_id, "started_at": now_iso,
+                 "completed_at": None, "attempts": task["attempts"] + 1, "exit_code": None,
+                 "host_id": host_id, "lease_token": token, "lease_until": lease_until})
 
 
-def unleased(task: dict[str, Any]) -> None:
+def unleased(task: Task) -> None:
     """A task back in the queue holds no claim (in place): no worker, host or lease."""
-    task.update(worker_id=None, host_id=None, lease_token=None, lease_until=None)
+    task.update({"worker_id": None, "host_id": None, "lease_token": None,
+                 "lease_until": None})
 
 
-def history_record(task: Mapping[str, Any], *, final: bool, outcome: str, recorded_at: str,
-                   result: dict[str, Any] | None = None) -> dict[str, Any]:
+def with_status(task: Task, status: str) -> Task:
+    """A copy of ``task`` with another ``status`` (the live task is left as it is)."""
+    copy = task.copy()
+    copy["status"] = status
+    return copy
+
+
+def history_record(task: Task, *, final: bool, outcome: str, recorded_at: str,
+                   result: dict[str, Any] | None = None) -> HistoryRecord:
     """The history line for ``task`` as it now is. History is a record for people: secrets
     in ``last_error``, ``description``, the ``command`` argv and the result are masked
     (:func:`~coordination.redact.redact_record`; the live task and its dead letter keep the
     exact text, which a retry needs)."""
-    return redact_record(dict(task, final=final, outcome=outcome, recorded_at=recorded_at,
-                              result=result))
+    record: HistoryRecord = {**task, "final": final, "outcome": outcome,
+                             "recorded_at": recorded_at, "result": result}
+    # redact_record works on any record shape and keeps every key: the edge back to the type.
+    return stored_record(redact_record(dict(record)))
 
 
 def cascades(status: str) -> bool:
@@ -169,15 +179,15 @@ def find_cycle(start: Iterable[str], deps_of: Callable[[str], Iterable[str] | No
     return []
 
 
-def finish_fields(task: dict[str, Any], status: str, now_iso: str) -> None:
+def finish_fields(task: Task, status: str, now_iso: str) -> None:
     """Mark ``task`` terminal (in place)."""
-    task.update(status=status, completed_at=now_iso, updated_at=now_iso)
+    task.update({"status": status, "completed_at": now_iso, "updated_at": now_iso})
 
 
-def requeued_from_dead(task: dict[str, Any], *, reset_attempts: bool) -> None:
+def requeued_from_dead(task: Task, *, reset_attempts: bool) -> None:
     """A dead letter made a fresh queued task again (in place)."""
-    task.update(status="queued", not_before=None, started_at=None,
-                completed_at=None, cancel_requested=False, exit_code=None)
+    task.update({"status": "queued", "not_before": None, "started_at": None,
+                 "completed_at": None, "cancel_requested": False, "exit_code": None})
     unleased(task)
     if reset_attempts:
         task["attempts"] = 0

@@ -40,6 +40,7 @@ from coordination.paths import Home
 from coordination.queue import open_queue
 from coordination.specs import read_specs
 from coordination.store import read_json
+from coordination.tasks import HistoryRecord
 
 from ..context import json_option, print_json
 
@@ -132,7 +133,7 @@ def run_scenario(sc: Scenario, time_scale: float = 1.0, timeout_s: float | None 
                         time.sleep(0.1)
             wanted = set(ids)
             deadline = started + budget
-            finished: dict[str, dict[str, Any]] = {}
+            finished: dict[str, HistoryRecord] = {}
             while time.monotonic() < deadline and len(finished) < len(wanted):
                 if up.poll() is not None:
                     tail = up.stderr.read().decode()[-2000:] if up.stderr else ""
@@ -182,8 +183,8 @@ def _active_workers(home: Home) -> int:
     return sum(1 for s in read_specs(home) if s.spec and s.spec.get("state") != "stopped")
 
 
-def _finals(home: Home, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _finals(home: Home, wanted: set[str]) -> dict[str, HistoryRecord]:
+    out: dict[str, HistoryRecord] = {}
     records, _ = open_queue(home).history_since(None)
     for record in records:
         if record.get("final") and record.get("task_id") in wanted:
@@ -204,13 +205,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _report(home: Home, sc: Scenario, time_scale: float, ids: list[str],
-            finished: dict[str, dict[str, Any]], peak: int, elapsed: float,
+            finished: dict[str, HistoryRecord], peak: int, elapsed: float,
             refusals: int) -> dict[str, Any]:
     latencies = []
     for r in finished.values():
-        if r.get("created_at") and r.get("completed_at"):
-            latencies.append(clock.parse_iso(r["completed_at"])
-                             - clock.parse_iso(r["created_at"]))
+        created_at, done_at = r.get("created_at"), r.get("completed_at")
+        if created_at and done_at:
+            latencies.append(clock.parse_iso(done_at) - clock.parse_iso(created_at))
     completed = sum(1 for r in finished.values() if r.get("status") == "completed")
     counts: dict[str, int] = {}
     for _, e in iter_jsonl(home.events_file):

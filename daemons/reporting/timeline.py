@@ -20,6 +20,7 @@ from coordination.paths import Home
 from coordination.queue import open_queue
 from coordination.redact import redact
 from coordination.store import read_json
+from coordination.tasks import HistoryRecord
 
 KIND_RANK = {"task": 0, "worker": 1, "attempt": 2, "history": 3, "event": 4, "log": 5}
 
@@ -32,7 +33,7 @@ def _scan_all(path: Path, needles: Sequence[bytes], archives: bool
     yield from scan_jsonl(path, needles)
 
 
-def _history_summary(r: dict[str, Any]) -> str:
+def _history_summary(r: HistoryRecord) -> str:
     attempt = f"attempt {r.get('attempts')}/{r.get('max_attempts')}"
     outcome = r.get("outcome")
     error = f": {r['last_error']}" if r.get("last_error") else ""

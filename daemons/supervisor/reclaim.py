@@ -36,6 +36,7 @@ from coordination.specs import (
     process_start_time,
     read_specs,
 )
+from coordination.tasks import Task
 
 from .actuators import kill_orphaned_tasks
 from .state import _emit, log
@@ -107,7 +108,7 @@ def fence_worker(spec: Mapping[str, Any]) -> bool:
     return True
 
 
-def reclaim_task(home: Home, queue: QueueBackend, task: Mapping[str, Any], proof: str,
+def reclaim_task(home: Home, queue: QueueBackend, task: Task, proof: str,
                  now: float, *, cause: str = "dead_worker") -> dict[str, Any] | None:
     """Take a running task back from its dead owner (the attempt counts): queued again, or
     dead-lettered once attempts are spent. Checked against the owner and the claim (lease
@@ -175,7 +176,7 @@ def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
             if fence_worker(active[worker_id]):
                 out["fenced"].append(worker_id)
     own = host or host_id()
-    judged: list[tuple[dict[str, Any], str, str]] = []
+    judged: list[tuple[Task, str, str]] = []
     leases: list[str] = []
     for task in queue.live_tasks(status="running"):
         if task.get("lease_until"):

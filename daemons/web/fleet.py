@@ -33,7 +33,14 @@ from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.redact import redact, redact_text
 from coordination.specs import read_specs
-from coordination.tasks import PRIORITIES, PRIORITY_RANK, check_priority, check_task_id
+from coordination.tasks import (
+    PRIORITIES,
+    PRIORITY_RANK,
+    HistoryRecord,
+    Task,
+    check_priority,
+    check_task_id,
+)
 
 from ..reporting.checks import evaluate_checks
 from ..reporting.status import status_from
@@ -66,7 +73,7 @@ class Fleet:
     home: Home
     queue: QueueBackend = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
-    _task_memo: dict[str, tuple[bytes, list[dict[str, Any]], list[dict[str, Any]]]] = field(
+    _task_memo: dict[str, tuple[bytes, list[HistoryRecord], list[dict[str, Any]]]] = field(
         init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,7 +128,7 @@ class Fleet:
                              f"{', '.join(map(str, PAGE_SIZES))}")
         if page < 1:
             raise UsageError(f"page: {page} must be >= 1")
-        rows: list[dict[str, Any]] = []
+        rows: list[Task] = []
         if status in (None, "queued", "running"):
             with self.lock:
                 rows.extend(self.queue.live_tasks())
@@ -134,7 +141,7 @@ class Fleet:
                 and (not worker_type or t.get("worker_type") == worker_type)
                 and (not needle or needle in _haystack(t))]
 
-        def key(t: dict[str, Any]) -> tuple[Any, ...]:
+        def key(t: Task) -> tuple[Any, ...]:
             if sort == "priority":
                 first: Any = PRIORITY_RANK.get(str(t.get("priority")), len(PRIORITIES))
             elif sort == "attempts":
@@ -262,7 +269,7 @@ class Fleet:
         return dict(out, worker_id=worker_id)
 
 
-def _haystack(task: dict[str, Any]) -> str:
+def _haystack(task: Task) -> str:
     parts = [task.get("task_id"), task.get("description"), task.get("worker_type"),
              task.get("correlation_id"), task.get("last_error"),
              " ".join(str(a) for a in task.get("command") or [])]

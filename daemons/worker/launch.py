@@ -20,6 +20,7 @@ from coordination.errors import InvalidTransition, NotFound, UnsafePath
 from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv
 from coordination.store import prepare_task_folder
+from coordination.tasks import Task
 
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
 from .state import CANCEL_CHECK_S, RESULT_FILE, STATUS_REFRESH_S, WorkerState, _log
@@ -35,7 +36,7 @@ SPEC_DEFER_S = 0.05
 class TaskLaunch(WorkerState):
     """Starting an attempt of a claimed task (the worker's part that spawns)."""
 
-    def _task_env(self, task: dict[str, Any], wtype: dict[str, Any], result_file: Path) \
+    def _task_env(self, task: Task, wtype: dict[str, Any], result_file: Path) \
             -> dict[str, str]:
         allow = list(self.cfg["env_allowlist"]) + list(wtype.get("env_allowlist") or [])
         return build_env(self.environ, allow, {
@@ -53,7 +54,7 @@ class TaskLaunch(WorkerState):
             return path if path.is_absolute() else self.home.root / path
         return result_dir if result_dir.is_dir() else self.home.root
 
-    def _task_scope(self, task: dict[str, Any], type_name: str, wtype: dict[str, Any]) \
+    def _task_scope(self, task: Task, type_name: str, wtype: dict[str, Any]) \
             -> Scope | None:
         """The transient scope of this attempt: under a systemd manager that accepts
         transient scopes from us, every task gets one (its cgroup is what stopping the task
@@ -90,7 +91,7 @@ class TaskLaunch(WorkerState):
             return None
         return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
 
-    def _start_task(self, task: dict[str, Any], now: float) -> None:
+    def _start_task(self, task: Task, now: float) -> None:
         task_id = task["task_id"]
         type_name = task.get("worker_type") or "default"
         wtype = self._types.get(type_name) or {}

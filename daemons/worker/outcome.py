@@ -27,6 +27,7 @@ from coordination.queue.rules import lease_token
 from coordination.redact import redact_text
 from coordination.specs import active_path, liveness
 from coordination.store import parse_json, read_in_folder, read_json
+from coordination.tasks import Task
 
 from ..process_groups import reap_orphans
 from .state import RESULT_FILE, RETRY_AFTER_ERROR_S, WorkerState, _log, _Pending
@@ -71,7 +72,7 @@ class OutcomeRecording(WorkerState):
         self.idle_since = now
         return None
 
-    def _read_result(self, task: dict[str, Any], now: float) -> dict[str, Any] | None:
+    def _read_result(self, task: Task, now: float) -> dict[str, Any] | None:
         path = self.home.result_dir(task["task_id"]) / RESULT_FILE
         problem: str | None = None
         try:
@@ -99,8 +100,8 @@ class OutcomeRecording(WorkerState):
             return None
         return dict(result)
 
-    def _budget(self, task: dict[str, Any]) -> int | None:
-        if task.get("budget") is not None:
+    def _budget(self, task: Task) -> int | None:
+        if task["budget"] is not None:
             return int(task["budget"])
         wtype = self._types.get(task.get("worker_type") or "default") or {}
         budget = wtype.get("default_budget")
@@ -179,7 +180,7 @@ class OutcomeRecording(WorkerState):
         _log(self.worker_id).warning("presumed dead by the supervisor (%s); stopping", proof)
         return True
 
-    def _lease_deadline(self, task: dict[str, Any]) -> float:
+    def _lease_deadline(self, task: Task) -> float:
         """Until when the lease of ``task`` may still hold: its last known ``lease_until``
         (the claim's, or the newest heartbeat's); a task without one, one lease from now."""
         until = self.leases.get(task["task_id"]) or task.get("lease_until")
@@ -188,7 +189,7 @@ class OutcomeRecording(WorkerState):
         except ValueError:
             return clock.now() + float(self.cfg["heartbeat_timeout_s"])
 
-    def _landed(self, task: dict[str, Any]) -> str | None:
+    def _landed(self, task: Task) -> str | None:
         """Whether a commit of ours whose reply was lost did land: the task's final record
         ends our claim (same worker, same lease token). Its outcome, else None."""
         try:
@@ -201,7 +202,7 @@ class OutcomeRecording(WorkerState):
             return None
         return "completed" if record["status"] == "completed" else str(record["status"])
 
-    def _commit_outcome(self, task: dict[str, Any], run: TaskRun, reason: str | None,
+    def _commit_outcome(self, task: Task, run: TaskRun, reason: str | None,
                         exit_code: int | None, phrase: str, result: dict[str, Any] | None,
                         tokens: int | None, now: float) -> str:
         task_id, wid, lease = task["task_id"], self.worker_id, lease_token(task)

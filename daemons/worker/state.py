@@ -21,11 +21,12 @@ from coordination import clock
 from coordination.config import ConfigWatch, SystemConfig, load_system, load_worker_types
 from coordination.control import read_control
 from coordination.errors import ConfigError, HarnessError, InvalidTransition, NotFound
-from coordination.events import append_events, make_event
+from coordination.events import Event, append_events, make_event
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.queue.rules import lease_token
 from coordination.specs import active_path, write_spec
+from coordination.tasks import Task
 
 from ..notify import Notifier
 from .options import WorkerOptions
@@ -51,7 +52,7 @@ class _Pending:
     """An attempt that ended but whose outcome is not yet recorded (queue busy)."""
 
     run: TaskRun
-    task: dict[str, Any]
+    task: Task
     retry_at: float = 0.0
     tries: int = 0  # attempts to record it that failed for a temporary reason
     gave_up: bool = False  # the lease ran out while retrying: recorded as lost
@@ -88,17 +89,17 @@ class WorkerState:
         self.started_iso = ""
         self.idle_since = 0.0
         self.run: TaskRun | None = None
-        self.task: dict[str, Any] | None = None
+        self.task: Task | None = None
         self.task_started = 0.0
         self.pending: _Pending | None = None
         self.leases: dict[str, str] = {}  # task id -> lease_until, from the last heartbeat
         # A task claimed together with the previous task's completion (complete_and_claim),
         # not started yet. Released (handed back) if the worker exits before starting it.
-        self.claimed: dict[str, Any] | None = None
+        self.claimed: Task | None = None
         # Events of committed changes not appended yet: queue events of the latest
         # transaction wait for the task_started event of the task it claimed, so that one
         # append (one fdatasync) carries them all. Always appended before any newer event.
-        self.held_events: list[dict[str, Any]] = []
+        self.held_events: list[Event] = []
         self.published_state = ""  # the spec's state as last published
         self.tasks_run = 0  # attempts run to an end (completed or failed), for max_tasks
         self.ticks = 0
@@ -173,7 +174,7 @@ class WorkerState:
             return float(self.opts.idle_exit_s)
         return float(self.cfg["idle_exit_s"])
 
-    def _emit(self, event_type: str, message: str = "", *, task: dict[str, Any] | None = None,
+    def _emit(self, event_type: str, message: str = "", *, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:
         """Append one event (after any held ones, in the same write)."""
         try:

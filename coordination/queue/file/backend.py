@@ -30,7 +30,6 @@ snapshot holds; the next writer records the difference in the journal.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from ... import clock
 from ...config import load_system
@@ -40,7 +39,7 @@ from ...events import make_event
 from ...jsonl import iter_jsonl, jsonl_archives, scan_jsonl_gz
 from ...rotation import Rotator, rotated_files
 from ...store import read_json
-from ...tasks import check_task_id
+from ...tasks import Task, check_task_id, stored_task
 from .. import admission, ops, rules
 from ..contract import QueueFinding, RetentionReport
 from .publisher import Publisher
@@ -56,7 +55,7 @@ class FileQueue(Publisher, ops.Operations):
 
 
     def _claim_in(self, txn: Txn, worker_id: str, wanted: set[str] | None,
-                  paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
+                  paused: set[str], lease: ops.ClaimLease) -> Task | None:
         """The claim step of a transaction: the best runnable task by the in-memory heaps
         (rules.claim_key order), taken by ops.take (the shared transition)."""
         task_id = txn.state.best_runnable(txn.now_iso, wanted, paused)
@@ -66,7 +65,7 @@ class FileQueue(Publisher, ops.Operations):
         assert task is not None
         return ops.take(txn, task, worker_id, lease)
 
-    def expired_leases(self, now: float | None = None) -> list[dict[str, Any]]:
+    def expired_leases(self, now: float | None = None) -> list[Task]:
         """Running tasks whose lease ended before ``now`` (see the port), from the
         in-memory queue: only the running tasks are parsed."""
         now_iso = clock.iso(clock.now() if now is None else now)
@@ -121,15 +120,15 @@ class FileQueue(Publisher, ops.Operations):
         return count
 
     def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
-                     now: float | None = None) -> dict[str, Any]:
+                     now: float | None = None) -> Task:
         """Move a dead letter back into the queue as a fresh queued task; the dead-letter
         file is removed after the commit."""
         check_task_id(task_id)
 
-        def body(txn: Txn) -> dict[str, Any]:
+        def body(txn: Txn) -> Task:
             path = self.home.dead_letter(task_id)
             try:
-                task = read_json(path)
+                task = stored_task(read_json(path))
             except FileNotFoundError:
                 raise NotFound(f"no dead letter {task_id} ({path})") from None
             if task_id in txn.state:
@@ -143,8 +142,8 @@ class FileQueue(Publisher, ops.Operations):
             txn.put(task)
             txn.drop_dead_letters.append(task_id)
             txn.event("task_requeued", "requeued from dead letters", task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
+            return task.copy()
+        out: Task = self._transaction(now, body)
         return out
 
     def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]:

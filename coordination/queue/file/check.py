@@ -34,6 +34,7 @@ from ...errors import CorruptFileError
 from ...jsonl import iter_jsonl
 from ...locks import lock_for
 from ...store import dumps, move_aside, read_json, replace_json
+from ...tasks import Task
 from ..contract import Findings, QueueFinding
 from ..leases import check_leases
 from .journal import read_all
@@ -220,7 +221,7 @@ def _final_records(queue: FileQueue, wanted: set[str]) -> dict[str, dict[str, An
     return found
 
 
-def _check_cross(queue: FileQueue, tasks: dict[str, dict[str, Any]], add: Any, repair: bool,
+def _check_cross(queue: FileQueue, tasks: dict[str, Task], add: Any, repair: bool,
                  now: float, durability: Any) -> None:
     home = queue.home
     dead_ids = set()

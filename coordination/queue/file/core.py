@@ -23,7 +23,7 @@ from ...errors import (
     HarnessError,
     LockTimeout,
 )
-from ...events import append_events
+from ...events import Event, append_events
 from ...jsonl import iter_jsonl, jsonl_archives, scan_jsonl_gz
 from ...locks import lock_for
 from ...paths import Home
@@ -36,7 +36,7 @@ from ...store import (
     read_json,
     replace_json,
 )
-from ...tasks import PRIORITIES
+from ...tasks import PRIORITIES, HistoryRecord, Task, stored_record, stored_task
 from .journal import Journal
 from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
 from .state import LiveState
@@ -193,7 +193,7 @@ class QueueCore:
 
     def _transaction(self, now: float | None, body: Callable[[Txn], Any], *,
                      drain: bool = True,
-                     events_out: list[dict[str, Any]] | None = None,
+                     events_out: list[Event] | None = None,
                      lock_timeout: float | None = None) -> Any:
         """Run ``body(txn)`` under the queue lock, commit, then emit events. Any exception
         before the commit leaves the queue as it was (this process re-reads it if the
@@ -313,7 +313,7 @@ class QueueCore:
             unlink_quietly(path)
         return owed
 
-    def _append_history(self, records: list[dict[str, Any]]) -> list[int]:
+    def _append_history(self, records: list[HistoryRecord]) -> list[int]:
         """Append history lines under the history lock (not fsynced: the journal line holds
         them too). Returns ``[inode, offset]`` of where they went."""
         path = self.home.history_file
@@ -329,7 +329,7 @@ class QueueCore:
                 pos = [os.stat(path).st_ino, 0]
         return pos
 
-    def _emit(self, events: list[dict[str, Any]]) -> None:
+    def _emit(self, events: list[Event]) -> None:
         """Append events of a committed change. The change is durable already, so failing
         here must not fail the caller (a retrying producer would enqueue twice)."""
         if not events:
@@ -405,7 +405,7 @@ class QueueCore:
         with self._mutex:
             return self._sync(locked=False)
 
-    def live_tasks(self, status: str | None = None) -> list[dict[str, Any]]:
+    def live_tasks(self, status: str | None = None) -> list[Task]:
         """Queued and running tasks (only ``status`` ones when given), in snapshot order:
         a consistent view, no lock taken."""
         with self._mutex:
@@ -414,7 +414,7 @@ class QueueCore:
                 return list(state.tasks())
             return [t for t in map(state.task, state.ids_with_status(status)) if t]
 
-    def get(self, task_id: str) -> dict[str, Any] | None:
+    def get(self, task_id: str) -> Task | None:
         """The task as live, else its dead letter, else its newest final history record;
         None when unknown. The history lookup streams the file."""
         with self._mutex:
@@ -423,17 +423,17 @@ class QueueCore:
             return live
         dead = self.home.dead_letter(task_id)
         try:
-            return dict(read_json(dead))
+            return stored_task(dict(read_json(dead)))
         except FileNotFoundError:
             pass
         found = None
         for _, record in iter_jsonl(self.home.history_file):
             if record and record.get("task_id") == task_id and record.get("final"):
                 found = record
-        return found
+        return stored_record(found) if found is not None else None
 
     def history_of(self, task_id: str | None, *, correlation_id: str | None = None,
-                   archives: bool = False) -> list[dict[str, Any]]:
+                   archives: bool = False) -> list[HistoryRecord]:
         """Every history record of ``task_id`` (or of ``correlation_id``) in file order ([]
         when none). With ``archives``, the records in ``task-history.N.jsonl.gz`` come
         first, oldest archive first (this decompresses every archive)."""
@@ -442,24 +442,26 @@ class QueueCore:
         key, value = ("task_id", task_id) if task_id is not None \
             else ("correlation_id", correlation_id)
         needle = orjson.dumps(value)
-        older: list[dict[str, Any]] = []
+        older: list[HistoryRecord] = []
         if archives:
             for archive in reversed(jsonl_archives(self.home.history_file)):
-                older.extend(r for r in scan_jsonl_gz(archive, [needle])
+                older.extend(stored_record(r) for r in scan_jsonl_gz(archive, [needle])
                              if r.get(key) == value)
-        return older + [r for _, r in iter_jsonl(self.home.history_file)
+        return older + [stored_record(r) for _, r in iter_jsonl(self.home.history_file)
                         if r is not None and r.get(key) == value]
 
     def history_since(self, cursor: str | None, *, start_at: float | None = None,
-                      limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
+                      limit: int | None = None) -> tuple[list[HistoryRecord], str]:
         """History records after ``cursor`` (``"INODE:OFFSET"`` of task-history.jsonl):
         whole lines only (a line being written is left for the next call). No cursor:
         from the beginning, or with ``start_at`` only records recorded since then (read
         backwards from the end). A rotated file starts over."""
         from .history import read_since
-        return read_since(self.home.history_file, cursor, start_at=start_at, limit=limit)
+        records, next_cursor = read_since(self.home.history_file, cursor, start_at=start_at,
+                                          limit=limit)
+        return [stored_record(r) for r in records], next_cursor
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self) -> list[Task]:
         """Every dead letter, oldest task id first ([] when none)."""
         out = []
         try:

@@ -19,14 +19,13 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from ... import clock
 from ...errors import CorruptFileError, DiskFull, HarnessError
 from ...store import Durability, dumps, fsync_dir, parse_json
-from ...tasks import check_stored_task
+from ...tasks import Task, check_stored_task, stored_task
 
 QUEUE_FORMAT_VERSION = 1
 _MARKER = b',"tasks":[\n'
@@ -47,7 +46,7 @@ class Snapshot:
     data: bytes
     body_start: int  # > 0: the published layout, parsed line by line from here
 
-    def tasks(self) -> Iterator[tuple[dict[str, Any], bytes]]:
+    def tasks(self) -> Iterator[tuple[Task, bytes]]:
         if self.body_start > 0:
             try:
                 yield from _published_tasks(self.data, self.body_start)
@@ -145,7 +144,7 @@ def parse(path: Path) -> Snapshot | None:
                     path, data, 0)
 
 
-def _any_layout_tasks(path: Path, data: bytes) -> Iterator[tuple[dict[str, Any], bytes]]:
+def _any_layout_tasks(path: Path, data: bytes) -> Iterator[tuple[Task, bytes]]:
     raw = parse_json(path, data)
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
         raise CorruptFileError(path, "top level must be an object with a 'tasks' list")
@@ -160,7 +159,7 @@ def _any_layout_tasks(path: Path, data: bytes) -> Iterator[tuple[dict[str, Any],
         yield task, dumps(task)
 
 
-def _published_tasks(data: bytes, start: int) -> Iterator[tuple[dict[str, Any], bytes]]:
+def _published_tasks(data: bytes, start: int) -> Iterator[tuple[Task, bytes]]:
     """The lines of the layout :func:`render` writes; raises _OtherLayout at the first line
     that is not one compact task. Compact JSON holds no raw newline, so ``,\n`` only ever
     ends a line. Every line is cut out first and parsed after: the stored bytes then lie
@@ -177,7 +176,7 @@ def _published_tasks(data: bytes, start: int) -> Iterator[tuple[dict[str, Any], 
                 or task["task_id"] in seen:
             raise _OtherLayout()
         seen.add(task["task_id"])
-        yield task, line
+        yield stored_task(task), line
 
 
 def _nofollow(path: str, flags: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from ...store import dumps
-from ...tasks import PRIORITIES, PRIORITY_RANK
+from ...tasks import PRIORITIES, PRIORITY_RANK, Task, stored_task
 from ..rules import ClaimKey
 
 #: How many finished task ids (and their final status) a process remembers, so that a
@@ -45,7 +45,7 @@ class Meta:
         "wtype",
     )
 
-    def __init__(self, task: dict[str, Any]) -> None:
+    def __init__(self, task: Task) -> None:
         # Interned: a handful of distinct values, shared by every task instead of a copy each.
         self.status: str = sys.intern(task["status"])
         self.priority: str = sys.intern(task["priority"])
@@ -83,15 +83,14 @@ class LiveState:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self.meta
 
-    def task(self, task_id: str) -> dict[str, Any] | None:
+    def task(self, task_id: str) -> Task | None:
         """A fresh dict of the live task (changing it changes nothing until :meth:`put`)."""
         blob = self.blobs.get(task_id)
         if blob is None:
             return None
-        task: dict[str, Any] = orjson.loads(blob)
-        return task
+        return stored_task(orjson.loads(blob))
 
-    def tasks(self) -> Iterator[dict[str, Any]]:
+    def tasks(self) -> Iterator[Task]:
         for blob in list(self.blobs.values()):
             yield orjson.loads(blob)
 
@@ -132,7 +131,7 @@ class LiveState:
         return out
 
     # ------------------------------------------------------------------ changes
-    def put(self, task: dict[str, Any], blob: bytes | None = None) -> None:
+    def put(self, task: Task, blob: bytes | None = None) -> None:
         """Insert or replace a live task (status queued or running)."""
         task_id = task["task_id"]
         old = self.meta.get(task_id)

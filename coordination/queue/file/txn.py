@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...events import Event
+from ...tasks import HistoryRecord, Task
 from ..ops import SOURCE, queue_event
 from .state import LiveState
 
@@ -21,17 +23,17 @@ class Txn:
     state: LiveState
     now: float
     now_iso: str
-    puts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    puts: dict[str, Task] = field(default_factory=dict)
     dels: dict[str, str | None] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryRecord] = field(default_factory=list)
+    dead_letters: list[Task] = field(default_factory=list)
     drop_dead_letters: list[str] = field(default_factory=list)
     inbox_done: list[Path] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     dedup: dict[str, str] = field(default_factory=dict)  # new task_id -> holder task_id
     note: str | None = None  # why (a hand edit merge)
 
-    def get(self, task_id: str) -> dict[str, Any] | None:
+    def get(self, task_id: str) -> Task | None:
         task = self.puts.get(task_id)
         if task is not None:
             return task
@@ -39,7 +41,7 @@ class Txn:
             return None
         return self.state.task(task_id)
 
-    def put(self, task: dict[str, Any], *, touch: bool = True) -> None:
+    def put(self, task: Task, *, touch: bool = True) -> None:
         if touch:
             task["updated_at"] = self.now_iso
         task_id = task["task_id"]
@@ -52,11 +54,11 @@ class Txn:
         self.dels[task_id] = status
         self.state.remove(task_id, status)
 
-    def lock(self, task_id: str) -> dict[str, Any] | None:
+    def lock(self, task_id: str) -> Task | None:
         """The whole queue is locked already (the queue lock): :meth:`get`."""
         return self.get(task_id)
 
-    def waiters(self, task_id: str) -> list[dict[str, Any]]:
+    def waiters(self, task_id: str) -> list[Task]:
         """The live tasks that wait for ``task_id`` (the state's dependency index)."""
         return [t for t in map(self.get, list(self.state.waiters.get(task_id, ())))
                 if t is not None]
@@ -65,7 +67,7 @@ class Txn:
     def changed(self) -> bool:
         return bool(self.puts or self.dels)
 
-    def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
+    def event(self, event_type: str, message: str, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:
         self.events.append(queue_event(event_type, message, task, severity=severity,
                                        now=self.now, data=data))

@@ -51,12 +51,20 @@ from ...errors import (
     InvalidTransition,
     NotFound,
 )
-from ...events import append_events
+from ...events import Event, append_events
 from ...hosts import host_id as this_host_id
 from ...paths import Home
 from ...redact import redact_url
 from ...store import dumps
-from ...tasks import PRIORITIES, PRIORITY_RANK, check_task_id
+from ...tasks import (
+    PRIORITIES,
+    PRIORITY_RANK,
+    HistoryRecord,
+    Task,
+    check_task_id,
+    stored_record,
+    stored_task,
+)
 from .. import admission, ops, rules
 from ..contract import QueueFinding, RetentionReport
 from ..file.snapshot import parse as parse_view
@@ -150,7 +158,7 @@ class PostgresQueue(ops.Operations):
 
     def _transaction(self, now: float | None, body: Callable[[_Txn], Any], *,
                      drain: bool = True,
-                     events_out: list[dict[str, Any]] | None = None) -> Any:
+                     events_out: list[Event] | None = None) -> Any:
         """Run ``body(txn)`` in one database transaction, commit, then the side effects
         (inbox unlinks, events). Re-run from the start when it lost a race."""
         ts = clock.now() if now is None else now
@@ -219,7 +227,7 @@ class PostgresQueue(ops.Operations):
             except psycopg.OperationalError as exc:
                 raise self._unavailable(exc) from None
 
-    def _emit(self, events: list[dict[str, Any]]) -> None:
+    def _emit(self, events: list[Event]) -> None:
         """Append events of a committed change; a failure is logged, never raised (the
         change is durable: a retrying producer would enqueue twice)."""
         if not events:
@@ -274,7 +282,7 @@ class PostgresQueue(ops.Operations):
         return set()
 
     def _claim_in(self, txn: _Txn, worker_id: str, wanted: set[str] | None,
-                  paused: set[str], lease: ops.ClaimLease) -> dict[str, Any] | None:
+                  paused: set[str], lease: ops.ClaimLease) -> Task | None:
         txn.flush()  # the claim query must see this transaction's own changes
         settings = txn.conn.execute(_CLAIM_SETTINGS).fetchone()
         control = parse_control(settings[0] if settings and settings[0] is not None else {},
@@ -285,7 +293,7 @@ class PostgresQueue(ops.Operations):
             "wanted": None if wanted is None else sorted(wanted)}).fetchone()
         if row is None:
             return None
-        task = dict(row[0])
+        task = stored_task(dict(row[0]))
         txn.rows[task["task_id"]] = task
         txn.stored.add(task["task_id"])
         return ops.take(txn, task, worker_id, lease)
@@ -309,26 +317,26 @@ class PostgresQueue(ops.Operations):
         self._read("DELETE FROM workers WHERE worker_id = %s RETURNING worker_id",
                    (worker_id,))
 
-    def expired_leases(self, now: float | None = None) -> list[dict[str, Any]]:
+    def expired_leases(self, now: float | None = None) -> list[Task]:
         """Running tasks whose lease ended before ``now`` (see the port): one query on the
         ``tasks_lease`` index."""
         now_iso = clock.iso(clock.now() if now is None else now)
-        return [dict(r[0]) for r in self._read(
+        return [stored_task(dict(r[0])) for r in self._read(
             "SELECT data FROM tasks WHERE status = 'running' AND lease_until < %s "
             "ORDER BY lease_until, task_id", (now_iso,))]
 
     # ================================================================== operators
     def requeue_dead(self, task_id: str, *, reset_attempts: bool = True,
-                     now: float | None = None) -> dict[str, Any]:
+                     now: float | None = None) -> Task:
         """Move a dead letter back into the queue as a fresh queued task."""
         check_task_id(task_id)
 
-        def body(txn: _Txn) -> dict[str, Any]:
+        def body(txn: _Txn) -> Task:
             row = txn.conn.execute("SELECT data FROM tasks WHERE task_id = %s AND dead "
                                    "FOR UPDATE", (task_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no dead letter {task_id}")
-            task = dict(row[0])
+            task = stored_task(dict(row[0]))
             if txn.get(task_id) is not None:
                 raise InvalidTransition(f"task {task_id} is already live")
             key = task.get("dedup_key")
@@ -340,8 +348,8 @@ class PostgresQueue(ops.Operations):
             txn.drop_dead.append(task_id)
             txn.put(task)
             txn.event("task_requeued", "requeued from dead letters", task)
-            return dict(task)
-        out: dict[str, Any] = self._transaction(now, body)
+            return task.copy()
+        out: Task = self._transaction(now, body)
         return out
 
     def purge_dead(self, task_ids: Iterable[str] | None = None) -> list[str]:
@@ -362,30 +370,30 @@ class PostgresQueue(ops.Operations):
         return out
 
     # ================================================================== reads
-    def get(self, task_id: str) -> dict[str, Any] | None:
+    def get(self, task_id: str) -> Task | None:
         """The live task, else its dead letter, else its newest final history record."""
         rows = self._read("SELECT data FROM tasks WHERE task_id = %s ORDER BY dead LIMIT 1",
                           (task_id,))
         if rows:
-            return dict(rows[0][0])
+            return stored_task(dict(rows[0][0]))
         rows = self._read("SELECT record FROM history WHERE task_id = %s AND final "
                           "ORDER BY seq DESC LIMIT 1", (task_id,))
-        return dict(rows[0][0]) if rows else None
+        return stored_record(dict(rows[0][0])) if rows else None
 
-    def live_tasks(self, status: str | None = None) -> list[dict[str, Any]]:
+    def live_tasks(self, status: str | None = None) -> list[Task]:
         """Queued and running tasks (only ``status`` ones when given), in claim order; one
         statement, so a consistent view."""
         rows = self._read(f"SELECT data FROM tasks WHERE {_LIVE} AND (%(s)s::text IS NULL "
                           f"OR status = %(s)s::text) {_CLAIM_ORDER}", {"s": status})
-        return [dict(r[0]) for r in rows]
+        return [stored_task(dict(r[0])) for r in rows]
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self) -> list[Task]:
         """Every dead letter, oldest task id first."""
-        return [dict(r[0]) for r in self._read(
+        return [stored_task(dict(r[0])) for r in self._read(
             "SELECT data FROM tasks WHERE dead ORDER BY task_id")]
 
     def history_of(self, task_id: str | None, *, correlation_id: str | None = None,
-                   archives: bool = False) -> list[dict[str, Any]]:
+                   archives: bool = False) -> list[HistoryRecord]:
         """Every history record of ``task_id`` (or of ``correlation_id``), oldest first.
         The database keeps all history (no rotation yet), so ``archives`` adds nothing."""
         if (task_id is None) == (correlation_id is None):
@@ -393,10 +401,10 @@ class PostgresQueue(ops.Operations):
         column = "task_id" if task_id is not None else "correlation_id"
         rows = self._read(f"SELECT record FROM history WHERE {column} = %s ORDER BY seq",
                           (task_id if task_id is not None else correlation_id,))
-        return [dict(r[0]) for r in rows]
+        return [stored_record(dict(r[0])) for r in rows]
 
     def history_since(self, cursor: str | None, *, start_at: float | None = None,
-                      limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
+                      limit: int | None = None) -> tuple[list[HistoryRecord], str]:
         """History records after ``cursor`` and the next cursor, ``"STREAM:SEQ"``: STREAM
         names this database (its oid: a recreated database is another stream, as a
         rotated file is for the file backend, and the supervisor, which compares streams,
@@ -422,7 +430,7 @@ class PostgresQueue(ops.Operations):
             "NULL OR recorded_at >= %(since)s::text) ORDER BY seq LIMIT %(limit)s",
             {"after": after, "since": since, "limit": limit})
         last = int(rows[-1][0]) if rows else after
-        return [dict(r[1]) for r in rows], f"{stream}:{last}"
+        return [stored_record(dict(r[1])) for r in rows], f"{stream}:{last}"
 
     _stream: str | None = None
 

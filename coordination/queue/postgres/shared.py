@@ -28,6 +28,7 @@ from ... import clock
 from ...config import load_system
 from ...control import empty_control
 from ...errors import CorruptFileError, DatabaseUnavailable, HarnessError
+from ...events import Event
 from ...hosts import host_id
 from ...paths import Home
 from ...redact import redact_url
@@ -43,7 +44,7 @@ _EVENTS_INSERT = ("INSERT INTO events (timestamp, type, host_id, task_id, event)
                   "FROM jsonb_array_elements(%s) AS e")
 
 
-def record_events(conn: psycopg.Connection[Any], events: list[dict[str, Any]], *,
+def record_events(conn: psycopg.Connection[Any], events: list[Event], *,
                   then: str | None = None, params: tuple[Any, ...] = ()) -> None:
     """Insert ``events`` into the events table, inside the caller's open transaction.
     With ``then`` (a SELECT and its ``params``), in the same statement and round trip: the

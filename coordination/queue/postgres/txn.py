@@ -18,7 +18,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ... import clock
-from ...tasks import PRIORITY_RANK
+from ...events import Event
+from ...tasks import PRIORITY_RANK, HistoryRecord, Task, stored_task
 from .. import rules
 from ..ops import queue_event
 
@@ -27,7 +28,7 @@ _FOR_UPDATE = "FOR UPDATE"
 _KEY_SHARE = "FOR KEY SHARE"
 
 
-def _row(task: dict[str, Any]) -> dict[str, Any]:
+def _row(task: Task) -> dict[str, Any]:
     """The columns of ``task`` (the task itself is ``data``)."""
     return {"task_id": task["task_id"], "status": task["status"],
             "priority_rank": PRIORITY_RANK[task["priority"]],
@@ -82,15 +83,15 @@ class _Txn:
         self.conn = conn
         self.now = now
         self.now_iso = clock.iso(now)
-        self.puts: dict[str, dict[str, Any]] = {}
+        self.puts: dict[str, Task] = {}
         self.dels: dict[str, str | None] = {}
-        self.history: list[dict[str, Any]] = []
-        self.dead_letters: list[dict[str, Any]] = []
+        self.history: list[HistoryRecord] = []
+        self.dead_letters: list[Task] = []
         self.drop_dead: list[str] = []
         self.inbox_done: list[Path] = []
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.dedup: dict[str, str] = {}
-        self.rows: dict[str, dict[str, Any] | None] = {}  # live rows read (None: not live)
+        self.rows: dict[str, Task | None] = {}  # live rows read (None: not live)
         self.stored: set[str] = set()  # ids with a live row in the database
         self.locked: dict[str, set[str]] = {}  # row-lock clause -> ids read with it
         self.written = False
@@ -102,7 +103,7 @@ class _Txn:
         return self._state
 
     # ---------------------------------------------------------------- reads
-    def get(self, task_id: str, *, lock: str = "") -> dict[str, Any] | None:
+    def get(self, task_id: str, *, lock: str = "") -> Task | None:
         """The live task as this transaction sees it; ``lock`` (a row-lock clause) holds
         its row until the transaction ends."""
         if task_id in self.puts:
@@ -114,7 +115,7 @@ class _Txn:
         row = self.conn.execute(
             f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE} {lock}",
             (task_id,)).fetchone()
-        task = dict(row[0]) if row else None
+        task = stored_task(dict(row[0])) if row else None
         self.rows[task_id] = task
         if lock:
             self.locked.setdefault(lock, set()).add(task_id)
@@ -122,7 +123,7 @@ class _Txn:
             self.stored.add(task_id)
         return task
 
-    def lock(self, task_id: str) -> dict[str, Any] | None:
+    def lock(self, task_id: str) -> Task | None:
         """The live task with its row locked (FOR UPDATE) until the transaction ends."""
         return self.get(task_id, lock=_FOR_UPDATE)
 
@@ -136,21 +137,23 @@ class _Txn:
                 return str(task_id)
         return None
 
-    def waiters(self, task_id: str) -> list[dict[str, Any]]:
+    def waiters(self, task_id: str) -> list[Task]:
         """Queued tasks that name ``task_id`` in depends_on (locked)."""
         self.flush()
-        out = []
+        out: list[Task] = []
         for (data,) in self.conn.execute(
                 "SELECT data FROM tasks WHERE status = 'queued' AND depends_on @> %s "
                 "ORDER BY task_id FOR UPDATE", ([task_id],)):
-            self.rows[data["task_id"]] = dict(data)
+            self.rows[data["task_id"]] = stored_task(dict(data))
             self.stored.add(data["task_id"])
             self.locked.setdefault(_FOR_UPDATE, set()).add(data["task_id"])
-            out.append(self.get(data["task_id"]) or {})
-        return [t for t in out if t]
+            task = self.get(data["task_id"])
+            if task:
+                out.append(task)
+        return out
 
     # ---------------------------------------------------------------- changes
-    def put(self, task: dict[str, Any], *, touch: bool = True) -> None:
+    def put(self, task: Task, *, touch: bool = True) -> None:
         if touch:
             task["updated_at"] = self.now_iso
         self.dels.pop(task["task_id"], None)
@@ -165,7 +168,7 @@ class _Txn:
         return bool(self.written or self.puts or self.dels or self.history
                     or self.dead_letters or self.drop_dead)
 
-    def event(self, event_type: str, message: str, task: dict[str, Any] | None = None,
+    def event(self, event_type: str, message: str, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:
         self.events.append(queue_event(event_type, message, task, severity=severity,
                                        now=self.now, data=data))
