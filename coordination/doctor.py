@@ -39,7 +39,7 @@ from .hosts import host_id
 from .jsonl import iter_jsonl
 from .locks import lock_for
 from .paths import LOCK_NAMES, Home
-from .specs import complete_spec, liveness, orphan_proof, read_specs
+from .specs import WorkerSpec, complete_spec, liveness, orphan_proof, read_specs
 from .store import move_aside, open_in_folder, read_json
 from .tasks import Task
 
@@ -169,7 +169,7 @@ def _check_specs(home: Home, report: Report, tasks: dict[str, Task],
     """Worker specs against the live tasks: corrupt specs, dead workers, orphaned and
     not-held tasks. ``queue`` (a QueueBackend) is given when repairing."""
     repair = queue is not None
-    active: dict[str, dict[str, Any]] = {}
+    active: dict[str, WorkerSpec] = {}
     for item in read_specs(home):
         if item.spec is None:
             f = report.add("error", "corrupt_spec", item.error or "bad spec", item.path)
@@ -232,7 +232,7 @@ def _check_specs(home: Home, report: Report, tasks: dict[str, Task],
                 pass
 
 
-def _not_held(task: Task, active: dict[str, dict[str, Any]],
+def _not_held(task: Task, active: dict[str, WorkerSpec],
               dead_workers: dict[str, str]) -> str | None:
     """Why a running task is provably not held by its owner, a live active worker; None
     when it is held, or when that cannot be proven.

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import socket
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from . import clock
 from .config import load_system, validate_system
@@ -127,10 +127,11 @@ def emit(home: Home, event_type: str, **fields: Any) -> Event:
     return event
 
 
-def recent_events(home: Home, limit: int, *, since: str | None = None) -> list[dict[str, Any]]:
+def recent_events(home: Home, limit: int, *, since: str | None = None) -> list[Event]:
     """The newest ``limit`` events (oldest first), redacted; with ``since`` (a timestamp),
     only those at or after it. Reads the file backwards: at most ``limit`` lines without
     ``since``, ``50 * limit`` with it (the window ``harness events tail --since`` reads)."""
     window = tail_jsonl(home.events_file, limit if since is None else limit * 50)
     kept = [e for e in window if since is None or str(e.get("timestamp") or "") >= since]
-    return [redact(e) for e in kept[-limit:]] if limit > 0 else []
+    # The edge from the file: lines as written by append_events (envelopes).
+    return [cast(Event, redact(e)) for e in kept[-limit:]] if limit > 0 else []

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import psutil
 
@@ -89,7 +89,7 @@ def worker_type_label(types: list[str] | None) -> str:
 
 
 def new_spec(worker_id: str, instance: str, now: float, *, types: list[str] | None = None,
-             unit: str | None = None, pid: int | None = None) -> dict[str, Any]:
+             unit: str | None = None, pid: int | None = None) -> WorkerSpec:
     """A fresh spec in state ``starting``; ``created_at`` and ``started_at`` are ``now``
     (operators' scripts read ``created_at``; ``started_at`` is kept for older readers)."""
     pid = os.getpid() if pid is None else pid
@@ -113,7 +113,9 @@ def active_path(home: Home, worker_id: str) -> Path:
     return home.spec_file(worker_id)
 
 
-def write_spec(home: Home, spec: dict[str, Any], *, create: bool = False) -> bool:
+# The worker holds a plain ``{}`` until it registers (daemons/worker/state.py), hence the
+# union; every spec it writes was built by :func:`new_spec`.
+def write_spec(home: Home, spec: WorkerSpec | dict[str, Any], *, create: bool = False) -> bool:
     """Publish ``spec`` in ``active/``. Unless ``create``, only while it is still active:
     returns False (writing nothing) when the spec was moved to completed meanwhile."""
     cfg = load_system(home)
@@ -218,7 +220,7 @@ def quarantine_unusable(home: Home, now: float) -> list[tuple[Path, str]]:
 @dataclass
 class SpecRead:
     path: Path
-    spec: dict[str, Any] | None
+    spec: WorkerSpec | None
     error: str | None = None
 
 
@@ -239,7 +241,7 @@ def read_specs(home: Home, completed: bool = False) -> list[SpecRead]:
             problems = check_spec(spec, path.stem)
             if problems:
                 raise CorruptFileError(path, "invalid worker spec: " + "; ".join(problems))
-            out.append(SpecRead(path, spec))
+            out.append(SpecRead(path, cast(WorkerSpec, spec)))  # checked just above
         except FileNotFoundError:
             continue  # moved while we listed
         except CorruptFileError as exc:
@@ -247,7 +249,7 @@ def read_specs(home: Home, completed: bool = False) -> list[SpecRead]:
     return out
 
 
-def liveness(spec: dict[str, Any], now: float, heartbeat_timeout_s: float) -> str | None:
+def liveness(spec: Mapping[str, Any], now: float, heartbeat_timeout_s: float) -> str | None:
     """None when the worker may be alive; else the proof of its death, as a phrase.
 
     Fail closed: a worker on another host is judged only by its heartbeat.

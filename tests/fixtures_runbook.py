@@ -437,9 +437,9 @@ def make_killed_worker(home: Home, now: float | None = None) -> str:
                           "priority": "critical", "correlation_id": "incident-7"}, now=now - 200)
     claimed = queue.claim(wid, types=["agent"], now=now - 190)
     assert claimed is not None and claimed["task_id"] == task.task["task_id"], claimed
-    spec.update(state="busy", current_task_id=claimed["task_id"],
-                task_started_at=clock.iso(now - 190), heartbeat_at=clock.iso(now - 40),
-                progress=17)
+    spec.update({"state": "busy", "current_task_id": claimed["task_id"],
+                 "task_started_at": clock.iso(now - 190), "heartbeat_at": clock.iso(now - 40),
+                 "progress": 17})
     write_spec(home, spec)
     return wid
 
@@ -456,9 +456,9 @@ def make_stuck_worker(home: Home, pid: int, now: float | None = None) -> str:
                    "worker_type": "shell", "priority": "high"}, now=now - 700)
     claimed = queue.claim(wid, types=["shell"], now=now - 690)
     assert claimed is not None
-    spec.update(state="busy", current_task_id=claimed["task_id"],
-                task_started_at=clock.iso(now - 690), heartbeat_at=clock.iso(now - 300),
-                progress=4)
+    spec.update({"state": "busy", "current_task_id": claimed["task_id"],
+                 "task_started_at": clock.iso(now - 690), "heartbeat_at": clock.iso(now - 300),
+                 "progress": 4})
     write_spec(home, spec)
     return wid
 

@@ -428,13 +428,14 @@ def build_known_home(tmp_path: Path, name: str = "home", base: float | None = No
     low = next(t["task_id"] for t in q.live_tasks() if t["priority"] == "low")
     now = base + 120
     busy = new_spec("worker-busy", "busy", base)
-    busy.update(state="busy", current_task_id=ids[4], task_started_at=clock.iso(base + 14),
-                heartbeat_at=clock.iso(now - 5), progress=3)
+    busy.update({"state": "busy", "current_task_id": ids[4],
+                 "task_started_at": clock.iso(base + 14), "heartbeat_at": clock.iso(now - 5),
+                 "progress": 3})
     stalled = new_spec("worker-stalled", "stalled", base)
-    stalled.update(state="busy", current_task_id="t-gone", task_started_at=clock.iso(base),
-                   heartbeat_at=clock.iso(now - 200))
+    stalled.update({"state": "busy", "current_task_id": "t-gone",
+                    "task_started_at": clock.iso(base), "heartbeat_at": clock.iso(now - 200)})
     idle = new_spec("worker-idle", "idle", base)
-    idle.update(state="idle", heartbeat_at=clock.iso(now - 1))
+    idle.update({"state": "idle", "heartbeat_at": clock.iso(now - 1)})
     for spec in (busy, stalled, idle):
         write_spec(home, spec, create=True)
     for worker_id, reason in (("worker-old-1", "idle"), ("worker-old-2", "crashed")):

@@ -18,7 +18,7 @@ from coordination import clock
 from coordination.control import read_control
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.specs import complete_spec, new_spec, read_specs, write_spec
+from coordination.specs import WorkerSpec, complete_spec, new_spec, read_specs, write_spec
 from daemons.supervisor.actuators import Instance, ProcessActuator, SystemdActuator
 from daemons.supervisor.reconcile import Supervisor
 
@@ -55,7 +55,7 @@ class FakeActuator:
 
 
 def register(home: Home, instance: str, state: str = "idle", now: float | None = None
-             ) -> dict[str, Any]:
+             ) -> WorkerSpec:
     """A live spec for ``instance`` (this test process stands in for the worker)."""
     ts = clock.now() if now is None else now
     spec = new_spec(clock.new_worker_id(instance, ts), instance, ts)

@@ -336,7 +336,9 @@ def test_requeued_dead_letter_is_not_mistaken_for_interrupted_finish(
 
 # ------------------------------------------------------------------------------ workers
 def register(home: Home, worker_id: str, **overrides: Any) -> dict[str, Any]:
-    spec = new_spec(worker_id, "test", time.time(), pid=overrides.pop("pid", None))
+    # Tests write arbitrary fields here: a plain dict, not the typed spec.
+    spec: dict[str, Any] = dict(new_spec(worker_id, "test", time.time(),
+                                         pid=overrides.pop("pid", None)))
     spec.update(overrides)
     write_spec(home, spec, create=True)
     return spec

@@ -116,7 +116,7 @@ def test_an_inbox_request_with_a_traversing_id_is_rejected(tmp_path: Path) -> No
 
 # ---------------------------------------------------------------------------- specs
 def _spec(home: Home, **changes: object) -> Path:
-    spec = new_spec("worker-0-x", "0", 0.0)
+    spec: dict[str, object] = dict(new_spec("worker-0-x", "0", 0.0))  # any field, any value
     spec.update(changes)
     path = home.specs_active / "worker-0-x.json"
     replace_json(path, spec, "none", pretty=True)

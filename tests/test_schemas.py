@@ -253,8 +253,8 @@ class Scenario:
         spec = new_spec(w1, "alpha", T0, types=["default", "shell"],
                         unit="harness-worker@alpha.service")
         assert write_spec(h, spec, create=True)
-        spec.update(state="busy", heartbeat_at=clock.iso(T0 + 50), current_task_id="E",
-                    task_started_at=clock.iso(T0 + 50), progress=3, tasks_done=1)
+        spec.update({"state": "busy", "heartbeat_at": clock.iso(T0 + 50), "current_task_id": "E",
+                     "task_started_at": clock.iso(T0 + 50), "progress": 3, "tasks_done": 1})
         assert write_spec(h, spec)
         other = new_spec(w2, "alpha", T0 + 1)
         assert write_spec(h, other, create=True)
@@ -599,10 +599,12 @@ class SupervisorScenario:
         q.enqueue({"task_id": "B", "command": ["true"]}, now=now)
         assert q.claim("worker-busy", now=now + 0.4)
         dead = new_spec("worker-dead", "dead", now, pid=dead_pid())
-        dead.update(state="busy", current_task_id="R", task_started_at=clock.iso(now + 0.3))
+        dead.update({"state": "busy", "current_task_id": "R",
+                     "task_started_at": clock.iso(now + 0.3)})
         busy = new_spec("worker-busy", "busy", now)
-        busy.update(state="busy", current_task_id="B", task_started_at=clock.iso(now + 0.4),
-                    heartbeat_at=clock.iso(now + 0.5), progress=7)
+        busy.update({"state": "busy", "current_task_id": "B",
+                     "task_started_at": clock.iso(now + 0.4),
+                     "heartbeat_at": clock.iso(now + 0.5), "progress": 7})
         for spec in (dead, busy):
             assert write_spec(h, spec, create=True)
         self.sup = Supervisor(h)

@@ -107,16 +107,18 @@ def _liveness_home(tmp_path: Path) -> tuple[Home, float, dict[str, str]]:
         assert present(q.claim(wid, now=now - 20))["task_id"] == tid
         ids[wid] = tid
         spec = new_spec(wid, wid, now - 20)
-        spec.update(state="busy", current_task_id=tid, task_started_at=clock.iso(now - 20),
-                    heartbeat_at=clock.iso(now - 2), progress=1)
+        spec.update({"state": "busy", "current_task_id": tid,
+                     "task_started_at": clock.iso(now - 20), "heartbeat_at": clock.iso(now - 2),
+                     "progress": 1})
         if wid == "w-gone":
             spec["pid"] = dead_pid()
         elif wid == "w-reused":
+            assert spec["process_start_time"] is not None
             spec["process_start_time"] -= 100
         elif wid == "w-frozen":
             spec["heartbeat_at"] = clock.iso(now - 90)
         elif wid == "w-remote":
-            spec.update(hostname="elsewhere.invalid", pid=1)
+            spec.update({"hostname": "elsewhere.invalid", "pid": 1})
         write_spec(home, spec, create=True)
     return home, now, ids
 

@@ -94,7 +94,8 @@ def test_decide_scale_never_exceeds_cap_or_drops_below_floor() -> None:
 def live_spec(home: Home, instance: str, state: str = "idle", **extra: Any) -> dict[str, Any]:
     """A spec that liveness accepts: this test process, fresh heartbeat."""
     now = clock.now()
-    spec = new_spec(clock.new_worker_id(instance, now), instance, now)
+    # Tests write arbitrary fields here: a plain dict, not the typed spec.
+    spec: dict[str, Any] = dict(new_spec(clock.new_worker_id(instance, now), instance, now))
     spec.update(state=state, **extra)
     write_spec(home, spec, create=True)
     return spec

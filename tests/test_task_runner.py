@@ -25,7 +25,7 @@ from coordination.config_keys import DEFAULT_WORKER_TYPES
 from coordination.errors import ConfigError
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.specs import read_specs
+from coordination.specs import WorkerSpec, read_specs
 from coordination.store import replace_json
 from daemons.notify import Notifier
 from daemons.process_groups import group_alive
@@ -433,7 +433,7 @@ def test_heartbeat_refreshes_spec_while_busy(home: Home, make_worker: Callable[.
                                          "echo tick; sleep 0.1; done"]})
     d = make_worker()
 
-    def spec() -> dict[str, Any]:
+    def spec() -> WorkerSpec | dict[str, Any]:
         found = [s.spec for s in read_specs(home) if s.spec]
         return found[0] if found else {}
 
@@ -458,7 +458,7 @@ def test_progress_of_a_silent_task(home: Home, make_worker: Callable[..., Driver
                       "worker_type": "quiet"}).task
     d = make_worker()
 
-    def spec() -> dict[str, Any]:
+    def spec() -> WorkerSpec | dict[str, Any]:
         found = [s.spec for s in read_specs(home) if s.spec]
         return found[0] if found else {}
 

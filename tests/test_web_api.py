@@ -24,7 +24,7 @@ from coordination.errors import ConfigError, UsageError
 from coordination.events import emit
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.specs import new_spec, write_spec
+from coordination.specs import WorkerSpec, new_spec, write_spec
 from daemons.reporting.status import collect_status
 from daemons.web import auth, server
 from daemons.web.app import CSP, create_app, host_name
@@ -55,9 +55,9 @@ def dead_letter(home: Home, **fields: Any) -> str:
 
 
 def active_worker(home: Home, worker_id: str = "worker-7-20250101T000000000-abcd",
-                  instance: str = "7") -> dict[str, Any]:
+                  instance: str = "7") -> WorkerSpec:
     spec = new_spec(worker_id, instance, __import__("time").time())
-    spec.update(state="idle")
+    spec.update({"state": "idle"})
     write_spec(home, spec, create=True)
     return spec
 

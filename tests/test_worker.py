@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import (
@@ -29,7 +28,7 @@ from helpers import (
 
 from coordination.paths import Home
 from coordination.queue import TaskQueue
-from coordination.specs import read_specs
+from coordination.specs import WorkerSpec, read_specs
 
 
 def harness_argv() -> list[str]:
@@ -109,14 +108,14 @@ def cli(home: Home, *args: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def completed_spec(home: Home, pid: int) -> dict[str, Any]:
+def completed_spec(home: Home, pid: int) -> WorkerSpec:
     for s in read_specs(home, completed=True):
         if s.spec and s.spec.get("pid") == pid:
             return s.spec
     raise AssertionError(f"no completed spec for pid {pid}")
 
 
-def active_spec(home: Home, pid: int) -> dict[str, Any] | None:
+def active_spec(home: Home, pid: int) -> WorkerSpec | None:
     for s in read_specs(home):
         if s.spec and s.spec.get("pid") == pid:
             return s.spec
@@ -311,7 +310,8 @@ def test_idle_worker_picks_up_new_task_quickly(home: Home, procs: ProcGroup) -> 
     """Sanity only (the figures are in daemons/devtools/worker_bench.py): an idle worker, woken by
     inotify rather than its 30 s safety re-check, runs a new task within a few seconds."""
     worker = start_worker(procs, home)
-    wait_until(lambda: (active_spec(home, worker.pid) or {}).get("state") == "idle", 10, "idle")
+    wait_until(lambda: (active_spec(home, worker.pid) or {"state": None})["state"] == "idle",
+               10, "idle")
     time.sleep(0.2)
     q = TaskQueue(home)
     t0 = time.monotonic()
@@ -441,7 +441,8 @@ def test_idle_worker_sleeps_without_polling(home: Home, procs: ProcGroup) -> Non
     import psutil
 
     worker = start_worker(procs, home)
-    wait_until(lambda: (active_spec(home, worker.pid) or {}).get("state") == "idle", 10, "idle")
+    wait_until(lambda: (active_spec(home, worker.pid) or {"state": None})["state"] == "idle",
+               10, "idle")
     proc = psutil.Process(worker.pid)
     time.sleep(0.3)
     before = proc.cpu_times()

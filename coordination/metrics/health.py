@@ -13,7 +13,7 @@ supervisor publishes (docs/observability.md, docs/supervisor.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import clock
@@ -34,7 +34,7 @@ WORKER_STATES = ("starting", "idle", "busy", "draining", "stopping")
 STALL_STATES = ("busy", "draining", "stopping")
 
 
-def stall_reason(spec: dict[str, Any], now: float, heartbeat_timeout_s: float | None,
+def stall_reason(spec: Mapping[str, Any], now: float, heartbeat_timeout_s: float | None,
                  stall_timeout_s: float, *, unchanged_since: float | None = None
                  ) -> str | None:
     """Why a worker counts as stalled, or None: the one stall rule, shared by status,

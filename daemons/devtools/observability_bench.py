@@ -58,12 +58,13 @@ def make_large_home(root: Path, *, history: int = 10_000, events: int = 200_000,
     for i in range(workers):
         worker_id = f"worker-bench-{i:03d}"
         spec = new_spec(worker_id, f"{i}", ts - 7200, pid=1)
-        spec.update(hostname="bench-host", heartbeat_at=clock.iso(ts - rng.uniform(0, 10)))
+        spec.update({"hostname": "bench-host", "heartbeat_at": clock.iso(ts - rng.uniform(0, 10))})
         if i < len(running):
-            spec.update(state="busy", current_task_id=running[i]["task_id"],
-                        task_started_at=running[i]["started_at"], progress=rng.randint(1, 99))
+            spec.update({"state": "busy", "current_task_id": running[i]["task_id"],
+                         "task_started_at": running[i]["started_at"],
+                         "progress": rng.randint(1, 99)})
         else:
-            spec.update(state="idle")
+            spec.update({"state": "idle"})
         replace_json(home.specs_active / f"{worker_id}.json", spec, "none", pretty=True)
     template = dict(running[0] if running else queue.live_tasks()[0])
     lines = []

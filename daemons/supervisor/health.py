@@ -26,7 +26,7 @@ from coordination.control import update_control
 from coordination.errors import HarnessError
 from coordination.locks import lock_for
 from coordination.metrics import STALL_STATES, health_document, stall_reason
-from coordination.specs import complete_spec
+from coordination.specs import WorkerSpec, complete_spec
 from coordination.store import replace_json
 
 from .reclaim import fence_worker, reclaim_task
@@ -40,7 +40,7 @@ class HealthChecks(SupervisorState):
     """The supervisor's part that judges: stalls, backpressure, circuits, health."""
 
     def _stalls(self, now: float, cfg: Mapping[str, Any],
-                specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                specs: list[WorkerSpec]) -> list[dict[str, Any]]:
         """Busy workers whose ``progress`` is unchanged for ``worker_stall_timeout_s``.
 
         On this host the worker and its task groups are SIGKILLed and the task reclaimed

@@ -17,6 +17,7 @@ from typing import Any
 from coordination import clock
 from coordination.control import update_control
 from coordination.errors import HarnessError
+from coordination.specs import WorkerSpec
 
 from .state import SupervisorState, _emit, _ts
 
@@ -94,7 +95,7 @@ def _free_instances(count: int, used: Iterable[str]) -> list[str]:
 class Scaling(SupervisorState):
     """The supervisor's part that sizes the fleet (:func:`decide_scale`, the actuator)."""
 
-    def _workers(self, specs: list[dict[str, Any]], control: dict[str, Any]) -> list[WorkerView]:
+    def _workers(self, specs: list[WorkerSpec], control: dict[str, Any]) -> list[WorkerView]:
         managed = self.actuator.instances() if self.actuator is not None else {}
         drain = control.get("drain") or {}
         drain_all = drain.get("all")
@@ -118,7 +119,7 @@ class Scaling(SupervisorState):
                                     else "stopping", True))
         return views
 
-    def _autoscale(self, now: float, cfg: Mapping[str, Any], specs: list[dict[str, Any]],
+    def _autoscale(self, now: float, cfg: Mapping[str, Any], specs: list[WorkerSpec],
                    runnable: int, control: dict[str, Any],
                    report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         try:

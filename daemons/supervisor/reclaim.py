@@ -29,6 +29,7 @@ from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.queue.rules import lease_token
 from coordination.specs import (
+    WorkerSpec,
     complete_spec,
     is_completed,
     liveness,
@@ -138,7 +139,7 @@ def reclaim_task(home: Home, queue: QueueBackend, task: Task, proof: str,
 
 def reclaim_pass(home: Home, now: float, *, queue: QueueBackend | None = None,
                  dry_run: bool = False, heartbeat_timeout_s: float | None = None,
-                 specs: list[dict[str, Any]] | None = None,
+                 specs: list[WorkerSpec] | None = None,
                  kill_orphans: bool = True, host: str | None = None) -> dict[str, Any]:
     """One orphan-reclaim pass (what ``harness supervisor reclaim`` runs).
 

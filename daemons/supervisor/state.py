@@ -22,6 +22,7 @@ from coordination.events import emit
 from coordination.metrics import AttemptWindow
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
+from coordination.specs import WorkerSpec
 from coordination.store import Durability, read_json, replace_json
 
 from .actuators import Actuator
@@ -97,7 +98,7 @@ class SupervisorState:
         self.history = AttemptWindow(self.queue)
         self.health_written_at: float | None = None
         self._health_doc: dict[str, Any] | None = None
-        self.specs: list[dict[str, Any]] = []
+        self.specs: list[WorkerSpec] = []
         self.passes = 0
         self._errors: dict[str, tuple[str, float]] = {}
 

@@ -26,7 +26,7 @@ from coordination import clock
 from coordination.config import load_system, load_worker_types
 from coordination.control import pause_type, request_drain, resume_type
 from coordination.errors import NotFound, UsageError
-from coordination.events import recent_events
+from coordination.events import Event, recent_events
 from coordination.jsonl import tail_lines
 from coordination.metrics import observe, recent_snapshots, snapshot_from, worker_rows
 from coordination.paths import Home
@@ -214,7 +214,7 @@ class Fleet:
         out: list[dict[str, Any]] = redact(self.queue.dead_letters())
         return out
 
-    def events(self, *, since: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def events(self, *, since: str | None = None, limit: int = 100) -> list[Event]:
         """The newest ``limit`` events (oldest first); ``since``: a timestamp, or ``-SECONDS``
         for that long ago (as ``harness events tail --since``)."""
         if not 1 <= limit <= 5000:

@@ -34,7 +34,7 @@ import os
 import signal
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from coordination import clock
 from coordination.config import keep_last_good
@@ -48,7 +48,7 @@ from coordination.errors import (
 )
 from coordination.paths import Home
 from coordination.queue.rules import lease_token
-from coordination.specs import complete_spec, new_spec, write_spec
+from coordination.specs import WorkerSpec, complete_spec, new_spec, write_spec
 
 from ..notify import Notifier
 from ..process_groups import become_subreaper
@@ -65,7 +65,7 @@ EXIT_CODES = {"error": 1}  # every other exit_reason is a clean exit (0)
 class Worker(TaskLaunch, OutcomeRecording):
     """One worker lifetime: register, claim/run/record until an exit reason, deregister."""
 
-    def start(self, now: float) -> dict[str, Any]:
+    def start(self, now: float) -> WorkerSpec:
         """Register: publish our spec in worker-specs/active/, then READY=1."""
         self._refresh_config(now)
         known = self._types
@@ -78,7 +78,9 @@ class Worker(TaskLaunch, OutcomeRecording):
         spec = new_spec(self.worker_id, self.opts.instance, now, types=self.opts.types,
                         unit=self.opts.unit)
         spec["state"] = "idle"
-        self.spec = spec
+        # The worker keeps and updates its spec as a plain dict (WorkerState.spec, {} until
+        # now): the one place the typed spec is handed over to it.
+        self.spec = cast(dict[str, Any], spec)
         self.started_iso = spec["started_at"]
         write_spec(self.home, spec, create=True)
         self.published_state = spec["state"]

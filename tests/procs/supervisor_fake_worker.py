@@ -37,9 +37,9 @@ def main() -> None:
             child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=env)
             task_id, task_pid = task["task_id"], str(child.pid)
-            spec.update(state="busy", current_task_id=task_id,
-                        task_started_at=clock.iso(clock.now()), progress=0,
-                        heartbeat_at=clock.iso(clock.now()))
+            spec.update({"state": "busy", "current_task_id": task_id,
+                         "task_started_at": clock.iso(clock.now()), "progress": 0,
+                         "heartbeat_at": clock.iso(clock.now())})
             write_spec(home, spec)
     print(f"ready {worker_id} {task_id} {task_pid}", flush=True)
     while True:
