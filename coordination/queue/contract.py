@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, overload, runtime_checkable
 
 from ..errors import HarnessError
@@ -99,6 +100,10 @@ class QueueBackend(Protocol):
         """Admit this host's pending inbox requests; returns how many were added. Cheap
         when the inbox is empty (no lock is taken). ``timeout`` bounds the wait for the
         queue (0: only if free at once; LockTimeout otherwise)."""
+    @property
+    def view_file(self) -> Path:
+        """The jq view this backend keeps (docs/coordination.md, task-queue.json)."""
+
     def ensure_published(self, *, now: float | None = None) -> bool:
         """Make the operator-facing view exist (an empty queue in a new home); True when it
         was written. Never replaces one."""

@@ -12,6 +12,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, overload
 
 from .. import clock
@@ -270,6 +271,11 @@ class Operations:
     :meth:`on_change` (for :meth:`wait`)."""
 
     home: Home
+
+    @property
+    def view_file(self) -> Path:
+        """The jq view every backend keeps in the home (docs/coordination.md)."""
+        return self.home.queue_file
 
     # -- what a backend provides -----------------------------------------------------
     def _transaction(self, now: float | None, body: Callable[[Any], Any], *,

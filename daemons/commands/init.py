@@ -42,7 +42,7 @@ def _group_id(name: str | None) -> int | None:
 def init(obj: CliContext, force: bool, group: str | None, backend: str | None,
          database_url: str | None, as_json: bool) -> None:
     """Create the home: directories, lock files, commented default config, an empty
-    coordination/dashboard-events.jsonl and (through the queue) task-queue.json.
+    coordination/dashboard-events.jsonl and (through the queue) its jq view.
 
     Idempotent: existing config files are kept unless --force (a worker-types.json with
     the legacy top-level key `types` is rewritten with it renamed `worker_types`); the
@@ -73,8 +73,9 @@ def init(obj: CliContext, force: bool, group: str | None, backend: str | None,
     if create_events_file(home):
         written.append(str(home.events_file))
     # The queue backend publishes its own (empty) state: init never writes its file.
-    if obj.queue().ensure_published():
-        written.append(str(home.queue_file))
+    queue = obj.queue()
+    if queue.ensure_published():
+        written.append(str(queue.view_file))
     if as_json:
         print_json({"home": str(home.root), "written": written})
     else:

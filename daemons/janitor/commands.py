@@ -35,8 +35,9 @@ def _show(summary: dict[str, Any], as_json: bool) -> None:
 @pass_ctx
 def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: bool) -> None:
     """One janitor run: recover an interrupted rotation, prune past retention, rotate
-    dashboard-events.jsonl, metrics-snapshots.jsonl and task-history.jsonl when over their
-    limits, repair torn last lines; then emit one janitor_run event.
+    dashboard-events.jsonl and metrics-snapshots.jsonl when over their limits, apply the
+    queue's history retention (through the queue port), repair torn last lines; then emit
+    one janitor_run event.
 
     \b
     Exit 0 when every step succeeded; 1 when one failed (e.g. disk full: every file is

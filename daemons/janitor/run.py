@@ -17,8 +17,8 @@ on a full disk can still free it):
    (streamed: memory stays bounded whatever the file size; the protocol is
    :mod:`coordination.rotation`).
 4. **Queue retention** through the port, ``QueueBackend.apply_retention``: the file
-   backend rotates ``task-history.jsonl`` the same way (recovery, generations, rotation);
-   the postgres backend deletes old history and shared event rows in the database.
+   backend rotates its history file the same way (recovery, generations, rotation); the
+   postgres backend deletes old history and shared event rows in the database.
 5. **Clean-up** of the janitor's stale temp files (``.NAME.tmp-janitor-*``), except those
    an interrupted rotation still needs.
 6. **Report**: one ``janitor_run`` event, once all of the above is durable.
