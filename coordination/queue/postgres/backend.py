@@ -31,7 +31,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import select
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -70,16 +69,13 @@ from ..contract import QueueFinding, RetentionReport
 from ..file.snapshot import parse as parse_view
 from ..file.snapshot import publish_temp, render, write_temp
 from .connect import connect, database_url
+from .listen import listen
 from .schema import require_current
-from .shared import apply_retention, parse_control, record_events
+from .shared import CHANNEL, apply_retention, parse_control, record_events
 from .txn import _LIVE, _Txn
 from .view import ViewKeeper
 
-CHANNEL = "harness_queue"
 FILE_MODE = 0o600
-#: A listener whose server went away reconnects after this long, doubling up to the max.
-LISTEN_RETRY_MIN_S = 0.1
-LISTEN_RETRY_MAX_S = 2.0
 #: A transaction that lost a race is re-run this many times before the error is raised.
 RETRIES = 20
 _RACES = (pgerrors.UniqueViolation, pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
@@ -555,43 +551,7 @@ class PostgresQueue(ops.Operations):
         again once listening."""
         from ..file.watch import watch_queue
 
-        first: psycopg.Connection[Any] | None = self._listening()
-        wake_r, wake_w = os.pipe()
-
-        def listen() -> None:
-            conn, delay = first, LISTEN_RETRY_MIN_S
-            try:
-                while True:
-                    if conn is None:
-                        # The server went away: reconnect with a bounded backoff, still
-                        # stoppable at once; a notification may have been missed, so the
-                        # waiter is woken once connected again.
-                        if select.select([wake_r], [], [], delay)[0]:
-                            return
-                        try:
-                            conn = self._listening()
-                        except (HarnessError, psycopg.Error):
-                            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
-                            continue
-                        delay = LISTEN_RETRY_MIN_S
-                        callback()
-                    ready, _, _ = select.select([conn.fileno(), wake_r], [], [])
-                    if wake_r in ready:
-                        return
-                    try:
-                        if any(True for _ in conn.notifies(timeout=0)):
-                            callback()
-                    except psycopg.Error:
-                        conn.close()
-                        conn = None
-                        callback()  # wake the waiter to find out
-            finally:
-                if conn is not None:
-                    conn.close()
-                os.close(wake_r)
-
-        thread = threading.Thread(target=listen, name="harness-queue-listen", daemon=True)
-        thread.start()
+        stop_listening = listen(self.url, callback)
         stop_inbox = watch_queue(self.home, callback)
 
         def unsubscribe() -> None:
@@ -599,17 +559,9 @@ class PostgresQueue(ops.Operations):
                 return
             self._listeners.remove(unsubscribe)
             stop_inbox()
-            os.write(wake_w, b"x")
-            os.close(wake_w)
-            thread.join(timeout=5)
+            stop_listening()
         self._listeners.append(unsubscribe)
         return unsubscribe
-
-    def _listening(self) -> psycopg.Connection[Any]:
-        """A new connection that LISTENs on :data:`CHANNEL`."""
-        conn = connect(self.url, autocommit=True)
-        conn.execute(f"LISTEN {CHANNEL}")
-        return conn
 
     # ================================================================== check
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
