@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +53,16 @@ def open_codes(report: doctor.Report) -> list[str]:
 
 def crash_during(monkeypatch: pytest.MonkeyPatch, target: Any, name: str,
                  action: Callable[[], Any]) -> None:
-    """Run ``action`` with ``target.name`` raising SimulatedCrash; restore it afterwards."""
+    """Run ``action`` with ``target.name`` raising SimulatedCrash in this thread; restore
+    it afterwards. Other threads (the queue's view timer, which also appends to the
+    journal) call the original: the crash under test is the action's, and a background
+    thread dying of it would only be a pytest thread-exception warning."""
+    original = getattr(target, name)
+    crashing = threading.get_ident()
+
     def boom(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != crashing:
+            return original(*args, **kwargs)
         raise SimulatedCrash(name)
 
     with monkeypatch.context() as m:
