@@ -30,7 +30,7 @@ from coordination.store import replace_json
 from daemons.notify import Notifier
 from daemons.process_groups import group_alive
 from daemons.wakeup import Wakeup
-from daemons.worker.loop import Worker
+from daemons.worker.loop import Worker, wait_after_step
 from daemons.worker.options import WorkerOptions
 from daemons.worker.scopes import (
     Scope,
@@ -92,7 +92,7 @@ class Driver:
                 if value:
                     return value
                 raise AssertionError(f"worker exited ({self.worker.exit_reason}) before {what}")
-            self.wakeup.wait(min(delay, 0.1))
+            wait_after_step(self.worker, self.wakeup, min(delay, 0.1))
 
     def run_to_exit(self, timeout: float = 15.0) -> str:
         """Step until the worker exits, then shut it down; returns the exit reason."""
@@ -104,7 +104,7 @@ class Driver:
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"worker still running after {timeout}s")
-            self.wakeup.wait(min(delay, 0.1))
+            wait_after_step(self.worker, self.wakeup, min(delay, 0.1))
         self.worker.shutdown(time.time())
         assert self.worker.exit_reason is not None
         return self.worker.exit_reason
@@ -118,7 +118,7 @@ def make_worker(home: Home) -> Iterator[Callable[..., Driver]]:
              **opts: Any) -> Driver:
         wakeup = Wakeup(home if inotify else None).start(signals=False)
         env = dict(os.environ) if environ is None else environ
-        worker = Worker(home, WorkerOptions(**opts), wake=wakeup.set, environ=env,
+        worker = Worker(home, WorkerOptions(**opts), environ=env,
                         notifier=Notifier({}))
         worker.start(time.time())
         made.append((worker, wakeup))
@@ -526,7 +526,6 @@ def test_notifier_messages(home: Home) -> None:
     q.enqueue({"command": ["sleep", "0.2"]})
     worker = Worker(home, WorkerOptions(once=True), notifier=notifier)
     wakeup = Wakeup(None).start(signals=False)
-    worker.wake = wakeup.set
     try:
         worker.start(time.time())
         d = Driver(worker, wakeup)

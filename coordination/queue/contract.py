@@ -16,7 +16,7 @@ extends; a worker that lost its task cannot commit (complete / fail / release ch
 owner and token under the backend's own lock or row lock), and a task whose lease expired
 is reclaimed by the supervisor of any host (``expired_leases``, ``reclaim``); the
 history cursor is an opaque string (a file offset here, a sequence number in a database);
-``wait`` / ``on_change`` are what inotify or LISTEN/NOTIFY provide.
+``wait`` / ``on_change`` / ``changes`` are what inotify or LISTEN/NOTIFY provide.
 """
 
 from __future__ import annotations
@@ -74,6 +74,17 @@ class RetentionReport:
 
     summary: dict[str, Any] = field(default_factory=dict)
     errors: list[HarnessError] = field(default_factory=list)
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A descriptor a loop selects on with its own (signals, a task's pipe): readable when
+    the queue may have changed. :meth:`drain` consumes what is pending, without blocking,
+    and says whether any of it was a change; :meth:`close` releases it. One reader."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> bool: ...
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -217,6 +228,9 @@ class QueueBackend(Protocol):
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from another thread) whenever the queue may have changed;
         returns the function that stops it."""
+    def changes(self) -> ChangeFeed:
+        """A :class:`ChangeFeed` of this queue, for a loop that waits on several
+        descriptors at once (inotify itself for the file backend: no thread of ours)."""
     def check(self, *, repair: bool = False, now: float | None = None) -> list[QueueFinding]:
         """The queue's own invariants (doctor's queue part); with ``repair`` fix what can
         be fixed without losing data and mark those findings repaired."""

@@ -8,6 +8,8 @@ transaction object offers what :class:`OpsTxn` names.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +26,7 @@ from ..paths import Home
 from ..tasks import HistoryRecord, Task, check_priority, new_task, stored_task
 from . import admission, rules
 from .admission import AdmitTxn
-from .contract import EnqueueResult
+from .contract import ChangeFeed, EnqueueResult
 
 #: The ``source`` of every event the queue emits.
 SOURCE = "queue"
@@ -262,6 +264,39 @@ def reclaim(txn: OpsTxn, task_id: str, *, reason: str, worker_id: str | None,
                 retry=True, result=None, outcome="reclaimed", lease=lease, cfg=cfg)
 
 
+class CallbackFeed:
+    """A :class:`~.contract.ChangeFeed` fed by an ``on_change`` callback: each call writes
+    a byte to a pipe whose read end is the descriptor."""
+
+    def __init__(self, on_change: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self._stop = on_change(self._poke)
+        except BaseException:
+            os.close(self._r)
+            os.close(self._w)
+            raise
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: already readable
+            os.write(self._w, b"x")
+
+    def fileno(self) -> int:
+        return self._r
+
+    def drain(self) -> bool:
+        seen = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 4096):
+                seen = True
+        return seen
+
+    def close(self) -> None:
+        self._stop()
+        os.close(self._r)
+        os.close(self._w)
+
+
 class Operations:
     """The port's producer, worker and operator methods, written once over the backend's
     transaction. A backend provides :meth:`_transaction` (run ``body(txn)`` in one
@@ -452,6 +487,11 @@ class Operations:
     # -- wake-ups --------------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         raise NotImplementedError
+
+    def changes(self) -> ChangeFeed:
+        """A change feed over :meth:`on_change` (a backend with a descriptor of its own,
+        such as inotify, returns that instead)."""
+        return CallbackFeed(self.on_change)
 
     def wait(self, timeout: float | None) -> bool:
         """Block until the queue may have changed, or ``timeout``; True when woken."""

@@ -118,7 +118,7 @@ class TaskLaunch(WorkerState):
             limits=dict(wtype.get("limits") or {}),
             header=header_line(task, self.worker_id, redact_argv(argv), now), scope=scope,
             sweep_descendants=self.subreaper)
-        run = TaskRun(spec, wake=self.wake)
+        run = TaskRun(spec)
         try:
             if refused is not None:
                 raise refused

@@ -8,10 +8,11 @@ Structure
   checks) and returns how long the loop may sleep (``None``: exit now). Tests drive it
   directly without sleeping.
 - :func:`run_worker` is the loop around it: it only waits on a :class:`~daemons.wakeup.Wakeup`
-  (inotify on the home, signals, task EOF/exit) with the timeout ``step`` returned, and turns
-  signals into flags. An idle worker therefore sleeps in the kernel until a task arrives,
-  ``safety_recheck_s`` passes, a queued task's ``not_before`` comes due, or a heartbeat or
-  systemd watchdog ping is due.
+  (inotify on the home, the queue's change feed, signals, the running task's output pipe
+  and pidfd: :func:`wait_after_step`) with the timeout ``step`` returned, and turns
+  signals into flags. The worker has no thread of its own. An idle worker therefore sleeps
+  in the kernel until a task arrives, ``safety_recheck_s`` passes, a queued task's
+  ``not_before`` comes due, or a heartbeat or systemd watchdog ping is due.
 
 Ordering: each event is emitted after the state it reports is durable (queue committed).
 The worker's spec moves to ``worker-specs/completed/`` with ``exit_reason`` on every exit
@@ -347,6 +348,20 @@ class Worker(TaskLaunch, OutcomeRecording):
                        task=self.task)
 
 
+def wait_after_step(worker: Worker, wakeup: Wakeup, delay: float) -> bool:
+    """The loop's wait after a step (at most ``delay`` s); True when woken. Busy, the
+    task's exit or EOF, signals and the step's own timers wake us, and the task's output is
+    copied to its log inside the wait; other workers' commits need not wake us (cancel and
+    loss are checked on a timer). Idle, queue changes do."""
+    run = worker.run
+    if run is None:
+        wakeup.watch_io(None, ())
+    else:
+        wakeup.watch_io(run, run.wait_fds(), run.on_ready)
+    wakeup.want_queue(run is None)
+    return wakeup.wait(delay)
+
+
 def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None] | None = None) \
         -> int:
     """Run a worker until it exits; returns the process exit status (0 unless error).
@@ -360,7 +375,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
     subreaper = become_subreaper()
     notifier = Notifier()
     wakeup = Wakeup(home)
-    worker = Worker(home, options, notifier=notifier, wake=wakeup.set)
+    worker = Worker(home, options, notifier=notifier)
     worker.subreaper = subreaper
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -394,10 +409,7 @@ def run_worker(home: Home, options: WorkerOptions, *, out: Callable[[str], None]
             delay = worker.step(clock.now())
             if delay is None:
                 break
-            # Busy: the task's exit, signals and the step's own timers wake us; other
-            # workers' commits need not (cancel and loss are checked on a timer).
-            wakeup.want_queue(worker.run is None)
-            wakeup.wait(delay)
+            wait_after_step(worker, wakeup, delay)
     except UsageError:
         raise
     except BaseException as exc:  # recorded as exit_reason error; re-raised unless Exception

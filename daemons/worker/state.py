@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +74,11 @@ class WorkerState:
     """The state of one worker lifetime and the helpers its parts share."""
 
     def __init__(self, home: Home, options: WorkerOptions, *, notifier: Notifier | None = None,
-                 wake: Callable[[], None] | None = None,
                  environ: dict[str, str] | None = None) -> None:
         self.home = home.require()
         self.opts = options
         self._queue: QueueBackend | None = None
         self.notifier = notifier or Notifier({})
-        self.wake = wake or (lambda: None)
         self.environ = dict(os.environ if environ is None else environ)
         self.worker_id: str = ""
         self.spec: dict[str, Any] = {}

@@ -6,14 +6,15 @@ A :class:`TaskRun` is driven by its worker's loop and never blocks it:
   controlling terminal), stdin from /dev/null, stdout and stderr into one pipe, the
   environment built by :func:`build_env` from an allowlist only, and the worker type's
   resource limits applied in the child before exec (:func:`limits_preexec`).
-- A reader thread copies the pipe into ``logs/tasks/<task_id>.log`` (append, one header
-  line per attempt) until the file reaches ``task_log_max_bytes``; the rest of the output is
-  read and counted but dropped, and one marker line ``[harness: output truncated at N
-  bytes]`` is appended. The same thread polls a pidfd of the leader and pokes ``wake``
-  when it exits (the loop then reaps it), and again at EOF; it never touches coordination
-  files. Without pidfd_open (Linux < 5.3) a second thread waits for the leader instead.
-  One thread per attempt, no preexec_fn unless the type sets limits: subprocess then
-  spawns with vfork, the cheap path.
+- No thread: the worker's loop waits on the output pipe and a pidfd of the leader
+  (:meth:`TaskRun.wait_fds`, handled by :meth:`TaskRun.on_ready` inside the wait) next to
+  its other descriptors. :meth:`TaskRun.pump` copies what the pipe holds into
+  ``logs/tasks/<task_id>.log`` (append, one header line per attempt) until the file reaches
+  ``task_log_max_bytes``; the rest of the output is read and counted but dropped, and one
+  marker line ``[harness: output truncated at N bytes]`` is appended. Output alone never
+  costs a whole loop step; the leader's exit and EOF do. Without pidfd_open (Linux < 5.3)
+  the loop re-checks the leader every ``NO_PIDFD_POLL_S``. No preexec_fn unless the type
+  sets limits: subprocess then spawns with vfork, the cheap path.
 - :meth:`TaskRun.terminate` sends SIGTERM to the whole group and SIGKILL ``kill_grace_s``
   later. With ``RunSpec.sweep_descendants`` (the worker, a child subreaper that runs one
   task at a time) both also go to every descendant of the worker, so children that left
@@ -37,10 +38,8 @@ import contextlib
 import logging
 import os
 import resource
-import select
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ log = logging.getLogger("harness.task")  # diagnostics (daemons/diagnostics.py)
 TRUNCATION_MARKER = "[harness: output truncated at {cap} bytes]"
 LINGER_AFTER_KILL_S = 2.0  # after SIGKILL, stop waiting for a group that will not go away
 EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
+NO_PIDFD_POLL_S = 0.05  # without pidfd_open, how often the loop re-checks the leader
+PUMP_READS = 16  # reads of 64 KiB per pump: a flood of output cannot starve the loop
 TAIL_BYTES = 512
 
 _LIMITS = {
@@ -178,9 +179,8 @@ class RunSpec:
 class TaskRun:
     """One running attempt. All methods are called from the worker's main thread."""
 
-    def __init__(self, spec: RunSpec, wake: Callable[[], None] | None = None) -> None:
+    def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        self._wake = wake or (lambda: None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.started_mono = 0.0
@@ -201,13 +201,12 @@ class TaskRun:
         self._killed_mono: float | None = None
         self._leader_done_mono: float | None = None
         self._group_gone_mono: float | None = None
-        self._reader: threading.Thread | None = None
-        self._waiter: threading.Thread | None = None
-        self._pidfd: int | None = None  # the reader thread also watches the leader's exit
-        self._reader_done = threading.Event()
-        self._stop_r: int | None = None
-        self._stop_w: int | None = None
-        self._lock = threading.Lock()
+        self._out_fd: int | None = None  # the output pipe, until EOF or abandoned
+        self._log_fd: int | None = None
+        self._room = 0  # bytes the log may still take
+        self._last_byte = b"\n"
+        self._pidfd: int | None = None  # readable once the leader exited
+        self._leader_exited = False  # the pidfd fired (reaping is poll's)
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,7 +232,7 @@ class TaskRun:
             size = os.fstat(log_fd).st_size
             self._start_process(log_fd, max(0, spec.log_max_bytes - size))
         except BaseException:
-            if self._reader is None:  # else the reader thread owns (and closes) log_fd
+            if self._log_fd is None:  # else the run owns (and closes) log_fd
                 os.close(log_fd)
             raise
 
@@ -254,7 +253,6 @@ class TaskRun:
                                  else 126) from None
             argv, env = scope_command(spec.scope, argv, env)
             self.scope_unit = spec.scope.unit
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.proc = subprocess.Popen(
@@ -277,98 +275,85 @@ class TaskRun:
             os.close(out_w)
         self.pid = self.proc.pid
         self.started_mono = time.monotonic()
-        # One thread per attempt: the output reader also polls a pidfd of the leader and
-        # wakes the loop when it exits (the loop reaps it). Without pidfd_open (Linux < 5.3)
-        # a second thread waits for the leader instead.
+        os.set_blocking(out_r, False)
+        self._out_fd, self._log_fd, self._room = out_r, log_fd, room
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
-            self._pidfd = None
-        self._reader = threading.Thread(target=self._read_output, args=(out_r, log_fd, room),
-                                        name=f"task-output-{spec.task_id}", daemon=True)
-        self._reader.start()
-        if self._pidfd is None:
-            self._waiter = threading.Thread(target=self._wait_leader,
-                                            name=f"task-wait-{spec.task_id}", daemon=True)
-            self._waiter.start()
+            self._pidfd = None  # Linux < 5.3: next_poll_in re-checks the leader
 
-    # -- threads ---------------------------------------------------------------------------
-    def _wait_leader(self) -> None:
-        assert self.proc is not None
-        self.proc.wait()
-        self._wake()
+    # -- waiting ---------------------------------------------------------------------------
+    def wait_fds(self) -> tuple[int, ...]:
+        """The descriptors the loop waits on for this attempt: the output pipe until EOF,
+        the pidfd until the leader exited."""
+        fds = []
+        if self._out_fd is not None:
+            fds.append(self._out_fd)
+        if self._pidfd is not None and not self._leader_exited:
+            fds.append(self._pidfd)
+        return tuple(fds)
 
-    def _read_output(self, fd: int, log_fd: int, room: int) -> None:
-        """Copy the pipe to the log until EOF (or :meth:`_abandon_reader`). Output past the
-        cap is read and counted but dropped; a failing log write (disk full) stops logging,
-        never reading, so the task cannot block on a full pipe."""
-        cap = self.spec.log_max_bytes
-        assert self._stop_r is not None
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        poller.register(self._stop_r, select.POLLIN)
-        pidfd = self._pidfd
-        if pidfd is not None:
-            poller.register(pidfd, select.POLLIN)
-        last_byte = b"\n"
-        eof = False
+    def on_ready(self, fd: int) -> bool:
+        """``fd`` (one of :meth:`wait_fds`) is readable; True when the loop should step:
+        the leader exited or the output reached EOF (mere output is copied here)."""
+        if fd == self._pidfd:
+            self._leader_exited = True
+            return True
+        if fd == self._out_fd:
+            return self.pump()
+        return True
+
+    def pump(self) -> bool:
+        """Copy what the pipe holds to the log without blocking; True at EOF. Output past
+        the cap is read and counted but dropped; a failing log write (disk full) stops
+        logging, never reading, so the task cannot block on a full pipe."""
+        fd = self._out_fd
+        if fd is None:
+            return True
+        for _ in range(PUMP_READS):
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                self._output_done()
+                return True
+            self._keep(data)
+        return False
+
+    def _keep(self, data: bytes) -> None:
+        self.output_bytes += len(data)
+        self.tail = (self.tail + data)[-TAIL_BYTES:]
+        log_fd = self._log_fd
+        if log_fd is None:
+            return
         try:
-            while True:
-                ready = dict(poller.poll())
-                if self._stop_r in ready:
-                    break
-                if pidfd is not None and pidfd in ready:
-                    poller.unregister(pidfd)
-                    pidfd = None
-                    self._wake()  # the leader exited; the loop reaps it
-                    if eof:
-                        break
-                if eof or fd not in ready:
-                    continue
-                try:
-                    data = os.read(fd, 65536)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    eof = True
-                    poller.unregister(fd)
-                    self._output_done(fd, log_fd)
-                    if pidfd is None:
-                        break
-                    continue  # the leader closed its output but lives on: watch it
-                with self._lock:
-                    self.output_bytes += len(data)
-                    self.tail = (self.tail + data)[-TAIL_BYTES:]
-                try:
-                    if room > 0:
-                        keep = data[:room]
-                        _write_all(log_fd, keep)
-                        room -= len(keep)
-                        self.logged_bytes += len(keep)
-                        last_byte = keep[-1:]
-                        data = data[len(keep):]
-                    if data and not self.truncated and self.log_error is None:
-                        self.truncated = True
-                        marker = TRUNCATION_MARKER.format(cap=cap).encode()
-                        _write_all(log_fd, (b"" if last_byte == b"\n" else b"\n")
-                                   + marker + b"\n")
-                except OSError as exc:
-                    self.log_error = f"{self.spec.log_path}: {exc.strerror or exc}"
-                    room = 0
-        finally:
-            if not eof:
-                self._output_done(fd, log_fd)
-            if self._pidfd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self._pidfd)
+            if self._room > 0:
+                keep = data[:self._room]
+                _write_all(log_fd, keep)
+                self._room -= len(keep)
+                self.logged_bytes += len(keep)
+                self._last_byte = keep[-1:]
+                data = data[len(keep):]
+            if data and not self.truncated and self.log_error is None:
+                self.truncated = True
+                marker = TRUNCATION_MARKER.format(cap=self.spec.log_max_bytes).encode()
+                _write_all(log_fd, (b"" if self._last_byte == b"\n" else b"\n")
+                           + marker + b"\n")
+        except OSError as exc:
+            self.log_error = f"{self.spec.log_path}: {exc.strerror or exc}"
+            self._room = 0
 
-    def _output_done(self, fd: int, log_fd: int) -> None:
-        os.close(fd)
-        os.close(log_fd)
-        self._reader_done.set()
-        self._wake()
+    def _output_done(self) -> None:
+        """EOF (or abandoned): close the pipe and the log."""
+        for name in ("_out_fd", "_log_fd"):
+            fd = getattr(self, name)
+            setattr(self, name, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     # -- control ---------------------------------------------------------------------------
     @property
@@ -425,6 +410,7 @@ class TaskRun:
             return True
         if self.proc is None or self.pid is None:
             return False
+        self.pump()
         now = time.monotonic()
         if self._kill_at is not None and now >= self._kill_at:
             self._sigkill(now)
@@ -453,11 +439,11 @@ class TaskRun:
                 else:
                     return False
             self._group_gone_mono = now
-        if not self._reader_done.is_set():
+        if self._out_fd is not None:
             if now - self._group_gone_mono < EOF_GRACE_S:
                 return False
-            self._abandon_reader()
-        self._finish_threads()
+            self._output_done()  # a descendant we cannot see keeps the pipe open
+        self._release()
         self.finished = True
         return True
 
@@ -474,6 +460,8 @@ class TaskRun:
             return None
         now = time.monotonic()
         waits = []
+        if self._pidfd is None and self._leader_done_mono is None:
+            waits.append(NO_PIDFD_POLL_S)
         if self._kill_at is not None and not self.killed:
             waits.append(max(0.0, self._kill_at - now))
         if self._leader_done_mono is not None:
@@ -483,23 +471,12 @@ class TaskRun:
                 waits.append(max(0.0, self._group_gone_mono + EOF_GRACE_S - now))
         return min(waits) if waits else None
 
-    def _abandon_reader(self) -> None:
-        if self._stop_w is not None:
+    def _release(self) -> None:
+        self._output_done()
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
             with contextlib.suppress(OSError):
-                os.write(self._stop_w, b"x")
-        if self._reader is not None:
-            self._reader.join(timeout=2)
-
-    def _finish_threads(self) -> None:
-        if self._reader is not None:
-            self._reader.join(timeout=2)
-        if self._waiter is not None:
-            self._waiter.join(timeout=2)
-        for fd in (self._stop_r, self._stop_w):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._stop_r = self._stop_w = None
+                os.close(pidfd)
 
     def duration_s(self) -> float:
         end = self.ended_mono if self.ended_mono is not None else time.monotonic()
@@ -510,15 +487,13 @@ class TaskRun:
         """The manager refused the attempt's scope, so systemd-run exited (status 1) without
         running the command: e.g. a scope bound to a worker unit whose stop job is already
         queued is a "destructive transaction". Not the task's failure."""
-        with self._lock:
-            tail = self.tail
+        tail = self.tail
         return self.scope_unit is not None and self.returncode == 1 \
             and tail.lstrip().startswith(SCOPE_REFUSED) and tail.count(b"\n") <= 1
 
     def tail_line(self, limit: int = 200) -> str:
         """The last non-empty output line (for last_error), at most ``limit`` characters."""
-        with self._lock:
-            tail = self.tail
+        tail = self.tail
         for line in reversed(tail.decode("utf-8", "replace").splitlines()):
             line = line.strip()
             if line and not line.startswith("[harness:"):
@@ -543,8 +518,7 @@ class TaskRun:
         while not self.poll() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self.finished:
-            self._abandon_reader()
-            self._finish_threads()
+            self._release()
             self.finished = True
 
 

@@ -37,10 +37,12 @@ from ...store import (
     replace_json,
 )
 from ...tasks import PRIORITIES, HistoryRecord, Task, stored_record, stored_task
+from ..contract import ChangeFeed
 from .journal import Journal
 from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
 from .state import LiveState
 from .txn import Txn, unlink_quietly
+from .watch import QueueChanges, watch_queue
 
 LOCK_RETRY_MIN_S = 0.0002
 LOCK_RETRY_MAX_S = 0.001
@@ -519,7 +521,6 @@ class QueueCore:
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         """inotify on the journal (every commit writes it), the inbox (a new request) and
         task-queue.json (a hand edit); see :mod:`.watch`."""
-        from .watch import watch_queue
         stop = watch_queue(self.home, callback)
 
         def unsubscribe() -> None:
@@ -528,6 +529,11 @@ class QueueCore:
                 self._watchers.remove(unsubscribe)
         self._watchers.append(unsubscribe)
         return unsubscribe
+
+    def changes(self) -> ChangeFeed:
+        """inotify on the journal, the inbox and task-queue.json, as one descriptor (see
+        :mod:`.watch`): the caller selects on it, no thread of ours."""
+        return QueueChanges(self.home)
 
     def wait(self, timeout: float | None) -> bool:
         """Block until the queue changes after this call, or ``timeout``; True when woken.

@@ -1,120 +1,134 @@
-"""Wake-ups of the file backend: inotify through watchdog.
+"""Wake-ups of the file backend: inotify, read by whoever waits, with no thread of ours.
 
 What means "the queue may have changed": a write to ``task-queue.journal`` (every commit
-is one; IN_MODIFY), a request published in ``inbox/`` (IN_MOVED_TO / IN_CREATE of a
-``*.json``), and ``task-queue.json`` replaced (a hand edit; our own snapshots wake a
-watcher at most twice a second under load). Temp files, lock files and every other file
-are ignored, so appends to the event log do not wake anybody.
+is one; IN_MODIFY of that inode), a request published in ``inbox/`` (IN_MOVED_TO /
+IN_CREATE of a ``*.json``), and ``task-queue.json`` replaced (a hand edit; our own
+snapshots wake a watcher at most twice a second under load). Temp files, lock files and
+every other file are ignored, so appends to the event log and the history file wake
+nobody.
+
+Why inotify_simple and not watchdog here: the kernel's masks must be exactly these.
+watchdog (7.x) watches a *file* through its folder, so a watch of the journal for
+IN_MODIFY delivered every append to the event log and the history file beside it, several
+per task, and its observer, emitter and dispatcher threads each took the GIL for every one
+of them, in every process that follows the queue (about a millisecond per task on two
+cores). :class:`QueueChanges` is one descriptor a loop can select on next to its other
+descriptors; :func:`watch_queue` runs one small thread around it for callers that want a
+callback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import selectors
+import threading
 from collections.abc import Callable
-from typing import Any
 
+from ...inotify import APPEARS, DONT_FOLLOW, MODIFY, Q_OVERFLOW, INotify, pending_events
 from ...paths import Home
 
 
-def _no_move_pairing_delay(emitter: Any) -> None:
-    """watchdog holds each IN_MOVED_FROM up to 0.5 s to pair it with its IN_MOVED_TO, and
-    every event queued behind it waits too: publish-by-rename makes one of every write.
-    We only need to know that a watched name appeared; turn the delay off where the
-    installed watchdog keeps it (its internal queue), and leave it otherwise."""
-    inotify = getattr(emitter, "_inotify", None)
-    for holder in (getattr(inotify, "_move_event_grouper", None), inotify):
-        queue = getattr(holder, "_queue", None)
-        if queue is not None and isinstance(getattr(queue, "delay", None), int | float):
-            queue.delay = 0
-            return
+class QueueChanges:
+    """A change feed of the file backend: :meth:`fileno` becomes readable when the queue
+    may have changed, :meth:`drain` consumes what the kernel queued and says whether any
+    of it was a queue change. Not thread-safe: one reader.
+
+    The journal is watched as a file (IN_MODIFY of its inode), re-armed when a new journal
+    appears (the first one, or a compaction's rename); the change is reported either way,
+    so a write between the rename and the re-arm is never missed: the reader woken reads
+    the new file from its start. If the kernel's event queue overflowed, that counts as a
+    change."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._journal_name = home.queue_journal.name
+        self._snapshot_name = home.queue_file.name
+        self._inotify = INotify(nonblocking=True)
+        self._folder_wd: int | None = None
+        self._inbox_wd: int | None = None
+        self._journal_wd: int | None = None
+        try:
+            for folder in (home.coordination, home.inbox):
+                if folder.is_dir():
+                    wd = self._inotify.add_watch(folder, APPEARS)
+                    if folder == home.inbox:
+                        self._inbox_wd = wd
+                    else:
+                        self._folder_wd = wd
+            self._arm_journal()
+        except BaseException:
+            self._inotify.close()
+            raise
+
+    def _arm_journal(self) -> None:
+        """(Re-)watch the current journal file; quiet when there is none yet."""
+        old, self._journal_wd = self._journal_wd, None
+        if old is not None:
+            with contextlib.suppress(OSError):  # gone with its inode already
+                self._inotify.rm_watch(old)
+        with contextlib.suppress(FileNotFoundError):
+            self._journal_wd = self._inotify.add_watch(
+                self.home.queue_journal, MODIFY | DONT_FOLLOW)
+
+    def fileno(self) -> int:
+        return int(self._inotify.fileno())
+
+    def drain(self) -> bool:
+        """Read every queued event without blocking; True when one was a queue change."""
+        changed = False
+        rearm = False
+        for event in pending_events(self._inotify):
+            if event.mask & Q_OVERFLOW:
+                changed = rearm = True
+            elif event.wd == self._journal_wd:
+                changed = changed or bool(event.mask & MODIFY)
+            elif event.wd == self._folder_wd:
+                if event.name == self._journal_name:
+                    changed = rearm = True
+                elif event.name == self._snapshot_name:
+                    changed = True
+            elif event.wd == self._inbox_wd and event.name.endswith(".json") \
+                    and not event.name.startswith("."):
+                changed = True
+        if rearm:
+            self._arm_journal()
+        return changed
+
+    def close(self) -> None:
+        self._inotify.close()
 
 
 def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` from a watchdog thread on every queue change; returns stop().
+    """Call ``callback`` from one thread of ours on every queue change (a
+    :class:`QueueChanges` feed); returns stop(), which joins the thread."""
+    feed = QueueChanges(home)
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
 
-    The journal is watched as a file (IN_MODIFY of that inode only), not through its
-    folder: a folder watch for IN_MODIFY would also deliver every append to the event log
-    and the history file beside it, several per task, each a Python dispatch in every
-    process that follows the queue. The folder is watched for IN_CREATE / IN_MOVED_TO
-    only: a new journal (compaction, or the first one) re-arms the file watch, then calls
-    ``callback`` (so a write between the rename and the re-arm is never missed: the
-    reader woken reads the new file from its start), and a hand-edited task-queue.json."""
-    import threading
-
-    from watchdog.events import (
-        FileCreatedEvent,
-        FileModifiedEvent,
-        FileMovedEvent,
-        FileSystemEvent,
-        FileSystemEventHandler,
-    )
-    from watchdog.observers import Observer
-    from watchdog.observers.api import ObservedWatch
-
-    coordination, inbox = str(home.coordination), str(home.inbox)
-    journal, snapshot = str(home.queue_journal), str(home.queue_file)
-    observer = Observer(timeout=30)
-    armed: list[ObservedWatch] = []
-    arm_lock = threading.Lock()
-
-    def arm() -> None:
-        """(Re-)watch the current journal file; quiet when there is none yet."""
-        with arm_lock:
-            for old in armed:
-                with contextlib.suppress(KeyError, OSError):
-                    observer.unschedule(old)
-            armed.clear()
-            if os.path.exists(journal):
-                with contextlib.suppress(OSError):  # replaced or removed meanwhile
-                    armed.append(observer.schedule(handler, journal, recursive=False,
-                                                   event_filter=[FileModifiedEvent]))
-            _no_move_pairing_delay_all(observer)
-
-    class Handler(FileSystemEventHandler):
-        def on_any_event(self, event: FileSystemEvent) -> None:
-            kind = event.event_type
-            for raw in (getattr(event, "dest_path", ""), event.src_path):
-                path = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
-                if not path:
-                    continue
-                if path == journal:
-                    if kind in ("created", "moved"):
-                        arm()
-                    if kind in ("modified", "created", "moved"):
-                        callback()
+    def follow() -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(feed.fileno(), selectors.EVENT_READ, "feed")
+                selector.register(stop_r, selectors.EVENT_READ, "stop")
+                while True:
+                    ready = selector.select()
+                    if any(key.data == "stop" for key, _ in ready):
                         return
-                    continue
-                if kind in ("created", "moved"):
-                    folder, name = os.path.split(path)
-                    if name.startswith("."):
-                        continue
-                    if (folder == inbox and name.endswith(".json")) or path == snapshot:
+                    if feed.drain():
                         callback()
-                        return
+        finally:  # the thread owns the descriptors: stop() may come from ``callback``
+            for fd in (stop_r, stop_w):
+                os.close(fd)
+            feed.close()
 
-    handler = Handler()
-    # Only the inotify events that can mean a change (watchdog builds the kernel's mask from
-    # the filter): opens, closes and attribute changes would each cost a Python dispatch.
-    for folder in (coordination, inbox):
-        if os.path.isdir(folder):
-            observer.schedule(handler, folder, recursive=False,
-                              event_filter=[FileCreatedEvent, FileMovedEvent])
-    observer.daemon = True
-    observer.start()
-    # Armed once the observer runs (a watch that cannot start then raises here, not in
-    # start()). Re-arms run in the dispatcher thread, which holds the observer's lock
-    # while it calls ``callback``: the caller must not hold, while subscribing, a lock
-    # that ``callback`` takes (QueueCore.wait subscribes outside its condition).
-    arm()
+    thread = threading.Thread(target=follow, name="harness-queue-watch", daemon=True)
+    thread.start()
+    stopped = threading.Lock()
 
     def stop() -> None:
-        observer.stop()
-        if observer.is_alive():
-            observer.join(timeout=5)
+        if not stopped.acquire(blocking=False):
+            return  # stopped already
+        os.write(stop_w, b"x")
+        if thread is not threading.current_thread():
+            thread.join(timeout=5)
     return stop
-
-
-def _no_move_pairing_delay_all(observer: Any) -> None:
-    for emitter in list(observer.emitters):
-        _no_move_pairing_delay(emitter)
