@@ -57,7 +57,7 @@ def file_mode_for(folder_mode: int) -> int:
     return FILE_MODE_GROUP if folder_mode & stat.S_ISGID else FILE_MODE
 
 
-def _unsafe(path: Path, what: str) -> UnsafePath:
+def unsafe_path(path: Path, what: str) -> UnsafePath:
     return UnsafePath(f"{path}: {what} is a symbolic link (or not a regular {what}); harness "
                       f"does not follow links inside the home. Replace it with a real "
                       f"{what} (`harness doctor` lists every link).")
@@ -69,7 +69,7 @@ def open_folder(folder: Path) -> int:
         return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in _LINK_ERRORS:
-            raise _unsafe(folder, "folder") from None
+            raise unsafe_path(folder, "folder") from None
         raise
 
 
@@ -86,7 +86,7 @@ def open_in_folder(path: Path, flags: int, folder_fd: int | None = None) -> int:
             fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
         except OSError as exc:
             if exc.errno in _LINK_ERRORS:
-                raise _unsafe(path, "file") from None
+                raise unsafe_path(path, "file") from None
             raise
         if flags & os.O_CREAT:
             st = os.fstat(fd)
@@ -116,7 +116,7 @@ def prepare_task_folder(folder: Path, stale: str) -> None:
                          | os.O_CLOEXEC, dir_fd=parent)
         except OSError as exc:
             if exc.errno in _LINK_ERRORS:
-                raise _unsafe(folder, "folder") from None
+                raise unsafe_path(folder, "folder") from None
             raise
         try:
             if os.fstat(fd).st_uid == os.geteuid():

@@ -122,12 +122,18 @@ class QueueBackend(Protocol):
     # -- workers ---------------------------------------------------------------------
     def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
               now: float | None = None,
-              events_out: list[Event] | None = None) -> Task | None:
+              events_out: list[Event] | None = None,
+              prepare: Callable[[Task], None] | None = None) -> Task | None:
         """Take the best runnable task (rules.claim_key) for ``worker_id``: it becomes
         ``running`` with ``attempts`` + 1, this process's ``host_id``, a fresh
         ``lease_token`` and ``lease_until`` = now + ``heartbeat_timeout_s``. None when
         none is runnable. With ``events_out``
-        the caller appends the committed transaction's events itself."""
+        the caller appends the committed transaction's events itself. ``prepare(task)``
+        runs once a task is claimed, before the call returns but possibly before the claim
+        is durable (the file backend runs it between its journal write and the
+        fdatasync, where the file system's metadata work is cheapest): it may only get
+        ready (a folder of the home), never start anything. It should not raise: an
+        exception is raised after the commit and its events, with the task claimed."""
     def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                  result: dict[str, Any] | None = None, now: float | None = None,
                  lease: str | None = None) -> Task:
@@ -139,8 +145,11 @@ class QueueBackend(Protocol):
                            result: dict[str, Any] | None = None,
                            types: Iterable[str] | None = None, now: float | None = None,
                            events_out: list[Event] | None = None,
-                           lease: str | None = None) -> tuple[Task, Task | None]:
-        """``complete`` then ``claim`` for the same worker in one commit."""
+                           lease: str | None = None,
+                           prepare: Callable[[Task], None] | None = None) \
+            -> tuple[Task, Task | None]:
+        """``complete`` then ``claim`` for the same worker in one commit (``prepare`` as
+        for :meth:`claim`)."""
     def fail(self, task_id: str, worker_id: str | None, *, error: str,
              exit_code: int | None = None, retry: bool = True,
              result: dict[str, Any] | None = None, outcome: str = "failed",

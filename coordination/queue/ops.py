@@ -297,6 +297,26 @@ class CallbackFeed:
         os.close(self._w)
 
 
+class _Prepare:
+    """A claim's ``prepare`` hook as the backend runs it (``after_write``): an exception
+    is kept until the transaction has returned, so the commit's events are out first."""
+
+    def __init__(self, prepare: Callable[[Task], None] | None) -> None:
+        self.prepare = prepare
+        self.error: BaseException | None = None
+
+    def claimed(self, task: Task | None) -> None:
+        if self.prepare is not None and task is not None:
+            try:
+                self.prepare(task)
+            except BaseException as exc:
+                self.error = exc
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class Operations:
     """The port's producer, worker and operator methods, written once over the backend's
     transaction. A backend provides :meth:`_transaction` (run ``body(txn)`` in one
@@ -315,7 +335,11 @@ class Operations:
     # -- what a backend provides -----------------------------------------------------
     def _transaction(self, now: float | None, body: Callable[[Any], Any], *,
                      drain: bool = True,
-                     events_out: list[Event] | None = None) -> Any:
+                     events_out: list[Event] | None = None,
+                     after_write: Callable[[Any], None] | None = None) -> Any:
+        """Run ``body(txn)`` in one transaction and commit; ``after_write(out)`` runs once
+        the commit is written and, at the latest, before the events and the return (the
+        file backend: before its fdatasync)."""
         raise NotImplementedError
 
     def _claim_in(self, txn: Any, worker_id: str, wanted: set[str] | None,
@@ -379,7 +403,8 @@ class Operations:
     # -- workers ---------------------------------------------------------------------
     def claim(self, worker_id: str, *, types: Iterable[str] | None = None,
               now: float | None = None,
-              events_out: list[Event] | None = None) -> Task | None:
+              events_out: list[Event] | None = None,
+              prepare: Callable[[Task], None] | None = None) -> Task | None:
         """Atomically take the best runnable task for ``worker_id`` (see the port)."""
         wanted = set(types) if types is not None else None
         ts = clock.now() if now is None else now
@@ -388,14 +413,20 @@ class Operations:
 
         def body(txn: Any) -> Task | None:
             return self._claim_in(txn, worker_id, wanted, paused, lease)
-        claimed: Task | None = self._transaction(ts, body, events_out=events_out)
-        return claimed
+
+        prepared = _Prepare(prepare)
+        out: Task | None = self._transaction(ts, body, events_out=events_out,
+                                             after_write=prepared.claimed)
+        prepared.reraise()
+        return out
 
     def complete_and_claim(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                            result: dict[str, Any] | None = None,
                            types: Iterable[str] | None = None, now: float | None = None,
                            events_out: list[Event] | None = None,
-                           lease: str | None = None) -> tuple[Task, Task | None]:
+                           lease: str | None = None,
+                           prepare: Callable[[Task], None] | None = None) \
+            -> tuple[Task, Task | None]:
         """:meth:`complete` then :meth:`claim` in one transaction (one commit). Raises like
         :meth:`complete` (nothing is claimed then)."""
         wanted = set(types) if types is not None else None
@@ -406,7 +437,11 @@ class Operations:
         def body(txn: Any) -> tuple[Task, Task | None]:
             done = complete(txn, task_id, worker_id, exit_code, result, lease)
             return done, self._claim_in(txn, worker_id, wanted, paused, claim)
-        out: tuple[Task, Task | None] = self._transaction(ts, body, events_out=events_out)
+
+        prepared = _Prepare(prepare)
+        out: tuple[Task, Task | None] = self._transaction(
+            ts, body, events_out=events_out, after_write=lambda pair: prepared.claimed(pair[1]))
+        prepared.reraise()
         return out
 
     def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,

@@ -16,10 +16,9 @@ from typing import Any
 
 from coordination import clock
 from coordination.config import scope_properties
-from coordination.errors import InvalidTransition, NotFound, UnsafePath
+from coordination.errors import InvalidTransition, NotFound
 from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv
-from coordination.store import prepare_task_folder
 from coordination.tasks import Task
 
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
@@ -98,15 +97,11 @@ class TaskLaunch(WorkerState):
         scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
         result_file = result_dir / RESULT_FILE
-        refused: SpawnError | None = None
-        try:
-            # A real folder of the home (never a planted link), without the previous
-            # attempt's result.
-            prepare_task_folder(result_dir, RESULT_FILE)
-        except UnsafePath as exc:
-            refused = SpawnError(str(exc), retry=False, exit_code=126)
-        except OSError:
-            pass  # the task still runs (in the home); its result cannot be kept
+        prepared, self.prepared = self.prepared, None
+        if prepared is None or prepared[0] != (task_id, lease_token(task)):
+            self._prepare_task(task)
+            prepared, self.prepared = self.prepared, None
+        refused = prepared[1] if prepared is not None else None
         argv = list(task["command"])
         spec = RunSpec(
             task_id=task_id, attempt=int(task["attempts"]), argv=argv,

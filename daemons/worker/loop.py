@@ -201,7 +201,7 @@ class Worker(TaskLaunch, OutcomeRecording):
             return self._idle_wait(now)
         try:
             task = self.queue.claim(self.worker_id, types=self.opts.types, now=now,
-                                    events_out=self.held_events)
+                                    events_out=self.held_events, prepare=self._prepare_task)
         except (TemporaryFailure, ConfigError, CorruptFileError) as exc:
             self._note("claim_failed", now, f"claim failed: {exc}")
             self.t.error_until = now + RETRY_AFTER_ERROR_S

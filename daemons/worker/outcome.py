@@ -241,7 +241,7 @@ class OutcomeRecording(WorkerState):
                 # are appended together with the next task's task_started.
                 _, self.claimed = self.queue.complete_and_claim(
                     task_id, wid, exit_code=0, result=result, types=self.opts.types, now=now,
-                    events_out=self.held_events, lease=lease)
+                    events_out=self.held_events, lease=lease, prepare=self._prepare_task)
                 if self.claimed is None:
                     self._flush_events()
             else:

@@ -19,18 +19,25 @@ from typing import Any
 from coordination import clock
 from coordination.config import ConfigWatch, SystemConfig, load_system, load_worker_types
 from coordination.control import read_control
-from coordination.errors import ConfigError, HarnessError, InvalidTransition, NotFound
+from coordination.errors import (
+    ConfigError,
+    HarnessError,
+    InvalidTransition,
+    NotFound,
+    UnsafePath,
+)
 from coordination.events import Event, append_events, make_event
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.queue.rules import lease_token
 from coordination.specs import active_path, write_spec
+from coordination.store import prepare_task_folder
 from coordination.tasks import Task
 
 from ..notify import Notifier
 from .options import WorkerOptions
 from .scopes import ScopeManager
-from .task_run import TaskRun
+from .task_run import SpawnError, TaskRun
 
 SOURCE = "worker"
 
@@ -93,6 +100,8 @@ class WorkerState:
         # A task claimed together with the previous task's completion (complete_and_claim),
         # not started yet. Released (handed back) if the worker exits before starting it.
         self.claimed: Task | None = None
+        # The result folder of the task last claimed: ((task_id, lease token), refusal).
+        self.prepared: tuple[tuple[str, str | None], SpawnError | None] | None = None
         # Events of committed changes not appended yet: queue events of the latest
         # transaction wait for the task_started event of the task it claimed, so that one
         # append (one fdatasync) carries them all. Always appended before any newer event.
@@ -170,6 +179,21 @@ class WorkerState:
         if self.opts.idle_exit_s is not None:
             return float(self.opts.idle_exit_s)
         return float(self.cfg["idle_exit_s"])
+
+    def _prepare_task(self, task: Task) -> None:
+        """Make the task's result folder: a real folder of the home (never a planted link),
+        without the previous attempt's result. The queue runs this as the claim's
+        ``prepare`` hook, between its journal write and its fdatasync, where a mkdir costs
+        a fifth of what it costs right after a flush; :meth:`_start_task` uses the outcome
+        (``self.prepared``, keyed by the claim's lease token) or prepares itself."""
+        refused: SpawnError | None = None
+        try:
+            prepare_task_folder(self.home.result_dir(task["task_id"]), RESULT_FILE)
+        except UnsafePath as exc:
+            refused = SpawnError(str(exc), retry=False, exit_code=126)
+        except OSError:
+            pass  # the task still runs (in the home); its result cannot be kept
+        self.prepared = ((task["task_id"], lease_token(task)), refused)
 
     def _emit(self, event_type: str, message: str = "", *, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:

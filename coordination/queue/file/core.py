@@ -196,10 +196,14 @@ class QueueCore:
     def _transaction(self, now: float | None, body: Callable[[Txn], Any], *,
                      drain: bool = True,
                      events_out: list[Event] | None = None,
-                     lock_timeout: float | None = None) -> Any:
+                     lock_timeout: float | None = None,
+                     after_write: Callable[[Any], None] | None = None) -> Any:
         """Run ``body(txn)`` under the queue lock, commit, then emit events. Any exception
         before the commit leaves the queue as it was (this process re-reads it if the
-        body had changed its view)."""
+        body had changed its view). ``after_write(out)`` runs after the lock is released
+        and before the fdatasync (its metadata work then joins the same journal commit of
+        the file system instead of waiting behind it); the fdatasync runs even if it
+        raises, and its exception propagates after."""
         cfg = load_system(self.home)
         ts = clock.now() if now is None else now
         with self._mutex:
@@ -219,16 +223,11 @@ class QueueCore:
                     raise
             finally:
                 self._lock.release()
-            if txn.changed:
-                self._owe_snapshot = True
-                if owed:
-                    # Group commit: the line was written under the lock, its fdatasync
-                    # runs after the release, so the next process's transaction overlaps
-                    # our flush. Nothing of ours happens before it returns (the caller
-                    # and the events wait), and a later line that builds on ours is
-                    # flushed by its own writer's fdatasync, which covers ours (one file,
-                    # written in order): no one acts on a change that may not survive.
-                    self._journal.sync_written()
+            try:
+                if after_write is not None:
+                    after_write(out)
+            finally:
+                self._made_durable(txn, owed)
         if events_out is not None:
             events_out.extend(txn.events)
         else:
@@ -236,6 +235,19 @@ class QueueCore:
         if txn.changed:
             self._snapshot_due(ts)
         return out
+
+    def _made_durable(self, txn: Txn, owed: bool) -> None:
+        if not txn.changed:
+            return
+        self._owe_snapshot = True
+        if owed:
+            # Group commit: the line was written under the lock, its fdatasync runs after
+            # the release, so the next process's transaction overlaps our flush. Nothing of
+            # ours happens before it returns (the caller and the events wait), and a later
+            # line that builds on ours is flushed by its own writer's fdatasync, which
+            # covers ours (one file, written in order): no one acts on a change that may
+            # not survive.
+            self._journal.sync_written()
 
     def _acquire(self, timeout: float | None) -> None:
         """Take the queue lock, waiting at most ``timeout`` (LockTimeout after that). A

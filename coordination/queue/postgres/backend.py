@@ -154,9 +154,11 @@ class PostgresQueue(ops.Operations):
 
     def _transaction(self, now: float | None, body: Callable[[_Txn], Any], *,
                      drain: bool = True,
-                     events_out: list[Event] | None = None) -> Any:
+                     events_out: list[Event] | None = None,
+                     after_write: Callable[[Any], None] | None = None) -> Any:
         """Run ``body(txn)`` in one database transaction, commit, then the side effects
-        (inbox unlinks, events). Re-run from the start when it lost a race."""
+        (``after_write(out)``, inbox unlinks, events). Re-run from the start when it lost
+        a race."""
         ts = clock.now() if now is None else now
         for attempt in range(RETRIES + 1):
             with self._mutex:
@@ -187,8 +189,12 @@ class PostgresQueue(ops.Operations):
                 if txn.changed:
                     self._owe_view = True
             break
-        for path in txn.inbox_done:
-            _unlink_quietly(path)
+        try:
+            if after_write is not None:
+                after_write(out)
+        finally:
+            for path in txn.inbox_done:
+                _unlink_quietly(path)
         if events_out is not None:
             events_out.extend(txn.events)
         else:
