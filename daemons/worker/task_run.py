@@ -225,12 +225,8 @@ class TaskRun:
             except FileNotFoundError:  # logs/tasks/ is missing: create it, once
                 spec.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 folder_fd = open_folder(spec.log_path.parent)
-        except UnsafePath as exc:
-            raise SpawnError(f"cannot open the task log: {exc}", retry=False,
-                             exit_code=126) from None
-        except OSError as exc:
-            raise SpawnError(f"cannot open the task log {spec.log_path}: "
-                             f"{exc.strerror or exc}", retry=True, exit_code=126) from None
+        except (OSError, UnsafePath) as exc:
+            raise self._log_refused(exc) from None
         try:
             self._refuse_linked_log(folder_fd)
             self._start_process()
@@ -242,6 +238,15 @@ class TaskRun:
         finally:
             os.close(folder_fd)
 
+    def _log_refused(self, exc: OSError | UnsafePath) -> SpawnError:
+        """The spawn failure for a log that cannot be opened: a link is final, anything
+        else (disk full, permissions) may pass."""
+        if isinstance(exc, UnsafePath):
+            return SpawnError(f"cannot open the task log: {exc}", retry=False, exit_code=126)
+        return SpawnError(f"cannot open the task log {self.spec.log_path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}", retry=True,
+                          exit_code=126)
+
     def _refuse_linked_log(self, folder_fd: int) -> None:
         path = self.spec.log_path
         try:
@@ -249,11 +254,9 @@ class TaskRun:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise SpawnError(f"cannot open the task log {path}: {exc.strerror or exc}",
-                             retry=True, exit_code=126) from None
+            raise self._log_refused(exc) from None
         if not stat.S_ISREG(st.st_mode):
-            raise SpawnError(f"cannot open the task log: {unsafe_path(path, 'file')}",
-                             retry=False, exit_code=126)
+            raise self._log_refused(unsafe_path(path, "file"))
 
     def _open_log(self, folder_fd: int) -> None:
         """Open (create) the log, write the attempt's header; the pipe is copied from now."""
@@ -261,12 +264,8 @@ class TaskRun:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             log_fd = open_in_folder(spec.log_path, flags, folder_fd)
-        except UnsafePath as exc:
-            raise SpawnError(f"cannot open the task log: {exc}", retry=False,
-                             exit_code=126) from None
-        except OSError as exc:
-            raise SpawnError(f"cannot open the task log {spec.log_path}: "
-                             f"{exc.strerror or exc}", retry=True, exit_code=126) from None
+        except (OSError, UnsafePath) as exc:
+            raise self._log_refused(exc) from None
         try:
             if spec.header:
                 _write_all(log_fd, spec.header.rstrip("\n").encode("utf-8", "replace") + b"\n")
