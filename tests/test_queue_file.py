@@ -378,6 +378,28 @@ def test_hand_edit_of_a_stale_snapshot_keeps_later_changes(backend: Any) -> None
     assert live[ids[0]]["priority"] == "low"  # the change after the snapshot holds
 
 
+def test_view_of_a_publisher_killed_before_its_journal_line_is_replaced(backend: Any) -> None:
+    """A publisher killed between renaming its view into place and journaling its
+    signature leaves a faithful but unknown task-queue.json: it "merges" as a hand edit
+    that changes nothing, is recorded once, and the next sync publishes the whole queue
+    (it used to merge it again on every try and publish nothing: a stale view)."""
+    home = backend.home
+    first = backend.enqueue(req(), now=T0).task["task_id"]
+    backend.sync()
+    old_view = home.queue_file.read_bytes()  # revision 1, as the killed publisher wrote it
+    later = backend.enqueue(req(), now=T0 + 1).task["task_id"]
+    tmp = home.queue_file.with_name(".killed-publisher.tmp")
+    tmp.write_bytes(old_view)
+    os.replace(tmp, home.queue_file)  # renamed into place; its journal line never came
+    fresh = FileQueue(home)
+    fresh.sync()
+    view = {t["task_id"] for t in json.loads(home.queue_file.read_bytes())["tasks"]}
+    assert view == {first, later}
+    assert not events(home, "queue_edited")  # nothing was edited
+    assert live_ids(FileQueue(home)) == {first, later}
+    fresh.close()
+
+
 def test_corrupt_hand_edit_is_refused_and_repair_rebuilds_everything(backend: Any) -> None:
     home = backend.home
     ids = {r.task["task_id"] for r in backend.enqueue_batch([req() for _ in range(5)],

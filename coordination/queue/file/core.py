@@ -283,6 +283,11 @@ class QueueCore:
         if not txn.changed:
             for path in txn.inbox_done:  # requests found already admitted
                 unlink_quietly(path)
+            if self._merged_sig is not None and self._journal.fd is not None:
+                # A "hand edit" that changed nothing: the view of a publisher killed
+                # between its rename and its journal line. Known from now on, and owed
+                # a fresh view (else every sync() would merge it again and publish none).
+                self._note_merged(txn.state.rev, txn.now_iso)
             return False
         if self._journal.fd is None:
             self._start_journal(txn.state.rev, txn.now_iso, durability, txn.state)
@@ -313,19 +318,23 @@ class QueueCore:
             self._journal.sync_written()
             owed = False
         txn.state.rev = rev
-        merged = self._merged_sig
-        if merged is not None:
-            self._merged_sig = None
-            self._journal.append(dumps({"snap": {"rev": rev, "sig": list(merged),
-                                                 "at": txn.now_iso, "edit": True}})
-                                 + b"\n", "none")
-            self._snap_sig, self._snap_rev = merged, -1
-            self._owe_snapshot = True
+        if self._merged_sig is not None:
+            self._note_merged(rev, txn.now_iso)
         for task_id in txn.drop_dead_letters:
             unlink_quietly(self.home.dead_letter(task_id))
         for path in txn.inbox_done:
             unlink_quietly(path)
         return owed
+
+    def _note_merged(self, rev: int, at: str) -> None:
+        """Journal the signature of the hand-edited view just merged (an ``edit`` snap
+        line: known to every process, but no up-to-date view), so it is merged once."""
+        merged, self._merged_sig = self._merged_sig, None
+        assert merged is not None
+        self._journal.append(dumps({"snap": {"rev": rev, "sig": list(merged), "at": at,
+                                             "edit": True}}) + b"\n", "none")
+        self._snap_sig, self._snap_rev = merged, -1
+        self._owe_snapshot = True
 
     def _append_history(self, records: list[HistoryRecord]) -> list[int]:
         """Append history lines under the history lock (not fsynced: the journal line holds
