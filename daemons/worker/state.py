@@ -10,6 +10,7 @@ task's lease) and the systemd watchdog.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.queue.rules import lease_token
 from coordination.specs import active_path, write_spec
-from coordination.store import prepare_task_folder
+from coordination.store import open_in_folder, prepare_task_folder
 from coordination.tasks import Task
 
 from ..notify import Notifier
@@ -181,19 +182,25 @@ class WorkerState:
         return float(self.cfg["idle_exit_s"])
 
     def _prepare_task(self, task: Task) -> None:
-        """Make the task's result folder: a real folder of the home (never a planted link),
-        without the previous attempt's result. The queue runs this as the claim's
-        ``prepare`` hook, between its journal write and its fdatasync, where a mkdir costs
-        a fifth of what it costs right after a flush; :meth:`_start_task` uses the outcome
-        (``self.prepared``, keyed by the claim's lease token) or prepares itself."""
+        """Make the task's result folder (a real folder of the home, never a planted link,
+        without the previous attempt's result) and create its log file. The queue runs this
+        as the claim's ``prepare`` hook, between its journal write and its fdatasync, where
+        creating a file or a folder costs a fifth of what it costs right after a flush;
+        :meth:`_start_task` uses the outcome (``self.prepared``, keyed by the claim's lease
+        token) or prepares itself. The log is only created here (never through a link);
+        TaskRun checks and opens it, and reports what fails."""
         refused: SpawnError | None = None
+        task_id = task["task_id"]
         try:
-            prepare_task_folder(self.home.result_dir(task["task_id"]), RESULT_FILE)
+            prepare_task_folder(self.home.result_dir(task_id), RESULT_FILE)
         except UnsafePath as exc:
             refused = SpawnError(str(exc), retry=False, exit_code=126)
         except OSError:
             pass  # the task still runs (in the home); its result cannot be kept
-        self.prepared = ((task["task_id"], lease_token(task)), refused)
+        with contextlib.suppress(OSError, UnsafePath):
+            os.close(open_in_folder(self.home.task_log(task_id),
+                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+        self.prepared = ((task_id, lease_token(task)), refused)
 
     def _emit(self, event_type: str, message: str = "", *, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:
