@@ -17,7 +17,7 @@ import pytest
 from helpers import T0, events, final_records, make_home, needs, req
 
 from coordination.errors import CorruptFileError, UsageError
-from coordination.events import Event, append_events
+from coordination.events import Event, append_events, make_event
 from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.queue import FileQueue
@@ -398,6 +398,32 @@ def test_view_of_a_publisher_killed_before_its_journal_line_is_replaced(backend:
     assert not events(home, "queue_edited")  # nothing was edited
     assert live_ids(FileQueue(home)) == {first, later}
     fresh.close()
+
+
+def test_change_feed_sees_commits_through_compaction_and_ignores_the_event_log(
+        backend: Any) -> None:
+    """QueueBackend.changes(): readable after a commit by any process, including after a
+    compaction renamed a new journal into place (the watch moves to it); appends to the
+    event log beside it are not changes."""
+    home = backend.home
+    feed = backend.changes()
+    try:
+        assert not feed.drain()
+        backend.enqueue(req(), now=T0)
+        assert feed.drain()
+        assert not feed.drain()  # consumed
+        backend.sync(durable=True)  # compaction: a new task-queue.journal
+        feed.drain()
+        other = FileQueue(home)
+        other.enqueue(req(), now=T0 + 1)
+        assert feed.drain()
+        other.enqueue(req(), now=T0 + 2)
+        assert feed.drain()  # still watching the new journal's inode
+        append_events(home, [make_event("x", source="test")])
+        assert not feed.drain()
+        other.close()
+    finally:
+        feed.close()
 
 
 def test_corrupt_hand_edit_is_refused_and_repair_rebuilds_everything(backend: Any) -> None:

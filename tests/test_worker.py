@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -431,6 +432,40 @@ def test_wakeup_fires_on_queue_inbox_control_and_config_only(home: Home) -> None
         assert not wakeup.wait(0.3)
     finally:
         wakeup.stop()
+
+
+def test_wakeup_copies_io_without_waking_until_the_handler_says_so() -> None:
+    """watch_io: a ready descriptor runs its handler inside wait(); only a handler that
+    returns True ends the wait (a task's output is copied without a loop step, its exit
+    or EOF wakes the loop). set() from another thread wakes it too."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    seen: list[bytes] = []
+
+    def on_ready(fd: int) -> bool:
+        data = os.read(fd, 4096)
+        seen.append(data)
+        return b"eof" in data
+
+    from daemons.wakeup import Wakeup
+
+    wakeup = Wakeup(None).start(signals=False)
+    try:
+        wakeup.watch_io("task", (r,), on_ready)
+        os.write(w, b"output")
+        assert not wakeup.wait(0.2)  # copied, not woken
+        assert seen == [b"output"]
+        os.write(w, b"eof")
+        assert wakeup.wait(2)
+        assert seen[-1] == b"eof"
+        wakeup.watch_io(None, ())
+        os.write(w, b"eof")
+        assert not wakeup.wait(0.1)  # no longer watched
+        threading.Timer(0.05, wakeup.set).start()
+        assert wakeup.wait(2)
+    finally:
+        wakeup.stop()
+        os.close(r)
+        os.close(w)
 
 
 def test_idle_worker_sleeps_without_polling(home: Home, procs: ProcGroup) -> None:

@@ -328,7 +328,8 @@ class TaskRun:
         fds = []
         if self._out_fd is not None:
             fds.append(self._out_fd)
-        if self._pidfd is not None and not self._leader_exited:
+        if self._pidfd is not None and not self._leader_exited \
+                and self._leader_done_mono is None:  # reaped: it would stay readable
             fds.append(self._pidfd)
         return tuple(fds)
 
