@@ -386,13 +386,17 @@ def _jq_length(root: Path, quick: bool) -> list[float]:
 
 def _peers(root: Path, quick: bool) -> dict[str, Figure]:
     """600 ``true`` tasks on 2 workers: harness (fsync) and huey SqliteHuey (2 process
-    workers), one after the other in the same run."""
+    workers; as configured by default, and with its ``fsync=True``, SQLite's
+    synchronous=FULL, the durability harness's fsync gives), one after the other in the
+    same run."""
     from .peer_bench import peer_throughput
     from .worker_bench import measure_throughput
 
     ours = measure_throughput(root, 2, 600, "fsync")["tasks_per_s"]
     theirs = peer_throughput(root.parent / "peer", 2, 600)
-    return {"throughput_2w_600": ours, "peer_huey_2w_600": theirs}
+    theirs_durable = peer_throughput(root.parent / "peer-fsync", 2, 600, fsync=True)
+    return {"throughput_2w_600": ours, "peer_huey_2w_600": theirs,
+            "peer_huey_2w_600_fsync": theirs_durable}
 
 
 # ---------------------------------------------------------------------------- registry
@@ -511,6 +515,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("peers", ("peers",), (
         Metric("throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers, fsync (harness)"),
         Metric("peer_huey_2w_600", "tasks/s", "the same on huey SqliteHuey, 2 process workers"),
+        Metric("peer_huey_2w_600_fsync", "tasks/s", "the same with huey's fsync=True "
+                                                    "(SQLite synchronous=FULL)"),
     ), _peers, (1, 3), peer=True),
     Bench("web", ("web",), (
         Metric("web_overview", "ms", "harness web: GET / with 10,000 live tasks and 100,000 "
