@@ -373,14 +373,15 @@ class QueueCore:
         second stale, which would drop that second's commits for every later reader."""
         if state is not None and (self._snap_rev != rev
                                   or stat_sig(self.home.queue_file) != self._snap_sig):
+            rendered_at = time.time()  # the view's updated_at, and when we published it
             tmp = write_temp(self.home.queue_file,
-                             render(rev, time.time(), state.snapshot_parts()), dur,
+                             render(rev, rendered_at, state.snapshot_parts()), dur,
                              self._mode)
             try:
                 self._snap_sig = publish_temp(tmp, self.home.queue_file, dur)
             finally:
                 unlink_quietly(tmp)
-            self._snap_rev, self._snap_at = rev, time.time()
+            self._snap_rev, self._snap_at = rev, rendered_at
         # The new journal names the view it starts from (as a compaction's does), so
         # other processes know it for ours, not a hand edit.
         first = [] if self._snap_sig is None or self._snap_rev != rev else [
