@@ -36,6 +36,7 @@ from typing import Any
 
 from coordination.inotify import APPEARS, Q_OVERFLOW, INotify, pending_events
 from coordination.paths import Home
+from coordination.queue.contract import ChangeFeed, QueueBackend
 
 WATCHED_NAMES = frozenset({"control.json"})
 
@@ -56,7 +57,7 @@ class Wakeup:
         self._selector.register(self._poke_r, selectors.EVENT_READ, _POKE)
         self._inotify: INotify | None = None
         self._watched: dict[int, Callable[[str], bool]] = {}  # wd -> is this name ours?
-        self._feeds: list[Any] = []  # ChangeFeed
+        self._feeds: list[ChangeFeed] = []
         self._queue_stops: list[Callable[[], None]] = []
         self._io_owner: object | None = None
         self._io_fds: tuple[int, ...] = ()
@@ -87,7 +88,7 @@ class Wakeup:
         self._inotify = inotify
         self._selector.register(inotify.fileno(), selectors.EVENT_READ, _HOME)
 
-    def follow_queue(self, queue: Any) -> None:
+    def follow_queue(self, queue: QueueBackend) -> None:
         """Wake on every change of ``queue`` (a QueueBackend, through its change feed)
         until :meth:`stop`, while :attr:`queue_interest` is true (see :meth:`want_queue`)."""
         feed = queue.changes()
@@ -112,7 +113,7 @@ class Wakeup:
         if wanted:
             self.set()
 
-    def keep_view(self, queue: Any) -> None:
+    def keep_view(self, queue: QueueBackend) -> None:
         """Keep ``queue``'s jq view fresh (QueueBackend.keep_view_fresh) until :meth:`stop`."""
         self._queue_stops.append(queue.keep_view_fresh())
 
