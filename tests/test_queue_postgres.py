@@ -390,7 +390,8 @@ def test_an_enqueue_and_a_claim_take_two_round_trips_each(
     """A transaction batches the statements it needs no answer to (txn.py): an enqueue is
     ``BEGIN; count; check id`` then ``INSERT; events, notify; COMMIT``, a claim (once the
     instance has read the control state) ``BEGIN; settings; claim`` then ``UPDATE;
-    events, notify; COMMIT``. Counted as statements sent to the server, not timed."""
+    events, notify; COMMIT``; statements used before on the connection are not prepared
+    again. Counted as batches sent to the server, not timed."""
     queue = PostgresQueue(pg_home_factory())
     queue.enqueue(req(), now=T0)
     first = queue.claim("w1", now=T0)
@@ -405,8 +406,9 @@ def test_an_enqueue_and_a_claim_take_two_round_trips_each(
     monkeypatch.setattr(psycopg.Connection, "execute", counting)
     added = queue.enqueue(req(), now=T0 + 1).task
     assert len(sent) == 2, sent
-    assert sent[0].startswith("BEGIN") and "count(*)" in sent[0]
-    assert "INSERT INTO tasks" in sent[1] and sent[1].endswith("COMMIT")
+    assert sent[0].startswith("BEGIN;") and sent[0].count("EXECUTE") == 2  # count, check
+    assert sent[1].endswith("; COMMIT") and sent[1].count("EXECUTE") == 2  # insert, events
+    assert not any("PREPARE" in batch for batch in sent)
     sent.clear()
     claimed = queue.claim("w1", now=T0 + 2)
     assert claimed is not None and claimed["task_id"] == added["task_id"]

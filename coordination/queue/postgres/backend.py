@@ -75,7 +75,7 @@ from .connect import connect, database_url
 from .listen import listen
 from .schema import require_current
 from .shared import CHANNEL, apply_retention, parse_control, record_events
-from .txn import _LIVE, Later, _Txn
+from .txn import _LIVE, Later, Prepared, _Txn
 from .view import ViewKeeper
 
 FILE_MODE = 0o600
@@ -179,6 +179,7 @@ class PostgresQueue(ops.Operations):
         if conn is None or conn.closed or conn.broken:
             # autocommit: each `conn.transaction()` block is then a real BEGIN ... COMMIT
             conn = self._conn = connect(self.url, autocommit=True)
+            self._prepared = Prepared()  # a new session has none
             holder = getattr(self, "_holder", None)
             if holder is not None:
                 holder[0] = conn
@@ -198,7 +199,7 @@ class PostgresQueue(ops.Operations):
             with self._mutex:
                 try:
                     conn = self._connection()
-                    txn = self._open = _Txn(conn, ts)
+                    txn = self._open = _Txn(conn, ts, self._prepared)
                     try:
                         if backpressure is not None:
                             limit, adding = backpressure

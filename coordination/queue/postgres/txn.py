@@ -12,8 +12,9 @@ Round trips: on loopback a round trip costs more than the statement it carries, 
 dispatch is two transactions (the enqueue, the claim), so a transaction sends its
 statements in as few round trips as it can. Statements whose results it does not need yet
 (BEGIN, the writes of :meth:`_Txn.flush`, reads it wants later) wait in a batch, and go
-with the next statement whose rows it needs, or with COMMIT, as one simple-protocol query
-(the parameters bound on the client by psycopg). An enqueue is then two round trips
+with the next statement whose rows it needs, or with COMMIT, as one simple-protocol query;
+a statement with parameters goes as ``EXECUTE`` of its server-side prepared form
+(:class:`Prepared`), its values bound on the client by psycopg. An enqueue is then two round trips
 (``BEGIN; count for backpressure; check ids`` and ``INSERT; events; COMMIT``), a claim
 two (``BEGIN; settings; claim`` and ``UPDATE; events; COMMIT``), a complete two. When a
 statement of a batch fails, the rest of it is skipped and the error is raised as for that
@@ -24,6 +25,7 @@ one sent on the connection directly would run outside it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,43 @@ class _Live:
         """Nothing to do: the overlay (``puts``) is the transaction's only copy."""
 
 
+class Prepared:
+    """The statements prepared on one connection (``PREPARE``, server side), so a batch
+    runs them with ``EXECUTE name(values)``: parsed and planned once per connection, not
+    per use (a statement parsed and planned per use cost more server time than the round
+    trips the batches save). A statement is prepared in the batch that first uses it,
+    ahead of the batch's other statements, and known once that batch succeeded: after a
+    failed batch it is prepared again under a new name (a name is never reused)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, tuple[str, tuple[str | None, ...]]] = {}
+        self._count = 0
+
+    def prepare(self, sql: str) -> tuple[str, tuple[str | None, ...], str]:
+        """A new name for ``sql``, the order its parameters go in (a name for each
+        ``%(name)s``, None for each ``%s``) and the PREPARE statement."""
+        self._count += 1
+        name = f"harness_{self._count}"
+        order: list[str | None] = []
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            key = match.group(1)
+            if key is None:
+                order.append(None)
+                return f"${len(order)}"
+            if key not in numbers:
+                order.append(key)
+                numbers[key] = len(order)
+            return f"${numbers[key]}"
+        text = _PLACEHOLDER.sub(number, sql)  # fills ``order``
+        return name, tuple(order), f"PREPARE {name} AS {text}"
+
+
+#: A psycopg placeholder: ``%(name)s`` or ``%s`` (the statements here have no other %).
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s")
+
+
 class Later:
     """The rows of a statement sent with a later batch (:meth:`_Txn.later`); ``rows`` is
     None until that batch was sent. ``check``, when given, is called with the rows as they
@@ -114,9 +153,13 @@ class _Txn:
     Started by its first batch (BEGIN leads it), ended by :meth:`commit` or
     :meth:`rollback`."""
 
-    def __init__(self, conn: psycopg.Connection[Any], now: float) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], now: float,
+                 prepared: Prepared | None = None) -> None:
         self._conn = conn
         self._binder = ClientCursor(conn)
+        self._prepared = Prepared() if prepared is None else prepared
+        self._preparing: dict[str, tuple[str, tuple[str | None, ...]]] = {}
+        self._prepare_sql: list[str] = []  # PREPAREs that lead the next batch
         self._batch: list[tuple[str, Later | None]] = [("BEGIN", None)]
         self.begun = False  # BEGIN sent: the transaction is open on the server
         self.now = now
@@ -165,10 +208,16 @@ class _Txn:
         if not self._batch or (not self.begun and len(self._batch) == 1):
             return
         batch, self._batch = self._batch, []
+        prepares, self._prepare_sql = self._prepare_sql, []
+        preparing, self._preparing = self._preparing, {}
         self.begun = True
-        # No parameters: the simple protocol, which takes several statements (never
-        # prepared: the bound values make each text new).
-        cur = self._conn.execute("; ".join(sql for sql, _ in batch), prepare=False)
+        # No parameters: the simple protocol, which takes several statements (psycopg
+        # prepares nothing: the bound values make each text new; ours are PREPAREd).
+        cur = self._conn.execute("; ".join([*prepares, *(sql for sql, _ in batch)]),
+                                 prepare=False)
+        self._prepared.names.update(preparing)
+        for _ in prepares:
+            cur.nextset()
         for index, (_, result) in enumerate(batch):
             if index and not cur.nextset():  # pragma: no cover - one result per statement
                 raise psycopg.InterfaceError("a batch returned fewer results than statements")
@@ -201,7 +250,21 @@ class _Txn:
             self._conn.execute("ROLLBACK")
 
     def _bind(self, sql: str, params: Any) -> str:
-        return sql if params is None else self._binder.mogrify(sql, params)
+        """``sql`` with ``params`` as the text of one statement: ``EXECUTE`` of its
+        prepared form (prepared by this batch the first time)."""
+        if params is None:
+            return sql
+        known = self._prepared.names.get(sql) or self._preparing.get(sql)
+        if known is None:
+            name, order, prepare = self._prepared.prepare(sql)
+            known = self._preparing[sql] = (name, order)
+            self._prepare_sql.append(prepare)
+        name, order = known
+        values = [params[key] for key in order] if isinstance(params, dict) else list(params)
+        if not values:
+            return f"EXECUTE {name}"
+        return self._binder.mogrify(
+            f"EXECUTE {name}({', '.join(['%s'] * len(values))})", values)
 
     # ---------------------------------------------------------------- reads
     def get(self, task_id: str, *, lock: str = "") -> Task | None:
