@@ -420,6 +420,26 @@ def test_an_enqueue_and_a_claim_take_two_round_trips_each(
     assert {t["task_id"] for t in queue.live_tasks()} == {first["task_id"]}
 
 
+def test_prepared_statements_survive_a_rollback_and_are_remade_when_dropped(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """A failed operation ends in ROLLBACK, after which the connection's prepared
+    statements must still be there (psycopg's own preparing, off on the queue's
+    connection, would DEALLOCATE ALL then); statements dropped behind the queue's back
+    are prepared again and the operation re-run."""
+    from coordination.errors import NotFound
+
+    queue = PostgresQueue(pg_home_factory())
+    for _ in range(6):  # past psycopg's threshold of five uses
+        task = queue.enqueue(req(), now=T0).task
+        queue.cancel(task["task_id"], now=T0)
+        with pytest.raises(NotFound):
+            queue.cancel(task["task_id"], now=T0)  # rolled back
+        assert queue.get(task["task_id"])["status"] == "cancelled"  # type: ignore[index]
+    queue._connection().execute("DEALLOCATE ALL")
+    again = queue.enqueue(req(), now=T0).task
+    assert queue.cancel(again["task_id"], now=T0)["status"] == "cancelled"
+
+
 def test_a_claim_honours_a_pause_made_elsewhere_since_its_last_claim(
         pg_home_factory: Callable[..., Home]) -> None:
     """A claim assumes the control state the previous one read and checks it in the same

@@ -184,6 +184,9 @@ class PostgresQueue(ops.Operations):
         if conn is None or conn.closed or conn.broken:
             # autocommit: each `conn.transaction()` block is then a real BEGIN ... COMMIT
             conn = self._conn = connect(self.url, autocommit=True)
+            # Our statements are prepared by txn.Prepared. psycopg's own (after five uses)
+            # would make it send DEALLOCATE ALL after any ROLLBACK, dropping ours too.
+            conn.prepare_threshold = None
             self._prepared = Prepared()  # a new session has none
             holder = getattr(self, "_holder", None)
             if holder is not None:
@@ -234,6 +237,13 @@ class PostgresQueue(ops.Operations):
                     finally:
                         self._open = None
                 except (*_RACES, _StaleControl):
+                    if attempt == RETRIES:
+                        raise
+                    continue
+                except pgerrors.InvalidSqlStatementName:
+                    # Our prepared statements are gone (a DEALLOCATE or DISCARD by someone
+                    # else, a pooler's session swap): prepare them again and re-run.
+                    self._prepared = Prepared()
                     if attempt == RETRIES:
                         raise
                     continue
