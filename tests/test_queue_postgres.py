@@ -345,6 +345,128 @@ def test_claim_plan_walks_the_claim_index_even_with_stale_statistics(
     assert queue.claim("w1", now=T0) is not None
 
 
+def test_backpressure_count_stops_at_the_bound_even_with_stale_statistics(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """An enqueue counts queued rows only up to max_queue_depth + 1: right after a burst
+    (statistics not analysed yet) the planner must not read the whole index before it
+    stops (a bitmap scan) when the bound is small. Checked on the plan, not on a timing."""
+    from coordination.queue.postgres.backend import _NO_BITMAP, _QUEUED_UP_TO
+
+    home = pg_home_factory(max_queue_depth=10_000)
+    queue = PostgresQueue(home)
+    queue.enqueue_batch([req(priority="low") for _ in range(3000)], now=T0)
+    conn = queue._connection()
+    with conn.transaction():
+        conn.execute(_NO_BITMAP)
+        plan = "\n".join(str(r[0]) for r in conn.execute(
+            "EXPLAIN " + _QUEUED_UP_TO.format(bound=1001)))
+    assert "Limit" in plan and "Bitmap" not in plan, plan
+
+
+def test_backpressure_names_the_limit_and_comes_after_validation(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """The count is made in the enqueue's transaction, after the requests were validated:
+    a bad request is a usage error even when the queue is full; past the bound counted,
+    the message says so."""
+    from coordination.errors import Backpressure, UsageError
+
+    queue = PostgresQueue(pg_home_factory(max_queue_depth=1))
+    queue.enqueue_batch([req(), req()], force=True, now=T0)
+    with pytest.raises(Backpressure, match="more than 1 tasks queued, max_queue_depth is 1"):
+        queue.enqueue(req(), now=T0)
+    with pytest.raises(UsageError):
+        queue.enqueue({"command": "not a list"}, now=T0)
+    assert len(queue.live_tasks()) == 2
+    queue.claim("w1", now=T0)
+    with pytest.raises(Backpressure, match="backpressure: 1 tasks queued"):
+        queue.enqueue(req(), now=T0)
+    queue.claim("w1", now=T0)
+    assert queue.enqueue(req(), now=T0).created
+
+
+def test_an_enqueue_and_a_claim_take_two_round_trips_each(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction batches the statements it needs no answer to (txn.py): an enqueue is
+    ``BEGIN; count; check id`` then ``INSERT; events, notify; COMMIT``, a claim (once the
+    instance has read the control state) ``BEGIN; settings; claim`` then ``UPDATE;
+    events, notify; COMMIT``; statements used before on the connection are not prepared
+    again. Counted as batches sent to the server, not timed."""
+    queue = PostgresQueue(pg_home_factory())
+    queue.enqueue(req(), now=T0)
+    first = queue.claim("w1", now=T0)
+    assert first is not None
+    sent: list[str] = []
+    real = psycopg.Connection.execute
+
+    def counting(self: psycopg.Connection[Any], query: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return real(self, query, *args, **kwargs)
+    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    added = queue.enqueue(req(), now=T0 + 1).task
+    assert len(sent) == 2, sent
+    assert sent[0].startswith("BEGIN;") and "count(*)" in sent[0]
+    assert sent[0].count("EXECUTE") == 1  # the id check
+    assert sent[1].endswith("; COMMIT") and sent[1].count("EXECUTE") == 2  # insert, events
+    assert not any("PREPARE" in batch for batch in sent)
+    sent.clear()
+    claimed = queue.claim("w1", now=T0 + 2)
+    assert claimed is not None and claimed["task_id"] == added["task_id"]
+    assert len(sent) == 2, sent
+    sent.clear()
+    queue.complete(claimed["task_id"], "w1", lease=lease_token(claimed), now=T0 + 3)
+    assert len(sent) == 2, sent  # BEGIN; lock  /  DELETE; history; events, notify; COMMIT
+    monkeypatch.undo()
+    assert {t["task_id"] for t in queue.live_tasks()} == {first["task_id"]}
+
+
+def test_prepared_statements_survive_a_rollback_and_are_remade_when_dropped(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """A failed operation ends in ROLLBACK, after which the connection's prepared
+    statements must still be there (psycopg's own preparing, off on the queue's
+    connection, would DEALLOCATE ALL then); statements dropped behind the queue's back
+    are prepared again and the operation re-run."""
+    from coordination.errors import NotFound
+
+    queue = PostgresQueue(pg_home_factory())
+    for _ in range(6):  # past psycopg's threshold of five uses
+        task = queue.enqueue(req(), now=T0).task
+        queue.cancel(task["task_id"], now=T0)
+        with pytest.raises(NotFound):
+            queue.cancel(task["task_id"], now=T0)  # rolled back
+        assert queue.get(task["task_id"])["status"] == "cancelled"  # type: ignore[index]
+    queue._connection().execute("DEALLOCATE ALL")
+    again = queue.enqueue(req(), now=T0).task
+    assert queue.cancel(again["task_id"], now=T0)["status"] == "cancelled"
+
+
+def test_a_claim_honours_a_pause_made_elsewhere_since_its_last_claim(
+        pg_home_factory: Callable[..., Home]) -> None:
+    """A claim assumes the control state the previous one read and checks it in the same
+    round trip: a pause or resume by another process in between re-runs the claim, so the
+    pause holds from the next claim on, as when the state was read first."""
+    from coordination import clock
+    from coordination.control import update_control
+
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    queue.enqueue({"task_id": "s1", "worker_type": "shell", "description": "echo",
+                   "priority": "critical"}, now=T0)
+    queue.enqueue(req(task_id="d1"), now=T0)
+    queue.enqueue(req(task_id="d2"), now=T0)
+    def claimed_id(now: float, types: list[str] | None = None) -> str | None:
+        task = queue.claim("w1", types=types, now=now)
+        return None if task is None else task["task_id"]
+
+    assert claimed_id(T0, ["default"]) == "d1"
+    update_control(home, lambda s: s["paused_types"].update(
+        {"shell": {"since": clock.iso(T0), "until": None, "reason": "x"}}), now=T0)
+    assert claimed_id(T0 + 1) == "d2"  # not the critical s1
+    assert claimed_id(T0 + 1) is None
+    update_control(home, lambda s: s["paused_types"].pop("shell"), now=T0 + 2)
+    assert claimed_id(T0 + 2) == "s1"
+
+
 def test_concurrent_enqueues_of_one_dedup_key_create_one_task(
         pg_home_factory: Callable[..., Home]) -> None:
     """Four connections enqueue the same dedup_key at once: the partial unique index lets

@@ -44,19 +44,20 @@ _EVENTS_INSERT = ("INSERT INTO events (timestamp, type, host_id, task_id, event)
                   "FROM jsonb_array_elements(%s) AS e")
 
 
-def record_events(conn: psycopg.Connection[Any], events: list[Event], *,
-                  then: str | None = None, params: tuple[Any, ...] = ()) -> None:
-    """Insert ``events`` into the events table, inside the caller's open transaction.
-    With ``then`` (a SELECT and its ``params``), in the same statement and round trip: the
-    insert becomes a data-modifying WITH, which PostgreSQL runs whether or not the
-    SELECT reads it."""
+def record_events(events: list[Event], *, then: str | None = None,
+                  params: tuple[Any, ...] = ()) -> tuple[str, tuple[Any, ...]] | None:
+    """The statement (and its parameters) that inserts ``events`` into the events table,
+    to run inside the caller's open transaction (None: nothing to run). With ``then`` (a
+    SELECT and its ``params``), in the same statement and round trip: the insert becomes
+    a data-modifying WITH, which PostgreSQL runs whether or not the SELECT reads it."""
     if events and then is not None:
-        conn.execute(f"WITH recorded AS ({_EVENTS_INSERT}) {then}",
-                     (host_id(), Jsonb(events), *params))
-    elif events:
-        conn.execute(_EVENTS_INSERT, (host_id(), Jsonb(events)))
-    elif then is not None:
-        conn.execute(then, params)
+        return f"WITH recorded AS ({_EVENTS_INSERT}) {then}", (host_id(), Jsonb(events),
+                                                              *params)
+    if events:
+        return _EVENTS_INSERT, (host_id(), Jsonb(events))
+    if then is not None:
+        return then, params
+    return None
 
 
 # ---------------------------------------------------------------------------- control

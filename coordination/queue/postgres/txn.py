@@ -7,14 +7,31 @@ transaction's changes (tasks put and removed, history records, dead letters, eve
 and :meth:`_Txn.flush`, which writes the overlay before COMMIT. :class:`_Live` is the live
 queue as the transaction sees it (:class:`..admission.LiveView`). The backend that runs
 transactions (retries, COMMIT, side effects after it) is :mod:`.backend`.
+
+Round trips: on loopback a round trip costs more than the statement it carries, and a
+dispatch is two transactions (the enqueue, the claim), so a transaction sends its
+statements in as few round trips as it can. Statements whose results it does not need yet
+(BEGIN, the writes of :meth:`_Txn.flush`, reads it wants later) wait in a batch, and go
+with the next statement whose rows it needs, or with COMMIT, as one simple-protocol query;
+a statement with parameters goes as ``EXECUTE`` of its server-side prepared form
+(:class:`Prepared`), its values bound on the client by psycopg. An enqueue is then two round trips
+(``BEGIN; count for backpressure; check ids`` and ``INSERT; events; COMMIT``), a claim
+two (``BEGIN; settings; claim`` and ``UPDATE; events; COMMIT``), a complete two. When a
+statement of a batch fails, the rest of it is skipped and the error is raised as for that
+statement alone; the backend then rolls the transaction back. Every statement of a
+transaction goes through it (:meth:`_Txn.query`, :meth:`_Txn.later`, :meth:`_Txn.defer`):
+one sent on the connection directly would run outside it.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import ClientCursor, pq
 from psycopg.types.json import Jsonb
 
 from ... import clock
@@ -76,11 +93,75 @@ class _Live:
         """Nothing to do: the overlay (``puts``) is the transaction's only copy."""
 
 
-class _Txn:
-    """One transaction: changes are kept in ``puts`` / ``dels`` until :meth:`flush`."""
+class Prepared:
+    """The statements prepared on one connection (``PREPARE``, server side), so a batch
+    runs them with ``EXECUTE name(values)``: parsed and planned once per connection, not
+    per use (a statement parsed and planned per use cost more server time than the round
+    trips the batches save). A statement is prepared in the batch that first uses it,
+    ahead of the batch's other statements, and known once that batch succeeded: after a
+    failed batch it is prepared again under a new name (a name is never reused)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], now: float) -> None:
-        self.conn = conn
+    def __init__(self) -> None:
+        self.names: dict[str, tuple[str, tuple[str | None, ...]]] = {}
+        self._count = 0
+
+    def prepare(self, sql: str) -> tuple[str, tuple[str | None, ...], str]:
+        """A new name for ``sql``, the order its parameters go in (a name for each
+        ``%(name)s``, None for each ``%s``) and the PREPARE statement."""
+        self._count += 1
+        name = f"harness_{self._count}"
+        order: list[str | None] = []
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            key = match.group(1)
+            if key is None:
+                order.append(None)
+                return f"${len(order)}"
+            if key not in numbers:
+                order.append(key)
+                numbers[key] = len(order)
+            return f"${numbers[key]}"
+        text = _PLACEHOLDER.sub(number, sql)  # fills ``order``
+        return name, tuple(order), f"PREPARE {name} AS {text}"
+
+
+#: A psycopg placeholder: ``%(name)s`` or ``%s`` (the statements here have no other %).
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s")
+
+
+class Later:
+    """The rows of a statement sent with a later batch (:meth:`_Txn.later`); ``rows`` is
+    None until that batch was sent. ``check``, when given, is called with the rows as they
+    arrive and may raise: the transaction then ends there, rolled back (a statement with a
+    check is never sent with COMMIT)."""
+
+    __slots__ = ("check", "rows")
+
+    def __init__(self, check: Callable[[list[tuple[Any, ...]]], None] | None = None) -> None:
+        self.rows: list[tuple[Any, ...]] | None = None
+        self.check = check
+
+    def fetched(self) -> list[tuple[Any, ...]]:
+        assert self.rows is not None, "read before its batch was sent"
+        return self.rows
+
+
+class _Txn:
+    """One transaction: changes are kept in ``puts`` / ``dels`` until :meth:`flush`; the
+    statements wait in a batch until a result is needed (see the module docstring).
+    Started by its first batch (BEGIN leads it), ended by :meth:`commit` or
+    :meth:`rollback`."""
+
+    def __init__(self, conn: psycopg.Connection[Any], now: float,
+                 prepared: Prepared | None = None) -> None:
+        self._conn = conn
+        self._binder = ClientCursor(conn)
+        self._prepared = Prepared() if prepared is None else prepared
+        self._preparing: dict[str, tuple[str, tuple[str | None, ...]]] = {}
+        self._prepare_sql: list[str] = []  # PREPAREs that lead the next batch
+        self._batch: list[tuple[str, Later | None]] = [("BEGIN", None)]
+        self.begun = False  # BEGIN sent: the transaction is open on the server
         self.now = now
         self.now_iso = clock.iso(now)
         self.puts: dict[str, Task] = {}
@@ -102,6 +183,89 @@ class _Txn:
     def state(self) -> _Live:
         return self._state
 
+    # ---------------------------------------------------------------- round trips
+    def later(self, sql: str, params: Any = None, *,
+              check: Callable[[list[tuple[Any, ...]]], None] | None = None) -> Later:
+        """Queue a statement; its rows are in the returned :class:`Later` once the batch
+        it is in was sent (by :meth:`query`, :meth:`send` or :meth:`commit`)."""
+        result = Later(check)
+        self._batch.append((self._bind(sql, params), result))
+        return result
+
+    def defer(self, sql: str, params: Any = None) -> None:
+        """Queue a statement whose result is not needed (a write)."""
+        self._batch.append((self._bind(sql, params), None))
+
+    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """The rows of ``sql``, sent with the waiting batch: one round trip."""
+        result = self.later(sql, params)
+        self.send()
+        return result.fetched()
+
+    def send(self) -> None:
+        """Send the waiting batch (one round trip) and hand each statement that wanted
+        its rows its rows; nothing when no statement waits (BEGIN alone waits for one)."""
+        if not self._batch or (not self.begun and len(self._batch) == 1):
+            return
+        batch, self._batch = self._batch, []
+        prepares, self._prepare_sql = self._prepare_sql, []
+        preparing, self._preparing = self._preparing, {}
+        self.begun = True
+        # No parameters: the simple protocol, which takes several statements (psycopg
+        # prepares nothing: the bound values make each text new; ours are PREPAREd).
+        cur = self._conn.execute("; ".join([*prepares, *(sql for sql, _ in batch)]),
+                                 prepare=False)
+        self._prepared.names.update(preparing)
+        for _ in prepares:
+            cur.nextset()
+        for index, (_, result) in enumerate(batch):
+            if index and not cur.nextset():  # pragma: no cover - one result per statement
+                raise psycopg.InterfaceError("a batch returned fewer results than statements")
+            if result is not None:
+                result.rows = cur.fetchall() if cur.description is not None else []
+        for _, result in batch:
+            if result is not None and result.check is not None:
+                result.check(result.fetched())
+
+    def commit(self, final: tuple[str, Any] | None = None) -> None:
+        """Send the waiting batch, ``final`` (a statement and its parameters) and COMMIT
+        as one round trip; nothing at all for a transaction that never started."""
+        if any(result is not None and result.check is not None for _, result in self._batch):
+            self.send()  # its checks decide whether to commit
+        if final is not None:
+            self.defer(*final)
+        if not self.begun and len(self._batch) == 1:
+            self._batch = []
+            return
+        self.defer("COMMIT")
+        self.send()
+
+    def rollback(self) -> None:
+        """End the transaction on the server if it is open (after an error); nothing when
+        the connection is gone (the server rolls back) or the transaction never started."""
+        self._batch = []
+        if self._conn.closed or self._conn.broken:
+            return
+        if self._conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            self._conn.execute("ROLLBACK")
+
+    def _bind(self, sql: str, params: Any) -> str:
+        """``sql`` with ``params`` as the text of one statement: ``EXECUTE`` of its
+        prepared form (prepared by this batch the first time)."""
+        if params is None:
+            return sql
+        known = self._prepared.names.get(sql) or self._preparing.get(sql)
+        if known is None:
+            name, order, prepare = self._prepared.prepare(sql)
+            known = self._preparing[sql] = (name, order)
+            self._prepare_sql.append(prepare)
+        name, order = known
+        values = [params[key] for key in order] if isinstance(params, dict) else list(params)
+        if not values:
+            return f"EXECUTE {name}"
+        return self._binder.mogrify(
+            f"EXECUTE {name}({', '.join(['%s'] * len(values))})", values)
+
     # ---------------------------------------------------------------- reads
     def get(self, task_id: str, *, lock: str = "") -> Task | None:
         """The live task as this transaction sees it; ``lock`` (a row-lock clause) holds
@@ -112,10 +276,9 @@ class _Txn:
             return None
         if task_id in self.rows and (not lock or task_id in self.locked.get(lock, ())):
             return self.rows[task_id]
-        row = self.conn.execute(
-            f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE} {lock}",
-            (task_id,)).fetchone()
-        task = stored_task(dict(row[0])) if row else None
+        rows = self.query(f"SELECT data FROM tasks WHERE task_id = %s AND {_LIVE} {lock}",
+                          (task_id,))
+        task = stored_task(dict(rows[0][0])) if rows else None
         self.rows[task_id] = task
         if lock:
             self.locked.setdefault(lock, set()).add(task_id)
@@ -131,7 +294,7 @@ class _Txn:
         for task_id, task in self.puts.items():
             if task.get("dedup_key") == key:
                 return task_id
-        for task_id, in self.conn.execute(
+        for task_id, in self.query(
                 f"SELECT task_id FROM tasks WHERE dedup_key = %s AND {_LIVE}", (key,)):
             if task_id not in self.dels and task_id not in self.puts:
                 return str(task_id)
@@ -141,8 +304,8 @@ class _Txn:
         """Queued tasks that name ``task_id`` in depends_on (locked)."""
         self.flush()
         out: list[Task] = []
-        for (data,) in self.conn.execute(
-                "SELECT data FROM tasks WHERE status = 'queued' AND depends_on @> %s "
+        for (data,) in self.query(
+                "SELECT data FROM tasks WHERE status = 'queued' AND depends_on @> %s::text[] "
                 "ORDER BY task_id FOR UPDATE", ([task_id],)):
             self.rows[data["task_id"]] = stored_task(dict(data))
             self.stored.add(data["task_id"])
@@ -174,33 +337,33 @@ class _Txn:
                                        now=self.now, data=data))
 
     def flush(self) -> None:
-        """Write the overlay to the database (still inside the transaction)."""
+        """Write the overlay to the database (still inside the transaction): the writes
+        join the batch, so they reach the server with the next statement that reads."""
         if not (self.puts or self.dels or self.history or self.dead_letters
                 or self.drop_dead):
             return
-        cur = self.conn.cursor()
         if self.dels:
-            cur.execute(f"DELETE FROM tasks WHERE task_id = ANY(%s) AND {_LIVE}",
-                        (list(self.dels),))
+            self.defer(f"DELETE FROM tasks WHERE task_id = ANY(%s::text[]) AND {_LIVE}",
+                       (list(self.dels),))
             self.stored.difference_update(self.dels)
             for task_id in self.dels:
                 self.rows[task_id] = None
         if self.drop_dead:
-            cur.execute("DELETE FROM tasks WHERE task_id = ANY(%s) AND dead",
-                        (self.drop_dead,))
+            self.defer("DELETE FROM tasks WHERE task_id = ANY(%s::text[]) AND dead",
+                       (self.drop_dead,))
         if self.dead_letters:
             ids = [t["task_id"] for t in self.dead_letters]
-            cur.execute("DELETE FROM tasks WHERE task_id = ANY(%s) AND dead", (ids,))
-            _write(cur, _INSERT, [_row(t) for t in self.dead_letters])
+            self.defer("DELETE FROM tasks WHERE task_id = ANY(%s::text[]) AND dead", (ids,))
+            self._write(_INSERT, [_row(t) for t in self.dead_letters])
         updates = [t for i, t in self.puts.items() if i in self.stored]
         inserts = [t for i, t in self.puts.items() if i not in self.stored]
         if updates:
-            _write(cur, _UPDATE, [_row(t) for t in updates])
+            self._write(_UPDATE, [_row(t) for t in updates])
         if inserts:
-            _write(cur, _INSERT, [_row(t) for t in inserts])
+            self._write(_INSERT, [_row(t) for t in inserts])
         if self.history:
-            _write(
-                cur, "INSERT INTO history (task_id, correlation_id, final, status, recorded_at, "
+            self._write(
+                "INSERT INTO history (task_id, correlation_id, final, status, recorded_at, "
                 "record) VALUES (%s, %s, %s, %s, %s, %s)",
                 [(r["task_id"], r.get("correlation_id"), bool(r.get("final")), r["status"],
                   r["recorded_at"], Jsonb(r)) for r in self.history])
@@ -211,11 +374,7 @@ class _Txn:
         self.history, self.dead_letters, self.drop_dead = [], [], []
         self.written = True
 
-
-def _write(cur: psycopg.Cursor[Any], sql: str, rows: list[Any]) -> None:
-    """One statement per row; a single row (a claim, an enqueue, most completions) without
-    executemany, whose pipeline setup costs more than the one round trip it saves."""
-    if len(rows) == 1:
-        cur.execute(sql, rows[0])
-    else:
-        cur.executemany(sql, rows)
+    def _write(self, sql: str, rows: list[Any]) -> None:
+        """One statement per row, into the batch (one round trip for them all)."""
+        for row in rows:
+            self.defer(sql, row)
