@@ -278,8 +278,10 @@ class CallbackFeed:
             raise
 
     def _poke(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):  # full: already readable
-            os.write(self._w, b"x")
+        fd = self._w
+        if fd >= 0:  # else closed: never write to a number that may be reused
+            with contextlib.suppress(BlockingIOError, OSError):  # full: already readable
+                os.write(fd, b"x")
 
     def fileno(self) -> int:
         return self._r
@@ -293,8 +295,9 @@ class CallbackFeed:
 
     def close(self) -> None:
         self._stop()
+        write_end, self._w = self._w, -1
+        os.close(write_end)
         os.close(self._r)
-        os.close(self._w)
 
 
 class _Prepare:

@@ -37,19 +37,19 @@ from ...store import (
     replace_json,
 )
 from ...tasks import PRIORITIES, HistoryRecord, Task, stored_record, stored_task
-from ..contract import ChangeFeed
 from .journal import Journal
 from .snapshot import Sig, parse, publish_temp, render, stat_sig, write_temp
 from .state import LiveState
 from .txn import Txn, unlink_quietly
-from .watch import QueueChanges, watch_queue
+from .watch import QueueWakeups
 
 LOCK_RETRY_MIN_S = 0.0002
 LOCK_RETRY_MAX_S = 0.001
 
 
-class QueueCore:
-    """The state and the transaction machinery of :class:`~.backend.FileQueue`."""
+class QueueCore(QueueWakeups):
+    """The state and the transaction machinery of :class:`~.backend.FileQueue` (its
+    wake-ups: :class:`~.watch.QueueWakeups`)."""
 
     def __init__(self, home: Home) -> None:
         self.home = home.require()
@@ -539,47 +539,6 @@ class QueueCore:
             "oldest_queued_age_s": round(ts - clock.parse_iso(oldest), 3) if oldest else None,
             "revision": revision,
         }
-
-    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """inotify on the journal (every commit writes it), the inbox (a new request) and
-        task-queue.json (a hand edit); see :mod:`.watch`."""
-        stop = watch_queue(self.home, callback)
-
-        def unsubscribe() -> None:
-            stop()
-            if unsubscribe in self._watchers:
-                self._watchers.remove(unsubscribe)
-        self._watchers.append(unsubscribe)
-        return unsubscribe
-
-    def changes(self) -> ChangeFeed:
-        """inotify on the journal, the inbox and task-queue.json, as one descriptor (see
-        :mod:`.watch`): the caller selects on it, no thread of ours."""
-        return QueueChanges(self.home)
-
-    def wait(self, timeout: float | None) -> bool:
-        """Block until the queue changes after this call, or ``timeout``; True when woken.
-        One inotify watcher serves every wait of this instance (started by the first,
-        stopped by :meth:`close`): a loop of short waits costs no thread start each."""
-        if self._wait_watch is None:
-            # Subscribed outside the condition: the watcher's thread calls
-            # _note_change, which takes it, while holding locks of its own.
-            with self._mutex:
-                if self._wait_watch is None:
-                    self._wait_watch = self.on_change(self._note_change)
-        with self._changed:
-            seen = self._change_count
-            self._changed.wait_for(lambda: self._change_count != seen, timeout)
-            return self._change_count != seen
-
-    _wait_watch: Callable[[], None] | None = None
-
-    _change_count = 0
-
-    def _note_change(self) -> None:
-        with self._changed:
-            self._change_count += 1
-            self._changed.notify_all()
 
     # -- hooks the subclasses fill ---------------------------------------------------
     def _snapshot_due(self, now: float) -> None:

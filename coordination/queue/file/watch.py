@@ -24,9 +24,11 @@ import os
 import selectors
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from ...inotify import APPEARS, DONT_FOLLOW, MODIFY, Q_OVERFLOW, INotify, pending_events
 from ...paths import Home
+from ..contract import ChangeFeed
 
 
 class QueueChanges:
@@ -132,3 +134,55 @@ def watch_queue(home: Home, callback: Callable[[], None]) -> Callable[[], None]:
         if thread is not threading.current_thread():
             thread.join(timeout=5)
     return stop
+
+
+class QueueWakeups:
+    """The file queue's wake-up methods of the port (``on_change``, ``changes``,
+    ``wait``), mixed into :class:`~.core.QueueCore`, which owns the state they use."""
+
+    home: Home
+    _mutex: Any  # threading.RLock: the instance's in-process lock
+    _watchers: list[Any]  # the unsubscribe functions close() calls
+    _changed: threading.Condition
+
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """inotify on the journal (every commit writes it), the inbox (a new request) and
+        task-queue.json (a hand edit); see :mod:`.watch`."""
+        stop = watch_queue(self.home, callback)
+
+        def unsubscribe() -> None:
+            stop()
+            if unsubscribe in self._watchers:
+                self._watchers.remove(unsubscribe)
+        self._watchers.append(unsubscribe)
+        return unsubscribe
+
+    def changes(self) -> ChangeFeed:
+        """inotify on the journal, the inbox and task-queue.json, as one descriptor (see
+        :mod:`.watch`): the caller selects on it, no thread of ours."""
+        return QueueChanges(self.home)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the queue changes after this call, or ``timeout``; True when woken.
+        One inotify watcher serves every wait of this instance (started by the first,
+        stopped by :meth:`close`): a loop of short waits costs no thread start each."""
+        if self._wait_watch is None:
+            # Subscribed outside the condition: the watcher's thread calls
+            # _note_change, which takes it, while holding locks of its own.
+            with self._mutex:
+                if self._wait_watch is None:
+                    self._wait_watch = self.on_change(self._note_change)
+        with self._changed:
+            seen = self._change_count
+            self._changed.wait_for(lambda: self._change_count != seen, timeout)
+            return self._change_count != seen
+
+    _wait_watch: Callable[[], None] | None = None
+
+    _change_count = 0
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._change_count += 1
+            self._changed.notify_all()
+
