@@ -30,6 +30,7 @@ from helpers import (
 from coordination.paths import Home
 from coordination.queue import TaskQueue
 from coordination.specs import WorkerSpec, read_specs
+from daemons.worker.loop import Worker
 
 
 def harness_argv() -> list[str]:
@@ -376,6 +377,43 @@ def test_two_workers_run_each_task_once(home: Home, procs: ProcGroup) -> None:
     assert done == 40
 
 
+def test_next_task_keeps_its_exit_status(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a success the worker claims and starts the next task in the same commit, then
+    reaps the orphans of the finished one (as a child subreaper): that sweep must leave the
+    next task's process alone, or it takes its exit status and a failure reads as exit 0.
+    Here the next task (``false``) has always exited before the sweep runs."""
+    from coordination import clock
+    from daemons.worker.loop import Worker
+    from daemons.worker.options import WorkerOptions
+
+    q = TaskQueue(home)
+    ok, bad = (r.task["task_id"] for r in q.enqueue_batch([
+        {"command": ["true"], "priority": "high"},
+        {"command": ["false"], "max_attempts": 1}]))
+    worker = Worker(home, WorkerOptions(instance="reap"))
+    worker.subreaper = True  # as run_worker sets it
+    worker.start(clock.now())
+    real = worker.queue.complete_and_claim
+
+    def complete_and_claim(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        launched = worker.launched
+        if launched is None or launched.run.pid is None:
+            return out  # nothing left to claim
+        # Until the next task has exited (a zombie of ours, not reaped: WNOWAIT).
+        while os.waitid(os.P_PID, launched.run.pid,
+                        os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            time.sleep(0.005)
+        return out
+
+    monkeypatch.setattr(worker.queue, "complete_and_claim", complete_and_claim)
+    step_until(worker, lambda: {ok, bad} <= set(final_records(home)), 15)
+    stop_in_process(worker)
+    finals = final_records(home)
+    assert (finals[ok][-1]["status"], finals[ok][-1]["exit_code"]) == ("completed", 0)
+    assert (finals[bad][-1]["status"], finals[bad][-1]["exit_code"]) == ("failed", 1)
+
+
 def test_worker_reaps_orphans_that_escaped_their_group(home: Home, procs: ProcGroup,
                                                        task_pids: Path) -> None:
     """A task child that setsid()s leaves the task's process group, so the group kill cannot
@@ -557,8 +595,13 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
     assert final_records(home)[first["task_id"]][-1]["status"] == "completed"
     running = q.get(second["task_id"])
     assert running is not None and running["status"] == "running"
+    # The claim's hook started it already; the stop stops it before handing it back.
+    launched = worker.launched
+    assert launched is not None and launched.run.pid is not None
+    assert launched.key[0] == second["task_id"]
     worker.request_stop()
     assert worker.step(clock.now()) is None and worker.exit_reason == "signal"
+    assert worker.launched is None and launched.run.finished
     worker.shutdown(clock.now())
     back = q.get(second["task_id"])
     assert back is not None and back["status"] == "queued" and back["attempts"] == 0
@@ -568,6 +611,65 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
     assert types == ["task_enqueued", "task_enqueued", "task_claimed", "task_started",
                      "task_completed", "task_claimed", "task_released"]
     assert completed_spec(home, os.getpid())["tasks_done"] == 1
+
+
+def step_until(worker: Worker, done: Callable[[], bool], timeout: float) -> None:
+    """Step an in-process worker until ``done()``, sleeping its waits (at most 10 ms)."""
+    from coordination import clock
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the worker did not get there in time"
+        wait = worker.step(clock.now())
+        assert wait is not None
+        time.sleep(min(wait, 0.01))
+
+
+def stop_in_process(worker: Worker) -> None:
+    """Stop an in-process worker as a signal would, and deregister it."""
+    from coordination import clock
+
+    worker.request_stop()
+    while worker.step(clock.now()) is not None:
+        time.sleep(0.01)
+    worker.shutdown(clock.now())
+
+
+def test_claimed_task_is_spawned_inside_the_claim(home: Home,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker spawns the task in the claim's ``prepare`` hook, so the claim call
+    returns with the task's process already running (the file queue's fdatasync overlaps
+    the spawn); the worker then adopts that very process: its task_started event names it
+    and the attempt completes."""
+    from coordination import clock
+    from daemons.worker.loop import Worker
+    from daemons.worker.options import WorkerOptions
+
+    q = TaskQueue(home)
+    task = q.enqueue({"command": ["sleep", "0.3"]}).task
+    worker = Worker(home, WorkerOptions(instance="hook"))
+    worker.start(clock.now())
+    alive_at_return: list[int] = []
+    real_claim = worker.queue.claim
+
+    def claim(*args: object, **kwargs: object) -> object:
+        claimed = real_claim(*args, **kwargs)  # type: ignore[arg-type]
+        launched = worker.launched
+        assert launched is not None and launched.run.pid is not None
+        os.kill(launched.run.pid, 0)  # running already
+        alive_at_return.append(launched.run.pid)
+        return claimed
+
+    monkeypatch.setattr(worker.queue, "claim", claim)
+    wait = worker.step(clock.now())
+    assert wait is not None and alive_at_return and worker.run is not None
+    assert worker.run.pid == alive_at_return[0] and worker.launched is None
+    step_until(worker, lambda: worker.run is None, 10)
+    stop_in_process(worker)
+    (started,) = events(home, "task_started")
+    assert started["task_id"] == task["task_id"]
+    assert started["data"]["pid"] == alive_at_return[0]
+    assert final_records(home)[task["task_id"]][-1]["status"] == "completed"
 
 
 # ---------------------------------------------------------------------------- escapees

@@ -129,11 +129,13 @@ class QueueBackend(Protocol):
         ``lease_token`` and ``lease_until`` = now + ``heartbeat_timeout_s``. None when
         none is runnable. With ``events_out``
         the caller appends the committed transaction's events itself. ``prepare(task)``
-        runs once a task is claimed, before the call returns but possibly before the claim
-        is durable (the file backend runs it between its journal write and the
-        fdatasync, where the file system's metadata work is cheapest): it may only get
-        ready (a folder of the home), never start anything. It should not raise: an
-        exception is raised after the commit and its events, with the task claimed."""
+        runs once a task is claimed, before the call returns: the claim is committed
+        (every process sees it) but possibly not durable yet (the file backend runs it
+        between its journal write and the fdatasync, so the hook overlaps the flush). The
+        worker starts the task there: a claim lost to a power loss loses no task, which is
+        queued again (at-least-once); the hook must not record anything that assumes the
+        claim survived. It should not raise: an exception is raised after the commit and
+        its events, with the task claimed."""
     def complete(self, task_id: str, worker_id: str, *, exit_code: int = 0,
                  result: dict[str, Any] | None = None, now: float | None = None,
                  lease: str | None = None) -> Task:

@@ -1,10 +1,12 @@
 """Starting a claimed task: its folder, environment, working directory and scope.
 
-:meth:`TaskLaunch._start_task` prepares ``results/<task_id>/`` (a real folder of the home,
+:meth:`TaskLaunch._launch` prepares ``results/<task_id>/`` (a real folder of the home,
 without the previous attempt's result), builds the :class:`~daemons.worker.task_run.RunSpec`
 (environment from the allowlist, the type's limits, the log header) and the transient
-scope (:mod:`.scopes`), starts the :class:`~daemons.worker.task_run.TaskRun` and publishes
-the spec's new task; a spawn failure is recorded at once as a failed attempt.
+scope (:mod:`.scopes`) and starts the :class:`~daemons.worker.task_run.TaskRun`; the
+claim runs it as its ``prepare`` hook, so the task starts while the claim is flushed.
+:meth:`TaskLaunch._start_task` adopts the started task and publishes the spec's new task
+and its events; a spawn failure is recorded at once as a failed attempt.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Any
 
 from coordination import clock
 from coordination.config import scope_properties
-from coordination.errors import InvalidTransition, NotFound
+from coordination.errors import InvalidTransition, NotFound, UnsafePath
 from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv
+from coordination.store import open_in_folder, prepare_task_folder
 from coordination.tasks import Task
 
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
-from .state import CANCEL_CHECK_S, RESULT_FILE, STATUS_REFRESH_S, WorkerState, _log
+from .state import CANCEL_CHECK_S, RESULT_FILE, STATUS_REFRESH_S, Launched, WorkerState, _log
 from .task_run import RunSpec, SpawnError, TaskRun, build_env, header_line
 
 # A busy worker that goes straight on to its next task publishes the new current_task_id
@@ -90,23 +93,37 @@ class TaskLaunch(WorkerState):
             return None
         return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
 
-    def _start_task(self, task: Task, now: float) -> None:
+    def _prepare_task(self, task: Task) -> SpawnError | None:
+        """Make the task's result folder (a real folder of the home, never a planted link,
+        without the previous attempt's result) and create its log file; a refusal (a link)
+        is returned. The log is only created here (never through a link); TaskRun checks
+        and opens it, and reports what fails."""
+        task_id = task["task_id"]
+        try:
+            prepare_task_folder(self.home.result_dir(task_id), RESULT_FILE)
+        except UnsafePath as exc:
+            return SpawnError(str(exc), retry=False, exit_code=126)
+        except OSError:
+            pass  # the task still runs (in the home); its result cannot be kept
+        with contextlib.suppress(OSError, UnsafePath):
+            os.close(open_in_folder(self.home.task_log(task_id),
+                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+        return None
+
+    def _launch(self, task: Task, now: float) -> Launched:
+        """Prepare the task's folder and log, build its RunSpec and spawn it; a failure to
+        spawn is kept in the result (nothing is left running), for :meth:`_start_task`."""
         task_id = task["task_id"]
         type_name = task.get("worker_type") or "default"
         wtype = self._types.get(type_name) or {}
         scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
-        result_file = result_dir / RESULT_FILE
-        prepared, self.prepared = self.prepared, None
-        if prepared is None or prepared[0] != (task_id, lease_token(task)):
-            self._prepare_task(task)
-            prepared, self.prepared = self.prepared, None
-        refused = prepared[1] if prepared is not None else None
+        refused = self._prepare_task(task)
         argv = list(task["command"])
         spec = RunSpec(
             task_id=task_id, attempt=int(task["attempts"]), argv=argv,
             cwd=self._task_cwd(wtype, result_dir),
-            env=self._task_env(task, wtype, result_file),
+            env=self._task_env(task, wtype, result_dir / RESULT_FILE),
             log_path=self.home.task_log(task_id),
             log_max_bytes=int(self.cfg["task_log_max_bytes"]),
             kill_grace_s=float(self.cfg["kill_grace_s"]),
@@ -114,11 +131,40 @@ class TaskLaunch(WorkerState):
             header=header_line(task, self.worker_id, redact_argv(argv), now), scope=scope,
             sweep_descendants=self.subreaper)
         run = TaskRun(spec)
-        try:
-            if refused is not None:
-                raise refused
-            run.start()
-        except SpawnError as exc:
+        if refused is None:
+            try:
+                run.start()
+            except SpawnError as exc:
+                refused = exc
+        return Launched((task_id, lease_token(task)), run, argv, refused)
+
+    def _launch_claimed(self, task: Task) -> None:
+        """The claims' ``prepare`` hook: start the task as soon as its claim is written.
+        The file queue runs this after releasing its lock and before its fdatasync, so the
+        spawn overlaps the flush; the claim may therefore be lost by a power loss while
+        the task runs, which loses no task: it is queued again and runs again
+        (at-least-once, docs/coordination.md "Commit order and crashes"). Its events, spec
+        and bookkeeping follow in :meth:`_start_task`, after the claim's own events."""
+        self._stop_launched()  # one never adopted (its claim call raised after the hook)
+        self.launched = self._launch(task, clock.now())
+
+    def _stop_launched(self) -> None:
+        """Stop a task the claim's hook started that the worker will not run after all
+        (it exits first): nothing of it is left running."""
+        launched, self.launched = self.launched, None
+        if launched is not None and launched.refused is None:
+            launched.run.close()
+
+    def _start_task(self, task: Task, now: float) -> None:
+        task_id = task["task_id"]
+        if self.launched is not None and self.launched.key != (task_id, lease_token(task)):
+            self._stop_launched()  # started for another claim: never ours to run
+        launched, self.launched = self.launched, None
+        if launched is None:
+            launched = self._launch(task, now)
+        run, argv = launched.run, launched.argv
+        if launched.refused is not None:
+            exc = launched.refused
             self._flush_events()  # the claim's events come before the failure's
             self.tasks_run += 1
             self.spec["tasks_failed"] = int(self.spec.get("tasks_failed") or 0) + 1
@@ -131,6 +177,7 @@ class TaskLaunch(WorkerState):
             self._emit("task_spawn_failed", str(exc), task=task, severity="error",
                        retry=exc.retry)
             return
+        wtype = self._types.get(task.get("worker_type") or "default") or {}
         self.run, self.task, self.task_started = run, task, now
         self.ticks = 0
         # Heartbeat ticks count as progress unless the type wants silence to be a stall.

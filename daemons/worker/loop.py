@@ -168,9 +168,12 @@ class Worker(TaskLaunch, OutcomeRecording):
             self.run.terminate("stopping")  # second signal: no more grace
 
     def _release_claimed(self, now: float) -> None:
-        """Hand back a task claimed with the previous completion but not started (the
-        attempt does not count). If that fails, the task stays running under our id and
-        the supervisor reclaims it once we are gone (at-least-once either way)."""
+        """Hand back a task claimed with the previous completion (the attempt does not
+        count), stopping it first if the claim's hook started it: a stop signal that came
+        in between is served before it runs, as a busy worker's stop hands its task back.
+        If that fails, the task stays running under our id and the supervisor reclaims it
+        once we are gone (at-least-once either way)."""
+        self._stop_launched()
         if self.claimed is None:
             return
         claimed, self.claimed = self.claimed, None
@@ -201,7 +204,7 @@ class Worker(TaskLaunch, OutcomeRecording):
             return self._idle_wait(now)
         try:
             task = self.queue.claim(self.worker_id, types=self.opts.types, now=now,
-                                    events_out=self.held_events, prepare=self._prepare_task)
+                                    events_out=self.held_events, prepare=self._launch_claimed)
         except (TemporaryFailure, ConfigError, CorruptFileError) as exc:
             self._note("claim_failed", now, f"claim failed: {exc}")
             self.t.error_until = now + RETRY_AFTER_ERROR_S

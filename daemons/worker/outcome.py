@@ -110,6 +110,11 @@ class OutcomeRecording(WorkerState):
     def _record(self, pending: _Pending, now: float) -> None:
         """Write the attempt's outcome to the queue (complete / fail / release)."""
         run, task = pending.run, pending.task
+        if self.subreaper:
+            # Before the commit: complete_and_claim's hook starts the next task, whose
+            # process a reap after it could take, and with it its exit status (Popen then
+            # reads ECHILD as exit 0).
+            reap_orphans()
         exit_code, phrase = describe_exit(run.returncode)
         reason = run.stop_reason
         if reason is None and run.scope_refused:
@@ -154,8 +159,6 @@ class OutcomeRecording(WorkerState):
             spec["tasks_failed"] = int(spec.get("tasks_failed") or 0) + 1
         if outcome != "released":
             self.tasks_run += 1
-        if self.subreaper:
-            reap_orphans()
         spec["current_task_id"] = None
         spec["task_started_at"] = None
         self.spec_dirty = True
@@ -241,7 +244,7 @@ class OutcomeRecording(WorkerState):
                 # are appended together with the next task's task_started.
                 _, self.claimed = self.queue.complete_and_claim(
                     task_id, wid, exit_code=0, result=result, types=self.opts.types, now=now,
-                    events_out=self.held_events, lease=lease, prepare=self._prepare_task)
+                    events_out=self.held_events, lease=lease, prepare=self._launch_claimed)
                 if self.claimed is None:
                     self._flush_events()
             else:

@@ -10,7 +10,6 @@ task's lease) and the systemd watchdog.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -25,14 +24,12 @@ from coordination.errors import (
     HarnessError,
     InvalidTransition,
     NotFound,
-    UnsafePath,
 )
 from coordination.events import Event, append_events, make_event
 from coordination.paths import Home
 from coordination.queue import QueueBackend, open_queue
 from coordination.queue.rules import lease_token
 from coordination.specs import active_path, write_spec
-from coordination.store import open_in_folder, prepare_task_folder
 from coordination.tasks import Task
 
 from ..notify import Notifier
@@ -65,6 +62,22 @@ class _Pending:
     gave_up: bool = False  # the lease ran out while retrying: recorded as lost
     footer_written: bool = False
     footer_logged_error: bool = False
+
+
+@dataclass
+class Launched:
+    """A task started (or refused: nothing runs) by the worker's ``_launch``, keyed by its
+    claim (task_id, lease token), until ``_start_task`` adopts it (daemons/worker/launch.py)."""
+    key: tuple[str, str | None]
+    run: TaskRun
+    argv: list[str]
+    refused: SpawnError | None
+
+# A busy worker that goes straight on to its next task publishes the new current_task_id
+# only once that task has run this long (or at the next heartbeat): back-to-back short
+# tasks then cost no spec write each. Going busy from idle, draining, stopping and going
+# idle are published at once.
+SPEC_DEFER_S = 0.05
 
 
 @dataclass
@@ -101,8 +114,8 @@ class WorkerState:
         # A task claimed together with the previous task's completion (complete_and_claim),
         # not started yet. Released (handed back) if the worker exits before starting it.
         self.claimed: Task | None = None
-        # The result folder of the task last claimed: ((task_id, lease token), refusal).
-        self.prepared: tuple[tuple[str, str | None], SpawnError | None] | None = None
+        # The task the claim's hook started, until _start_task adopts it.
+        self.launched: Launched | None = None
         # Events of committed changes not appended yet: queue events of the latest
         # transaction wait for the task_started event of the task it claimed, so that one
         # append (one fdatasync) carries them all. Always appended before any newer event.
@@ -181,26 +194,10 @@ class WorkerState:
             return float(self.opts.idle_exit_s)
         return float(self.cfg["idle_exit_s"])
 
-    def _prepare_task(self, task: Task) -> None:
-        """Make the task's result folder (a real folder of the home, never a planted link,
-        without the previous attempt's result) and create its log file. The queue runs this
-        as the claim's ``prepare`` hook, between its journal write and its fdatasync, where
-        creating a file or a folder costs a fifth of what it costs right after a flush;
-        :meth:`_start_task` uses the outcome (``self.prepared``, keyed by the claim's lease
-        token) or prepares itself. The log is only created here (never through a link);
-        TaskRun checks and opens it, and reports what fails."""
-        refused: SpawnError | None = None
-        task_id = task["task_id"]
-        try:
-            prepare_task_folder(self.home.result_dir(task_id), RESULT_FILE)
-        except UnsafePath as exc:
-            refused = SpawnError(str(exc), retry=False, exit_code=126)
-        except OSError:
-            pass  # the task still runs (in the home); its result cannot be kept
-        with contextlib.suppress(OSError, UnsafePath):
-            os.close(open_in_folder(self.home.task_log(task_id),
-                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT))
-        self.prepared = ((task_id, lease_token(task)), refused)
+    def _launch_claimed(self, task: Task) -> None:
+        """The claims' ``prepare`` hook, which starts the claimed task
+        (:class:`daemons.worker.launch.TaskLaunch`)."""
+        raise NotImplementedError
 
     def _emit(self, event_type: str, message: str = "", *, task: Task | None = None,
               severity: str = "info", **data: Any) -> None:
