@@ -21,7 +21,7 @@ from coordination.config import scope_properties
 from coordination.errors import InvalidTransition, NotFound, UnsafePath
 from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv
-from coordination.store import open_in_folder, prepare_task_folder
+from coordination.store import prepare_task_folder
 from coordination.tasks import Task
 
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
@@ -95,19 +95,15 @@ class TaskLaunch(WorkerState):
 
     def _prepare_task(self, task: Task) -> SpawnError | None:
         """Make the task's result folder (a real folder of the home, never a planted link,
-        without the previous attempt's result) and create its log file; a refusal (a link)
-        is returned. The log is only created here (never through a link); TaskRun checks
-        and opens it, and reports what fails."""
-        task_id = task["task_id"]
+        without the previous attempt's result), which is also its working directory; a
+        refusal (a link) is returned. The log file is created by TaskRun just after the
+        spawn, while the task starts."""
         try:
-            prepare_task_folder(self.home.result_dir(task_id), RESULT_FILE)
+            prepare_task_folder(self.home.result_dir(task["task_id"]), RESULT_FILE)
         except UnsafePath as exc:
             return SpawnError(str(exc), retry=False, exit_code=126)
         except OSError:
             pass  # the task still runs (in the home); its result cannot be kept
-        with contextlib.suppress(OSError, UnsafePath):
-            os.close(open_in_folder(self.home.task_log(task_id),
-                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         return None
 
     def _launch(self, task: Task, now: float) -> Launched:

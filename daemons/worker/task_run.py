@@ -213,10 +213,9 @@ class TaskRun:
     def start(self) -> None:
         """Spawn the task; raises :class:`SpawnError` (nothing left running) on failure.
 
-        The log is opened (created, unless the worker's claim hook made it already) just
-        *after* the spawn, so the task starts while the file system does that (a new file
-        costs 0.1-0.7 ms on a busy ext4): output waits in the pipe
-        meanwhile and the header still comes first. Whether the log may be used is decided
+        The log is opened (created) just *after* the spawn, so the task starts while the
+        file system does that (a new file costs 0.1-1 ms on a busy ext4): output waits in
+        the pipe meanwhile and the header still comes first. Whether the log may be used is decided
         before the spawn: logs/tasks/ and the log itself must not be links (a link planted
         in between still fails the O_NOFOLLOW open, which then stops the task at once)."""
         spec = self.spec
