@@ -22,6 +22,7 @@ The tolerant JSONL readers are :mod:`coordination.jsonl`.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import stat
@@ -99,6 +100,20 @@ def open_in_folder(path: Path, flags: int, folder_fd: int | None = None) -> int:
             os.close(dfd)
 
 
+@functools.cache
+def _process_umask() -> int:
+    """This process's umask, read once (``/proc/self/status``; harness sets it at start,
+    daemons/cli.py); all bits set (nothing assumed) where it cannot be read."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777
+
+
 def prepare_task_folder(folder: Path, stale: str) -> None:
     """Make ``folder`` (``results/<task_id>/``) a real directory of the home and remove
     its file ``stale`` (a previous attempt's result), without following a link: neither
@@ -111,6 +126,9 @@ def prepare_task_folder(folder: Path, stale: str) -> None:
             os.mkdir(folder.name, mode, dir_fd=parent)
         except FileExistsError:
             pass
+        else:
+            if mode & _process_umask() == 0:
+                return  # new and empty, and the umask left its mode alone: nothing to do
         try:
             fd = os.open(folder.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                          | os.O_CLOEXEC, dir_fd=parent)
