@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,37 @@ _last_good: dict[str, Any] = {}
 _good_bytes: dict[str, bytes] = {}
 _remembered: dict[str, tuple[int, int, int]] = {}
 _keep = {"last_good": False}
+#: Inside :func:`one_version`: the stat of each config file, taken once for the block.
+_pinned: ContextVar[dict[str, os.stat_result | None] | None] = ContextVar(
+    "harness_config_pinned", default=None)
+
+
+@contextmanager
+def one_version() -> Iterator[None]:
+    """Within the block, each config file is looked at (stat) once: the loads see one
+    version of it. A daemon's step runs in one (the config is read once per step, not at
+    every ``load_system``); a change is seen by the next step, which its inotify event
+    wakes."""
+    token = _pinned.set({})
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat(path)``, None when it is missing; once per file inside :func:`one_version`."""
+    pinned = _pinned.get()
+    key = str(path)
+    if pinned is not None and key in pinned:
+        return pinned[key]
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if pinned is not None:
+        pinned[key] = st
+    return st
 
 
 def keep_last_good(enabled: bool = True) -> bool:
@@ -248,9 +280,8 @@ def _from_copy(path: Path, validate: Callable[[Path, Any], Any]) -> Any:
 
 
 def _load_cached(path: Path, validate: Callable[[Path, Any], Any], missing_default: Any) -> Any:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    st = _stat(path)
+    if st is None:
         return validate(path, missing_default)
     sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     hit = _cache.get(str(path))

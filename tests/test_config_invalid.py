@@ -185,3 +185,17 @@ def test_a_daemon_run_in_process_leaves_the_process_strict(tmp_path: Path) -> No
     _break(home)
     with pytest.raises(ConfigError):
         load_system(home)
+
+
+def test_one_version_reads_each_config_file_once(tmp_path: Path) -> None:
+    """Inside config.one_version (a worker's step) a change to system.json is not seen, so
+    every load of the block agrees; the next block (the next step) sees it."""
+    home = make_home(tmp_path)
+    before = load_system(home)["max_workers"]
+    with config.one_version():
+        assert load_system(home)["max_workers"] == before
+        set_system(home, max_workers=before + 3)
+        assert load_system(home)["max_workers"] == before
+    assert load_system(home)["max_workers"] == before + 3
+    with config.one_version():
+        assert load_system(home)["max_workers"] == before + 3

@@ -38,7 +38,7 @@ from types import FrameType
 from typing import Any, cast
 
 from coordination import clock
-from coordination.config import keep_last_good
+from coordination.config import keep_last_good, one_version
 from coordination.errors import (
     ConfigError,
     CorruptFileError,
@@ -133,7 +133,12 @@ class Worker(TaskLaunch, OutcomeRecording):
         return done
 
     def step(self, now: float) -> float | None:
-        """Do what is due at ``now``; return how long to wait (None: exit now)."""
+        """Do what is due at ``now``; return how long to wait (None: exit now). The step
+        sees one version of the config files (config.one_version)."""
+        with one_version():
+            return self._step(now)
+
+    def _step(self, now: float) -> float | None:
         if self.exit_reason is not None:
             return None
         self.steps += 1
