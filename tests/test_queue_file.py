@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from helpers import T0, events, final_records, make_home, needs, req
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordination.errors import CorruptFileError, UsageError
 from coordination.events import Event, append_events, make_event
@@ -22,6 +24,8 @@ from coordination.locks import lock_for
 from coordination.paths import Home
 from coordination.queue import FileQueue
 from coordination.queue.file import core as backend_module  # where events are appended
+from coordination.queue.file.state import LiveState
+from coordination.tasks import stored_task
 
 
 @pytest.fixture
@@ -575,3 +579,54 @@ def test_a_failed_publish_leaves_no_temp_file(backend: Any,
     backend.sync()
     assert {t["task_id"] for t in json.loads(home.queue_file.read_bytes())["tasks"]} == \
         {"A", "B"}
+
+
+# ------------------------------------------------------------------ runnable counts
+def _brute_runnable(state: LiveState, now_iso: str, paused: set[str]) -> dict[str, int]:
+    """The definition: queued, type not paused, due, no live dependency."""
+    out: dict[str, int] = {}
+    for m in state.meta.values():
+        if m.status != "queued" or m.wtype in paused:
+            continue
+        if (m.not_before is not None and m.not_before > now_iso) \
+                or any(d in state.meta for d in m.deps):
+            continue
+        out[m.wtype] = out.get(m.wtype, 0) + 1
+    return out
+
+
+_STEPS = st.lists(st.tuples(
+    st.sampled_from(["put", "put", "put", "run", "remove", "requeue"]),
+    st.integers(0, 11),  # task number
+    st.sampled_from(["default", "a", "b"]),
+    st.sampled_from([None, "2026-01-01T00:00:00.000Z", "2026-06-01T00:00:00.000Z"]),
+    st.lists(st.integers(0, 11), max_size=2)), max_size=60)
+
+
+@given(steps=_STEPS, paused=st.sets(st.sampled_from(["default", "a", "b"]), max_size=2))
+@settings(max_examples=150, deadline=None)
+def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str | None,
+                                                            list[int]]],
+                                           paused: set[str]) -> None:
+    """LiveState keeps the runnable count per type from counters and the held-back tasks
+    (dependencies, not_before) only; it must equal a scan of every live task after any mix
+    of puts, claims, requeues and removals, whatever is paused and whenever it is asked."""
+    state = LiveState()
+    for op, n, wtype, not_before, deps in steps:
+        task_id = f"t-{n}"
+        current = state.task(task_id)
+        if op == "put":
+            state.put(stored_task({"task_id": task_id, "status": "queued",
+                                   "priority": "medium", "worker_type": wtype,
+                                   "created_at": f"2026-01-01T00:00:{n:02d}.000Z",
+                                   "not_before": not_before,
+                                   "depends_on": [f"t-{d}" for d in deps if d != n]}))
+        elif current is not None and op in ("run", "requeue"):
+            current["status"] = "running" if op == "run" else "queued"
+            state.put(current)
+        elif current is not None:
+            state.remove(task_id, "completed")
+        for now_iso in ("2025-12-31T00:00:00.000Z", "2026-03-01T00:00:00.000Z",
+                        "2027-01-01T00:00:00.000Z"):
+            assert state.runnable_by_type(now_iso, paused) == \
+                _brute_runnable(state, now_iso, paused)

@@ -190,10 +190,8 @@ def measure_throughput(root: Path, workers: int, tasks: int, durability: str, *,
         while queue.stats()["live"]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{tasks} tasks not done within 600s")
-            queue.wait(0.05)  # woken by the workers' commits, not a polling loop
-            # ...but looking at most every 5 ms: woken by every commit, this observer
-            # would take a core's worth of CPU from the workers it measures (huey's
-            # result.get polls at up to 5 ms too, see peer_bench).
+            # A look every 5 ms, as huey's result.get in peer_bench: a watcher woken by
+            # each of the workers' commits would take CPU from the workers it measures.
             time.sleep(0.005)
         elapsed = time.monotonic() - t0
     finally:

@@ -515,7 +515,8 @@ class QueueCore(QueueWakeups):
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         """Counts by status and priority, runnable tasks per worker type, oldest queued age,
-        inbox and dead-letter sizes, revision. O(1) but for the runnable count."""
+        inbox and dead-letter sizes, revision. O(1) but for the runnable count (O(queued
+        tasks with dependencies or a not_before)) and the inbox and dead-letter listings."""
         ts = clock.now() if now is None else now
         with self._mutex:
             state = self._sync(locked=False)

@@ -75,6 +75,8 @@ class LiveState:
         self.waiters: dict[str, set[str]] = {}  # live dependency -> queued tasks waiting
         self.oldest: list[tuple[str, str]] = []  # heap of (created_at, task_id), queued
         self.finished: OrderedDict[str, str] = OrderedDict()  # task_id -> final status
+        self.queued_by_type: dict[str, int] = {}  # worker type -> queued tasks
+        self.held: set[str] = set()  # queued tasks with dependencies or a not_before
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
@@ -116,19 +118,20 @@ class LiveState:
         return None if m is None else m.deps
 
     def runnable_by_type(self, now_iso: str, paused: Container[str]) -> dict[str, int]:
-        """Queued tasks that a claim could take now, per worker type (paused types count 0).
-        O(live) over the slim records: for reports, not for the claim path."""
-        out: dict[str, int] = {}
+        """Queued tasks that a claim could take now, per worker type (types with none, and
+        paused types, are left out). O(queued tasks with dependencies or a not_before): the
+        queued count per type, less those of them held back now."""
+        out = {wtype: n for wtype, n in self.queued_by_type.items()
+               if n and wtype not in paused}
         meta = self.meta
-        for m in meta.values():
-            if m.status != "queued" or m.wtype in paused:
+        for task_id in self.held:
+            m = meta[task_id]
+            if m.wtype not in out:
                 continue
-            if m.not_before is not None and m.not_before > now_iso:
-                continue
-            if any(d in meta for d in m.deps):
-                continue
-            out[m.wtype] = out.get(m.wtype, 0) + 1
-        return out
+            if (m.not_before is not None and m.not_before > now_iso) \
+                    or any(d in meta for d in m.deps):
+                out[m.wtype] -= 1
+        return {wtype: n for wtype, n in out.items() if n}
 
     # ------------------------------------------------------------------ changes
     def put(self, task: Task, blob: bytes | None = None) -> None:
@@ -136,13 +139,17 @@ class LiveState:
         task_id = task["task_id"]
         old = self.meta.get(task_id)
         if old is not None:
-            self.counts[(old.status, old.priority)] -= 1
+            self._uncount(task_id, old)
             if old.dedup_key and self.by_dedup.get(old.dedup_key) == task_id:
                 del self.by_dedup[old.dedup_key]
         m = Meta(task)
         self.meta[task_id] = m
         self.blobs[task_id] = dumps(task) if blob is None else blob
         self.counts[(m.status, m.priority)] += 1
+        if m.status == "queued":
+            self.queued_by_type[m.wtype] = self.queued_by_type.get(m.wtype, 0) + 1
+            if m.deps or m.not_before is not None:
+                self.held.add(task_id)
         if m.dedup_key:
             self.by_dedup[m.dedup_key] = task_id
         self.finished.pop(task_id, None)
@@ -158,7 +165,7 @@ class LiveState:
         if m is None:
             return
         del self.blobs[task_id]
-        self.counts[(m.status, m.priority)] -= 1
+        self._uncount(task_id, m)
         if m.dedup_key and self.by_dedup.get(m.dedup_key) == task_id:
             del self.by_dedup[m.dedup_key]
         if final_status is not None:
@@ -169,6 +176,13 @@ class LiveState:
             wm = self.meta.get(waiter)
             if wm is not None and wm.status == "queued":
                 self._file(waiter, wm)
+
+    def _uncount(self, task_id: str, m: Meta) -> None:
+        """Take ``m`` (the task's record until now) out of the counts."""
+        self.counts[(m.status, m.priority)] -= 1
+        if m.status == "queued":
+            self.queued_by_type[m.wtype] -= 1
+            self.held.discard(task_id)
 
     def _file(self, task_id: str, m: Meta) -> None:
         """File a queued task where it belongs: waiting on a live dependency, delayed until
