@@ -610,7 +610,9 @@ def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str 
                                            paused: set[str]) -> None:
     """LiveState keeps the runnable count per type from counters and the held-back tasks
     (dependencies, not_before) only; it must equal a scan of every live task after any mix
-    of puts, claims, requeues and removals, whatever is paused and whenever it is asked."""
+    of puts, claims, requeues and removals, whatever is paused and whenever it is asked, and
+    the held set must be exactly the queued tasks with dependencies or a not_before (what
+    next_due looks at)."""
     state = LiveState()
     for op, n, wtype, not_before, deps in steps:
         task_id = f"t-{n}"
@@ -626,6 +628,8 @@ def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str 
             state.put(current)
         elif current is not None:
             state.remove(task_id, "completed")
+        assert state.held == {tid for tid, m in state.meta.items() if m.status == "queued"
+                              and (m.deps or m.not_before is not None)}
         for now_iso in ("2025-12-31T00:00:00.000Z", "2026-03-01T00:00:00.000Z",
                         "2027-01-01T00:00:00.000Z"):
             assert state.runnable_by_type(now_iso, paused) == \

@@ -502,15 +502,17 @@ class QueueCore(QueueWakeups):
 
     def next_due(self, *, types: Iterable[str] | None = None,
                  now: float | None = None) -> str | None:
-        """The earliest future ``not_before`` of a queued task (see the port); a pass over
-        the slim index records, no task parsed."""
+        """The earliest future ``not_before`` of a queued task (see the port): a pass over
+        the queued tasks held back (LiveState.held: those with a not_before or
+        dependencies), not over the backlog; no task parsed."""
         now_iso = clock.iso(clock.now() if now is None else now)
         wanted = set(types) if types is not None else None
         with self._mutex:
             state = self._sync(locked=False)
-            found = [m.not_before for m in state.meta.values()
-                     if m.status == "queued" and m.not_before is not None
-                     and m.not_before > now_iso and (wanted is None or m.wtype in wanted)]
+            meta = state.meta
+            found = [m.not_before for m in (meta[task_id] for task_id in state.held)
+                     if m.not_before is not None and m.not_before > now_iso
+                     and (wanted is None or m.wtype in wanted)]
         return min(found) if found else None
 
     def stats(self, now: float | None = None) -> dict[str, Any]:

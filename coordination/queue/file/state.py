@@ -76,7 +76,9 @@ class LiveState:
         self.oldest: list[tuple[str, str]] = []  # heap of (created_at, task_id), queued
         self.finished: OrderedDict[str, str] = OrderedDict()  # task_id -> final status
         self.queued_by_type: dict[str, int] = {}  # worker type -> queued tasks
-        self.held: set[str] = set()  # queued tasks with dependencies or a not_before
+        # Queued tasks with dependencies or a not_before: all that runnable counts and
+        # next_due look at (a task leaves it when it stops being queued).
+        self.held: set[str] = set()
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
