@@ -612,7 +612,7 @@ def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str 
     (dependencies, not_before) only; it must equal a scan of every live task after any mix
     of puts, claims, requeues and removals, whatever is paused and whenever it is asked, and
     the held set must be exactly the queued tasks with dependencies or a not_before (what
-    next_due looks at)."""
+    next_due looks at), the running set the running tasks (expired_leases)."""
     state = LiveState()
     for op, n, wtype, not_before, deps in steps:
         task_id = f"t-{n}"
@@ -630,6 +630,7 @@ def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str 
             state.remove(task_id, "completed")
         assert state.held == {tid for tid, m in state.meta.items() if m.status == "queued"
                               and (m.deps or m.not_before is not None)}
+        assert state.running == set(state.ids_with_status("running"))
         for now_iso in ("2025-12-31T00:00:00.000Z", "2026-03-01T00:00:00.000Z",
                         "2027-01-01T00:00:00.000Z"):
             assert state.runnable_by_type(now_iso, paused) == \

@@ -67,11 +67,11 @@ class FileQueue(Publisher, ops.Operations):
 
     def expired_leases(self, now: float | None = None) -> list[Task]:
         """Running tasks whose lease ended before ``now`` (see the port), from the
-        in-memory queue: only the running tasks are parsed."""
+        in-memory queue: only the running tasks are looked at and parsed (O(running))."""
         now_iso = clock.iso(clock.now() if now is None else now)
         with self._mutex:
             state = self._sync(locked=False)
-            running = [t for t in map(state.task, state.ids_with_status("running")) if t]
+            running = [t for t in map(state.task, list(state.running)) if t]
         return sorted((t for t in running if rules.lease_expired(t, now_iso)),
                       key=lambda t: (t["lease_until"], t["task_id"]))
 

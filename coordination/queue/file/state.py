@@ -79,6 +79,7 @@ class LiveState:
         # Queued tasks with dependencies or a not_before: all that runnable counts and
         # next_due look at (a task leaves it when it stops being queued).
         self.held: set[str] = set()
+        self.running: set[str] = set()  # running tasks (what expired_leases looks at)
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
@@ -152,6 +153,8 @@ class LiveState:
             self.queued_by_type[m.wtype] = self.queued_by_type.get(m.wtype, 0) + 1
             if m.deps or m.not_before is not None:
                 self.held.add(task_id)
+        elif m.status == "running":
+            self.running.add(task_id)
         if m.dedup_key:
             self.by_dedup[m.dedup_key] = task_id
         self.finished.pop(task_id, None)
@@ -185,6 +188,8 @@ class LiveState:
         if m.status == "queued":
             self.queued_by_type[m.wtype] -= 1
             self.held.discard(task_id)
+        elif m.status == "running":
+            self.running.discard(task_id)
 
     def _file(self, task_id: str, m: Meta) -> None:
         """File a queued task where it belongs: waiting on a live dependency, delayed until
