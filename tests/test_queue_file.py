@@ -635,3 +635,17 @@ def test_runnable_counts_match_a_full_scan(steps: list[tuple[str, int, str, str 
                         "2027-01-01T00:00:00.000Z"):
             assert state.runnable_by_type(now_iso, paused) == \
                 _brute_runnable(state, now_iso, paused)
+
+
+def test_publish_interval_grows_with_the_write_time_within_the_bound(backend: Any) -> None:
+    """A view that is quick to write is republished every SNAPSHOT_INTERVAL_S; one that
+    takes long (a big queue) less often, but the interval plus two writes always stays
+    under the 1 s bound (less a tenth for scheduling) while writes take under 0.25 s."""
+    from coordination.queue.file.publisher import SNAPSHOT_INTERVAL_S, VIEW_BOUND_S
+
+    for render_s, expected in ((0.0, SNAPSHOT_INTERVAL_S), (0.002, SNAPSHOT_INTERVAL_S),
+                               (0.08, 0.56), (0.11, 0.68), (0.2, 0.5)):
+        backend._render_s = render_s
+        interval = backend._interval()
+        assert interval == pytest.approx(expected)
+        assert interval + 2 * render_s <= VIEW_BOUND_S - 0.1 + 1e-9

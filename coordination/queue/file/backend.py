@@ -5,7 +5,8 @@ Files, all under ``coordination/`` and ``locks/queue.lock``:
 - ``task-queue.journal``: the record of every committed transaction (see :mod:`.journal`).
   A commit is one ``pwrite`` of one line and one ``fdatasync``: the commit point.
 - ``task-queue.json``: the jq view, a snapshot of the live tasks republished by rename at
-  most every ``SNAPSHOT_INTERVAL_S`` while the queue changes; exact once the queue has been
+  most every ``SNAPSHOT_INTERVAL_S`` (longer for a big view, within the bound) while the
+  queue changes; exact once the queue has been
   quiet for 1 s, never more than 1 s behind. A compaction publishes it durably and starts
   a new journal with only the lines after it.
 - ``inbox/``, ``dead-letters/``, ``task-history.jsonl``: as before (group commit through
@@ -173,7 +174,7 @@ class FileQueue(Publisher, ops.Operations):
     # ================================================================== upkeep
     def keep_view_fresh(self) -> Callable[[], None]:
         """Nothing to start: every process that commits republishes task-queue.json
-        within SNAPSHOT_INTERVAL_S (0.4 s) itself, and no other host writes this queue."""
+        within its publish interval itself, and no other host writes this queue."""
         return _nothing
 
     def apply_retention(self, *, now: float | None = None,

@@ -1,5 +1,6 @@
 """The jq view of the file queue: ``task-queue.json`` republished by a timer thread at most
-every SNAPSHOT_INTERVAL_S while the queue changes (written off the lock, renamed under
+every SNAPSHOT_INTERVAL_S (longer for a view that takes long to write, within the 1 s
+bound) while the queue changes (written off the lock, renamed under
 it), and compaction: a durable view that starts a new journal (docs/coordination.md,
 "task-queue.json", "task-queue.journal")."""
 
@@ -24,17 +25,28 @@ from .snapshot import publish_temp, render, stat_sig, write_temp
 from .txn import Txn, unlink_quietly
 
 SNAPSHOT_INTERVAL_S = 0.4  # at most this often; with the write time, under the 1 s bound
+VIEW_BOUND_S = 1.0  # the view is never more than this behind (docs/coordination.md)
 COMPACT_BYTES = 64 << 20  # a snapshot after the journal holds this much becomes durable
 
 
 class Publisher(QueueCore):
     """Publishing and compaction for :class:`~.backend.FileQueue`."""
 
+    _render_s = 0.0  # how long our last render and write of the view took
+
+    def _interval(self) -> float:
+        """The least time between two publishes: SNAPSHOT_INTERVAL_S, longer for a view
+        that takes long to write (about 7 writes' time: a 100,000-task view takes ~0.1 s,
+        which every 0.4 s was a quarter of a core), as long as the interval and two writes
+        stay within VIEW_BOUND_S less a tenth of a second."""
+        return max(SNAPSHOT_INTERVAL_S,
+                   min(7 * self._render_s, VIEW_BOUND_S - 0.1 - 2 * self._render_s))
+
     def _snapshot_due(self, now: float) -> None:
-        """Have the jq view published SNAPSHOT_INTERVAL_S after the last one, by a timer
-        thread (a daemon's work is never held up by it; a short-lived process publishes
-        what it owes in :meth:`close`, at exit at the latest)."""
-        self._schedule(max(0.0, self._snap_at + SNAPSHOT_INTERVAL_S - time.time()))
+        """Have the jq view published an interval (:meth:`_interval`) after the last one,
+        by a timer thread (a daemon's work is never held up by it; a short-lived process
+        publishes what it owes in :meth:`close`, at exit at the latest)."""
+        self._schedule(max(0.0, self._snap_at + self._interval() - time.time()))
 
     def _schedule(self, delay: float) -> None:
         """Ask the timer thread for a publish after ``delay`` (start it when none runs). A
@@ -55,7 +67,7 @@ class Publisher(QueueCore):
     _publish_wanted = False
 
     def _timer_fired(self) -> None:
-        """The background publisher: publish, then again after SNAPSHOT_INTERVAL_S while
+        """The background publisher: publish, then again after an interval while
         requests keep coming; it ends (under the mutex, so no request is lost) when none
         came. A failure is logged, never raised into a thread nobody joins (the journal
         holds every commit either way)."""
@@ -70,7 +82,7 @@ class Publisher(QueueCore):
             try:
                 later = self._sync_timed()
                 if later > 0:
-                    # Another process published less than SNAPSHOT_INTERVAL_S ago: come
+                    # Another process published less than an interval ago: come
                     # back when the interval since its publish is over (one render per
                     # interval for the whole fleet, not one per process that commits).
                     time.sleep(later)
@@ -84,7 +96,7 @@ class Publisher(QueueCore):
                 if self._closed or not self._publish_wanted:
                     self._timer = None
                     return
-            time.sleep(SNAPSHOT_INTERVAL_S)
+            time.sleep(self._interval())
 
     def sync(self, *, durable: bool = False) -> None:
         """Publish task-queue.json for the newest revision unless a snapshot of it exists
@@ -100,16 +112,17 @@ class Publisher(QueueCore):
 
     def _sync_timed(self) -> float:
         """The timer's publish: 0.0 when done, else how long to wait first because
-        another process published a view less than SNAPSHOT_INTERVAL_S ago (the bound on
-        the view's staleness holds either way: that publish, or ours after the wait, comes
+        another process published a view less than an interval ago (the bound on the
+        view's staleness holds either way: that publish, or ours after the wait, comes
         within the interval of our commit)."""
+        interval = self._interval()
         with self._mutex:
             self._sync(locked=False)
-            wait = self._snap_at + SNAPSHOT_INTERVAL_S - time.time()
+            wait = self._snap_at + interval - time.time()
             if self._snap_rev >= 0 and wait > 0.01 \
                     and self._journal.data_size() <= COMPACT_BYTES:
                 self._publish_wanted = True
-                return min(wait, SNAPSHOT_INTERVAL_S)
+                return min(wait, interval)
         self.sync()
         return 0.0
 
@@ -125,23 +138,29 @@ class Publisher(QueueCore):
             rev, parts = state.rev, state.snapshot_parts()
             compact = durable or self._journal.data_size() > COMPACT_BYTES
         dur: Durability = cfg.durability if compact else "none"
+        started = time.monotonic()
         tmp: Path | None = write_temp(self.home.queue_file, render(rev, now, parts), dur,
                                       self._mode)
+        self._render_s = time.monotonic() - started
+        replaced: list[int] = []
         try:
             with self._mutex:
                 self._acquire(cfg.lock_timeout)
                 try:
                     assert tmp is not None
-                    self._publish_locked(tmp, rev, now, compact, dur)
+                    self._publish_locked(tmp, rev, now, compact, dur, replaced=replaced)
                     tmp = None
                 finally:
                     self._lock.release()
         finally:
+            for fd in replaced:  # the old view's blocks are freed now, off the lock
+                os.close(fd)
             if tmp is not None:
                 unlink_quietly(tmp)
 
     def _publish_locked(self, tmp: Path, rev: int, now: float, compact: bool,
-                        dur: Durability, *, force: bool = False) -> None:
+                        dur: Durability, *, force: bool = False,
+                        replaced: list[int] | None = None) -> None:
         state = self._sync(locked=True)
         if self._pending_merge is not None:
             # A hand edit arrived meanwhile: record it first; our file predates it.
@@ -151,7 +170,7 @@ class Publisher(QueueCore):
             self._owe_snapshot = state.rev > self._snap_rev
             unlink_quietly(tmp)
             return
-        sig = publish_temp(tmp, self.home.queue_file, dur)
+        sig = publish_temp(tmp, self.home.queue_file, dur, keep_replaced=replaced)
         at = clock.iso(now)
         if self._journal.fd is None:
             self._start_journal(rev, at, dur)
@@ -162,7 +181,7 @@ class Publisher(QueueCore):
             self._compact(rev, at, dur)
         self._owe_snapshot = state.rev > rev
         if self._owe_snapshot:
-            self._schedule(SNAPSHOT_INTERVAL_S)
+            self._schedule(self._interval())
 
     def _transaction_locked_merge(self, now: float) -> None:
         state = self._state
