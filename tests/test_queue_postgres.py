@@ -562,6 +562,71 @@ def test_a_claim_does_not_wait_for_a_synchronous_standby_an_outcome_does(
     queue.close()
 
 
+def test_control_reads_are_cached_while_listening_until_a_change_anywhere(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that LISTENs (a worker) reads the control state once, then from its
+    cache (shared.ControlCache): no round trip at each wake-up. A queue commit's
+    notification keeps the cache; a change made here, or elsewhere (its NOTIFY), ends it
+    before the wake-up it causes; without a listener every read is a round trip."""
+    from coordination.queue.postgres.shared import (
+        CHANNEL,
+        CONTROL_CACHE,
+        CONTROL_PAYLOAD,
+        PostgresControl,
+    )
+
+    home = pg_home_factory()
+    url = _url_of(home)
+    queue = PostgresQueue(home)
+    control = PostgresControl(home)
+    sent = _batches(monkeypatch)
+
+    def reads(expected_trips: int) -> dict[str, Any]:
+        sent.clear()
+        state = control.read()
+        trips = [q for q in sent if "FROM control" in q]
+        assert len(trips) == expected_trips, sent
+        return state
+
+    reads(1)
+    reads(1)  # nobody listens: no cache
+    woke = threading.Event()
+    woke_uncached = threading.Event()  # a wake-up that found the cache dropped already
+
+    def on_change() -> None:
+        if CONTROL_CACHE.get(url) is None:
+            woke_uncached.set()
+        woke.set()
+    stop = queue.on_change(on_change)
+    try:
+        reads(1)
+        assert reads(0)["paused_types"] == {}
+        woke_uncached.clear()
+        control.update(lambda state: state["paused_types"].update(
+            {"default": {"reason": "here", "until": None}}), now=T0)
+        assert reads(1)["paused_types"]["default"]["reason"] == "here"  # at once
+        assert woke_uncached.wait(T_WAIT)  # its own NOTIFY came too (and dropped it)
+        control.read()
+        assert reads(0)["paused_types"]["default"]["reason"] == "here"
+        woke.clear()
+        queue.enqueue(req(), now=T0)  # a queue commit: the control state is unchanged
+        assert woke.wait(T_WAIT)
+        reads(0)
+        woke_uncached.clear()
+        with psycopg.connect(url, autocommit=True) as other, other.transaction():
+            other.execute("UPDATE control SET state = state || "  # another host's change
+                          "'{\"paused_types\": {}}'::jsonb")
+            other.execute("SELECT pg_notify(%s, %s)", (CHANNEL, CONTROL_PAYLOAD))
+        assert woke_uncached.wait(T_WAIT)  # its wake-up comes after the cache was dropped
+        assert reads(1)["paused_types"] == {}
+        reads(0)
+    finally:
+        stop()
+    reads(1)  # the listener is gone
+    reads(1)
+    queue.close()
+
+
 def test_prepared_statements_survive_a_rollback_and_are_remade_when_dropped(
         pg_home_factory: Callable[..., Home]) -> None:
     """A failed operation ends in ROLLBACK, after which the connection's prepared
