@@ -116,8 +116,13 @@ _CLAIM_ORDER = "ORDER BY priority_rank, created_at, task_id"
 #: queued and running rows) have no index for their ORDER BY and must sort.
 #: The same round trip reads the shared control state (the pauses), so a claim sees them
 #: as of its own snapshot; a scalar subquery, so the setting applies even without a row.
+#: And the claim runs its prepared generic plan (the index walk, whatever the values):
+#: under plan_cache_mode auto PostgreSQL re-planned it for most claims (156 custom plans
+#: in 200 claims at 20,000 queued), 0.15 ms per claim of planning for the same plan
+#: (measured: 0.44 ms -> 0.29 ms per claim round trip, 1 or 100,000 queued).
 _CLAIM_SETTINGS = ("SELECT (SELECT state FROM control), "
-                   "set_config('enable_sort', 'off', true)")
+                   "set_config('enable_sort', 'off', true), "
+                   "set_config('plan_cache_mode', 'force_generic_plan', true)")
 
 
 
