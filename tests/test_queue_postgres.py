@@ -8,9 +8,11 @@ backend; each test here gets its own database on the session's throwaway cluster
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +344,13 @@ def test_claim_plan_walks_the_claim_index_even_with_stale_statistics(
                 "EXPLAIN " + _CLAIM, {"now": "2099", "paused": [], "wanted": None},
                 prepare=generic))
         assert "tasks_claim" in plan and "Sort" not in plan, plan
-    assert queue.claim("w1", now=T0) is not None
+    for _ in range(8):  # past the five custom plans plan_cache_mode auto starts with
+        assert queue.claim("w1", now=T0) is not None
+    # The claim runs its generic plan (checked above), never re-planned per claim.
+    (generic_plans, custom_plans), = conn.execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%SKIP LOCKED%'").fetchall()
+    assert (generic_plans, custom_plans) == (8, 0)
 
 
 def test_backpressure_count_stops_at_the_bound_even_with_stale_statistics(
@@ -384,25 +392,32 @@ def test_backpressure_names_the_limit_and_comes_after_validation(
     assert queue.enqueue(req(), now=T0).created
 
 
+def _batches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL text of every batch sent from now on (psycopg.Connection.execute)."""
+    sent: list[str] = []
+    real = psycopg.Connection.execute
+
+    def recording(self: psycopg.Connection[Any], query: Any, *args: Any,
+                  **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return real(self, query, *args, **kwargs)
+    monkeypatch.setattr(psycopg.Connection, "execute", recording)
+    return sent
+
+
 def test_an_enqueue_and_a_claim_take_two_round_trips_each(
         pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
     """A transaction batches the statements it needs no answer to (txn.py): an enqueue is
     ``BEGIN; count; check id`` then ``INSERT; events, notify; COMMIT``, a claim (once the
     instance has read the control state) ``BEGIN; settings; claim`` then ``UPDATE;
-    events, notify; COMMIT``; statements used before on the connection are not prepared
-    again. Counted as batches sent to the server, not timed."""
+    events, notify; SET LOCAL synchronous_commit TO off; COMMIT``; statements used
+    before on the connection are not prepared again. Counted as batches sent to the
+    server, not timed."""
     queue = PostgresQueue(pg_home_factory())
     queue.enqueue(req(), now=T0)
     first = queue.claim("w1", now=T0)
     assert first is not None
-    sent: list[str] = []
-    real = psycopg.Connection.execute
-
-    def counting(self: psycopg.Connection[Any], query: Any, *args: Any,
-                 **kwargs: Any) -> Any:
-        sent.append(str(query))
-        return real(self, query, *args, **kwargs)
-    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    sent = _batches(monkeypatch)
     added = queue.enqueue(req(), now=T0 + 1).task
     assert len(sent) == 2, sent
     assert sent[0].startswith("BEGIN;") and "count(*)" in sent[0]
@@ -418,6 +433,204 @@ def test_an_enqueue_and_a_claim_take_two_round_trips_each(
     assert len(sent) == 2, sent  # BEGIN; lock  /  DELETE; history; events, notify; COMMIT
     monkeypatch.undo()
     assert {t["task_id"] for t in queue.live_tasks()} == {first["task_id"]}
+
+
+#: How long a test waits for a thread or a server state it expects (never a figure
+#: asserted: only the bound on a wait that would otherwise hang).
+T_WAIT = 10.0
+_ASYNC = "SET LOCAL synchronous_commit TO off; COMMIT"
+
+
+def test_only_a_pure_claim_commits_asynchronously(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim alone sends ``SET LOCAL synchronous_commit TO off`` with its COMMIT (no
+    round trip more); a transaction that accepts a task (an enqueue, a claim that admits
+    an inbox request) or records an outcome (complete, complete_and_claim, fail) commits
+    as the server is set up to. The server side is tested in
+    test_a_claim_does_not_wait_for_a_synchronous_standby_an_outcome_does."""
+    home = pg_home_factory()
+    queue = PostgresQueue(home)
+    queue.enqueue(req(), now=T0)
+    assert queue.claim("w0", now=T0) is not None  # reads the control state once
+    sent = _batches(monkeypatch)
+    for _ in range(3):
+        queue.enqueue(req(), now=T0 + 1)
+    assert sent and not any("synchronous_commit" in batch for batch in sent), sent
+    sent.clear()
+    claimed = queue.claim("w1", now=T0 + 2)
+    assert claimed is not None
+    assert len(sent) == 2 and sent[1].endswith(_ASYNC), sent
+    sent.clear()
+    done, nxt = queue.complete_and_claim(claimed["task_id"], "w1", lease=lease_token(claimed),
+                                         now=T0 + 3)
+    assert nxt is not None and done["status"] == "completed"
+    assert not any("synchronous_commit" in batch for batch in sent), sent
+    sent.clear()
+    queue.fail(nxt["task_id"], "w1", error="boom", retry=False, lease=lease_token(nxt),
+               now=T0 + 4)
+    assert not any("synchronous_commit" in batch for batch in sent), sent
+    sent.clear()
+    queue.submit(req(task_id="from-inbox"), now=T0 + 5)
+    admitted = queue.claim("w1", now=T0 + 5)  # admits the request, claims an older task
+    assert admitted is not None and admitted["task_id"] != "from-inbox"
+    assert queue.get("from-inbox") is not None
+    assert not any("synchronous_commit" in batch for batch in sent), sent
+    sent.clear()
+    assert queue.claim("w2", now=T0 + 6) is not None  # the request, now queued
+    assert sent[-1].endswith(_ASYNC), sent
+
+
+def test_a_claim_does_not_wait_for_a_synchronous_standby_an_outcome_does(
+        pg_cluster: Any, pg_home_factory: Callable[..., Home]) -> None:
+    """On the server: with ``synchronous_commit`` on and ``synchronous_standby_names``
+    naming a standby that never connects, every synchronous commit waits (wait event
+    SyncRep) until the setting is reset. A claim returns all the same (it commits with
+    synchronous_commit off); an enqueue, then a complete, wait. No timing is asserted: a
+    synchronous claim would wait for ever (the join below would time out). One waiter at
+    a time: a transaction waiting for the standby still holds the lock that serialises
+    NOTIFYing commits, behind which the next would wait on that lock instead."""
+    if pg_cluster.datadir is None:
+        pytest.skip("HARNESS_TEST_DATABASE_URL names a server these tests did not start")
+    home = pg_home_factory()
+    url = _url_of(home)
+    dbname = url.rsplit("/", 1)[1]
+    # The tests' cluster runs with synchronous_commit off: on for this database.
+    pg_cluster.admin(f"ALTER DATABASE {dbname} SET synchronous_commit = on")
+    queue = PostgresQueue(home)
+    for _ in range(2):
+        queue.enqueue(req(), now=T0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE probe (x int)")
+    outcomes: dict[str, Any] = {}
+    threads: list[threading.Thread] = []
+
+    def run(name: str, call: Callable[[], Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                outcomes[name] = call()
+            except BaseException as exc:  # reported by the assertions below
+                outcomes[name] = exc
+        thread = threading.Thread(target=body, name=name)
+        thread.start()
+        threads.append(thread)
+        return thread
+
+    def probe() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO probe VALUES (1)")
+
+    def wait_until_waiting(name: str) -> None:
+        """Until ``name``'s commit waits for the standby: each running thread's session
+        (the probe's, ``name``'s) waits in SyncRep, none on anything else."""
+        deadline = time.monotonic() + T_WAIT
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                rows = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE "
+                                    "datname = %s AND pid <> pg_backend_pid() AND state = "
+                                    "'active'", (dbname,)).fetchall()
+                if rows == [("SyncRep",)] * len(threads):
+                    return
+                assert time.monotonic() < deadline, f"{name}: {rows} {outcomes}"
+                time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def absent_standby() -> Iterator[None]:
+        pg_cluster.admin("ALTER SYSTEM SET synchronous_standby_names = 'harness_absent'")
+        pg_cluster.admin("SELECT pg_reload_conf()")
+        try:
+            run("probe", probe)
+            wait_until_waiting("probe")  # in force: a synchronous commit waits
+            yield
+        finally:
+            pg_cluster.admin("ALTER SYSTEM RESET synchronous_standby_names")
+            pg_cluster.admin("SELECT pg_reload_conf()")  # wakes every waiter
+            for thread in threads:
+                thread.join(T_WAIT)
+            assert not any(thread.is_alive() for thread in threads), outcomes
+            threads.clear()
+
+    with absent_standby():
+        run("claim", lambda: queue.claim("w1", now=T0 + 1)).join(T_WAIT)
+        assert "claim" in outcomes, "the claim waited for the standby"
+    claimed = outcomes["claim"]
+    assert isinstance(claimed, dict) and claimed["status"] == "running", claimed
+    with absent_standby():
+        run("enqueue", lambda: queue.enqueue(req(), now=T0 + 2))
+        wait_until_waiting("enqueue")
+        assert "enqueue" not in outcomes
+    assert outcomes["enqueue"].created, outcomes
+    with absent_standby():
+        run("complete", lambda: queue.complete(claimed["task_id"], "w1",
+                                               lease=lease_token(claimed), now=T0 + 3))
+        wait_until_waiting("complete")
+        assert "complete" not in outcomes
+    assert outcomes["complete"]["status"] == "completed", outcomes
+    queue.close()
+
+
+def test_control_reads_are_cached_while_listening_until_a_change_anywhere(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that LISTENs (a worker) reads the control state once, then from its
+    cache (shared.ControlCache): no round trip at each wake-up. A queue commit's
+    notification keeps the cache; a change made here, or elsewhere (its NOTIFY), ends it
+    before the wake-up it causes; without a listener every read is a round trip."""
+    from coordination.queue.postgres.shared import (
+        CHANNEL,
+        CONTROL_CACHE,
+        CONTROL_PAYLOAD,
+        PostgresControl,
+    )
+
+    home = pg_home_factory()
+    url = _url_of(home)
+    queue = PostgresQueue(home)
+    control = PostgresControl(home)
+    sent = _batches(monkeypatch)
+
+    def reads(expected_trips: int) -> dict[str, Any]:
+        sent.clear()
+        state = control.read()
+        trips = [q for q in sent if "FROM control" in q]
+        assert len(trips) == expected_trips, sent
+        return state
+
+    reads(1)
+    reads(1)  # nobody listens: no cache
+    woke = threading.Event()
+    woke_uncached = threading.Event()  # a wake-up that found the cache dropped already
+
+    def on_change() -> None:
+        if CONTROL_CACHE.get(url) is None:
+            woke_uncached.set()
+        woke.set()
+    stop = queue.on_change(on_change)
+    try:
+        reads(1)
+        assert reads(0)["paused_types"] == {}
+        woke_uncached.clear()
+        control.update(lambda state: state["paused_types"].update(
+            {"default": {"reason": "here", "until": None}}), now=T0)
+        assert reads(1)["paused_types"]["default"]["reason"] == "here"  # at once
+        assert woke_uncached.wait(T_WAIT)  # its own NOTIFY came too (and dropped it)
+        control.read()
+        assert reads(0)["paused_types"]["default"]["reason"] == "here"
+        woke.clear()
+        queue.enqueue(req(), now=T0)  # a queue commit: the control state is unchanged
+        assert woke.wait(T_WAIT)
+        reads(0)
+        woke_uncached.clear()
+        with psycopg.connect(url, autocommit=True) as other, other.transaction():
+            other.execute("UPDATE control SET state = state || "  # another host's change
+                          "'{\"paused_types\": {}}'::jsonb")
+            other.execute("SELECT pg_notify(%s, %s)", (CHANNEL, CONTROL_PAYLOAD))
+        assert woke_uncached.wait(T_WAIT)  # its wake-up comes after the cache was dropped
+        assert reads(1)["paused_types"] == {}
+        reads(0)
+    finally:
+        stop()
+    reads(1)  # the listener is gone
+    reads(1)
+    queue.close()
 
 
 def test_prepared_statements_survive_a_rollback_and_are_remade_when_dropped(

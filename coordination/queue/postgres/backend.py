@@ -7,10 +7,18 @@ checks filter on; ``history`` is append-only, its ``seq`` the history cursor;
 
 Guarantees
 - Each method that changes the queue is one transaction (READ COMMITTED; the rows it
-  changes are locked with ``FOR UPDATE``); it returns once committed. A transaction that
-  lost a race (a dedup key or task id taken meanwhile, a deadlock) is re-run from the start.
-  Its statements go in batches, as few round trips as it needs answers (:mod:`.txn`):
-  an enqueue, a claim and a complete take two each.
+  changes are locked with ``FOR UPDATE``); it returns once committed, durably (the
+  server's ``synchronous_commit``), except a transaction that only claims (a worker's
+  :meth:`claim` that admitted no inbox request: :meth:`.txn._Txn.only_claims`), which
+  commits with ``synchronous_commit`` off, in the COMMIT's own round trip: it returns
+  before its WAL is flushed. A server crash (or a failover to a standby) can then lose
+  the claim, never a task or an outcome: the task is queued again and runs again
+  (at-least-once), and the worker's later complete, fail or heartbeat is fenced by the
+  lease token ("lease lost"), as after any restart. WAL is flushed in order, so a
+  synchronous commit after the claim (its complete) makes the claim durable too.
+  A transaction that lost a race (a dedup key or task id taken meanwhile, a deadlock)
+  is re-run from the start. Its statements go in batches, as few round trips as it
+  needs answers (:mod:`.txn`): an enqueue, a claim and a complete take two each.
 - A claim takes ``SELECT ... ORDER BY rules.claim_key FOR UPDATE SKIP LOCKED LIMIT 1`` and
   updates that row in the same transaction: two claimers never get the same task and never
   wait for each other.
@@ -108,8 +116,13 @@ _CLAIM_ORDER = "ORDER BY priority_rank, created_at, task_id"
 #: queued and running rows) have no index for their ORDER BY and must sort.
 #: The same round trip reads the shared control state (the pauses), so a claim sees them
 #: as of its own snapshot; a scalar subquery, so the setting applies even without a row.
+#: And the claim runs its prepared generic plan (the index walk, whatever the values):
+#: under plan_cache_mode auto PostgreSQL re-planned it for most claims (156 custom plans
+#: in 200 claims at 20,000 queued), 0.15 ms per claim of planning for the same plan
+#: (measured: 0.44 ms -> 0.29 ms per claim round trip, 1 or 100,000 queued).
 _CLAIM_SETTINGS = ("SELECT (SELECT state FROM control), "
-                   "set_config('enable_sort', 'off', true)")
+                   "set_config('enable_sort', 'off', true), "
+                   "set_config('plan_cache_mode', 'force_generic_plan', true)")
 
 
 
@@ -231,7 +244,9 @@ class PostgresQueue(ops.Operations):
                                                   then="SELECT nextval('queue_revision')")
                         else:
                             final = record_events(txn.events)
-                        txn.commit(final)
+                        # A claim alone commits without waiting for its WAL flush
+                        # (module docstring: what a crash can lose).
+                        txn.commit(final, synchronous=not txn.only_claims())
                     except BaseException:
                         txn.rollback()
                         raise
@@ -387,6 +402,7 @@ class PostgresQueue(ops.Operations):
         task = stored_task(dict(rows[0][0]))
         txn.rows[task["task_id"]] = task
         txn.stored.add(task["task_id"])
+        txn.claimed = True
         return ops.take(txn, task, worker_id, lease)
 
     def _claim_control(self, settings: Later) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .. import admission
 from ..contract import Findings, QueueFinding
 from ..leases import check_leases
 from .schema import SCHEMA_VERSION, current_version
-from .shared import parse_control
+from .shared import CHANNEL, CONTROL_CACHE, CONTROL_PAYLOAD, parse_control
 
 if TYPE_CHECKING:
     from .backend import PostgresQueue
@@ -126,6 +126,10 @@ def check_queue(queue: PostgresQueue, *, repair: bool, now: float) -> list[Queue
                 queue._connection().execute("DELETE FROM control")
                 queue._connection().execute("INSERT INTO control (state) VALUES (%s)",
                                             (Jsonb(empty_control()),))
+                # Every control change notifies (shared.ControlCache relies on it).
+                queue._connection().execute("SELECT pg_notify(%s, %s)",
+                                            (CHANNEL, CONTROL_PAYLOAD))
+            CONTROL_CACHE.changed(queue.url)
             f.repaired = True
     names = admission.inbox_names(home)
     if names:

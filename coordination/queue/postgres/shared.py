@@ -9,7 +9,9 @@
   about the queue (a worker's start, janitor_run, config, operator pauses) stay in the
   host's file only.
 - ``control``: one row, the control state (pause, drain, circuits) in control.json's
-  format (coordination/control.py), read and changed by every host.
+  format (coordination/control.py), read and changed by every host. Every change sends
+  ``NOTIFY harness_queue, 'control'``; a process that LISTENs (a worker, a supervisor)
+  serves its reads from :data:`CONTROL_CACHE` until such a notification arrives.
 - Retention (:func:`apply_retention`): the janitor's ``history_*`` and ``events_*`` line
   limits, applied as row counts.
 
@@ -18,6 +20,9 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +40,13 @@ from ...redact import redact_url
 from ..contract import RetentionReport
 
 CHANNEL = "harness_queue"
+#: The payload of the notification a control change sends (queue commits send their
+#: revision number).
+CONTROL_PAYLOAD = "control"
+#: A cached control state is read again after this long whatever the notifications say:
+#: the bound on staleness should a listener's connection die silently (no FIN: a
+#: middlebox dropping an idle connection), where no notification and no error arrives.
+CONTROL_CACHE_S = 10.0
 #: Held (try-only) while one host applies retention: another host's janitor skips.
 RETENTION_LOCK = 0x6861726F
 
@@ -76,6 +88,80 @@ def read_control_row(conn: psycopg.Connection[Any], where: str) -> dict[str, Any
     return empty_control() if row is None else parse_control(row[0], where)
 
 
+class ControlCache:
+    """The control state last read in this process, per database URL, served instead of a
+    round trip while it is known current: a listener of this process (:mod:`.listen`)
+    has been LISTENing since before it was read, has seen no ``control`` notification
+    since, and it is younger than :data:`CONTROL_CACHE_S`.
+
+    Why it is current: every control change notifies (:meth:`PostgresControl.update`,
+    doctor's repair), and PostgreSQL delivers notifications in commit order, so a
+    listener that has not seen one has not missed a change committed before the last
+    notification it did see. The listener marks the state stale *before* it wakes its
+    owner, so the step a wake-up starts reads anew. A change committed by another process
+    moments ago may not have reached the listener yet: the read is then as of a moment
+    earlier, as a read made then would have been, and the same notification wakes the
+    owner to read again. A change made in this process is seen at once. Each bump of
+    the epoch (a listener started or lost, a control notification, a change made here)
+    invalidates the cached state. A worker reads the control state at every wake-up
+    before it claims (its drain check): this saves that round trip."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, int] = {}  # url -> listeners LISTENing now
+        self._epoch: dict[str, int] = {}
+        self._state: dict[str, tuple[int, float, dict[str, Any]]] = {}
+
+    def listening(self, url: str) -> None:
+        """A listener of ``url`` has started LISTENing."""
+        with self._lock:
+            self._live[url] = self._live.get(url, 0) + 1
+            self._bump(url)
+
+    def lost(self, url: str) -> None:
+        """A listener of ``url`` stopped LISTENing (stopped, or its connection failed)."""
+        with self._lock:
+            self._live[url] = max(0, self._live.get(url, 0) - 1)
+            self._bump(url)
+
+    def changed(self, url: str) -> None:
+        """The control state of ``url`` changed (a notification, or a change made here)."""
+        with self._lock:
+            self._bump(url)
+
+    def _bump(self, url: str) -> None:
+        self._epoch[url] = self._epoch.get(url, 0) + 1
+        self._state.pop(url, None)
+
+    def epoch(self, url: str) -> int | None:
+        """The epoch to pass to :meth:`put` for a read starting now (None: no listener,
+        nothing may be cached)."""
+        with self._lock:
+            return self._epoch.get(url, 0) if self._live.get(url) else None
+
+    def get(self, url: str) -> dict[str, Any] | None:
+        """A copy of the current cached state, or None."""
+        with self._lock:
+            entry = self._state.get(url)
+            if entry is None or not self._live.get(url) \
+                    or entry[0] != self._epoch.get(url, 0) \
+                    or time.monotonic() - entry[1] > CONTROL_CACHE_S:
+                return None
+            return copy.deepcopy(entry[2])
+
+    def put(self, url: str, epoch: int | None, state: dict[str, Any]) -> None:
+        """Keep ``state``, read after :meth:`epoch` returned ``epoch``, unless the epoch
+        moved meanwhile."""
+        with self._lock:
+            if epoch is not None and self._live.get(url) \
+                    and self._epoch.get(url, 0) == epoch:
+                self._state[url] = (epoch, time.monotonic(), copy.deepcopy(state))
+
+
+#: This process's :class:`ControlCache`.
+CONTROL_CACHE = ControlCache()
+
+
 class PostgresControl:
     """The control state of a postgres home (coordination/control.py's ``ControlStore``):
     one row, changed under its row lock and announced with ``NOTIFY harness_queue`` (a
@@ -98,10 +184,18 @@ class PostgresControl:
         return conn
 
     def read(self) -> dict[str, Any]:
+        """The control state: from :data:`CONTROL_CACHE` while it is current there, else
+        one round trip."""
+        cached = CONTROL_CACHE.get(self.url)
+        if cached is not None:
+            return cached
+        epoch = CONTROL_CACHE.epoch(self.url)  # before the read: a change during it wins
         try:
-            return read_control_row(self._conn(), self.where)
+            state = read_control_row(self._conn(), self.where)
         except psycopg.OperationalError as exc:
             raise _unavailable(self.url, exc) from None
+        CONTROL_CACHE.put(self.url, epoch, state)
+        return state
 
     def update(self, change: Callable[[dict[str, Any]], None], now: float) -> dict[str, Any]:
         try:
@@ -115,9 +209,11 @@ class PostgresControl:
                              "VALUES (true, %(s)s, %(at)s) ON CONFLICT (singleton) DO UPDATE "
                              "SET state = %(s)s, updated_at = %(at)s",
                              {"s": Jsonb(state), "at": state["updated_at"]})
-                conn.execute("SELECT pg_notify(%s, 'control')", (CHANNEL,))
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, CONTROL_PAYLOAD))
         except psycopg.OperationalError as exc:
+            CONTROL_CACHE.changed(self.url)  # committed or not: read it anew
             raise _unavailable(self.url, exc) from None
+        CONTROL_CACHE.changed(self.url)  # seen here at once, not when the NOTIFY arrives
         return state
 
 

@@ -16,7 +16,9 @@ with the next statement whose rows it needs, or with COMMIT, as one simple-proto
 a statement with parameters goes as ``EXECUTE`` of its server-side prepared form
 (:class:`Prepared`), its values bound on the client by psycopg. An enqueue is then two round trips
 (``BEGIN; count for backpressure; check ids`` and ``INSERT; events; COMMIT``), a claim
-two (``BEGIN; settings; claim`` and ``UPDATE; events; COMMIT``), a complete two. When a
+two (``BEGIN; settings; claim`` and ``UPDATE; events; SET LOCAL synchronous_commit TO
+off; COMMIT``: a claim alone need not wait for its WAL flush, see :mod:`.backend`), a
+complete two. When a
 statement of a batch fails, the rest of it is skipped and the error is raised as for that
 statement alone; the backend then rolls the transaction back. Every statement of a
 transaction goes through it (:meth:`_Txn.query`, :meth:`_Txn.later`, :meth:`_Txn.defer`):
@@ -41,6 +43,8 @@ from .. import rules
 from ..ops import queue_event
 
 _LIVE = "status IN ('queued', 'running')"
+#: Sent before the COMMIT of a transaction that only claims (:meth:`_Txn.commit`).
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"
 _FOR_UPDATE = "FOR UPDATE"
 _KEY_SHARE = "FOR KEY SHARE"
 
@@ -177,6 +181,8 @@ class _Txn:
         self.locked: dict[str, set[str]] = {}  # row-lock clause -> ids read with it
         self.written = False
         self.notify = True  # False: a heartbeat (a lease extended wakes no claimer)
+        self.claimed = False  # a claim took a task (see :meth:`only_claims`)
+        self.wrote_other = False  # flushed an insert or a delete (admission, an outcome)
         self._state = _Live(self)
 
     @property
@@ -227,9 +233,21 @@ class _Txn:
             if result is not None and result.check is not None:
                 result.check(result.fetched())
 
-    def commit(self, final: tuple[str, Any] | None = None) -> None:
+    def only_claims(self) -> bool:
+        """Whether all this transaction changes is claims: a task taken (queued ->
+        running), no task accepted (no inbox file done, no insert), no outcome recorded
+        (no history, no delete), and ``task_claimed`` its only events."""
+        return (self.claimed and not self.wrote_other and not self.inbox_done
+                and not (self.history or self.dead_letters or self.drop_dead or self.dels)
+                and all(event["type"] == "task_claimed" for event in self.events))
+
+    def commit(self, final: tuple[str, Any] | None = None, *,
+               synchronous: bool = True) -> None:
         """Send the waiting batch, ``final`` (a statement and its parameters) and COMMIT
-        as one round trip; nothing at all for a transaction that never started."""
+        as one round trip; nothing at all for a transaction that never started. Not
+        ``synchronous``: ``SET LOCAL synchronous_commit TO off`` goes in the same round
+        trip, before COMMIT, so the commit returns without waiting for its WAL flush (or
+        a synchronous standby); the setting is read at COMMIT and ends with it."""
         if any(result is not None and result.check is not None for _, result in self._batch):
             self.send()  # its checks decide whether to commit
         if final is not None:
@@ -237,6 +255,8 @@ class _Txn:
         if not self.begun and len(self._batch) == 1:
             self._batch = []
             return
+        if not synchronous:
+            self.defer(ASYNC_COMMIT)
         self.defer("COMMIT")
         self.send()
 
@@ -357,6 +377,8 @@ class _Txn:
             self._write(_INSERT, [_row(t) for t in self.dead_letters])
         updates = [t for i, t in self.puts.items() if i in self.stored]
         inserts = [t for i, t in self.puts.items() if i not in self.stored]
+        if self.dels or self.drop_dead or self.dead_letters or inserts or self.history:
+            self.wrote_other = True
         if updates:
             self._write(_UPDATE, [_row(t) for t in updates])
         if inserts:
