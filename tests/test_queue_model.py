@@ -294,6 +294,11 @@ class QueueMachine(RuleBasedStateMachine):
         assert stats["live"] == len(self.live)
         assert stats["by_status"]["running"] == len(self.running())
         assert stats["dead_letters"] == len(self.dead)
+        # No dependencies, no pause, retries due at once (backoff 0): every queued task
+        # is runnable, whatever path it took back to queued.
+        queued = len(self.live) - len(self.running())
+        assert stats["runnable"] == queued
+        assert stats["runnable_by_type"] == ({"default": queued} if queued else {})
 
 
 QueueMachine.TestCase.settings = settings(
