@@ -107,8 +107,9 @@ class TaskLaunch(WorkerState):
         return None
 
     def _launch(self, task: Task, now: float) -> Launched:
-        """Prepare the task's folder and log, build its RunSpec and spawn it; a failure to
-        spawn is kept in the result (nothing is left running), for :meth:`_start_task`."""
+        """Prepare the task's folder, build its RunSpec and spawn it (TaskRun creates the
+        log just after); a failure to spawn is kept in the result (nothing is left
+        running), for :meth:`_start_task`."""
         task_id = task["task_id"]
         type_name = task.get("worker_type") or "default"
         wtype = self._types.get(type_name) or {}
