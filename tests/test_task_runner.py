@@ -188,6 +188,65 @@ def test_task_run_output_cap(tmp_path: Path) -> None:
     assert run.truncated and run.output_bytes == 200000
 
 
+# What a worker does with its task, run as a script: the task tries to open /dev/tty.
+_TTY_PROBE = """
+import os, sys, time
+from pathlib import Path
+from daemons.worker.task_run import RunSpec, TaskRun, new_session_needed
+tmp = Path(sys.argv[1])
+probe = ("import os\\ntry:\\n    os.close(os.open('/dev/tty', os.O_RDONLY))\\n"
+         "    print('tty')\\nexcept OSError:\\n    print('no tty')")
+run = TaskRun(RunSpec(task_id="t-tty", attempt=1, cwd=tmp, env={"PATH": os.defpath},
+                      argv=[sys.executable, "-c", probe], log_path=tmp / "t.log",
+                      log_max_bytes=4096))
+run.start()
+while not run.poll():
+    time.sleep(0.01)
+print("worker", "has" if new_session_needed() else "lacks", "a terminal")
+print("task:", (tmp / "t.log").read_text().strip())
+"""
+
+
+def test_a_task_never_gets_the_workers_terminal(tmp_path: Path) -> None:
+    """A worker run by hand has a controlling terminal: its tasks start in a new session,
+    so a task cannot open /dev/tty (nor get the terminal's signals). Under systemd, or
+    started detached, there is no terminal and a new process group is all a task gets (a
+    new session would cost a scheduler autogroup per spawn); the task has none either."""
+    import pty
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with_tty = tmp_path / "tty"
+    with_tty.mkdir()
+    pid, master = pty.fork()  # the child leads a session whose terminal is the pty
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(PY, [PY, "-c", _TTY_PROBE, str(with_tty)], env)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child is gone
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        _, status = os.waitpid(pid, 0)
+    out = b"".join(chunks).decode()
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert "worker has a terminal" in out and "task: no tty" in out
+
+    detached = tmp_path / "detached"
+    detached.mkdir()
+    proc = subprocess.run([PY, "-c", _TTY_PROBE, str(detached)], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          start_new_session=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "worker lacks a terminal" in proc.stdout and "task: no tty" in proc.stdout
+
+
 # ---------------------------------------------------------------------------- worker level
 def test_runs_task_records_result_and_history(home: Home, make_worker: Callable[..., Driver]) \
         -> None:
