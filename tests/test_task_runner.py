@@ -192,7 +192,8 @@ def test_task_run_output_cap(tmp_path: Path) -> None:
 _TTY_PROBE = """
 import os, sys, time
 from pathlib import Path
-from daemons.worker.task_run import RunSpec, TaskRun, new_session_needed
+from daemons.process_groups import new_session_needed
+from daemons.worker.task_run import RunSpec, TaskRun
 tmp = Path(sys.argv[1])
 probe = ("import os\\ntry:\\n    os.close(os.open('/dev/tty', os.O_RDONLY))\\n"
          "    print('tty')\\nexcept OSError:\\n    print('no tty')")

@@ -73,13 +73,6 @@ class Launched:
     argv: list[str]
     refused: SpawnError | None
 
-# A busy worker that goes straight on to its next task publishes the new current_task_id
-# only once that task has run this long (or at the next heartbeat): back-to-back short
-# tasks then cost no spec write each. Going busy from idle, draining, stopping and going
-# idle are published at once.
-SPEC_DEFER_S = 0.05
-
-
 @dataclass
 class _Timers:
     heartbeat_at: float = 0.0

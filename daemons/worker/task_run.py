@@ -3,10 +3,11 @@
 A :class:`TaskRun` is driven by its worker's loop and never blocks it:
 
 - The task is started as the leader of a new process group, in a new session too when the
-  worker has a controlling terminal (so the task has none: :func:`new_session_needed`),
-  stdin from /dev/null, stdout and stderr into one pipe, the
-  environment built by :func:`build_env` from an allowlist only, and the worker type's
-  resource limits applied in the child before exec (:func:`limits_preexec`).
+  worker has a controlling terminal (so the task has none:
+  :func:`~daemons.process_groups.new_session_needed`), stdin from /dev/null, stdout and
+  stderr into one pipe, the environment built by :func:`build_env` from an allowlist
+  only, and the worker type's resource limits applied in the child before exec
+  (:func:`limits_preexec`).
 - No thread: the worker's loop waits on the output pipe and a pidfd of the leader
   (:meth:`TaskRun.wait_fds`, handled by :meth:`TaskRun.on_ready` inside the wait) next to
   its other descriptors. :meth:`TaskRun.pump` copies what the pipe holds into
@@ -36,7 +37,6 @@ The process-group helpers live in :mod:`daemons.process_groups`, the scopes in
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import resource
@@ -56,6 +56,7 @@ from coordination.store import open_folder, open_in_folder, unsafe_path
 from ..process_groups import (
     group_alive,
     live_descendants,
+    new_session_needed,
     reap_group,
     reap_orphans,
     signal_descendants,
@@ -70,22 +71,6 @@ EOF_GRACE_S = 1.0  # after the group is gone, wait this long for the pipe's EOF
 NO_PIDFD_POLL_S = 0.05  # without pidfd_open, how often the loop re-checks the leader
 PUMP_READS = 16  # reads of 64 KiB per pump: a flood of output cannot starve the loop
 TAIL_BYTES = 512
-
-@functools.cache
-def new_session_needed() -> bool:
-    """Whether a task must start a new session: only to leave the worker's controlling
-    terminal (then a task cannot read it or get its signals), when there is one (a worker
-    run by hand). Under systemd, or started detached, there is none, and a new process
-    group is all a task needs: setsid(2) also creates a scheduler autogroup
-    (``kernel.sched_autogroup_enabled``), which made each spawn 1.2 ms slower than
-    setpgid(2) on the reference machine."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return False  # ENXIO: no controlling terminal
-    os.close(fd)
-    return True
-
 
 _LIMITS = {
     "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
