@@ -570,6 +570,28 @@ def test_task_processes_sees_only_harness_tasks(tmp_path: Path) -> None:
     assert _environ(tagged.pid) is None  # reaped: gone, and no error
 
 
+def step_until(worker: Worker, done: Callable[[], bool], timeout: float) -> None:
+    """Step an in-process worker until ``done()``, sleeping its waits (at most 10 ms)."""
+    from coordination import clock
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the worker did not get there in time"
+        wait = worker.step(clock.now())
+        assert wait is not None
+        time.sleep(min(wait, 0.01))
+
+
+def stop_in_process(worker: Worker) -> None:
+    """Stop an in-process worker as a signal would, and deregister it."""
+    from coordination import clock
+
+    worker.request_stop()
+    while worker.step(clock.now()) is not None:
+        time.sleep(0.01)
+    worker.shutdown(clock.now())
+
+
 def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> None:
     """After a task completes, the worker claims the next one in the same transaction
     (complete_and_claim). A stop that arrives before it starts hands it back (released,
@@ -583,11 +605,7 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
                                                          {"command": ["true"]}])}
     worker = Worker(home, WorkerOptions(instance="ahead"))
     worker.start(clock.now())
-    deadline = time.monotonic() + 10
-    while worker.claimed is None and time.monotonic() < deadline:
-        wait = worker.step(clock.now())
-        assert wait is not None
-        time.sleep(min(wait, 0.01))
+    step_until(worker, lambda: worker.claimed is not None, 10)
     assert worker.claimed is not None and worker.claimed["task_id"] in ids
     second = worker.claimed
     (first_id,) = ids - {second["task_id"]}
@@ -611,28 +629,6 @@ def test_task_claimed_with_a_completion_is_handed_back_on_stop(home: Home) -> No
     assert types == ["task_enqueued", "task_enqueued", "task_claimed", "task_started",
                      "task_completed", "task_claimed", "task_released"]
     assert completed_spec(home, os.getpid())["tasks_done"] == 1
-
-
-def step_until(worker: Worker, done: Callable[[], bool], timeout: float) -> None:
-    """Step an in-process worker until ``done()``, sleeping its waits (at most 10 ms)."""
-    from coordination import clock
-
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "the worker did not get there in time"
-        wait = worker.step(clock.now())
-        assert wait is not None
-        time.sleep(min(wait, 0.01))
-
-
-def stop_in_process(worker: Worker) -> None:
-    """Stop an in-process worker as a signal would, and deregister it."""
-    from coordination import clock
-
-    worker.request_stop()
-    while worker.step(clock.now()) is not None:
-        time.sleep(0.01)
-    worker.shutdown(clock.now())
 
 
 def test_claimed_task_is_spawned_inside_the_claim(home: Home,

@@ -133,7 +133,7 @@ class TaskLaunch(WorkerState):
                 run.start()
             except SpawnError as exc:
                 refused = exc
-        return Launched((task_id, lease_token(task)), run, argv, refused)
+        return Launched((task_id, lease_token(task)), run, refused)
 
     def _launch_claimed(self, task: Task) -> None:
         """The claims' ``prepare`` hook: start the task as soon as its claim is written.
@@ -159,7 +159,7 @@ class TaskLaunch(WorkerState):
         launched, self.launched = self.launched, None
         if launched is None:
             launched = self._launch(task, now)
-        run, argv = launched.run, launched.argv
+        run = launched.run
         if launched.refused is not None:
             exc = launched.refused
             self._flush_events()  # the claim's events come before the failure's
@@ -195,5 +195,6 @@ class TaskLaunch(WorkerState):
             self._write_spec(now, **changes)
         extra = {"scope": run.scope_unit} if run.scope_unit else {}
         self._emit("task_started", f"attempt {task['attempts']} started as pid {run.pid}",
-                   task=task, pid=run.pid, attempt=task["attempts"], argv=argv[:20], **extra)
+                   task=task, pid=run.pid, attempt=task["attempts"],
+                   argv=run.spec.argv[:20], **extra)
         self._status(now)

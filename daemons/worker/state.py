@@ -69,8 +69,7 @@ class Launched:
     """A task started (or refused: nothing runs) by the worker's ``_launch``, keyed by its
     claim (task_id, lease token), until ``_start_task`` adopts it (daemons/worker/launch.py)."""
     key: tuple[str, str | None]
-    run: TaskRun
-    argv: list[str]
+    run: TaskRun  # its spec holds the argv
     refused: SpawnError | None
 
 @dataclass

@@ -297,11 +297,11 @@ class TaskRun:
             self.scope_unit = spec.scope.unit
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
+            session = new_session_needed()
             self.proc = subprocess.Popen(
                 argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
-                stdout=out_w, stderr=out_w, close_fds=True,
-                start_new_session=new_session_needed(),
-                process_group=None if new_session_needed() else 0,
+                stdout=out_w, stderr=out_w, close_fds=True, start_new_session=session,
+                process_group=None if session else 0,
                 preexec_fn=limits_preexec(spec.limits))
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             os.close(out_r)
