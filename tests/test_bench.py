@@ -108,7 +108,9 @@ def test_only_selects_groups_names_and_substrings() -> None:
     assert names("claim_complete_100") == {"claim_complete_100"}  # exact, not _1000
     assert names("claim") == {"claim_complete_100", "claim_complete_1000",
                               "claim_complete_10000", "claim_complete_100000"}
-    assert names("dispatch") == {"dispatch", "dispatch_nofsync"}
+    assert names("dispatch") == {"dispatch", "dispatch_nofsync", "dispatch_floor"}
+    assert names("floors") == {"dispatch_floor", "throughput_floor"}
+    assert "throughput_floor" in names("peers")  # beside the peer, in the same run
     assert names("throughput_2w") == {"throughput"}  # a row selects its bench
     assert names("idle") == {"idle"}
     assert names("batch_") == {"enqueue_batch_backlog_10000", "enqueue_batch_cli"}
@@ -229,3 +231,46 @@ def test_throughput_rows_relate_to_the_spawn_ceiling() -> None:
         assert row["unit"] == "tasks/s" and row["ceiling"] == 400.0
         assert row["ratio_to_ceiling"] == pytest.approx(figures[name] / 400.0)
     assert "ratio_to_ceiling" not in by_name["spawn_ceiling_posix_spawn"]
+
+
+def test_floor_rows_relate_to_harness_and_the_peer() -> None:
+    """dispatch_latency and throughput_2w_600 carry their ratio to the host's floor, and
+    the throughput floor its ratio to huey (computed rows)."""
+    by_bench = {b.name: b for b in bench_mod.BENCHES}
+    runs: dict[str, dict[str, bench_mod.Figure]] = {
+        "dispatch": {"dispatch_latency": [4.0, 5.0, 6.0],
+                     "dispatch_latency_after_commit": [3.0]},
+        "dispatch_floor": {"dispatch_floor": [2.0, 2.5, 3.0]},
+        "throughput_floor": {"throughput_floor_2w_600": 500.0},
+        "peers": {"throughput_2w_600": 300.0, "peer_huey_2w_600": 800.0,
+                  "peer_huey_2w_600_fsync": 250.0}}
+    rows = [bench_mod._row(by_bench[name], m, [run], None)
+            for name, run in runs.items() for m in by_bench[name].metrics]
+    bench_mod._relate(rows)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["dispatch_latency"]["ratio_to_floor"] == pytest.approx(5.0 / 2.5)
+    assert by_name["throughput_2w_600"]["ratio_to_floor"] == pytest.approx(300.0 / 500.0)
+    assert by_name["throughput_floor_2w_600"]["ratio_to_peer"] == pytest.approx(500 / 800)
+    assert "vs floor 2.00" in "\n".join(bench_mod.format_table(rows))
+
+
+@pytest.mark.timeout(120)
+def test_floors_run_their_tasks(tmp_path: Path) -> None:
+    """The floors do the per-task work they claim: every dispatch sample is a date read
+    after its enqueue, and the throughput floor's journal holds one claim and one
+    completion per task, each with its result folder and log file."""
+    from daemons.devtools.floors import dispatch_floor, throughput_floor
+
+    samples = dispatch_floor(tmp_path / "d", 5)
+    assert len(samples) == 5 and all(0 < s < 10_000 for s in samples)
+    assert sorted(p.name for p in (tmp_path / "d" / "floor-dispatch" / "results").iterdir()) \
+        == [f"t-{i:06d}" for i in range(5)]
+    rate = throughput_floor(tmp_path / "t", 2, 40)
+    assert rate > 0
+    folder = tmp_path / "t" / "floor-throughput-2w"
+    journal = (folder / "journal").read_text()
+    for i in range(40):
+        task = f"t-{i:06d}"
+        assert journal.count(f'"claim","task_id":"{task}"') == 1
+        assert journal.count(f'"complete","task_id":"{task}","exit_code":0') == 1
+        assert (folder / "results" / task).is_dir() and (folder / "logs" / f"{task}.log").is_file()

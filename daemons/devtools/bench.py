@@ -269,6 +269,18 @@ def _dispatch(durability: str, suffix: str) -> Callable[[Path, bool], dict[str, 
     return run
 
 
+def _dispatch_floor(root: Path, quick: bool) -> dict[str, Figure]:
+    from .floors import dispatch_floor
+
+    return {"dispatch_floor": dispatch_floor(root, 50 if quick else 200)}
+
+
+def _throughput_floor(root: Path, quick: bool) -> dict[str, Figure]:
+    from .floors import throughput_floor
+
+    return {"throughput_floor_2w_600": throughput_floor(root, 2, 600)}
+
+
 def _throughput(root: Path, quick: bool) -> dict[str, Figure]:
     from .worker_bench import measure_throughput, spawn_ceiling
 
@@ -479,6 +491,10 @@ BENCHES: tuple[Bench, ...] = (
         Metric("dispatch_latency_nofsync", "ms", "the same with durability none"),
         Metric("dispatch_latency_nofsync_after_commit", "ms", "the same, from the return"),
     ), _dispatch("none", "_nofsync"), _DIST),
+    Bench("dispatch_floor", ("dispatch", "floors"), (
+        Metric("dispatch_floor", "ms", "the host's floor under dispatch_latency, no queue: "
+               "line + fdatasync -> inotify -> folder, log, date (devtools/floors.py)"),
+    ), _dispatch_floor, _DIST),
     Bench("throughput", ("throughput",), (
         Metric("spawn_ceiling", "procs/s", "subprocess.run(['true']) in a loop"),
         Metric("spawn_ceiling_posix_spawn", "procs/s", "os.posix_spawn + waitpid of true"),
@@ -512,6 +528,10 @@ BENCHES: tuple[Bench, ...] = (
         Metric("reclaim_dead_host", "ms", "SIGKILL of a host (worker + task) -> its task "
                "queued again by another host's supervisor, on the lease (timeout 5 s)"),
     ), _host_reclaim, _DIST),
+    Bench("throughput_floor", ("throughput", "peers", "floors"), (
+        Metric("throughput_floor_2w_600", "tasks/s", "the host's floor under "
+               "throughput_2w_600: 2 workers, one fdatasync'd append, folder, log, true"),
+    ), _throughput_floor, (1, 3)),
     Bench("peers", ("peers",), (
         Metric("throughput_2w_600", "tasks/s", "600 `true` tasks, 2 workers, fsync (harness)"),
         Metric("peer_huey_2w_600", "tasks/s", "the same on huey SqliteHuey, 2 process workers"),
@@ -565,6 +585,9 @@ RELATIONS: tuple[tuple[str, str, str], ...] = (
     ("pg_throughput_2w_2h", "throughput_2w", "ratio_to_file"),
     ("pg_throughput_4w_2h", "throughput_4w", "ratio_to_file"),
     ("throughput_2w_600", "peer_huey_2w_600", "ratio_to_peer"),
+    ("throughput_floor_2w_600", "peer_huey_2w_600", "ratio_to_peer"),
+    ("dispatch_latency", "dispatch_floor", "ratio_to_floor"),
+    ("throughput_2w_600", "throughput_floor_2w_600", "ratio_to_floor"),
     ("pg_throughput_2w_600", "peer_pgqueuer_2w_600", "ratio_to_peer"),
     ("enqueue_batch_backlog_10000", "enqueue_batch", "slowdown_vs_empty"),
     ("enqueue_cli_backlog_10000", "enqueue_cli", "slowdown_vs_empty"),
@@ -681,7 +704,7 @@ def _fmt(value: float) -> str:
 _NOTES = (("p95", "p95"), ("p99", "p99"), ("n", "n"), ("ceiling", "ceiling"),
           ("ratio_to_ceiling", "ratio"), ("slowdown_vs_empty", "slowdown"),
           ("speedup_vs_sequential", "speedup"), ("ratio_to_peer", "vs peer"),
-          ("ratio_to_file", "vs file"))
+          ("ratio_to_file", "vs file"), ("ratio_to_floor", "vs floor"))
 
 
 def format_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -716,7 +739,7 @@ def register(group: click.Group) -> None:
                    "--only (for CI).")
 @click.option("--only", multiple=True,
               help="Run the benches of this group (enqueue, calls, claim, events, "
-                   "dispatch, throughput, idle, rss, jq, reclaim, web, peers, postgres), "
+                   "dispatch, throughput, idle, rss, jq, reclaim, web, peers, postgres, floors), "
                    "bench or row name; any other "
                    "text: those whose names contain it (repeatable).")
 @click.option("--repeat", type=click.IntRange(1, 50), help="Runs per benchmark.")
