@@ -430,9 +430,44 @@ def test_an_enqueue_and_a_claim_take_two_round_trips_each(
     assert len(sent) == 2, sent
     sent.clear()
     queue.complete(claimed["task_id"], "w1", lease=lease_token(claimed), now=T0 + 3)
-    assert len(sent) == 2, sent  # BEGIN; lock  /  DELETE; history; events, notify; COMMIT
+    # The first complete on this connection prepares its lock, then its DELETE and
+    # history INSERT, each time in a round trip of PREPAREs alone before the batch
+    # (test_prepared_statements_hold_no_values): BEGIN; lock  /  DELETE; history; COMMIT.
+    prepares = [batch for batch in sent if batch.startswith("PREPARE")]
+    assert [batch.count("PREPARE") for batch in prepares] == [1, 2], sent
+    assert not any("EXECUTE" in batch for batch in prepares), prepares
+    assert len(sent) - len(prepares) == 2, sent
+    sent.clear()
+    queue.complete(first["task_id"], "w1", lease=lease_token(first), now=T0 + 4)
+    assert len(sent) == 2, sent  # now prepared: no PREPARE round trip
     monkeypatch.undo()
-    assert {t["task_id"] for t in queue.live_tasks()} == {first["task_id"]}
+    assert queue.live_tasks() == []
+
+
+def test_prepared_statements_hold_no_values(
+        pg_home_factory: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server keeps, with each prepared statement, the text of the query that prepared
+    it and copies it on every EXECUTE for the life of the connection: a statement prepared
+    inside a batch would keep that batch's values (megabytes after a big enqueue, copied
+    by every later claim and complete). Statements are prepared in a query of their own,
+    before the batch that first uses them: their text is SQL only."""
+    queue = PostgresQueue(pg_home_factory(max_queue_depth=10_000))
+    marker = "VALUE-THAT-MUST-NOT-BE-KEPT"
+    sent = _batches(monkeypatch)
+    queue.enqueue_batch([req(description=f"{marker} {i}") for i in range(200)], now=T0)
+    claimed = queue.claim("w1", now=T0)
+    assert claimed is not None
+    queue.complete(claimed["task_id"], "w1", lease=lease_token(claimed), now=T0 + 1)
+    monkeypatch.undo()
+    kept = queue._connection().execute(
+        "SELECT name, statement FROM pg_prepared_statements").fetchall()
+    assert len(kept) >= 5, kept  # id check, insert, events, claim, update, delete...
+    for name, text in kept:
+        assert marker not in text and "EXECUTE" not in text, (name, text[:300])
+    prepares = [batch for batch in sent if "PREPARE" in batch]
+    assert prepares and all(
+        all(part.startswith("PREPARE ") for part in batch.split("; ")) for batch in prepares
+    ), prepares
 
 
 #: How long a test waits for a thread or a server state it expects (never a figure
