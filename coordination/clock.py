@@ -17,10 +17,27 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S"
 #: What :func:`parse_iso` accepts: ``strptime``'s ``%Y-%m-%dT%H:%M:%S`` with an optional
 #: fraction of 1-6 digits, then ``Z`` (ASCII digits only).
 _TS_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z")
-# The whole-second prefix of the last second formatted: most timestamps a process writes
-# fall in the second of the one before (one tuple, replaced whole: safe across threads).
-_last_second: tuple[int, str] = (-1, "")
-_last_compact: tuple[int, str] = (-1, "")
+
+
+class _SecondText:
+    """``strftime(fmt)`` of a whole second, remembering the last one formatted: most
+    timestamps a process writes fall in the second of the one before. The memory is one
+    tuple, replaced whole, so threads sharing it never see a mismatched pair."""
+
+    def __init__(self, fmt: str) -> None:
+        self._fmt = fmt
+        self._last: tuple[int, str] = (-1, "")
+
+    def __call__(self, secs: int) -> str:
+        last, text = self._last
+        if secs != last:
+            text = time.strftime(self._fmt, time.gmtime(secs))
+            self._last = (secs, text)
+        return text
+
+
+_iso_second = _SecondText(_TS_FORMAT)
+_compact_second = _SecondText("%Y%m%dT%H%M%S")
 
 
 def now() -> float:
@@ -30,13 +47,8 @@ def now() -> float:
 
 def iso(ts: float) -> str:
     """Format epoch seconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (milliseconds truncated)."""
-    global _last_second
     secs, millis = divmod(int(ts * 1000), 1000)
-    last, prefix = _last_second
-    if secs != last:
-        prefix = time.strftime(_TS_FORMAT, time.gmtime(secs))
-        _last_second = (secs, prefix)
-    return f"{prefix}.{millis:03d}Z"
+    return f"{_iso_second(secs)}.{millis:03d}Z"
 
 
 def parse_iso(text: str) -> float:
@@ -50,13 +62,8 @@ def parse_iso(text: str) -> float:
 
 def compact(ts: float) -> str:
     """``YYYYmmddTHHMMSSmmm``: the sortable time prefix of identifiers."""
-    global _last_compact
     secs, millis = divmod(int(ts * 1000), 1000)
-    last, prefix = _last_compact
-    if secs != last:
-        prefix = time.strftime("%Y%m%dT%H%M%S", time.gmtime(secs))
-        _last_compact = (secs, prefix)
-    return f"{prefix}{millis:03d}"
+    return f"{_compact_second(secs)}{millis:03d}"
 
 
 def new_task_id(ts: float | None = None) -> str:
