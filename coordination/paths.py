@@ -20,6 +20,10 @@ DIR_MODE_GROUP = 0o2750
 
 #: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
 #: ``supervisor`` is held by a running supervisor for its whole life (one per home).
+#: The name prefix of a worker's spare result folder, ``results/.spare-<worker_id>/``
+#: (:meth:`Home.spare_result_dir`).
+SPARE_PREFIX = ".spare-"
+
 LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor",
               "supervisor")
 
@@ -180,6 +184,12 @@ class Home:
 
     def result_dir(self, task_id: str) -> Path:
         return self.results / check_id(task_id, "task id")
+
+    def spare_result_dir(self, worker_id: str) -> Path:
+        """``results/.spare-<worker_id>/``: the empty folder a worker makes ahead of its
+        next task and renames to ``results/<task_id>/`` when it starts one, so no folder is
+        made between the claim and the spawn (docs/coordination.md, "logs/ and results/")."""
+        return self.results / f"{SPARE_PREFIX}{check_id(worker_id, 'worker id')}"
 
     def dead_letter(self, task_id: str) -> Path:
         return self.dead_letters / f"{check_id(task_id, 'task id')}.json"

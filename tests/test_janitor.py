@@ -840,3 +840,16 @@ def test_a_failed_torn_line_repair_is_an_error_not_repaired(
     assert summary["torn"] == []
     assert summary["errors"], summary
     assert r.path.read_bytes().endswith(b'{"torn": tr')  # left for the next run
+
+
+def test_spare_folders_of_gone_workers_are_removed(home: Home) -> None:
+    """``results/.spare-<worker_id>/`` of a worker with a spec in worker-specs/active/ is
+    kept (it is that worker's next task folder); a killed worker's is removed."""
+    now = time.time()
+    (home.specs_active / "worker-a-1.json").write_text("{}\n")
+    (home.results / ".spare-worker-a-1").mkdir()
+    (home.results / ".spare-worker-b-2").mkdir()
+    (home.results / ".hidden").mkdir()
+    summary = run_janitor(home, now)
+    assert sorted(os.listdir(home.results)) == [".hidden", ".spare-worker-a-1"]
+    assert summary["pruned"]["results"] == 1

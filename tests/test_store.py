@@ -309,3 +309,84 @@ def test_parse_record_only_objects() -> None:
     assert parse_record(b'{"x": 1}') == {"x": 1}
     assert parse_record(b"[1]") is None and parse_record(b"") is None
     assert parse_record(b"{torn") is None
+
+
+# -- spare result folders ----------------------------------------------------------------
+def test_a_spare_folder_becomes_the_task_folder_by_rename(tmp_path: Path) -> None:
+    from coordination.store import make_spare_folder, prepare_task_folder
+
+    results = tmp_path / "results"
+    results.mkdir(mode=0o700)
+    spare = results / ".spare-w1"
+    assert make_spare_folder(spare)
+    ino = spare.stat().st_ino
+    prepare_task_folder(results / "t-1", "result.json", spare.name)
+    assert (results / "t-1").stat().st_ino == ino  # renamed, not made anew
+    assert not spare.exists()
+    assert (results / "t-1").stat().st_mode & 0o7777 == 0o700
+    # No spare any more: the folder of the next task is made by mkdir.
+    prepare_task_folder(results / "t-2", "result.json", spare.name)
+    assert (results / "t-2").is_dir()
+
+
+def test_a_spare_never_replaces_a_retried_tasks_folder(tmp_path: Path) -> None:
+    from coordination.store import make_spare_folder, prepare_task_folder
+
+    results = tmp_path / "results"
+    results.mkdir(mode=0o700)
+    (results / "t-1").mkdir(mode=0o700)
+    (results / "t-1" / "notes.txt").write_text("kept\n")
+    (results / "t-1" / "result.json").write_text("{}\n")
+    spare = results / ".spare-w1"
+    assert make_spare_folder(spare)
+    prepare_task_folder(results / "t-1", "result.json", spare.name)
+    assert (results / "t-1" / "notes.txt").read_text() == "kept\n"
+    assert not (results / "t-1" / "result.json").exists()  # the stale result is gone
+    assert spare.is_dir()  # still there for a later task
+
+
+def test_a_spare_takes_the_shared_mode_whatever_the_umask(tmp_path: Path) -> None:
+    from coordination.store import make_spare_folder
+
+    results = tmp_path / "results"
+    results.mkdir()
+    os.chmod(results, 0o2750)
+    old = os.umask(0o077)
+    try:
+        assert make_spare_folder(results / ".spare-w1")
+    finally:
+        os.umask(old)
+    assert (results / ".spare-w1").stat().st_mode & 0o7777 == 0o2750
+
+
+def test_links_as_spare_or_task_folder_are_refused(tmp_path: Path) -> None:
+    from coordination.errors import UnsafePath
+    from coordination.store import make_spare_folder, prepare_task_folder
+
+    results = tmp_path / "results"
+    results.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # A link planted as the spare: never made into a spare, and never run in.
+    (results / ".spare-w1").symlink_to(elsewhere)
+    assert not make_spare_folder(results / ".spare-w1")
+    with pytest.raises(UnsafePath):
+        prepare_task_folder(results / "t-1", "result.json", ".spare-w1")
+    # A link planted as the task folder: the spare is not renamed over it.
+    (results / "t-2").symlink_to(elsewhere)
+    assert make_spare_folder(results / ".spare-w2")
+    with pytest.raises(UnsafePath):
+        prepare_task_folder(results / "t-2", "result.json", ".spare-w2")
+    assert (results / ".spare-w2").is_dir() and (results / "t-2").is_symlink()
+
+
+def test_a_non_empty_leftover_is_not_a_spare(tmp_path: Path) -> None:
+    from coordination.store import make_spare_folder
+
+    results = tmp_path / "results"
+    (results / ".spare-w1").mkdir(parents=True)
+    (results / ".spare-w1" / "x").write_text("x")
+    assert not make_spare_folder(results / ".spare-w1")
+    assert (results / ".spare-w1" / "x").exists()
+    (results / ".spare-w2").mkdir()
+    assert make_spare_folder(results / ".spare-w2")  # an empty leftover is made afresh

@@ -726,3 +726,32 @@ def test_stopped_task_leaves_no_descendant(home: Home, procs: ProcGroup, task_pi
                                       if c.status() == psutil.STATUS_ZOMBIE], 5,
                          "the worker to reap its adopted zombies")
     assert zombies
+
+
+def test_each_task_folder_is_the_workers_spare_renamed(
+        home_factory: Callable[..., Home]) -> None:
+    """A worker keeps an empty ``results/.spare-<worker_id>/`` and renames it to the task's
+    folder at the spawn (no mkdir between claim and spawn), then makes the next spare; a
+    retry's folder is kept as it was, and the worker removes its spare as it exits."""
+    from coordination import clock
+    from daemons.worker.options import WorkerOptions
+
+    home = home_factory(retry_backoff_base_s=0)
+    q = TaskQueue(home)
+    first = q.enqueue({"command": ["sh", "-c", "echo kept >> notes.txt; sleep 0.3; exit 3"],
+                       "max_attempts": 2}).task["task_id"]
+    worker = Worker(home, WorkerOptions(instance="spare"))
+    worker.start(clock.now())
+    spare = home.spare_result_dir(worker.worker_id)
+    inode = spare.stat().st_ino
+    step_until(worker, lambda: worker.run is not None, 15)
+    assert home.result_dir(first).stat().st_ino == inode
+    assert spare.is_dir() and spare.stat().st_ino != inode  # the next one is ready
+    # The retry runs in the same folder, with what the first attempt left there.
+    step_until(worker, lambda: first in final_records(home), 15)
+    assert (home.result_dir(first) / "notes.txt").read_text() == "kept\nkept\n"
+    assert final_records(home)[first][-1]["attempts"] == 2
+    assert spare.is_dir()
+    stop_in_process(worker)
+    assert not spare.exists()
+    assert sorted(os.listdir(home.results)) == [first]

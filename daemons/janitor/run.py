@@ -12,7 +12,8 @@ on a full disk can still free it):
    ``logs/tasks/<task_id>.log`` whose newest mtime is older than ``retention_*_days`` are
    deleted, except those of live tasks (queued or running) and of dead letters (which
    ``harness dlq requeue`` may bring back). An unreadable queue means nothing is pruned.
-   Archive generations beyond ``archive_generations`` are deleted.
+   The spare result folders (``results/.spare-<worker_id>/``) of workers no longer active
+   are deleted. Archive generations beyond ``archive_generations`` are deleted.
 3. **Rotation** of this host's ``dashboard-events.jsonl`` and ``metrics-snapshots.jsonl``
    (streamed: memory stays bounded whatever the file size; the protocol is
    :mod:`coordination.rotation`).
@@ -41,7 +42,7 @@ from coordination import clock
 from coordination.errors import DiskFull, HarnessError, TemporaryFailure
 from coordination.events import emit
 from coordination.locks import lock_for
-from coordination.paths import Home
+from coordination.paths import SPARE_PREFIX, Home
 from coordination.rotation import (
     TMP_TAG,
     Rotated,
@@ -154,6 +155,34 @@ class _Run(Rotator):
                     continue
                 self.summary["pruned"][kind] += 1
                 self.summary["files_pruned"] += 1
+        self.prune_spares()
+
+    def prune_spares(self) -> None:
+        """Remove the spare result folders (``results/.spare-<worker_id>/``) of workers no
+        longer active: a worker removes its own as it exits, a killed one leaves it behind
+        until the supervisor has moved its spec out of ``worker-specs/active/``. Counted
+        with the results pruned."""
+        try:
+            entries = [e for e in os.scandir(self.home.results)
+                       if e.name.startswith(SPARE_PREFIX)]
+            active = {name[:-5] for name in os.listdir(self.home.specs_active)
+                      if name.endswith(".json")} if entries else set()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.fail(exc, "listing the spare result folders")
+            return
+        for entry in entries:
+            if entry.name[len(SPARE_PREFIX):] in active:
+                continue
+            try:
+                if not self.freed(self.delete(Path(entry.path))):
+                    continue
+            except OSError as exc:
+                self.fail(exc, f"pruning {entry.path}")
+                continue
+            self.summary["pruned"]["results"] += 1
+            self.summary["files_pruned"] += 1
 
     # -- 6. report ------------------------------------------------------------------------
     def report(self) -> None:

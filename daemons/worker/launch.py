@@ -18,10 +18,10 @@ from typing import Any
 
 from coordination import clock
 from coordination.config import scope_properties
-from coordination.errors import InvalidTransition, NotFound, UnsafePath
+from coordination.errors import HarnessError, InvalidTransition, NotFound, UnsafePath
 from coordination.queue.rules import lease_token
 from coordination.redact import redact_argv
-from coordination.store import prepare_task_folder
+from coordination.store import make_spare_folder, prepare_task_folder
 from coordination.tasks import Task
 
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
@@ -93,13 +93,16 @@ class TaskLaunch(WorkerState):
             return None
         return Scope(manager, scope_unit_name(task["task_id"], int(task["attempts"])), props)
 
-    def _prepare_task(self, task: Task) -> SpawnError | None:
+    def _prepare_task(self, result_dir: Path) -> SpawnError | None:
         """Make the task's result folder (a real folder of the home, never a planted link,
-        without the previous attempt's result), which is also its working directory; a
-        refusal (a link) is returned. The log file is created by TaskRun just after the
-        spawn, while the task starts."""
+        without the previous attempt's result), which is also its working directory, from
+        the spare folder when there is one; a refusal (a link) is returned. The log file is
+        created by TaskRun just after the spawn, while the task starts."""
+        spare = None
+        if self.spare_ready:
+            spare, self.spare_ready = self.home.spare_result_dir(self.worker_id).name, False
         try:
-            prepare_task_folder(self.home.result_dir(task["task_id"]), RESULT_FILE)
+            prepare_task_folder(result_dir, RESULT_FILE, spare)
         except UnsafePath as exc:
             return SpawnError(str(exc), retry=False, exit_code=126)
         except OSError:
@@ -115,7 +118,7 @@ class TaskLaunch(WorkerState):
         wtype = self._types.get(type_name) or {}
         scope = self._task_scope(task, type_name, wtype)
         result_dir = self.home.result_dir(task_id)
-        refused = self._prepare_task(task)
+        refused = self._prepare_task(result_dir)
         argv = list(task["command"])
         spec = RunSpec(
             task_id=task_id, attempt=int(task["attempts"]), argv=argv,
@@ -134,6 +137,26 @@ class TaskLaunch(WorkerState):
             except SpawnError as exc:
                 refused = exc
         return Launched((task_id, lease_token(task)), run, refused)
+
+    def _make_spare(self) -> None:
+        """Have the spare result folder ready for the next task (``results/.spare-<worker
+        id>/``, Home.spare_result_dir), made after a spawn rather than between a claim
+        and the next one; best effort (without one, the next folder is made by mkdir)."""
+        if self.spare_ready or not self.worker_id:
+            return
+        try:
+            self.spare_ready = make_spare_folder(self.home.spare_result_dir(self.worker_id))
+        except (OSError, HarnessError):
+            self.spare_ready = False
+
+    def _drop_spare(self) -> None:
+        """Remove the spare result folder (the worker is exiting); best effort: the
+        janitor removes the spares of workers no longer active."""
+        if not self.worker_id:
+            return
+        self.spare_ready = False
+        with contextlib.suppress(OSError, HarnessError):
+            os.rmdir(self.home.spare_result_dir(self.worker_id))
 
     def _launch_claimed(self, task: Task) -> None:
         """The claims' ``prepare`` hook: start the task as soon as its claim is written.
@@ -159,6 +182,7 @@ class TaskLaunch(WorkerState):
         launched, self.launched = self.launched, None
         if launched is None:
             launched = self._launch(task, now)
+        self._make_spare()  # the task runs already: the next one's folder, off its path
         run = launched.run
         if launched.refused is not None:
             exc = launched.refused

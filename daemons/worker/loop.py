@@ -86,6 +86,7 @@ class Worker(TaskLaunch, OutcomeRecording):
         write_spec(self.home, spec, create=True)
         self.published_state = spec["state"]
         self.t.heartbeat_at = now
+        self._make_spare()
         self._emit("worker_started", f"worker {self.worker_id} registered",
                    pid=spec["pid"], instance=self.opts.instance, types=self.opts.types,
                    unit=self.opts.unit)
@@ -113,6 +114,7 @@ class Worker(TaskLaunch, OutcomeRecording):
         self._flush_events()
         if not self.worker_id:
             return None
+        self._drop_spare()
         if self._queue is not None:
             with contextlib.suppress(HarnessError):  # else doctor reports the row later
                 self._queue.forget_worker(self.worker_id)

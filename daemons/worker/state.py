@@ -108,6 +108,8 @@ class WorkerState:
         self.claimed: Task | None = None
         # The task the claim's hook started, until _start_task adopts it.
         self.launched: Launched | None = None
+        # results/.spare-<worker_id>/ is made and empty (TaskLaunch._make_spare).
+        self.spare_ready = False
         # Events of committed changes not appended yet: queue events of the latest
         # transaction wait for the task_started event of the task it claimed, so that one
         # append (one fdatasync) carries them all. Always appended before any newer event.
