@@ -392,13 +392,18 @@ class TaskRun:
             self._room = 0
 
     def _output_done(self) -> None:
-        """EOF (or abandoned): close the pipe and the log."""
-        for name in ("_out_fd", "_log_fd"):
-            fd = getattr(self, name)
-            setattr(self, name, None)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        """EOF (or abandoned): close the pipe. The log stays open for the attempt's footer
+        (:meth:`append_log_line`), which closes it."""
+        fd, self._out_fd = self._out_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _close_log(self) -> None:
+        fd, self._log_fd = self._log_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # -- control ---------------------------------------------------------------------------
     @property
@@ -546,16 +551,29 @@ class TaskRun:
         return ""
 
     def append_log_line(self, text: str) -> None:
-        """A harness line (attempt footer) after the task's output."""
+        """A harness line (attempt footer) after the task's output, through the log still
+        open from the start (else opened now); the log is closed after it."""
+        line = text.rstrip("\n").encode("utf-8", "replace") + b"\n"
+        if self._log_fd is not None:
+            with contextlib.suppress(OSError):
+                _write_all(self._log_fd, line)
+            self._close_log()
+            return
         with contextlib.suppress(OSError, UnsafePath):
             fd = open_in_folder(self.spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             try:
-                _write_all(fd, text.rstrip("\n").encode("utf-8", "replace") + b"\n")
+                _write_all(fd, line)
             finally:
                 os.close(fd)
 
     def close(self) -> None:
         """Make sure nothing of the attempt is left (used when the worker aborts)."""
+        try:
+            self._stop_all()
+        finally:
+            self._close_log()
+
+    def _stop_all(self) -> None:
         if self.finished or self.proc is None:
             return
         self.kill_now(self.stop_reason or "worker exiting")
