@@ -22,6 +22,8 @@ import pytest
 from helpers import ProcGroup
 
 from daemons.devtools import bench as bench_mod
+from daemons.devtools import queue_bench
+from daemons.devtools.bench_support import Figure
 
 
 def bench_env(tmp: Path) -> dict[str, str]:
@@ -129,7 +131,7 @@ def test_table_output(procs: ProcGroup, tmp_path: Path) -> None:
 def test_failing_bench_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     """A missing script (as a missing jq would) fails its rows only."""
-    monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
+    monkeypatch.setattr(queue_bench, "REPO", tmp_path / "no-repo")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     rows = bench_mod.run_benches(True, ("emit_event_sh", "events_python"), 1)
@@ -150,7 +152,7 @@ def test_a_failing_bench_makes_the_exit_status_1(monkeypatch: pytest.MonkeyPatch
 
     from daemons.cli import cli
 
-    monkeypatch.setattr(bench_mod, "REPO", tmp_path / "no-repo")
+    monkeypatch.setattr(queue_bench, "REPO", tmp_path / "no-repo")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     failed = CliRunner().invoke(cli, ["bench", "--quick", "--only", "events_emit_event_sh",
@@ -221,7 +223,7 @@ def test_throughput_rows_relate_to_the_spawn_ceiling() -> None:
     figures = {"spawn_ceiling": 400.0, "spawn_ceiling_posix_spawn": 900.0,
                "throughput_1w": 50.0, "throughput_2w": 80.0, "throughput_4w": 100.0,
                "throughput_2w_nofsync": 120.0}
-    run: dict[str, bench_mod.Figure] = dict(figures)
+    run: dict[str, Figure] = dict(figures)
     rows = [bench_mod._row(throughput, m, [run], None) for m in throughput.metrics]
     bench_mod._relate(rows)
     by_name = {r["name"]: r for r in rows}
@@ -237,7 +239,7 @@ def test_floor_rows_relate_to_harness_and_the_peer() -> None:
     """dispatch_latency and throughput_2w_600 carry their ratio to the host's floor, and
     the throughput floor its ratio to huey (computed rows)."""
     by_bench = {b.name: b for b in bench_mod.BENCHES}
-    runs: dict[str, dict[str, bench_mod.Figure]] = {
+    runs: dict[str, dict[str, Figure]] = {
         "dispatch": {"dispatch_latency": [4.0, 5.0, 6.0],
                      "dispatch_latency_after_commit": [3.0]},
         "dispatch_floor": {"dispatch_floor": [2.0, 2.5, 3.0]},

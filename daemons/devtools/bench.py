@@ -11,8 +11,12 @@ their median/min/max and ``p50``/``p95``/``p99`` are over every sample of every 
 Guarantees: figures are printed, never asserted (no threshold anywhere); a benchmark that
 fails (a missing ``jq``, a worker that does not start) yields rows with an ``error`` key and
 the others still run; every process a benchmark starts is stopped before the next one runs.
-Larger pieces live beside it, one per daemon measured (daemons/devtools/worker_bench.py,
-daemons/devtools/supervisor_bench.py); docs/performance.md has the figures of one machine.
+The measurements live beside it: the queue's own costs (daemons/devtools/queue_bench.py),
+one module per daemon measured (worker_bench.py, supervisor_bench.py, janitor_bench.py,
+web_bench.py), the one-shot commands' memory (rss_bench.py), the host's floors
+(floors.py), the peer queue (peer_bench.py) and PostgreSQL's rows (pg_bench.py); this
+module is the registry of rows, the runner and the output. docs/performance.md has the
+figures of one machine.
 """
 
 from __future__ import annotations
@@ -20,30 +24,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from coordination.config import init_home
-from coordination.events import emit
 from coordination.metrics import percentile
-from coordination.paths import Home
-from coordination.queue import QueueBackend, open_queue
 
 from ..context import json_option, print_json
-
-REPO = Path(__file__).resolve().parents[2]
-
-#: One run's figure for a row: a single value, or samples (latencies, windows).
-Figure = float | list[float]
+from .bench_support import Figure
+from .queue_bench import (
+    calls,
+    claim_complete,
+    emit_event_latency,
+    enqueue_batch,
+    enqueue_batch_cli,
+    enqueue_singles,
+    events_python,
+    jq_length,
+)
+from .rss_bench import oneshot_rss
 
 
 @dataclass(frozen=True)
@@ -75,187 +80,10 @@ class Bench:
         return (*self.groups, self.name, *(m.name for m in self.metrics))
 
 
-def make_home(root: Path, **overrides: Any) -> Home:
-    home = Home(root)
-    init_home(home, **{"max_queue_depth": 10**9, **overrides})
-    return home
-
-
-def _env(home: Home | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
-                        "HARNESS_HOME", "HARNESS_INSTANCE")}
-    if home is not None:
-        env["HARNESS_HOME"] = str(home.root)
-    return env
-
-
-def _harness_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("harness")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemons"]
-
-
-def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} exited with {proc.returncode}: {' | '.join(tail)}")
-
-
 def _web(root: Path, quick: bool) -> dict[str, Figure]:
     from .web_bench import run  # needs the web extra; imported only when this bench runs
 
     return run(root, quick)
-
-
-# ---------------------------------------------------------------------------- enqueue
-def _fill(queue: QueueBackend, n: int) -> None:
-    for start in range(0, n, 5000):
-        queue.enqueue_batch([{"description": f"backlog {i}", "command": ["true"],
-                              "priority": "low"} for i in range(start, min(n, start + 5000))])
-
-
-def _enqueue_singles(root: Path, quick: bool, backlog: int) -> float:
-    with closing(open_queue(make_home(root), shared=False)) as queue:
-        _fill(queue, backlog)
-        n = 100 if quick else 500
-        t0 = time.perf_counter()
-        for i in range(n):
-            queue.enqueue({"description": f"bench {i}", "command": ["true"]})
-        return (time.perf_counter() - t0) / n * 1000
-
-
-def _enqueue_batch(root: Path, quick: bool, backlog: int) -> float:
-    with closing(open_queue(make_home(root), shared=False)) as queue:
-        _fill(queue, backlog)
-        n = 1000 if quick else 5000
-        t0 = time.perf_counter()
-        queue.enqueue_batch([{"description": f"b {i}", "command": ["true"]}
-                             for i in range(n)])
-        return n / (time.perf_counter() - t0)
-
-
-def _enqueue_batch_cli(root: Path, quick: bool) -> float:
-    home = make_home(root)
-    n = 1000 if quick else 5000
-    batch = root.parent / "batch.jsonl"
-    batch.write_text("".join(f'{{"description": "f {i}", "command": ["true"]}}\n'
-                             for i in range(n)))
-    t0 = time.perf_counter()
-    proc = subprocess.run([*_harness_cmd(), "task", "add", "--from-file", str(batch)],
-                          env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          check=False)
-    elapsed = time.perf_counter() - t0
-    _check(proc, "harness task add --from-file")
-    return n / elapsed
-
-
-#: Runs ``"$@"`` N times in each of P parallel loops (``bash -c SCRIPT name N P cmd...``).
-_LOOP = r'''
-n=$1 p=$2; shift 2
-one() { local i; for ((i = 0; i < n; i++)); do "$@" >/dev/null || exit 1; done; }
-if ((p == 1)); then one "$@"; exit; fi
-pids=(); for ((j = 0; j < p; j++)); do one "$@" & pids+=($!); done
-rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc
-'''
-
-
-def _loop_rate(home: Home, argv: list[str], n: int, parallel: int) -> float:
-    """Calls per second of ``argv`` from ``parallel`` bash loops of ``n`` calls each."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", _LOOP, "bench-loop", str(n), str(parallel), *argv],
-                          env=_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    elapsed = time.perf_counter() - t0
-    _check(proc, Path(argv[0]).name)
-    return n * parallel / elapsed
-
-
-#: Times each of N calls of ``"$@"`` with $EPOCHREALTIME; prints one "start end" per call.
-_TIMED_LOOP = r'''
-n=$1; shift
-for ((i = 0; i < n; i++)); do
-    s=$EPOCHREALTIME; "$@" >/dev/null || exit 1; e=$EPOCHREALTIME
-    echo "${s/,/.} ${e/,/.}"
-done
-'''
-
-
-def _emit_event_latency(root: Path, quick: bool) -> list[float]:
-    """Milliseconds per scripts/emit-event.sh call, measured around each call in bash
-    (fork + exec of the script included, no Python in the loop)."""
-    home = make_home(root)
-    argv = [_script(EMIT_EVENT[0]), *EMIT_EVENT[1]]
-    proc = subprocess.run(["bash", "-c", _TIMED_LOOP, "bench-loop", str(50 if quick else 200),
-                           *argv], env=_env(home), stdin=subprocess.DEVNULL,
-                          capture_output=True, check=False)
-    _check(proc, "emit-event.sh")
-    pairs = (line.split() for line in proc.stdout.decode().splitlines())
-    return [(float(end) - float(start)) * 1000 for start, end in pairs]
-
-
-def _script(name: str) -> str:
-    path = REPO / "scripts" / name
-    if not path.exists():
-        raise FileNotFoundError(path)
-    return str(path)
-
-
-CREATE_TASK = ("create-task.sh", ["--description", "x", "--", "true"])
-EMIT_EVENT = ("emit-event.sh", ["--type", "bench", "--message", "x"])
-TASK_ADD = ["task", "add", "-d", "x", "--", "true"]
-EVENTS_EMIT = ["events", "emit", "--type", "bench", "--message", "x"]
-
-
-def _calls(kind: str, n: tuple[int, int], parallel: int = 1,
-           backlog: int = 0) -> Callable[[Path, bool], float]:
-    """A bench of repeated calls: ``kind`` is a script of scripts/ or ``cli:events`` /
-    ``cli:task``; ``n`` is the calls per loop (quick, full)."""
-    def run(root: Path, quick: bool) -> float:
-        home = make_home(root)
-        with closing(open_queue(home, shared=False)) as queue:
-            _fill(queue, backlog)
-        if kind == "cli:task":
-            argv = [*_harness_cmd(), *TASK_ADD]
-        elif kind == "cli:events":
-            argv = [*_harness_cmd(), *EVENTS_EMIT]
-        else:
-            script, args = CREATE_TASK if kind == CREATE_TASK[0] else EMIT_EVENT
-            argv = [_script(script), *args]
-        return _loop_rate(home, argv, n[0] if quick else n[1], parallel)
-    return run
-
-
-# ---------------------------------------------------------------------------- claim, events
-def _claim_complete(root: Path, quick: bool, backlog: int, *, time_refill: bool = True,
-                    **home_overrides: Any) -> float:
-    """ms per claim + complete with ``backlog`` queued; each op enqueues a refill so every
-    sample sees the same backlog, timed too unless not ``time_refill``."""
-    with closing(open_queue(make_home(root, **home_overrides), shared=False)) as queue:
-        _fill(queue, backlog)
-        n = 20 if quick else 100
-        spent = 0.0
-        for _ in range(n):
-            t0 = time.perf_counter()
-            task = queue.claim("bench-worker")
-            if task is None:
-                raise RuntimeError("nothing to claim")
-            queue.complete(task["task_id"], "bench-worker")
-            if not time_refill:
-                spent += time.perf_counter() - t0
-            # keep the backlog constant so every sample sees the same size
-            queue.enqueue({"description": "refill", "command": ["true"], "priority": "low"})
-            if time_refill:
-                spent += time.perf_counter() - t0
-        return spent / n * 1000
-
-
-def _events_python(root: Path, quick: bool) -> float:
-    home = make_home(root)
-    n = 500 if quick else 2000
-    t0 = time.perf_counter()
-    for i in range(n):
-        emit(home, "bench_event", message=f"event {i}", source="bench")
-    return n / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------- daemons
@@ -323,77 +151,10 @@ def _host_reclaim(root: Path, quick: bool) -> dict[str, Figure]:
     return {"reclaim_dead_host": [s * 1000 for s in got["samples_s"]]}
 
 
-#: Spawns argv[1:], waits for it with wait4 and prints its exit status and ru_maxrss (KiB).
-_RSS_PROBE = """
-import os, sys
-devnull = os.open(os.devnull, os.O_WRONLY)
-pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
-                     file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 1)])
-_, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
-"""
-
-
-def run_with_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, int]:
-    """Run ``argv`` (stdout and stderr discarded); return (exit status, its peak RSS in
-    KiB), read from its own rusage by a small ``python -S`` probe process. Not from this
-    process: Linux carries the parent's RSS high-water mark into a child's ru_maxrss
-    across fork/vfork + exec, and this process can be large."""
-    proc = subprocess.run([sys.executable, "-S", "-c", _RSS_PROBE, *argv], env=env,
-                          stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, check=False)
-    _check(proc, "the RSS probe")
-    code, kib = proc.stdout.split()[-2:]
-    return int(code), int(kib)
-
-
-def _peak_rss_mib(argv: list[str], env: dict[str, str]) -> float:
-    code, kib = run_with_peak_rss(argv, env)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(argv[-3:])} exited with {code}")
-    return kib / 1024
-
-
-def _oneshot_rss(root: Path, quick: bool) -> dict[str, Figure]:
-    home = make_home(root)
-    with closing(open_queue(home, shared=False)) as queue:
-        _fill(queue, 100)
-    for i in range(50):
-        emit(home, "bench_event", message=f"event {i}", source="bench")
-    harness = _harness_cmd()
-    env = _env()
-    base = [*harness, "--home", str(home.root)]
-    return {"rss_janitor_run": _peak_rss_mib([*base, "janitor", "run"], env),
-            "rss_metrics_snapshot": _peak_rss_mib([*base, "metrics", "snapshot"], env),
-            "rss_cli_baseline": _peak_rss_mib([*harness, "--version"], env)}
-
-
 def _worker_rss_backlog(root: Path, quick: bool) -> float:
     from .worker_bench import idle_rss_with_backlog
 
     return idle_rss_with_backlog(root, 100_000)
-
-
-def _jq_length(root: Path, quick: bool) -> list[float]:
-    """``jq '.tasks | length' task-queue.json`` with 10,000 queued, per call (ms)."""
-    import shutil
-
-    jq = shutil.which("jq")
-    if jq is None:
-        raise RuntimeError("needs jq (apt install jq)")
-    home = make_home(root)
-    queue = open_queue(home, shared=False)
-    _fill(queue, 10_000)
-    queue.close()  # publishes the jq view
-    samples = []
-    for _ in range(5 if quick else 20):
-        t0 = time.perf_counter()
-        proc = subprocess.run([jq, ".tasks | length", str(home.queue_file)],
-                              capture_output=True, check=False)
-        samples.append((time.perf_counter() - t0) * 1000)
-        if proc.returncode != 0 or proc.stdout.strip() != b"10000":
-            raise RuntimeError(f"jq printed {proc.stdout[:40]!r}, exit {proc.returncode}")
-    return samples
 
 
 def _peers(root: Path, quick: bool) -> dict[str, Figure]:
@@ -432,57 +193,57 @@ _DIST = (1, 1)  # many samples within one run
 BENCHES: tuple[Bench, ...] = (
     _one("enqueue_empty", ("enqueue",), "ms/op",
          "single enqueue (Python API) into an empty queue",
-         lambda r, q: _enqueue_singles(r, q, 0)),
+         lambda r, q: enqueue_singles(r, q, 0)),
     _one("enqueue_backlog_2000", ("enqueue",), "ms/op", "single enqueue into 2,000 queued",
-         lambda r, q: _enqueue_singles(r, q, 2000)),
+         lambda r, q: enqueue_singles(r, q, 2000)),
     _one("enqueue_backlog_10000", ("enqueue",), "ms/op", "single enqueue into 10,000 queued",
-         lambda r, q: _enqueue_singles(r, q, 10000)),
+         lambda r, q: enqueue_singles(r, q, 10000)),
     dataclasses.replace(_one(
         "enqueue_backlog_100000", ("enqueue",), "ms/op", "single enqueue into 100,000 queued",
-        lambda r, q: _enqueue_singles(r, q, 100_000)), full_only=True, repeats=(1, 3)),
+        lambda r, q: enqueue_singles(r, q, 100_000)), full_only=True, repeats=(1, 3)),
     _one("enqueue_batch", ("enqueue",), "tasks/s", "one enqueue_batch (Python API)",
-         lambda r, q: _enqueue_batch(r, q, 0)),
+         lambda r, q: enqueue_batch(r, q, 0)),
     _one("enqueue_batch_backlog_10000", ("enqueue",), "tasks/s",
-         "one enqueue_batch into 10,000 queued", lambda r, q: _enqueue_batch(r, q, 10000)),
+         "one enqueue_batch into 10,000 queued", lambda r, q: enqueue_batch(r, q, 10000)),
     _one("enqueue_batch_cli", ("enqueue",), "tasks/s",
-         "`harness task add --from-file PATH`, one process", _enqueue_batch_cli),
+         "`harness task add --from-file PATH`, one process", enqueue_batch_cli),
     _one("enqueue_cli", ("enqueue", "calls"), "tasks/s",
          "`harness task add`, one process per task, one bash loop",
-         _calls("cli:task", (5, 30))),
+         calls("cli:task", (5, 30))),
     _one("enqueue_cli_backlog_10000", ("enqueue",), "tasks/s",
          "`harness task add` per task into 10,000 queued",
-         _calls("cli:task", (5, 30), backlog=10000)),
+         calls("cli:task", (5, 30), backlog=10000)),
     _one("enqueue_cli_x4", ("enqueue", "calls"), "tasks/s",
-         "`harness task add`, 4 bash loops in parallel", _calls("cli:task", (2, 15), 4)),
+         "`harness task add`, 4 bash loops in parallel", calls("cli:task", (2, 15), 4)),
     _one("enqueue_create_task_sh", ("enqueue", "calls"), "tasks/s",
          "scripts/create-task.sh per task, one bash loop (inbox only)",
-         _calls("create-task.sh", (20, 200))),
+         calls("create-task.sh", (20, 200))),
     _one("enqueue_create_task_sh_x4", ("enqueue", "calls"), "tasks/s",
          "scripts/create-task.sh, 4 bash loops in parallel",
-         _calls("create-task.sh", (10, 100), 4)),
+         calls("create-task.sh", (10, 100), 4)),
     _one("claim_complete_100", ("claim",), "ms/op", "claim + complete with 100 live tasks",
-         lambda r, q: _claim_complete(r, q, 100)),
+         lambda r, q: claim_complete(r, q, 100)),
     _one("claim_complete_1000", ("claim",), "ms/op", "claim + complete with 1,000 live",
-         lambda r, q: _claim_complete(r, q, 1000)),
+         lambda r, q: claim_complete(r, q, 1000)),
     _one("claim_complete_10000", ("claim",), "ms/op", "claim + complete with 10,000 live",
-         lambda r, q: _claim_complete(r, q, 10000)),
+         lambda r, q: claim_complete(r, q, 10000)),
     dataclasses.replace(_one(
         "claim_complete_100000", ("claim",), "ms/op", "claim + complete with 100,000 live",
-        lambda r, q: _claim_complete(r, q, 100_000)), full_only=True, repeats=(1, 3)),
+        lambda r, q: claim_complete(r, q, 100_000)), full_only=True, repeats=(1, 3)),
     _one("events_python", ("events",), "events/s", "coordination.events.emit",
-         _events_python),
+         events_python),
     _one("events_emit_event_sh", ("events", "calls"), "events/s",
-         "scripts/emit-event.sh per event, one bash loop", _calls("emit-event.sh", (50, 200))),
+         "scripts/emit-event.sh per event, one bash loop", calls("emit-event.sh", (50, 200))),
     _one("events_emit_event_sh_x4", ("events", "calls"), "events/s",
          "scripts/emit-event.sh, 4 bash loops in parallel",
-         _calls("emit-event.sh", (25, 100), 4)),
+         calls("emit-event.sh", (25, 100), 4)),
     Bench("emit_event_sh_latency", ("events", "calls"), (
         Metric("emit_event_sh_latency", "ms", "one scripts/emit-event.sh call, timed in bash"),
-    ), lambda r, q: {"emit_event_sh_latency": _emit_event_latency(r, q)}, _DIST),
+    ), lambda r, q: {"emit_event_sh_latency": emit_event_latency(r, q)}, _DIST),
     _one("events_cli", ("events", "calls"), "events/s",
-         "`harness events emit` per event, one bash loop", _calls("cli:events", (5, 30))),
+         "`harness events emit` per event, one bash loop", calls("cli:events", (5, 30))),
     _one("events_cli_x4", ("events", "calls"), "events/s",
-         "`harness events emit`, 4 bash loops in parallel", _calls("cli:events", (2, 15), 4)),
+         "`harness events emit`, 4 bash loops in parallel", calls("cli:events", (2, 15), 4)),
     Bench("dispatch", ("dispatch",), (
         Metric("dispatch_latency", "ms", "enqueue call -> task process started, idle worker"),
         Metric("dispatch_latency_after_commit", "ms", "enqueue returned -> task started"),
@@ -515,12 +276,12 @@ BENCHES: tuple[Bench, ...] = (
     ), lambda r, q: {"rss_worker_100000": _worker_rss_backlog(r, q)}, (1, 1), full_only=True),
     Bench("jq_length", ("jq",), (
         Metric("jq_length_10000", "ms", "jq '.tasks | length' task-queue.json, 10,000 queued"),
-    ), lambda r, q: {"jq_length_10000": _jq_length(r, q)}, _DIST),
+    ), lambda r, q: {"jq_length_10000": jq_length(r, q)}, _DIST),
     Bench("rss_oneshot", ("rss",), (
         Metric("rss_janitor_run", "MiB", "peak RSS of `harness janitor run`"),
         Metric("rss_metrics_snapshot", "MiB", "peak RSS of `harness metrics snapshot`"),
         Metric("rss_cli_baseline", "MiB", "peak RSS of `harness --version`"),
-    ), _oneshot_rss),
+    ), oneshot_rss),
     Bench("reclaim", ("reclaim",), (
         Metric("reclaim_latency", "ms", "SIGKILL of a busy worker -> its task queued again"),
     ), _reclaim, _DIST),

@@ -39,7 +39,7 @@ if sys.argv[1] != "-":
 
 def _run_child(home: str, out: Path) -> tuple[int, float, int]:
     """Run the rotation child; return (exit status, wall seconds, peak RSS in KiB)."""
-    from .bench import run_with_peak_rss  # its probe reads the child's own peak RSS
+    from .rss_bench import run_with_peak_rss  # its probe reads the child's own peak RSS
 
     started = time.monotonic()
     status, kib = run_with_peak_rss([sys.executable, "-c", _ROTATE, home, str(out)],

@@ -71,10 +71,10 @@ def claim_complete(root: Path, quick: bool, backlog: int) -> float:
     """ms per claim + complete with ``backlog`` tasks queued. The refill enqueue that keeps
     the backlog constant is not timed: on postgres an enqueue counts the queued rows for
     ``max_queue_depth`` (O(backlog)), which is the enqueue's cost, not the claim's."""
-    from .bench import _claim_complete
+    from .queue_bench import claim_complete
 
     with scratch_database() as url:
-        return _claim_complete(root, quick, backlog, time_refill=False, **overrides(url))
+        return claim_complete(root, quick, backlog, time_refill=False, **overrides(url))
 
 
 def dispatch(root: Path, quick: bool) -> dict[str, list[float]]:

@@ -28,16 +28,16 @@ from pathlib import Path
 
 import psutil
 
-from .bench import Figure, _env, _harness_cmd
+from .bench_support import Figure, child_env, harness_cmd
 from .observability_bench import make_large_home
 
 SSE_CLIENTS = 50
 
 
 def _start(home: Path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([*_harness_cmd(), "web", "--home", str(home),
+    proc = subprocess.Popen([*harness_cmd(), "web", "--home", str(home),
                              "--listen", "127.0.0.1:0"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(),
                             start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
