@@ -32,6 +32,7 @@ from daemons.process_groups import group_alive
 from daemons.wakeup import Wakeup
 from daemons.worker.loop import Worker, wait_after_step
 from daemons.worker.options import WorkerOptions
+from daemons.worker.process_setup import build_env, rlimits
 from daemons.worker.scopes import (
     Scope,
     ScopeManager,
@@ -43,9 +44,7 @@ from daemons.worker.task_run import (
     TRUNCATION_MARKER,
     RunSpec,
     TaskRun,
-    build_env,
     describe_exit,
-    rlimits,
 )
 
 PY = sys.executable

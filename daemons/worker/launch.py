@@ -24,9 +24,10 @@ from coordination.redact import redact_argv
 from coordination.store import make_spare_folder, prepare_task_folder
 from coordination.tasks import Task
 
+from .process_setup import build_env
 from .scopes import Scope, find_scope_manager, probe_scope, scope_unit_name
 from .state import CANCEL_CHECK_S, RESULT_FILE, STATUS_REFRESH_S, Launched, WorkerState, _log
-from .task_run import RunSpec, SpawnError, TaskRun, build_env, header_line
+from .task_run import RunSpec, SpawnError, TaskRun, header_line
 
 # A busy worker that goes straight on to its next task publishes the new current_task_id
 # only once that task has run this long (or at the next heartbeat): back-to-back short
