@@ -60,9 +60,8 @@ from .errors import CorruptFileError, DiskFull, HarnessError
 from .locks import lock_for
 from .paths import Home
 from .store import dumps, fsync_dir, open_in_folder, read_json, replace_bytes
+from .streamcopy import Sink, copy_range, count_lines, find_cut, torn_start
 
-#: Read and write unit of every streamed copy (the RSS bound of a rotation is a few of these).
-CHUNK = 1 << 20
 #: zlib level of the archives: 6 is gzip's default trade-off (see docs/janitor.md figures).
 GZIP_LEVEL = 6
 #: Marker in the names of the janitor's temp files (``.NAME.tmp-janitor-PID-HEX``). It
@@ -138,148 +137,6 @@ def _checkpoint(step: str, path: Path) -> None:
     Steps: ``archive_written`` (unlocked), ``journal_written``, ``archive_published``,
     ``live_published`` (those three under the file's lock).
     """
-
-
-# ---------------------------------------------------------------------------- streaming
-class _Sink:
-    """Where a streamed copy goes: a file descriptor (``os.write`` loop) or, in a dry run,
-    nowhere (only the size is counted)."""
-
-    def __init__(self, fd: int | None, path: Path | None = None) -> None:
-        self.fd = fd
-        self.path = path
-        self.size = 0
-
-    @property
-    def name(self) -> Path:
-        """The file's path (only sinks made by :meth:`create` have one)."""
-        if self.path is None:
-            raise ValueError("this sink writes no file")
-        return self.path
-
-    @classmethod
-    def create(cls, path: Path, like: os.stat_result | None) -> _Sink:
-        """A new file (O_EXCL) with the mode and, if possible, the owner of ``like``."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        sink = cls(fd, path)
-        if like is not None:
-            try:
-                os.fchmod(fd, stat.S_IMODE(like.st_mode))
-                if (like.st_uid, like.st_gid) != (os.geteuid(), os.getegid()):
-                    # e.g. root running the janitor over a home owned by the harness user:
-                    # the writers must still be able to append to the new live file.
-                    try:
-                        os.fchown(fd, like.st_uid, like.st_gid)
-                    except PermissionError:
-                        pass
-            except BaseException:
-                sink.discard()
-                raise
-        return sink
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.fd is None:
-            return
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-
-    def sync(self) -> None:
-        """Flush what was written so far (so a later fsync under a lock has little to do)."""
-        if self.fd is not None:
-            os.fdatasync(self.fd)
-
-    def close(self, fsync: bool) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                if fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def discard(self) -> None:
-        """Close and unlink (a no-op once the file was renamed into place)."""
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def _copy(src: int, start: int, end: int, sink: _Sink,
-          compressor: Any = None) -> int:
-    """Stream bytes [start, end) of ``src`` to ``sink`` (through ``compressor`` if given);
-    return how many newlines they hold."""
-    lines = 0
-    pos = start
-    while pos < end:
-        chunk = os.pread(src, min(CHUNK, end - pos), pos)
-        if not chunk:
-            raise HarnessError(f"file shrank to {pos} bytes while copying up to {end}")
-        lines += chunk.count(b"\n")
-        pos += len(chunk)
-        sink.write(compressor.compress(chunk) if compressor is not None else chunk)
-    return lines
-
-
-def _count_lines(fd: int, end: int) -> int:
-    lines = 0
-    pos = 0
-    while pos < end:
-        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
-        if not chunk:
-            break
-        lines += chunk.count(b"\n")
-        pos += len(chunk)
-    return lines
-
-
-def _torn_start(fd: int, floor: int, size: int) -> int | None:
-    """Offset of the torn last line (the bytes after the last newline) of [floor, size),
-    or None when that range is empty or ends with a newline. Reads backwards by chunks."""
-    if size <= floor or os.pread(fd, 1, size - 1) == b"\n":
-        return None
-    pos = size
-    while pos > floor:
-        lo = max(floor, pos - CHUNK)
-        block = os.pread(fd, pos - lo, lo)
-        i = block.rfind(b"\n")
-        if i >= 0:
-            return lo + i + 1
-        pos = lo
-    return floor
-
-
-def _find_cut(fd: int, size: int, keep_lines: int, keep_bytes: int) -> tuple[int, int]:
-    """Where the kept tail of [0, size) starts, and how many lines it holds: the newest
-    ``keep_lines`` lines, fewer if they would exceed ``keep_bytes``. [0, size) ends with a
-    newline. Reads backwards, so at most about ``keep_bytes`` + CHUNK bytes are read."""
-    cut, kept = size, 0
-    if size == 0 or keep_lines <= 0:
-        return cut, kept
-    pos = size - 1  # the final newline ends the newest line: search before it
-    while kept < keep_lines:
-        if pos <= 0:  # only the first line of the file is left
-            if size <= keep_bytes:
-                cut, kept = 0, kept + 1
-            return cut, kept
-        lo = max(0, pos - CHUNK)
-        block = os.pread(fd, pos - lo, lo)
-        j = block.rfind(b"\n")
-        while j >= 0 and kept < keep_lines:
-            start = lo + j + 1  # a line starts after each newline
-            if size - start > keep_bytes:
-                return cut, kept
-            cut, kept = start, kept + 1
-            j = block.rfind(b"\n", 0, j)
-        pos = lo
-    return cut, kept
-
 
 
 ROTATION_KEYS = ("bytes_freed", "lines_archived", "torn_lines_repaired", "archives_deleted",
@@ -462,15 +319,15 @@ class Rotator:
     def _rebuild_live(self, r: Rotated, st: os.stat_result, cut: int) -> None:
         """Replace the live file by its bytes [cut, end), under its lock."""
         fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        sink: _Sink | None = None
+        sink: Sink | None = None
         try:
             end = st.st_size
-            torn = _torn_start(fd, cut, end)
+            torn = torn_start(fd, cut, end)
             if torn is not None:
                 self._repair_torn(r, fd, torn, end)
                 end = torn
-            sink = _Sink.create(self._tmp_name(r.path), st)
-            _copy(fd, cut, end, sink)
+            sink = Sink.create(self._tmp_name(r.path), st)
+            copy_range(fd, cut, end, sink)
             sink.close(self.fsync)
             os.replace(sink.name, r.path)
             if self.fsync:
@@ -518,8 +375,8 @@ class Rotator:
         try:
             base = os.fstat(cfd).st_size
             try:
-                sink = _Sink(cfd)
-                _copy(fd, start, end, sink)
+                sink = Sink(cfd)
+                copy_range(fd, start, end, sink)
                 sink.write(b"\n")
                 if self.fsync:
                     os.fsync(cfd)
@@ -548,7 +405,7 @@ class Rotator:
             fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
-        sinks: list[_Sink] = []
+        sinks: list[Sink] = []
         try:
             self._rotate(r, fd, sinks)
         except (OSError, HarnessError) as exc:
@@ -558,7 +415,7 @@ class Rotator:
             for sink in sinks:
                 sink.discard()
 
-    def _rotate(self, r: Rotated, fd: int, sinks: list[_Sink]) -> None:
+    def _rotate(self, r: Rotated, fd: int, sinks: list[Sink]) -> None:
         values = self.cfg.values
         max_bytes = int(values[f"{r.key}_max_bytes"])
         max_lines = int(values[f"{r.key}_max_lines"])
@@ -573,7 +430,7 @@ class Rotator:
             if os.stat(r.path).st_ino != st.st_ino:
                 raise HarnessError(f"{r.path} was replaced while the janitor opened it")
             size0 = st.st_size
-            torn = _torn_start(fd, 0, size0)
+            torn = torn_start(fd, 0, size0)
             if torn is not None:
                 self._repair_torn(r, fd, torn, size0)
                 size0 = torn
@@ -583,11 +440,11 @@ class Rotator:
         if size0 > max_bytes:
             reason = f"{size0} bytes > {r.key}_max_bytes {max_bytes}"
         else:
-            lines = _count_lines(fd, size0)
+            lines = count_lines(fd, size0)
             if lines <= max_lines:
                 return
             reason = f"{lines} lines > {r.key}_max_lines {max_lines}"
-        cut, kept = _find_cut(fd, size0, keep_lines, max_bytes // 2)
+        cut, kept = find_cut(fd, size0, keep_lines, max_bytes // 2)
         if cut == 0:
             self.summary["skipped"].append(f"{r.path.name}: due ({reason}) but the newest "
                                            f"{r.key}_keep_lines lines are all of it")
@@ -596,12 +453,12 @@ class Rotator:
         self._drop_generations(r, generations - 1)
         archive = r.archive(1)
         if self.dry_run:
-            archive_sink = _Sink(None)
+            archive_sink = Sink(None)
         else:
-            archive_sink = _Sink.create(self._tmp_name(archive), st)
+            archive_sink = Sink.create(self._tmp_name(archive), st)
             sinks.append(archive_sink)
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip format
-        lines_archived = _copy(fd, 0, cut, archive_sink, compressor)
+        lines_archived = copy_range(fd, 0, cut, archive_sink, compressor)
         archive_sink.write(compressor.flush())
         archive_sink.close(self.fsync)
         report: dict[str, Any] = {
@@ -614,9 +471,9 @@ class Rotator:
         if self.dry_run:
             self._rotated(report)
             return
-        live_sink = _Sink.create(self._tmp_name(r.path), st)
+        live_sink = Sink.create(self._tmp_name(r.path), st)
         sinks.append(live_sink)
-        _copy(fd, cut, size0, live_sink)
+        copy_range(fd, cut, size0, live_sink)
         if self.fsync:
             live_sink.sync()
         shifted = self._shift(r, generations)
@@ -632,11 +489,11 @@ class Rotator:
                                        "rotation (another tool rewrote it); the rotation was "
                                        "abandoned")
                 end = now_st.st_size
-                torn = _torn_start(fd, size0, end)
+                torn = torn_start(fd, size0, end)
                 if torn is not None:
                     self._repair_torn(r, fd, torn, end)
                     end = torn
-                _copy(fd, size0, end, live_sink)
+                copy_range(fd, size0, end, live_sink)
                 live_sink.close(self.fsync)
                 journal = {"version": 1, "file": r.path.name, "inode": st.st_ino, "cut": cut,
                            "archive": archive.name, "archive_size": archive_sink.size,
