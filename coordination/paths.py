@@ -18,12 +18,12 @@ from .ids import check_id
 DIR_MODE = 0o700
 DIR_MODE_GROUP = 0o2750
 
-#: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
-#: ``supervisor`` is held by a running supervisor for its whole life (one per home).
 #: The name prefix of a worker's spare result folder, ``results/.spare-<worker_id>/``
 #: (:meth:`Home.spare_result_dir`).
 SPARE_PREFIX = ".spare-"
 
+#: The lock names; one lock file per resource under ``coordination/locks/NAME.lock``.
+#: ``supervisor`` is held by a running supervisor for its whole life (one per home).
 LOCK_NAMES = ("queue", "history", "events", "metrics", "specs", "control", "config", "janitor",
               "supervisor")
 
