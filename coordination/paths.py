@@ -83,7 +83,6 @@ class Home:
     def inbox_rejected(self) -> Path:
         return self.inbox / "rejected"
 
-
     @cached_property
     def history_file(self) -> Path:
         return self.coordination / "task-history.jsonl"

@@ -72,8 +72,6 @@ LIST_CAP = 50
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-
-
 @dataclass(frozen=True)
 class Rotated:
     """One rotated JSONL file: ``key`` is both its lock name and its config key prefix."""
@@ -120,7 +118,6 @@ def archive_paths(home: Home) -> dict[str, list[Path]]:
     """Every archive of each rotated file, newest (generation 1) first."""
     return {r.path.name: [p for _, p in sorted(r.generations().items())]
             for r in rotated_files(home)}
-
 
 
 def _os_error(path: Path, exc: OSError, what: str) -> HarnessError:
@@ -337,7 +334,6 @@ class Rotator:
             if sink is not None:
                 sink.discard()
 
-
     def drop_generations(self, r: Rotated) -> None:
         """Delete the archives of ``r`` beyond ``archive_generations``."""
         self._drop_generations(r, int(self.cfg.values["archive_generations"]))
@@ -553,7 +549,6 @@ class Rotator:
         return done
 
 
-
 def _tree_size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -563,4 +558,3 @@ def _tree_size(path: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
-

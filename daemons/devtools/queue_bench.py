@@ -166,7 +166,6 @@ def events_python(root: Path, quick: bool) -> float:
     return n / (time.perf_counter() - t0)
 
 
-
 def jq_length(root: Path, quick: bool) -> list[float]:
     """``jq '.tasks | length' task-queue.json`` with 10,000 queued, per call (ms)."""
     import shutil

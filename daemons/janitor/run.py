@@ -64,6 +64,7 @@ def janitor_files(home: Home) -> tuple[Rotated, ...]:
     the queue backend's, through ``apply_retention``)."""
     return tuple(r for r in rotated_files(home) if r.key != "history")
 
+
 # ---------------------------------------------------------------------------- errors
 class JanitorFailed(Exception):
     """Mixin of the errors :func:`run_janitor` raises after a partly failed run; ``summary``
@@ -84,7 +85,6 @@ class JanitorBusy(JanitorFailed, TemporaryFailure):
 
 class JanitorError(JanitorFailed, HarnessError):
     """Any other failure of a step (exit 1)."""
-
 
 
 # ---------------------------------------------------------------------------- the run

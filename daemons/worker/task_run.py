@@ -72,6 +72,7 @@ NO_PIDFD_POLL_S = 0.05  # without pidfd_open, how often the loop re-checks the l
 PUMP_READS = 16  # reads of 64 KiB per pump: a flood of output cannot starve the loop
 TAIL_BYTES = 512
 
+
 class SpawnError(Exception):
     """The task could not be started; ``retry`` says whether another attempt may help."""
 
@@ -85,8 +86,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
 
 
 @dataclass

@@ -112,8 +112,6 @@ _CLAIM_SETTINGS = ("SELECT (SELECT state FROM control), "
                    "set_config('plan_cache_mode', 'force_generic_plan', true)")
 
 
-
-
 #: Queued rows, counted up to a bound (``{bound}``: max_queue_depth + 1): the backpressure
 #: rule needs no more. The bound is written into the text, not a parameter, so the plan
 #: is made for it: a walk of tasks_claim that stops at the bound when it is small (see
@@ -322,7 +320,6 @@ class PostgresQueue(PostgresReads, ops.Operations):
             "SELECT DISTINCT task_id FROM history WHERE task_id = ANY(%s::text[]) AND final "
             "AND status = 'completed'", (list(wanted),))
         return {str(r[0]) for r in rows}
-
 
     # ================================================================== producers
     def enqueue_batch(self, requests: list[dict[str, Any]], *, force: bool = False,
