@@ -34,10 +34,10 @@ def _show(summary: dict[str, Any], as_json: bool) -> None:
 @json_option
 @pass_ctx
 def janitor_run(obj: CliContext, dry_run: bool, home_dir: Path | None, as_json: bool) -> None:
-    """One janitor run: recover an interrupted rotation, prune past retention, rotate
-    dashboard-events.jsonl and metrics-snapshots.jsonl when over their limits, apply the
-    queue's history retention (through the queue port), repair torn last lines; then emit
-    one janitor_run event.
+    """One janitor run: recover an interrupted rotation, prune past retention (and the
+    spare result folders of workers gone), rotate dashboard-events.jsonl and
+    metrics-snapshots.jsonl when over their limits, apply the queue's history retention
+    (through the queue port), repair torn last lines; then emit one janitor_run event.
 
     \b
     Exit 0 when every step succeeded; 1 when one failed (e.g. disk full: every file is
