@@ -88,6 +88,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _close_quietly(fd: int | None) -> None:
+    """Close ``fd`` unless it is None; an error closing it changes nothing for the task."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 @dataclass
 class RunSpec:
     """Everything needed to start one attempt."""
@@ -324,15 +331,11 @@ class TaskRun:
         """EOF (or abandoned): close the pipe. The log stays open for the attempt's footer
         (:meth:`append_log_line`), which closes it."""
         fd, self._out_fd = self._out_fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_quietly(fd)
 
     def _close_log(self) -> None:
         fd, self._log_fd = self._log_fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_quietly(fd)
 
     # -- control ---------------------------------------------------------------------------
     @property
@@ -453,9 +456,7 @@ class TaskRun:
     def _release(self) -> None:
         self._output_done()
         pidfd, self._pidfd = self._pidfd, None
-        if pidfd is not None:
-            with contextlib.suppress(OSError):
-                os.close(pidfd)
+        _close_quietly(pidfd)
 
     def duration_s(self) -> float:
         end = self.ended_mono if self.ended_mono is not None else time.monotonic()
